@@ -1,0 +1,1 @@
+"""Real-kernel tests in network namespaces created (and removed) by the tests."""
