@@ -1,0 +1,78 @@
+"""The kernel port: the one interface between replicator and the kernel's conntrack table.
+
+Two implementations stand behind it: :mod:`replicator.kernel_linux` (raw ctnetlink
+sockets driven by trio) and :mod:`replicator.kernel_fake` (an in-memory table, so the
+daemon's logic can be tested end to end without root). Everything above this module
+(the mirror, the sync layer, the daemon) talks only to :class:`KernelPort`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Sequence
+from typing import NamedTuple, Protocol
+
+from .model import CtEvent, Entry
+
+
+class EntryError(NamedTuple):
+    """One entry the kernel refused, with the kernel's errno (e.g. ENOMEM, EEXIST)."""
+
+    entry: Entry
+    errno: int
+
+
+class InjectResult(NamedTuple):
+    """Outcome of a batched write: how many entries were applied, and every failure."""
+
+    applied: int
+    errors: list[EntryError]
+
+
+class Overrun(NamedTuple):
+    """The event socket overflowed (ENOBUFS): events were lost and a resync is needed."""
+
+    count: int
+
+
+#: What an event subscription yields: a batch of events drained from the socket in one
+#: wake-up, or an :class:`Overrun` marker.
+EventBatch = list[CtEvent] | Overrun
+
+
+class KernelPort(Protocol):
+    """Read, watch and write one network namespace's conntrack table."""
+
+    @property
+    def injector_portid(self) -> int:
+        """Netlink port id of the injecting socket: events carrying it are our echoes."""
+        ...
+
+    def subscribe(self) -> AsyncIterator[EventBatch]:
+        """Subscribe to NEW/UPDATE/DESTROY events.
+
+        The subscription is live when this returns (before the first ``__anext__``),
+        so a dump taken afterwards misses nothing: subscribe first, then dump.
+        """
+        ...
+
+    async def dump(self) -> list[Entry]:
+        """Every entry of the table (full entries), on a socket of its own."""
+        ...
+
+    async def upsert(self, entries: Sequence[Entry]) -> InjectResult:
+        """Create each entry (with its NAT), or update it if it exists. Batched.
+
+        Masters are installed before the entries related to them.
+        """
+        ...
+
+    async def delete(self, entries: Sequence[Entry]) -> InjectResult:
+        """Delete each entry (by family, zone and original tuple). Batched.
+
+        An entry that is already gone (ENOENT) counts as applied, not as an error.
+        """
+        ...
+
+    async def aclose(self) -> None:
+        """Close every socket."""
+        ...
