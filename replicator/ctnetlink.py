@@ -1,0 +1,690 @@
+"""Fast, pure ctnetlink codec: kernel conntrack messages <-> :mod:`replicator.model`.
+
+Decoding runs once per kernel event, so it is a dedicated walker over the attribute
+tree with precompiled :class:`struct.Struct` objects and no intermediate dicts (pyroute2's
+generic decoder is ~30x slower; it serves as the test oracle instead). Encoding follows
+the kernel rules measured in ``shared/notes/ctnetlink.md`` ("Writing the table"):
+
+* create: ``NLM_F_REQUEST|CREATE|EXCL``, the original tuple, the *plain inverse* of it as
+  reply tuple, and ``CTA_NAT_SRC``/``CTA_NAT_DST`` derived from the real reply tuple, so
+  the kernel rebuilds the translated reply itself and sets the NAT bits (a translated
+  reply tuple without them is accepted but traffic stalls);
+* update: no CREATE/EXCL, no reply tuple (the kernel looks the entry up by the original
+  tuple and ignores the reply), and no NAT or master (``EOPNOTSUPP`` on an existing entry);
+* delete: original tuple and zone.
+
+Attribute numbers are literals checked against pyroute2's ``nfct_msg`` by the unit tests.
+Every decoder raises only :class:`~replicator.errors.NetlinkDecodeError` (or
+:class:`~replicator.errors.KernelError` for an error report in a dump) on any input.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from .errors import KernelError, NetlinkDecodeError
+from .model import (
+    AF_INET,
+    ICMP_PROTOCOLS,
+    IPPROTO_ICMPV6,
+    IPPROTO_SCTP,
+    IPPROTO_TCP,
+    PORT_PROTOCOLS,
+    CtEvent,
+    CtTuple,
+    Entry,
+    EventKind,
+    SctpInfo,
+    Status,
+    TcpFlag,
+    TcpInfo,
+    dnat_target,
+    invert,
+    snat_target,
+)
+from .netlink import (
+    NFGENMSG,
+    NFNL_HDRLEN,
+    NFNL_SUBSYS_CTNETLINK,
+    NLA_F_NESTED,
+    NLM_F_ACK,
+    NLM_F_CREATE,
+    NLM_F_DUMP,
+    NLM_F_EXCL,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    NLMSG_HDR,
+    NLMSG_HDRLEN,
+)
+
+# --- message types (enum cntl_msg_types) --------------------------------------------
+IPCTNL_MSG_CT_NEW: Final = 0
+IPCTNL_MSG_CT_GET: Final = 1
+IPCTNL_MSG_CT_DELETE: Final = 2
+#: Full nlmsg_type values (subsystem in the high byte).
+CT_NEW: Final = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_NEW
+CT_GET: Final = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_GET
+CT_DELETE: Final = NFNL_SUBSYS_CTNETLINK << 8 | IPCTNL_MSG_CT_DELETE
+
+# --- enum ctattr_type ---------------------------------------------------------------
+CTA_TUPLE_ORIG: Final = 1
+CTA_TUPLE_REPLY: Final = 2
+CTA_STATUS: Final = 3
+CTA_PROTOINFO: Final = 4
+CTA_HELP: Final = 5
+CTA_NAT_SRC: Final = 6
+CTA_TIMEOUT: Final = 7
+CTA_MARK: Final = 8
+CTA_ID: Final = 12
+CTA_NAT_DST: Final = 13
+CTA_TUPLE_MASTER: Final = 14
+CTA_ZONE: Final = 18
+CTA_LABELS: Final = 22
+CTA_LABELS_MASK: Final = 23
+
+# enum ctattr_tuple / ctattr_ip / ctattr_l4proto
+CTA_TUPLE_IP: Final = 1
+CTA_TUPLE_PROTO: Final = 2
+CTA_IP_V4_SRC: Final = 1
+CTA_IP_V4_DST: Final = 2
+CTA_IP_V6_SRC: Final = 3
+CTA_IP_V6_DST: Final = 4
+CTA_PROTO_NUM: Final = 1
+CTA_PROTO_SRC_PORT: Final = 2
+CTA_PROTO_DST_PORT: Final = 3
+CTA_PROTO_ICMP_ID: Final = 4
+CTA_PROTO_ICMP_TYPE: Final = 5
+CTA_PROTO_ICMP_CODE: Final = 6
+CTA_PROTO_ICMPV6_ID: Final = 7
+CTA_PROTO_ICMPV6_TYPE: Final = 8
+CTA_PROTO_ICMPV6_CODE: Final = 9
+
+# enum ctattr_protoinfo / _tcp / _sctp
+CTA_PROTOINFO_TCP: Final = 1
+CTA_PROTOINFO_SCTP: Final = 3
+CTA_PROTOINFO_TCP_STATE: Final = 1
+CTA_PROTOINFO_TCP_WSCALE_ORIGINAL: Final = 2
+CTA_PROTOINFO_TCP_WSCALE_REPLY: Final = 3
+CTA_PROTOINFO_TCP_FLAGS_ORIGINAL: Final = 4
+CTA_PROTOINFO_TCP_FLAGS_REPLY: Final = 5
+CTA_PROTOINFO_SCTP_STATE: Final = 1
+CTA_PROTOINFO_SCTP_VTAG_ORIGINAL: Final = 2
+CTA_PROTOINFO_SCTP_VTAG_REPLY: Final = 3
+
+# enum ctattr_help / ctattr_nat / ctattr_protonat
+CTA_HELP_NAME: Final = 1
+CTA_NAT_V4_MINIP: Final = 1
+CTA_NAT_V4_MAXIP: Final = 2
+CTA_NAT_PROTO: Final = 3
+CTA_NAT_V6_MINIP: Final = 4
+CTA_NAT_V6_MAXIP: Final = 5
+CTA_PROTONAT_PORT_MIN: Final = 1
+CTA_PROTONAT_PORT_MAX: Final = 2
+
+#: Status bits a writer may set (see :func:`settable_status`).
+SETTABLE_STATUS: Final = int(Status.SEEN_REPLY | Status.ASSURED | Status.FIXED_TIMEOUT)
+
+#: TCP flags that describe transient sequence tracking, which cannot be transferred:
+#: restoring them makes the copy expect ACKs/edges it never saw (see ctnetlink.md).
+TRANSIENT_TCP_FLAGS: Final = int(
+    TcpFlag.MAXACK_SET | TcpFlag.DATA_UNACKNOWLEDGED | TcpFlag.CHALLENGE_ACK
+)
+
+_NLA = struct.Struct("=HH")
+_nla = _NLA.unpack_from
+_U8 = struct.Struct("B").unpack_from
+_BE16 = struct.Struct("!H").unpack_from
+_BE32 = struct.Struct("!I").unpack_from
+_ERR = struct.Struct("=i").unpack_from
+_new = tuple.__new__
+
+
+def _bad(what: str, off: int) -> NetlinkDecodeError:
+    return NetlinkDecodeError(f"malformed ctnetlink message: {what} at offset {off}")
+
+
+# --- decoding -----------------------------------------------------------------------
+
+
+def _decode_tuple(buf: bytes, off: int, end: int) -> CtTuple:
+    """Decode the payload of a CTA_TUPLE_* attribute."""
+    src = dst = None
+    proto = -1
+    sport = dport = itype = icode = iid = 0
+    while off < end:
+        if end - off < 4:
+            raise _bad("truncated tuple attribute", off)
+        alen, atype = _nla(buf, off)
+        aend = off + alen
+        if alen < 4 or aend > end:
+            raise _bad("tuple attribute length", off)
+        atype &= 0x3FFF
+        if atype == CTA_TUPLE_IP:
+            p = off + 4
+            while p < aend:
+                if aend - p < 4:
+                    raise _bad("truncated address attribute", p)
+                blen, btype = _nla(buf, p)
+                btype &= 0x3FFF
+                if blen < 4 or p + blen > aend:
+                    raise _bad("address attribute length", p)
+                if btype in (CTA_IP_V4_SRC, CTA_IP_V4_DST):
+                    if blen != 8:
+                        raise _bad("IPv4 address length", p)
+                elif btype in (CTA_IP_V6_SRC, CTA_IP_V6_DST):
+                    if blen != 20:
+                        raise _bad("IPv6 address length", p)
+                else:
+                    p += (blen + 3) & ~3
+                    continue
+                if btype & 1:
+                    src = buf[p + 4 : p + blen]
+                else:
+                    dst = buf[p + 4 : p + blen]
+                p += (blen + 3) & ~3
+        elif atype == CTA_TUPLE_PROTO:
+            p = off + 4
+            while p < aend:
+                if aend - p < 4:
+                    raise _bad("truncated protocol attribute", p)
+                blen, btype = _nla(buf, p)
+                btype &= 0x3FFF
+                if blen < 4 or p + blen > aend:
+                    raise _bad("protocol attribute length", p)
+                if btype == CTA_PROTO_NUM:
+                    if blen != 5:
+                        raise _bad("protocol number length", p)
+                    proto = buf[p + 4]
+                elif btype == CTA_PROTO_SRC_PORT:
+                    if blen != 6:
+                        raise _bad("port length", p)
+                    sport = _BE16(buf, p + 4)[0]
+                elif btype == CTA_PROTO_DST_PORT:
+                    if blen != 6:
+                        raise _bad("port length", p)
+                    dport = _BE16(buf, p + 4)[0]
+                elif btype in (CTA_PROTO_ICMP_ID, CTA_PROTO_ICMPV6_ID):
+                    if blen != 6:
+                        raise _bad("ICMP id length", p)
+                    iid = _BE16(buf, p + 4)[0]
+                elif btype in (CTA_PROTO_ICMP_TYPE, CTA_PROTO_ICMPV6_TYPE):
+                    if blen != 5:
+                        raise _bad("ICMP type length", p)
+                    itype = buf[p + 4]
+                elif btype in (CTA_PROTO_ICMP_CODE, CTA_PROTO_ICMPV6_CODE):
+                    if blen != 5:
+                        raise _bad("ICMP code length", p)
+                    icode = buf[p + 4]
+                p += (blen + 3) & ~3
+        off += (alen + 3) & ~3
+    if src is None or dst is None or proto < 0:
+        raise _bad("incomplete tuple", end)
+    if proto in ICMP_PROTOCOLS:
+        # Only ICMP tuples carry type/code/id, only port protocols carry ports: keep the
+        # model canonical whatever extra attributes a message holds.
+        return _new(CtTuple, (src, dst, proto, 0, 0, itype, icode, iid))
+    if proto in PORT_PROTOCOLS:
+        return _new(CtTuple, (src, dst, proto, sport, dport, 0, 0, 0))
+    return _new(CtTuple, (src, dst, proto, 0, 0, 0, 0, 0))
+
+
+def _decode_protoinfo(buf: bytes, off: int, end: int) -> tuple[TcpInfo | None, SctpInfo | None]:
+    """Decode the payload of CTA_PROTOINFO (TCP and SCTP; DCCP is ignored)."""
+    tcp = sctp = None
+    while off < end:
+        if end - off < 4:
+            raise _bad("truncated protoinfo", off)
+        alen, atype = _nla(buf, off)
+        aend = off + alen
+        if alen < 4 or aend > end:
+            raise _bad("protoinfo length", off)
+        atype &= 0x3FFF
+        if atype == CTA_PROTOINFO_TCP:
+            state = -1
+            ws_o = ws_r = fl_o = fl_r = 0
+            p = off + 4
+            while p < aend:
+                if aend - p < 4:
+                    raise _bad("truncated TCP protoinfo", p)
+                blen, btype = _nla(buf, p)
+                btype &= 0x3FFF
+                if blen < 4 or p + blen > aend:
+                    raise _bad("TCP protoinfo length", p)
+                if btype in (CTA_PROTOINFO_TCP_FLAGS_ORIGINAL, CTA_PROTOINFO_TCP_FLAGS_REPLY):
+                    # struct nf_ct_tcp_flags {u8 flags; u8 mask;}: the kernel reports mask 0.
+                    if blen != 6:
+                        raise _bad("TCP flags length", p)
+                    if btype == CTA_PROTOINFO_TCP_FLAGS_ORIGINAL:
+                        fl_o = buf[p + 4]
+                    else:
+                        fl_r = buf[p + 4]
+                elif CTA_PROTOINFO_TCP_STATE <= btype <= CTA_PROTOINFO_TCP_WSCALE_REPLY:
+                    if blen != 5:
+                        raise _bad("TCP protoinfo u8 length", p)
+                    if btype == CTA_PROTOINFO_TCP_STATE:
+                        state = buf[p + 4]
+                    elif btype == CTA_PROTOINFO_TCP_WSCALE_ORIGINAL:
+                        ws_o = buf[p + 4]
+                    else:
+                        ws_r = buf[p + 4]
+                p += (blen + 3) & ~3
+            if state < 0:
+                raise _bad("TCP protoinfo without state", off)
+            tcp = _new(TcpInfo, (state, ws_o, ws_r, fl_o, fl_r))
+        elif atype == CTA_PROTOINFO_SCTP:
+            state = -1
+            vt_o = vt_r = 0
+            p = off + 4
+            while p < aend:
+                if aend - p < 4:
+                    raise _bad("truncated SCTP protoinfo", p)
+                blen, btype = _nla(buf, p)
+                btype &= 0x3FFF
+                if blen < 4 or p + blen > aend:
+                    raise _bad("SCTP protoinfo length", p)
+                if btype == CTA_PROTOINFO_SCTP_STATE:
+                    if blen != 5:
+                        raise _bad("SCTP state length", p)
+                    state = buf[p + 4]
+                elif btype == CTA_PROTOINFO_SCTP_VTAG_ORIGINAL:
+                    if blen != 8:
+                        raise _bad("SCTP vtag length", p)
+                    vt_o = _BE32(buf, p + 4)[0]
+                elif btype == CTA_PROTOINFO_SCTP_VTAG_REPLY:
+                    if blen != 8:
+                        raise _bad("SCTP vtag length", p)
+                    vt_r = _BE32(buf, p + 4)[0]
+                p += (blen + 3) & ~3
+            if state < 0:
+                raise _bad("SCTP protoinfo without state", off)
+            sctp = _new(SctpInfo, (state, vt_o, vt_r))
+        off += (alen + 3) & ~3
+    return tcp, sctp
+
+
+def _decode_helper(buf: bytes, off: int, end: int) -> str | None:
+    """Decode the payload of CTA_HELP: the NUL-terminated CTA_HELP_NAME."""
+    name = None
+    while off < end:
+        if end - off < 4:
+            raise _bad("truncated helper", off)
+        alen, atype = _nla(buf, off)
+        if alen < 4 or off + alen > end:
+            raise _bad("helper attribute length", off)
+        if atype & 0x3FFF == CTA_HELP_NAME:
+            raw = buf[off + 4 : off + alen]
+            nul = raw.find(0)
+            try:
+                name = (raw if nul < 0 else raw[:nul]).decode("ascii")
+            except UnicodeDecodeError:
+                raise _bad("helper name is not ASCII", off) from None
+        off += (alen + 3) & ~3
+    return name
+
+
+def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
+    """Decode one conntrack message's nfgenmsg + attributes into an :class:`Entry`.
+
+    ``full``: the message describes the whole entry (a dump reply or a NEW event),
+    so an absent CTA_MARK means mark 0 rather than "unchanged".
+    """
+    if end - start < 4:
+        raise _bad("truncated nfgenmsg", start)
+    family = buf[start]
+    orig = reply = master = None
+    zone = status = 0
+    timeout = mark = conn_id = None
+    labels = tcp = sctp = helper = None
+    off = start + 4
+    while off < end:
+        if end - off < 4:
+            raise _bad("truncated attribute", off)
+        alen, atype = _nla(buf, off)
+        aend = off + alen
+        if alen < 4 or aend > end:
+            raise _bad("attribute length", off)
+        atype &= 0x3FFF
+        if atype == CTA_TUPLE_ORIG:
+            orig = _decode_tuple(buf, off + 4, aend)
+        elif atype == CTA_TUPLE_REPLY:
+            reply = _decode_tuple(buf, off + 4, aend)
+        elif atype == CTA_STATUS:
+            if alen != 8:
+                raise _bad("status length", off)
+            status = _BE32(buf, off + 4)[0]
+        elif atype == CTA_TIMEOUT:
+            if alen != 8:
+                raise _bad("timeout length", off)
+            timeout = _BE32(buf, off + 4)[0]
+        elif atype == CTA_PROTOINFO:
+            tcp, sctp = _decode_protoinfo(buf, off + 4, aend)
+        elif atype == CTA_ID:
+            if alen != 8:
+                raise _bad("id length", off)
+            conn_id = _BE32(buf, off + 4)[0]
+        elif atype == CTA_MARK:
+            if alen != 8:
+                raise _bad("mark length", off)
+            mark = _BE32(buf, off + 4)[0]
+        elif atype == CTA_ZONE:
+            if alen != 6:
+                raise _bad("zone length", off)
+            zone = _BE16(buf, off + 4)[0]
+        elif atype == CTA_LABELS:
+            if alen != 20:
+                raise _bad("labels length", off)
+            labels = buf[off + 4 : aend]
+        elif atype == CTA_HELP:
+            helper = _decode_helper(buf, off + 4, aend)
+        elif atype == CTA_TUPLE_MASTER:
+            master = _decode_tuple(buf, off + 4, aend)
+        off += (alen + 3) & ~3
+    if orig is None or reply is None:
+        raise _bad("conntrack message without both tuples", start)
+    if mark is None and full:
+        mark = 0
+    return _new(
+        Entry,
+        (family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper,
+         master, conn_id),
+    )
+
+
+def _as_bytes(buf: bytes | bytearray | memoryview) -> bytes:
+    return buf if type(buf) is bytes else bytes(buf)
+
+
+def decode_events(buf: bytes | bytearray | memoryview) -> list[CtEvent]:
+    """Decode one datagram from the conntrack event socket.
+
+    ``IPCTNL_MSG_CT_NEW`` with ``NLM_F_CREATE`` is a NEW event (a full entry: absent
+    mark means 0), without it an UPDATE; ``IPCTNL_MSG_CT_DELETE`` is a DESTROY. UPDATE
+    and DESTROY entries are partial (absent fields are ``None``, see
+    :mod:`replicator.model`). Other messages (``NLMSG_DONE``, expectations) are skipped.
+    """
+    data = _as_bytes(buf)
+    events: list[CtEvent] = []
+    off = 0
+    size = len(data)
+    unpack_hdr = NLMSG_HDR.unpack_from
+    try:
+        while off < size:
+            if size - off < NLMSG_HDRLEN:
+                raise _bad("truncated netlink header", off)
+            length, mtype, flags, _seq, pid = unpack_hdr(data, off)
+            end = off + length
+            if length < NLMSG_HDRLEN or end > size:
+                raise _bad("netlink message length", off)
+            if mtype == CT_NEW:
+                if flags & NLM_F_CREATE:
+                    events.append(_new(CtEvent, (
+                        EventKind.NEW, _decode_entry(data, off + NLMSG_HDRLEN, end, True), pid)))
+                else:
+                    events.append(_new(CtEvent, (
+                        EventKind.UPDATE, _decode_entry(data, off + NLMSG_HDRLEN, end, False),
+                        pid)))
+            elif mtype == CT_DELETE:
+                events.append(_new(CtEvent, (
+                    EventKind.DESTROY, _decode_entry(data, off + NLMSG_HDRLEN, end, False), pid)))
+            off += (length + 3) & ~3
+    except (struct.error, IndexError) as exc:  # defensive: every length is checked above
+        raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None
+    return events
+
+
+def decode_dump(buf: bytes | bytearray | memoryview) -> tuple[list[Entry], bool]:
+    """Decode one datagram of a dump reply: ``(entries, done)``.
+
+    Entries are full (absent mark means 0). ``done`` is true once ``NLMSG_DONE`` was
+    seen. An ``NLMSG_ERROR`` with a nonzero error (or a DONE carrying one) raises
+    :class:`KernelError` with the positive errno; an ACK (error 0) is skipped.
+    """
+    data = _as_bytes(buf)
+    entries: list[Entry] = []
+    off = 0
+    size = len(data)
+    unpack_hdr = NLMSG_HDR.unpack_from
+    try:
+        while off < size:
+            if size - off < NLMSG_HDRLEN:
+                raise _bad("truncated netlink header", off)
+            length, mtype, _flags, _seq, _pid = unpack_hdr(data, off)
+            end = off + length
+            if length < NLMSG_HDRLEN or end > size:
+                raise _bad("netlink message length", off)
+            if mtype == CT_NEW:
+                entries.append(_decode_entry(data, off + NLMSG_HDRLEN, end, True))
+            elif mtype == NLMSG_DONE:
+                # netlink_dump_done() appends the dump's return code as an int.
+                if length >= NLMSG_HDRLEN + 4:
+                    (err,) = _ERR(data, off + NLMSG_HDRLEN)
+                    if err < 0:
+                        raise KernelError(f"conntrack dump failed: errno {-err}", -err)
+                return entries, True
+            elif mtype == NLMSG_ERROR:
+                if length < NLMSG_HDRLEN + 4:
+                    raise _bad("truncated NLMSG_ERROR", off)
+                (err,) = _ERR(data, off + NLMSG_HDRLEN)
+                if err != 0:
+                    raise KernelError(f"conntrack dump refused: errno {-err}", abs(err))
+            off += (length + 3) & ~3
+    except (struct.error, IndexError) as exc:  # defensive: every length is checked above
+        raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None
+    return entries, False
+
+
+def parse_acks(buf: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
+    """``(seq, errno)`` for every ``NLMSG_ERROR`` in a datagram (errno 0 = ACK, else > 0).
+
+    The sequence number is the one of the request the kernel answers (the kernel copies
+    it into the reply header). Other messages are skipped.
+    """
+    data = _as_bytes(buf)
+    acks: list[tuple[int, int]] = []
+    off = 0
+    size = len(data)
+    while off < size:
+        if size - off < NLMSG_HDRLEN:
+            raise _bad("truncated netlink header", off)
+        length, mtype, _flags, seq, _pid = NLMSG_HDR.unpack_from(data, off)
+        if length < NLMSG_HDRLEN or off + length > size:
+            raise _bad("netlink message length", off)
+        if mtype == NLMSG_ERROR:
+            if length < NLMSG_HDRLEN + 4:
+                raise _bad("truncated NLMSG_ERROR", off)
+            acks.append((seq, abs(_ERR(data, off + NLMSG_HDRLEN)[0])))
+        off += (length + 3) & ~3
+    return acks
+
+
+# --- encoding -----------------------------------------------------------------------
+
+_HDR = NLMSG_HDR.pack
+_GEN = NFGENMSG.pack
+_A = _NLA.pack
+_PBE16 = struct.Struct("!H").pack
+_PBE32 = struct.Struct("!I").pack
+# Fixed-layout attributes, each with its header (and padding) in one pack.
+_ATTR_U8 = struct.Struct("=HHB3x").pack
+_ATTR_BE16 = struct.Struct("=HH2s2x").pack
+_ATTR_BE32 = struct.Struct("=HH4s").pack
+_ATTR_TCP_FLAGS = struct.Struct("=HHBB2x").pack
+_NESTED_ATTR = NLA_F_NESTED
+
+_FLAGS_CREATE: Final = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
+_NO_NAT: Final = (None, None)
+
+
+def settable_status(status: int) -> int:
+    """The status to send: the settable bits of ``status`` plus CONFIRMED.
+
+    Only SEEN_REPLY, ASSURED and FIXED_TIMEOUT can be set from user space (NAT, offload
+    and higher bits are ignored or refused), and a status without CONFIRMED is ``EBUSY``.
+    """
+    return (status & SETTABLE_STATUS) | Status.CONFIRMED
+
+
+def clean_tcp_flags(flags: int) -> int:
+    """TCP flags safe to restore on a copy: the transient sequence-tracking bits removed.
+
+    Window scale, SACK permitted, close-init, be-liberal and simultaneous-open are kept.
+    """
+    return flags & ~TRANSIENT_TCP_FLAGS & 0xFF
+
+
+def _be16(value: int) -> bytes:
+    return _PBE16(value)
+
+
+def _encode_tuple(atype: int, t: CtTuple, v6: bool) -> bytes:
+    """A CTA_TUPLE_* nested attribute."""
+    if v6:
+        ip = _A(44, CTA_TUPLE_IP | _NESTED_ATTR) + _A(20, CTA_IP_V6_SRC) + t.src + _A(
+            20, CTA_IP_V6_DST) + t.dst
+    else:
+        ip = _A(20, CTA_TUPLE_IP | _NESTED_ATTR) + _A(8, CTA_IP_V4_SRC) + t.src + _A(
+            8, CTA_IP_V4_DST) + t.dst
+    proto = t.proto
+    if proto in PORT_PROTOCOLS:
+        l4 = (_A(28, CTA_TUPLE_PROTO | _NESTED_ATTR) + _ATTR_U8(5, CTA_PROTO_NUM, proto)
+              + _ATTR_BE16(6, CTA_PROTO_SRC_PORT, _PBE16(t.sport))
+              + _ATTR_BE16(6, CTA_PROTO_DST_PORT, _PBE16(t.dport)))
+    elif proto in ICMP_PROTOCOLS:
+        base = CTA_PROTO_ICMPV6_ID if proto == IPPROTO_ICMPV6 else CTA_PROTO_ICMP_ID
+        l4 = (_A(36, CTA_TUPLE_PROTO | _NESTED_ATTR) + _ATTR_U8(5, CTA_PROTO_NUM, proto)
+              + _ATTR_BE16(6, base, _PBE16(t.icmp_id))
+              + _ATTR_U8(5, base + 1, t.icmp_type) + _ATTR_U8(5, base + 2, t.icmp_code))
+    else:
+        l4 = _A(12, CTA_TUPLE_PROTO | _NESTED_ATTR) + _ATTR_U8(5, CTA_PROTO_NUM, proto)
+    body = ip + l4
+    return _A(4 + len(body), atype | _NESTED_ATTR) + body
+
+
+def _encode_nat(atype: int, target: tuple[bytes, int], proto: int, v6: bool) -> bytes:
+    """CTA_NAT_SRC/DST: a single-address (and single-port) range."""
+    addr, port = target
+    if v6:
+        body = _A(20, CTA_NAT_V6_MINIP) + addr + _A(20, CTA_NAT_V6_MAXIP) + addr
+    else:
+        body = _A(8, CTA_NAT_V4_MINIP) + addr + _A(8, CTA_NAT_V4_MAXIP) + addr
+    if proto in PORT_PROTOCOLS:
+        p = _PBE16(port)
+        body += (_A(20, CTA_NAT_PROTO | _NESTED_ATTR) + _ATTR_BE16(6, CTA_PROTONAT_PORT_MIN, p)
+                 + _ATTR_BE16(6, CTA_PROTONAT_PORT_MAX, p))
+    return _A(4 + len(body), atype | _NESTED_ATTR) + body
+
+
+def _encode_tcp(tcp: TcpInfo) -> bytes:
+    # Mask 0xff: dumps and events report mask 0, but the kernel applies only masked bits.
+    # Both window scales go in one message: the kernel applies them only together, and
+    # only when both directions carry WINDOW_SCALE.
+    return (
+        _A(48, CTA_PROTOINFO | _NESTED_ATTR) + _A(44, CTA_PROTOINFO_TCP | _NESTED_ATTR)
+        + _ATTR_U8(5, CTA_PROTOINFO_TCP_STATE, tcp.state)
+        + _ATTR_U8(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, tcp.wscale_orig)
+        + _ATTR_U8(5, CTA_PROTOINFO_TCP_WSCALE_REPLY, tcp.wscale_reply)
+        + _ATTR_TCP_FLAGS(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
+                          clean_tcp_flags(tcp.flags_orig), 0xFF)
+        + _ATTR_TCP_FLAGS(6, CTA_PROTOINFO_TCP_FLAGS_REPLY,
+                          clean_tcp_flags(tcp.flags_reply), 0xFF)
+    )
+
+
+def _encode_sctp(sctp: SctpInfo) -> bytes:
+    # The kernel refuses SCTP protoinfo unless state and both vtags are present.
+    return (
+        _A(32, CTA_PROTOINFO | _NESTED_ATTR) + _A(28, CTA_PROTOINFO_SCTP | _NESTED_ATTR)
+        + _ATTR_U8(5, CTA_PROTOINFO_SCTP_STATE, sctp.state)
+        + _ATTR_BE32(8, CTA_PROTOINFO_SCTP_VTAG_ORIGINAL, _PBE32(sctp.vtag_orig))
+        + _ATTR_BE32(8, CTA_PROTOINFO_SCTP_VTAG_REPLY, _PBE32(sctp.vtag_reply))
+    )
+
+
+def _encode_helper(name: str) -> bytes:
+    raw = name.encode("ascii") + b"\0"
+    inner = 4 + len(raw)
+    pad = b"\0" * (-inner & 3)
+    return _A(8 + len(raw) + len(pad), CTA_HELP | _NESTED_ATTR) + _A(
+        inner, CTA_HELP_NAME) + raw + pad
+
+
+def _encode_state(entry: Entry) -> bytes:
+    """The attributes create and update share: status, timeout, mark, zone, labels,
+    protocol info and helper."""
+    parts = [_ATTR_BE32(8, CTA_STATUS, _PBE32(settable_status(entry.status)))]
+    if entry.timeout is not None:
+        parts.append(_ATTR_BE32(8, CTA_TIMEOUT, _PBE32(entry.timeout)))
+    if entry.mark is not None:
+        parts.append(_ATTR_BE32(8, CTA_MARK, _PBE32(entry.mark)))
+    if entry.zone:
+        parts.append(_ATTR_BE16(6, CTA_ZONE, _PBE16(entry.zone)))
+    if entry.labels is not None:
+        n = len(entry.labels)
+        parts.append(_A(4 + n, CTA_LABELS) + entry.labels)
+        # Mask all ones: the copy gets exactly the source's label bits.
+        parts.append(_A(4 + n, CTA_LABELS_MASK) + b"\xff" * n)
+    if entry.tcp is not None and entry.orig.proto == IPPROTO_TCP:
+        parts.append(_encode_tcp(entry.tcp))
+    elif entry.sctp is not None and entry.orig.proto == IPPROTO_SCTP:
+        parts.append(_encode_sctp(entry.sctp))
+    if entry.helper is not None:
+        parts.append(_encode_helper(entry.helper))
+    return b"".join(parts)
+
+
+def _message(mtype: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
+    return _HDR(NFNL_HDRLEN + len(body), mtype, flags, seq, 0) + _GEN(family, 0, 0) + body
+
+
+def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
+    """``IPCTNL_MSG_CT_NEW`` creating ``entry`` with its NAT (CREATE|EXCL: EEXIST if present).
+
+    The reply tuple is sent as the plain inverse of the original one, and the real
+    reply tuple is expressed as CTA_NAT_SRC/CTA_NAT_DST, so the kernel sets up the
+    translation itself. ``entry.timeout`` must be set (the kernel refuses a create
+    without CTA_TIMEOUT with EINVAL). Without ``ack`` the kernel still reports errors.
+    """
+    v6 = entry.family != AF_INET
+    orig = entry.orig
+    parts = [_encode_tuple(CTA_TUPLE_ORIG, orig, v6),
+             _encode_tuple(CTA_TUPLE_REPLY, invert(orig), v6)]
+    snat = snat_target(entry)
+    if snat is not None:
+        parts.append(_encode_nat(CTA_NAT_SRC, snat, orig.proto, v6))
+    dnat = dnat_target(entry)
+    if dnat is not None:
+        parts.append(_encode_nat(CTA_NAT_DST, dnat, orig.proto, v6))
+    parts.append(_encode_state(entry))
+    if entry.master is not None:
+        parts.append(_encode_tuple(CTA_TUPLE_MASTER, entry.master, v6))
+    flags = _FLAGS_CREATE | NLM_F_ACK if ack else _FLAGS_CREATE
+    return _message(CT_NEW, flags, seq, entry.family, b"".join(parts))
+
+
+def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
+    """``IPCTNL_MSG_CT_NEW`` changing an existing entry (ENOENT if it is missing).
+
+    Carries the original tuple (the kernel's lookup key, with the zone), status (bits
+    only grow), timeout, mark, labels, protocol info and helper; never NAT, master or
+    reply tuple, which the kernel cannot change on an existing entry.
+    """
+    body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig, entry.family != AF_INET) + _encode_state(
+        entry)
+    flags = NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST
+    return _message(CT_NEW, flags, seq, entry.family, body)
+
+
+def encode_delete(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
+    """``IPCTNL_MSG_CT_DELETE`` of the entry with ``entry``'s original tuple and zone."""
+    body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig, entry.family != AF_INET)
+    if entry.zone:
+        body += _ATTR_BE16(6, CTA_ZONE, _PBE16(entry.zone))
+    flags = NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST
+    return _message(CT_DELETE, flags, seq, entry.family, body)
+
+
+def encode_dump_request(seq: int, family: int = 0) -> bytes:
+    """``IPCTNL_MSG_CT_GET`` dump request for ``family`` (0: every family)."""
+    return _message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, b"")
