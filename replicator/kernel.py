@@ -8,7 +8,7 @@ daemon's logic can be tested end to end without root). Everything above this mod
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
 from .model import CtEvent, Entry
@@ -31,12 +31,26 @@ class InjectResult(NamedTuple):
 class Overrun(NamedTuple):
     """The event socket overflowed (ENOBUFS): events were lost and a resync is needed."""
 
-    count: int
+    #: How many ENOBUFS errors this marker stands for (named so as not to shadow
+    #: ``tuple.count``).
+    enobufs: int
 
 
 #: What an event subscription yields: a batch of events drained from the socket in one
 #: wake-up, or an :class:`Overrun` marker.
 EventBatch = list[CtEvent] | Overrun
+
+
+class Subscription(Protocol):
+    """A live event subscription: iterate it for batches, close it when done."""
+
+    def __aiter__(self) -> Subscription: ...
+
+    async def __anext__(self) -> EventBatch: ...
+
+    async def aclose(self) -> None:
+        """Stop listening (close the socket); iteration ends."""
+        ...
 
 
 class KernelPort(Protocol):
@@ -47,7 +61,7 @@ class KernelPort(Protocol):
         """Netlink port id of the injecting socket: events carrying it are our echoes."""
         ...
 
-    def subscribe(self) -> AsyncIterator[EventBatch]:
+    def subscribe(self) -> Subscription:
         """Subscribe to NEW/UPDATE/DESTROY events.
 
         The subscription is live when this returns (before the first ``__anext__``),
