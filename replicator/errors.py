@@ -54,3 +54,12 @@ class ProtocolError(ReplicatorError):
 
 class ControlError(ReplicatorError):
     """A control-socket command failed; the message is shown to the operator."""
+
+
+class NotifyDecodeError(DecodeError):
+    """A keepalived notify line (``notify`` arguments or ``vrrp_notify_fifo``) was malformed."""
+
+
+class RoleError(ReplicatorError):
+    """The role machine was fed an impossible input (a bug in its caller, like h11's
+    ``LocalProtocolError``): e.g. completing an action that is not running."""
