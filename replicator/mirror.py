@@ -1,0 +1,150 @@
+"""The mirror: the trio task that keeps the internal cache equal to the kernel table.
+
+Theory of operation
+-------------------
+1. Subscribe to events *first*, then dump (on the port's second socket) and reconcile.
+   With ``nf_conntrack_events=2`` (the kernel default) entries that existed before the
+   subscription never produce events, and conntrackd's order (dump, then subscribe)
+   loses whatever changes in between; this order loses nothing. The mirror therefore
+   does not need ``nf_conntrack_events=1`` and leaves that sysctl alone: entries made
+   before the daemon started are caught by the dump, and every connection created
+   afterwards has a listener and produces events.
+2. Fold every event batch into the :class:`~replicator.cache.InternalCache`.
+3. On an :class:`~replicator.kernel.Overrun` (ENOBUFS: events were lost), keep reading
+   events and run a resync in the background: dump on the second socket, reconcile with
+   the rule in :mod:`replicator.cache`. An overrun during a resync makes that dump doubtful
+   (the lost events may be newer than its view), so another resync follows it.
+4. Publish every change to the consumer (the sync layer) as
+   :class:`~replicator.cache.Change` ``(key, entry | None)`` batches, except the echoes
+   of our own injector (events carrying the port's ``injector_portid``): those are cached
+   but not published, so the standby never sends the active's own state back. Changes
+   found by a reconciliation are published whatever caused them.
+
+The consumer is a plain callback called from the mirror's task: it must not block (the
+sync layer coalesces changes in its own structure). A memory channel would let a slow
+consumer stall the event socket and turn back-pressure into ENOBUFS.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import trio
+
+from .cache import Change, InternalCache
+from .kernel import KernelPort, Overrun, Subscription
+from .model import CtEvent
+
+#: The consumer of cache changes: called with every non-empty batch, in order.
+Publish = Callable[[list[Change]], None]
+
+
+@dataclass
+class MirrorStats:
+    """Counters of one mirror (exported as metrics by the daemon)."""
+
+    #: Events folded into the cache (echoes included).
+    events: int = 0
+    #: Events caused by our own injector: cached, not published.
+    echoes: int = 0
+    #: ENOBUFS errors seen on the event socket.
+    overruns: int = 0
+    #: Dumps reconciled with the cache (the initial one included).
+    reconciliations: int = 0
+    #: Changes handed to the consumer.
+    published: int = 0
+
+
+class Mirror:
+    """Keeps :attr:`cache` equal to one kernel's conntrack table (see the module doc)."""
+
+    def __init__(self, kernel: KernelPort, publish: Publish | None = None) -> None:
+        self._kernel = kernel
+        self._publish = publish
+        #: The internal cache; read it freely, only the mirror writes it.
+        self.cache = InternalCache()
+        self.stats = MirrorStats()
+        self._resync_running = False
+        self._resync_again = False
+        self._synced = trio.Event()
+
+    @property
+    def synced(self) -> bool:
+        """Whether the cache is believed complete: a resync finished and none is due."""
+        return self._synced.is_set()
+
+    async def wait_synced(self) -> None:
+        """Return once no resync is running or pending (at once if none is)."""
+        while not self._synced.is_set():
+            await self._synced.wait()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Mirror until the subscription ends (the port was closed) or cancelled.
+
+        With ``nursery.start``, returns to the starter once the first dump has been
+        reconciled: from then on :attr:`cache` is a full copy of the table.
+        """
+        subscription = self._kernel.subscribe()
+        try:
+            async with trio.open_nursery() as nursery:
+                self._request_resync(nursery)
+                nursery.start_soon(self._pump, subscription, nursery)
+                await self.wait_synced()
+                task_status.started()
+        finally:
+            with trio.CancelScope(shield=True):
+                await subscription.aclose()
+
+    async def _pump(self, subscription: Subscription, nursery: trio.Nursery) -> None:
+        async for batch in subscription:
+            if isinstance(batch, Overrun):
+                self.stats.overruns += batch.enobufs
+                self._request_resync(nursery)
+            else:
+                self._apply(batch)
+        # The subscription ended: the port is closed, stop the resync too.
+        nursery.cancel_scope.cancel()
+
+    def _apply(self, batch: list[CtEvent]) -> None:
+        own = self._kernel.injector_portid
+        apply = self.cache.apply
+        changes: list[Change] = []
+        echoes = 0
+        for event in batch:
+            change = apply(event)
+            if own and event.portid == own:
+                echoes += 1
+            else:
+                changes.append(change)
+        self.stats.events += len(batch)
+        self.stats.echoes += echoes
+        self._emit(changes)
+
+    def _request_resync(self, nursery: trio.Nursery) -> None:
+        if self._resync_running:
+            self._resync_again = True
+            return
+        self._resync_running = True
+        if self._synced.is_set():
+            self._synced = trio.Event()
+        nursery.start_soon(self._resync)
+
+    async def _resync(self) -> None:
+        while True:
+            self._resync_again = False
+            self.cache.begin_resync()
+            dump = await self._kernel.dump()
+            changes = self.cache.finish_resync(dump)
+            self.stats.reconciliations += 1
+            self._emit(changes)
+            if not self._resync_again:
+                break
+        self._resync_running = False
+        self._synced.set()
+
+    def _emit(self, changes: list[Change]) -> None:
+        if changes and self._publish is not None:
+            self.stats.published += len(changes)
+            self._publish(changes)

@@ -1,0 +1,164 @@
+"""The mirror keeps its cache equal to the (fake) kernel: start-up, events, echoes, overruns."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import trio
+import trio.testing
+
+from replicator.cache import Change
+from replicator.kernel_fake import FakeKernel
+from replicator.mirror import Mirror
+from replicator.model import AF_INET, IPPROTO_UDP, CtTuple, Entry, EntryKey, invert
+
+A = bytes([10, 0, 0, 1])
+B = bytes([192, 0, 2, 7])
+
+
+def entry(port: int, **fields: Any) -> Entry:
+    orig = CtTuple(A, B, IPPROTO_UDP, port, 53)
+    return Entry(AF_INET, orig, invert(orig), timeout=30)._replace(**fields)
+
+
+class Consumer:
+    """Collects published changes into a table, as the sync layer would."""
+
+    def __init__(self) -> None:
+        self.table: dict[EntryKey, Entry] = {}
+        self.batches = 0
+
+    def __call__(self, changes: list[Change]) -> None:
+        self.batches += 1
+        for key, value in changes:
+            if value is None:
+                self.table.pop(key, None)
+            else:
+                self.table[key] = value
+
+
+async def settle(mirror: Mirror) -> None:
+    """Let every task run until all wait for new input, and any resync has finished."""
+    await trio.testing.wait_all_tasks_blocked()
+    await mirror.wait_synced()
+    await trio.testing.wait_all_tasks_blocked()
+
+
+async def test_start_reconciles_entries_that_predate_the_subscription() -> None:
+    kernel = FakeKernel()
+    kernel.add_many(entry(p) for p in range(10))
+    consumer = Consumer()
+    mirror = Mirror(kernel, consumer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        assert mirror.synced
+        assert mirror.cache.snapshot() == kernel.table == consumer.table
+        assert mirror.stats.reconciliations == 1
+        kernel.modify(entry(3).key, mark=9)
+        kernel.remove(entry(4).key)
+        kernel.add(entry(99))
+        await settle(mirror)
+        assert mirror.cache.snapshot() == kernel.table == consumer.table
+        assert mirror.stats.events == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_changes_between_subscribe_and_dump_are_not_lost() -> None:
+    kernel = FakeKernel()
+    kernel.add(entry(1))
+    kernel.add(entry(2))
+
+    async def meanwhile() -> None:
+        # After the dump's snapshot, before the mirror sees it: only events tell.
+        kernel.remove(entry(1).key)
+        kernel.modify(entry(2).key, mark=4)
+        kernel.add(entry(3))
+        await trio.testing.wait_all_tasks_blocked()
+
+    kernel.during_dump = meanwhile
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        assert mirror.cache.snapshot() == kernel.table
+        assert set(kernel.table) == {entry(2).key, entry(3).key}
+        nursery.cancel_scope.cancel()
+
+
+async def test_echoes_are_cached_but_not_published() -> None:
+    kernel = FakeKernel()
+    consumer = Consumer()
+    mirror = Mirror(kernel, consumer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        await kernel.upsert([entry(1), entry(2)])
+        kernel.add(entry(3))  # from traffic
+        await settle(mirror)
+        assert mirror.cache.snapshot() == kernel.table
+        assert set(consumer.table) == {entry(3).key}
+        assert mirror.stats.echoes == 2
+        await kernel.delete([entry(1)])
+        await settle(mirror)
+        assert entry(1).key not in mirror.cache
+        assert mirror.stats.echoes == 3 and mirror.stats.published == 1
+        nursery.cancel_scope.cancel()
+
+
+async def test_overrun_is_repaired_by_a_dump() -> None:
+    # A tiny buffer: a burst overflows it, as a small SO_RCVBUF does.
+    kernel = FakeKernel(buffer_events=16)
+    consumer = Consumer()
+    mirror = Mirror(kernel, consumer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        kernel.add_many(entry(p) for p in range(1000))
+        await settle(mirror)
+        assert mirror.stats.overruns > 0
+        assert mirror.stats.reconciliations >= 2
+        assert mirror.cache.snapshot() == kernel.table == consumer.table
+        assert len(kernel.table) == 1000
+        for p in range(0, 1000, 2):
+            kernel.remove(entry(p).key)
+        for p in range(1, 1000, 2):
+            kernel.modify(entry(p).key, mark=p)
+        await settle(mirror)
+        assert mirror.cache.snapshot() == kernel.table == consumer.table
+        nursery.cancel_scope.cancel()
+
+
+async def test_overrun_during_a_dump_triggers_another_resync() -> None:
+    kernel = FakeKernel()
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        kernel.add(entry(1))
+        await settle(mirror)
+        overran = False
+
+        async def lose_events() -> None:
+            nonlocal overran
+            if not overran:
+                overran = True
+                # Changes after the snapshot whose events are lost: only a second dump
+                # can see them.
+                kernel.modify(entry(1).key, mark=7)
+                kernel.add(entry(2))
+                kernel.overrun()
+                await trio.testing.wait_all_tasks_blocked()
+
+        kernel.during_dump = lose_events
+        kernel.overrun()
+        await settle(mirror)
+        assert kernel.dumps == 3  # initial, the repair, and the repair of the repair
+        assert mirror.stats.overruns == 2
+        assert mirror.cache.snapshot() == kernel.table
+        assert kernel.table[entry(1).key].mark == 7
+        nursery.cancel_scope.cancel()
+
+
+async def test_run_returns_when_the_port_closes() -> None:
+    kernel = FakeKernel()
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        await kernel.aclose()
+    assert mirror.synced
