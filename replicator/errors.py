@@ -63,3 +63,7 @@ class NotifyDecodeError(DecodeError):
 class RoleError(ReplicatorError):
     """The role machine was fed an impossible input (a bug in its caller, like h11's
     ``LocalProtocolError``): e.g. completing an action that is not running."""
+
+
+class FrameTooLargeError(ChannelError):
+    """A payload to send exceeds the frame size bound (a local bug: the sender must split)."""
