@@ -1,0 +1,247 @@
+"""The real :class:`~replicator.kernel.KernelPort`: raw ctnetlink sockets driven by trio.
+
+Three kinds of ``AF_NETLINK``/``NETLINK_NETFILTER`` socket, each created inside the
+port's network namespace (a netlink socket belongs to the namespace it was created in,
+so the process itself can stay where it is):
+
+* the **event** socket of each :class:`EventSubscription`: joined to the conntrack
+  NEW/UPDATE/DESTROY groups, non-blocking, with a receive buffer forced to
+  ``event_rcvbuf`` bytes (``SO_RCVBUFFORCE``; ``SO_RCVBUF`` is capped by ``rmem_max``).
+  trio waits until it is readable, then it is drained with non-blocking ``recv_into``
+  into one preallocated buffer until ``BlockingIOError`` (measured: 133 k events/s,
+  against 73 k/s for one ``await recv`` per datagram). An overflow shows up as one
+  ``ENOBUFS`` from ``recv``; the socket stays usable, so the subscription yields an
+  :class:`~replicator.kernel.Overrun` and carries on;
+* a fresh **dump** socket per :meth:`LinuxKernel.dump`, so a dump never mixes with events;
+* the **injector** socket, made by :func:`replicator.inject.open_socket` when the port
+  is constructed: its netlink port id marks the events our own writes cause.
+  :meth:`LinuxKernel.upsert` and :meth:`LinuxKernel.delete` delegate to
+  :mod:`replicator.inject`, one write at a time.
+
+``net.netfilter.nf_conntrack_events`` is left as it is: see :mod:`replicator.mirror`
+for why subscribing before dumping makes the default (2) sufficient.
+"""
+
+from __future__ import annotations
+
+import errno
+import socket
+from collections.abc import Sequence
+from types import TracebackType
+
+import trio
+
+from . import ctnetlink, inject
+from .errors import KernelError, NetlinkDecodeError
+from .kernel import EventBatch, InjectResult, Overrun
+from .model import CtEvent, Entry
+from .netlink import NETLINK_NETFILTER
+from .netns import entered
+
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+SO_RCVBUFFORCE = 33
+NFNLGRP_CONNTRACK_NEW = 1
+NFNLGRP_CONNTRACK_UPDATE = 2
+NFNLGRP_CONNTRACK_DESTROY = 3
+
+#: Default event receive buffer. A queued event costs about 1.3 KB, so this absorbs
+#: bursts of ~50 k events between two wake-ups (128 MiB absorbed 40 k with no loss).
+EVENT_RCVBUF = 64 * 1024 * 1024
+#: Receive buffer of a dump socket (the kernel waits for the reader: no loss possible).
+DUMP_RCVBUF = 4 * 1024 * 1024
+#: Size of the preallocated receive buffer: more than any ctnetlink datagram (events
+#: are one message each; dump datagrams are at most ~32 KiB).
+RECV_BYTES = 256 * 1024
+#: Most events returned in one batch, so that a flood still lets other tasks run.
+MAX_BATCH = 8192
+
+
+def _netlink_socket(netns: str | None) -> socket.socket:
+    with entered(netns):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW | socket.SOCK_CLOEXEC,
+                             NETLINK_NETFILTER)
+    sock.setblocking(False)
+    return sock
+
+
+def _set_rcvbuf(sock: socket.socket, size: int) -> None:
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, SO_RCVBUFFORCE, size)
+    except PermissionError:
+        # Without CAP_NET_ADMIN: capped by net.core.rmem_max.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, size)
+
+
+def _recv(sock: socket.socket, buf: bytearray) -> int:
+    """One datagram into ``buf``; raises BlockingIOError when the socket is empty."""
+    n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
+    if n > len(buf):
+        raise NetlinkDecodeError(f"netlink datagram of {n} bytes truncated to {len(buf)}")
+    return n
+
+
+class EventSubscription:
+    """A live conntrack event subscription (see the module doc); iterate for batches."""
+
+    def __init__(self, netns: str | None, rcvbuf: int) -> None:
+        self._sock = _netlink_socket(netns)
+        try:
+            _set_rcvbuf(self._sock, rcvbuf)
+            self._sock.bind((0, 0))
+            for group in (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE,
+                          NFNLGRP_CONNTRACK_DESTROY):
+                self._sock.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._buf = bytearray(RECV_BYTES)
+        self._view = memoryview(self._buf)
+        self._overrun = False
+
+    @property
+    def rcvbuf(self) -> int:
+        """The effective receive buffer size (the kernel doubles what was asked)."""
+        return self._sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF)
+
+    def __aiter__(self) -> EventSubscription:
+        return self
+
+    async def __anext__(self) -> EventBatch:
+        while True:
+            if self._sock.fileno() < 0:
+                raise StopAsyncIteration
+            batch = self._drain()
+            if batch is not None:
+                await trio.lowlevel.checkpoint()
+                return batch
+            try:
+                await trio.lowlevel.wait_readable(self._sock)
+            except trio.ClosedResourceError:
+                raise StopAsyncIteration from None
+
+    def _drain(self) -> EventBatch | None:
+        """Whatever the socket holds now: events, an Overrun, or ``None`` if empty."""
+        if self._overrun:
+            self._overrun = False
+            return Overrun(1)
+        events: list[CtEvent] = []
+        decode = ctnetlink.decode_events
+        view = self._view
+        try:
+            while len(events) < MAX_BATCH:
+                n = _recv(self._sock, self._buf)
+                events += decode(view[:n])
+        except BlockingIOError:
+            pass
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise KernelError(f"event socket: {exc.strerror}", exc.errno or 0) from exc
+            if not events:
+                return Overrun(1)
+            self._overrun = True  # report it right after the events read before it
+        return events or None
+
+    async def aclose(self) -> None:
+        """Close the socket; iteration ends (also for a task waiting on it)."""
+        trio.lowlevel.notify_closing(self._sock)
+        self._sock.close()
+        await trio.lowlevel.checkpoint()
+
+
+async def dump(netns: str | None = None, *, family: int = 0) -> list[Entry]:
+    """Every entry of the table in ``netns`` (``family`` 0: IPv4 and IPv6), full entries.
+
+    Raises :class:`~replicator.errors.KernelError` if the kernel answers with an error.
+    """
+    entries: list[Entry] = []
+    buf = bytearray(RECV_BYTES)
+    view = memoryview(buf)
+    with _netlink_socket(netns) as sock:
+        _set_rcvbuf(sock, DUMP_RCVBUF)
+        sock.bind((0, 0))
+        await trio.lowlevel.wait_writable(sock)
+        sock.send(ctnetlink.encode_dump_request(1, family))
+        done = False
+        while not done:
+            try:
+                n = _recv(sock, buf)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                raise KernelError(f"dump: {exc.strerror}", exc.errno or 0) from exc
+            part, done = ctnetlink.decode_dump(view[:n])
+            entries += part
+    return entries
+
+
+class LinuxKernel:
+    """The kernel port of one network namespace (``None``: the process's own).
+
+    Close it with :meth:`aclose` (or ``async with``).
+    """
+
+    def __init__(self, netns: str | None = None, *, event_rcvbuf: int = EVENT_RCVBUF) -> None:
+        self._netns = netns
+        self._event_rcvbuf = event_rcvbuf
+        with entered(netns):
+            self._injector = inject.open_socket()
+        self._portid: int = self._injector.getsockname()[0]
+        self._write_lock = trio.Lock()
+        self._seq = 1
+        self._subscriptions: list[EventSubscription] = []
+
+    @property
+    def netns(self) -> str | None:
+        """The namespace whose table this port reads and writes."""
+        return self._netns
+
+    @property
+    def injector_portid(self) -> int:
+        """Netlink port id of the injector socket: events carrying it are our echoes."""
+        return self._portid
+
+    def subscribe(self) -> EventSubscription:
+        """A live subscription to NEW/UPDATE/DESTROY events (joined before returning)."""
+        sub = EventSubscription(self._netns, self._event_rcvbuf)
+        self._subscriptions.append(sub)
+        return sub
+
+    async def dump(self) -> list[Entry]:
+        """Every entry of the table, read on a socket of its own."""
+        return await dump(self._netns)
+
+    async def upsert(self, entries: Sequence[Entry]) -> InjectResult:
+        """Create (with NAT) or update each entry: :func:`replicator.inject.upsert`."""
+        async with self._write_lock:
+            return await inject.upsert(self._injector, entries, seq_start=self._next_seqs(entries))
+
+    async def delete(self, entries: Sequence[Entry]) -> InjectResult:
+        """Delete each entry: :func:`replicator.inject.delete`."""
+        async with self._write_lock:
+            return await inject.delete(self._injector, entries, seq_start=self._next_seqs(entries))
+
+    def _next_seqs(self, entries: Sequence[Entry]) -> int:
+        # Fresh sequence numbers for every write, so a late reply to an earlier
+        # (cancelled) write can never be taken for one of this write's. Room is left
+        # for the injector's retries.
+        start = self._seq
+        self._seq = (self._seq + 4 * len(entries) + 64) % (1 << 31) or 1
+        return start
+
+    async def aclose(self) -> None:
+        """Close the injector and every subscription."""
+        for sub in self._subscriptions:
+            await sub.aclose()
+        self._subscriptions.clear()
+        trio.lowlevel.notify_closing(self._injector)
+        self._injector.close()
+        await trio.lowlevel.checkpoint()
+
+    async def __aenter__(self) -> LinuxKernel:
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None,
+                        exc: BaseException | None, tb: TracebackType | None) -> None:
+        await self.aclose()
