@@ -139,6 +139,7 @@ _BE16 = struct.Struct("!H").unpack_from
 _BE32 = struct.Struct("!I").unpack_from
 _ERR = struct.Struct("=i").unpack_from
 _new = tuple.__new__
+_NEW, _UPDATE, _DESTROY = EventKind.NEW, EventKind.UPDATE, EventKind.DESTROY
 
 
 def _bad(what: str, off: int) -> NetlinkDecodeError:
@@ -324,6 +325,63 @@ def _decode_helper(buf: bytes, off: int, end: int) -> str | None:
     return name
 
 
+# --- fast paths ---------------------------------------------------------------------
+# The kernel lays out the common attributes identically every time (same attributes,
+# same order, NLA_F_NESTED on nests). For those the decoder checks every attribute
+# header with one unpack of a header-only Struct ("x" skips the data) and reads all the
+# values with a second one; anything else falls back to the generic walkers below,
+# so the fast path changes speed, never results.
+
+
+def _hdr(length: int, atype: int) -> int:
+    """An nlattr header read as one native u32 (little-endian hosts: len | type << 16)."""
+    return struct.unpack("=I", struct.pack("=HH", length, atype))[0]  # type: ignore[no-any-return]
+
+
+_N = NLA_F_NESTED
+# IPv4 / IPv6 tuple of a port protocol: IP{SRC,DST} PROTO{NUM,SRC_PORT,DST_PORT}.
+_L4_PORTS_HDRS = (_hdr(28, CTA_TUPLE_PROTO | _N), _hdr(5, CTA_PROTO_NUM),
+                  _hdr(6, CTA_PROTO_SRC_PORT), _hdr(6, CTA_PROTO_DST_PORT))
+_T4_HDRS = (_hdr(20, CTA_TUPLE_IP | _N), _hdr(8, CTA_IP_V4_SRC), _hdr(8, CTA_IP_V4_DST),
+            *_L4_PORTS_HDRS)
+_T6_HDRS = (_hdr(44, CTA_TUPLE_IP | _N), _hdr(20, CTA_IP_V6_SRC), _hdr(20, CTA_IP_V6_DST),
+            *_L4_PORTS_HDRS)
+_T4_HDR = struct.Struct("=II4xI4xII4xI4xI4x").unpack_from
+_T6_HDR = struct.Struct("=II16xI16xII4xI4xI4x").unpack_from
+_T4_DATA = struct.Struct("!4x4x4s4x4s4x4xB3x4xH2x4xH2x").unpack_from
+_T6_DATA = struct.Struct("!4x4x16s4x16s4x4xB3x4xH2x4xH2x").unpack_from
+_T4_LEN = 48
+_T6_LEN = 72
+# CTA_PROTOINFO of a live TCP entry: TCP{STATE,WSCALE_O,WSCALE_R,FLAGS_O,FLAGS_R}.
+_TCP_HDRS = (_hdr(44, CTA_PROTOINFO_TCP | _N), _hdr(5, CTA_PROTOINFO_TCP_STATE),
+             _hdr(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL), _hdr(5, CTA_PROTOINFO_TCP_WSCALE_REPLY),
+             _hdr(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL), _hdr(6, CTA_PROTOINFO_TCP_FLAGS_REPLY))
+_TCP_HDR = struct.Struct("=II4xI4xI4xI4xI4x").unpack_from
+_TCP_DATA = struct.Struct("=8xB3x4xB3x4xB3x4xB3x4xB3x").unpack_from
+_TCP_LEN = 44
+
+
+def _tuple_at(buf: bytes, off: int, end: int) -> CtTuple:
+    """Decode a CTA_TUPLE_* payload, by the fast path when the layout is the kernel's."""
+    size = end - off
+    if size == _T4_LEN and _T4_HDR(buf, off) == _T4_HDRS:
+        src, dst, proto, sport, dport = _T4_DATA(buf, off)
+        if proto in PORT_PROTOCOLS:
+            return _new(CtTuple, (src, dst, proto, sport, dport, 0, 0, 0))
+    elif size == _T6_LEN and _T6_HDR(buf, off) == _T6_HDRS:
+        src, dst, proto, sport, dport = _T6_DATA(buf, off)
+        if proto in PORT_PROTOCOLS:
+            return _new(CtTuple, (src, dst, proto, sport, dport, 0, 0, 0))
+    return _decode_tuple(buf, off, end)
+
+
+def _protoinfo_at(buf: bytes, off: int, end: int) -> tuple[TcpInfo | None, SctpInfo | None]:
+    """Decode a CTA_PROTOINFO payload, by the fast path for a live TCP entry."""
+    if end - off == _TCP_LEN and _TCP_HDR(buf, off) == _TCP_HDRS:
+        return _new(TcpInfo, _TCP_DATA(buf, off)), None
+    return _decode_protoinfo(buf, off, end)
+
+
 def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
     """Decode one conntrack message's nfgenmsg + attributes into an :class:`Entry`.
 
@@ -347,9 +405,9 @@ def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
             raise _bad("attribute length", off)
         atype &= 0x3FFF
         if atype == CTA_TUPLE_ORIG:
-            orig = _decode_tuple(buf, off + 4, aend)
+            orig = _tuple_at(buf, off + 4, aend)
         elif atype == CTA_TUPLE_REPLY:
-            reply = _decode_tuple(buf, off + 4, aend)
+            reply = _tuple_at(buf, off + 4, aend)
         elif atype == CTA_STATUS:
             if alen != 8:
                 raise _bad("status length", off)
@@ -359,7 +417,7 @@ def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
                 raise _bad("timeout length", off)
             timeout = _BE32(buf, off + 4)[0]
         elif atype == CTA_PROTOINFO:
-            tcp, sctp = _decode_protoinfo(buf, off + 4, aend)
+            tcp, sctp = _protoinfo_at(buf, off + 4, aend)
         elif atype == CTA_ID:
             if alen != 8:
                 raise _bad("id length", off)
@@ -420,14 +478,14 @@ def decode_events(buf: bytes | bytearray | memoryview) -> list[CtEvent]:
             if mtype == CT_NEW:
                 if flags & NLM_F_CREATE:
                     events.append(_new(CtEvent, (
-                        EventKind.NEW, _decode_entry(data, off + NLMSG_HDRLEN, end, True), pid)))
+                        _NEW, _decode_entry(data, off + NLMSG_HDRLEN, end, True), pid)))
                 else:
                     events.append(_new(CtEvent, (
-                        EventKind.UPDATE, _decode_entry(data, off + NLMSG_HDRLEN, end, False),
+                        _UPDATE, _decode_entry(data, off + NLMSG_HDRLEN, end, False),
                         pid)))
             elif mtype == CT_DELETE:
                 events.append(_new(CtEvent, (
-                    EventKind.DESTROY, _decode_entry(data, off + NLMSG_HDRLEN, end, False), pid)))
+                    _DESTROY, _decode_entry(data, off + NLMSG_HDRLEN, end, False), pid)))
             off += (length + 3) & ~3
     except (struct.error, IndexError) as exc:  # defensive: every length is checked above
         raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None
