@@ -67,3 +67,11 @@ class RoleError(ReplicatorError):
 
 class FrameTooLargeError(ChannelError):
     """A payload to send exceeds the frame size bound (a local bug: the sender must split)."""
+
+
+class WireVersionError(WireDecodeError):
+    """The peer's HELLO announced a sync protocol version this node does not speak."""
+
+    def __init__(self, message: str, version: int) -> None:
+        super().__init__(message)
+        self.version = version
