@@ -13,7 +13,8 @@ any other. Recorded on ``fw``, with ``nf_conntrack_events=1``:
 * every event datagram (groups NEW, UPDATE, DESTROY), including the DESTROY events of
   a final flush;
 * the datagrams of a full dump taken while the table is populated, and the text that
-  ``conntrack -L -o extended`` printed right after it.
+  ``conntrack -L -o extended,labels`` printed right after it (see
+  :func:`conntrack_listing` for how labels are printed as bit numbers).
 
 Files written: ``ctnetlink.bin`` (records ``u8 kind, u32 length, bytes``; kind 0 = event
 datagram, 1 = dump datagram, native byte order) and ``conntrack-L.txt``.
@@ -26,11 +27,12 @@ import os
 import socket
 import struct
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from integration.netns.lab import Lab, Netns, lab
+from integration.netns.lab import Lab, Netns, lab, run
 from replicator import ctnetlink
 from replicator.model import (
     AF_INET,
@@ -176,6 +178,28 @@ def build(the_lab: Lab) -> tuple[Netns, Netns, Netns]:
     return client, fw, server
 
 
+# conntrack prints label *names* from /etc/xtables/connlabel.conf (compiled-in path, no
+# override). To get bit numbers without touching the host's /etc, the listing runs in a
+# private mount namespace with an overlay on /etc that holds a connlabel.conf naming
+# every bit by its decimal number.
+_LISTING = """
+mount -t overlay overlay -o lowerdir=/etc,upperdir="$1/upper",workdir="$1/work" /etc
+mkdir -p /etc/xtables
+i=0
+while [ $i -lt 128 ]; do echo "$i $i"; i=$((i + 1)); done > /etc/xtables/connlabel.conf
+exec ip netns exec "$2" conntrack -L -o extended,labels
+"""
+
+
+def conntrack_listing(ns: Netns) -> str:
+    """``conntrack -L -o extended,labels`` inside ``ns``, labels printed as bit numbers."""
+    with tempfile.TemporaryDirectory(prefix="rp-connlabel-") as tmp:
+        os.mkdir(os.path.join(tmp, "upper"))
+        os.mkdir(os.path.join(tmp, "work"))
+        return run(["unshare", "--mount", "--propagation", "private",
+                    "sh", "-ec", _LISTING, "listing", tmp, ns.name]).stdout
+
+
 def open_socket(ns: Netns, groups: tuple[int, ...] = ()) -> socket.socket:
     """A raw NETLINK_NETFILTER socket created inside ``ns``, joined to ``groups``."""
     with entered(ns.name):
@@ -259,7 +283,7 @@ def capture(out: Path) -> None:
         time.sleep(0.3)
         records = [(EVENT, d) for d in drain(events)]
         records += [(DUMP, d) for d in dump(control)]
-        text = fw.run(["conntrack", "-L", "-o", "extended"]).stdout
+        text = conntrack_listing(fw)
         fw.run(["conntrack", "-F"])
         time.sleep(0.3)
         records += [(EVENT, d) for d in drain(events)]
