@@ -26,9 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Imported here so that `replicator --help` stays cheap and a broken optional
     # module cannot break the others.
-    from . import ctcli
+    from . import ctcli, keycli
 
     ctcli.register(sub)
+    keycli.register(sub)
     return parser
 
 

@@ -37,6 +37,9 @@ class Refusal(enum.StrEnum):
     REFUSED_BY_PEER = "refused_by_peer"
     #: (dialer) The TCP connection could not be established.
     CONNECT_FAILED = "connect_failed"
+    #: Authenticated, but closed because the preferred connection is already active
+    #: (both nodes dialed at once; see replicator.transport). Not an attack.
+    DUPLICATE = "duplicate"
 
 
 class RefusalLog:

@@ -33,7 +33,7 @@ import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from .errors import AuthenticationError
+from .errors import AuthenticationError, ConfigError
 from .keys import NodeIdentity, PeerCertificate, fingerprint_der
 
 
@@ -41,7 +41,7 @@ def _base_context(
     protocol: ssl._SSLMethod, identity: NodeIdentity, peers: Sequence[PeerCertificate]
 ) -> ssl.SSLContext:
     if not peers:
-        raise AuthenticationError("no peer certificate to trust")
+        raise ConfigError("no peer certificate to trust (tls.peer_certs is empty)")
     ctx = ssl.SSLContext(protocol)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_3
     ctx.maximum_version = ssl.TLSVersion.TLSv1_3
@@ -78,7 +78,17 @@ class Credentials:
 
 
 def credentials(identity: NodeIdentity, peers: Sequence[PeerCertificate]) -> Credentials:
-    """Build both contexts trusting ``peers`` and pinning exactly their fingerprints."""
+    """Build both contexts trusting ``peers`` and pinning exactly their fingerprints.
+
+    Refuses (ConfigError) a peer certificate that is this node's own: two nodes sharing
+    one key could not tell each other apart, nor a connection reflected back to them.
+    """
+    for peer in peers:
+        if peer.fingerprint == identity.fingerprint:
+            raise ConfigError(
+                f"peer certificate {peer.path} is this node's own certificate; "
+                "each node needs its own key (replicator keygen)"
+            )
     return Credentials(
         server=server_context(identity, peers),
         client=client_context(identity, peers),

@@ -2,13 +2,19 @@
 
 Theory of operation
 -------------------
-A :class:`PeerLink` listens on ``settings.listen`` and/or dials ``settings.dial``.
-**Exactly one node of a pair dials** (configure ``dial`` on one node, ``listen`` on the
-other; a node may have both, its listener then only ever sees refused strangers). With
-a single dialer there is never a race between two simultaneous connections, so the
-rule for the listener is simply: *the newest authenticated connection wins*. The dialer
-only dials when it has no connection, so a new connection from it means it considers
-the old one dead; the old one (perhaps half-open after a crash) is cancelled and closed.
+A :class:`PeerLink` listens on ``settings.listen`` and dials ``settings.dial`` (either
+may be omitted; normally both nodes of a pair have both, with the same configuration
+shape). A node dials only while it has no connection, with jittered backoff.
+
+**One connection at a time.** Both nodes may dial at the same moment, so the link needs
+a rule both ends apply identically, without talking: after authentication both ends
+know both certificate fingerprints, hence which end dialed. A connection dialed by the
+node with the lower fingerprint is *preferred*. An authenticated connection is admitted
+unless a preferred one is already active (it is then closed as a ``duplicate``); an
+admitted connection replaces the active one, whose handler is cancelled. So both ends
+settle on the same connection whatever the arrival order, and a redial (the dialer only
+dials when it considers the old connection dead) replaces a half-open leftover. The
+other direction still works alone when only it is reachable.
 
 Every connection goes through the same handshake, bounded by ``handshake_timeout``:
 
@@ -119,6 +125,7 @@ class FramedConnection:
         stream: trio.SSLStream[trio.SocketStream],
         *,
         peer_fingerprint: str,
+        local_fingerprint: str,
         peer_address: Endpoint,
         dialed: bool,
         max_frame_size: int,
@@ -130,6 +137,8 @@ class FramedConnection:
         self._send_lock = trio.Lock()
         #: The SHA-256 fingerprint of the certificate the peer authenticated with.
         self.peer_fingerprint = peer_fingerprint
+        #: The fingerprint of the certificate this node presented on this connection.
+        self.local_fingerprint = local_fingerprint
         #: The peer's (host, port) as seen on this TCP connection.
         self.peer_address = peer_address
         #: True if this node dialed the connection, False if it accepted it.
@@ -207,8 +216,11 @@ class PeerLink:
         self._dial_failed: dict[Refusal, int] = {}
         self._established = 0
         self._serve_lock = trio.Lock()
-        self._newest: tuple[trio.CancelScope, FramedConnection] | None = None
+        self._current: _Admitted | None = None
         self._serving: FramedConnection | None = None
+        # Set while no connection is admitted: the dialer waits on it.
+        self._idle = trio.Event()
+        self._idle.set()
 
     @property
     def stats(self) -> LinkStats:
@@ -228,13 +240,13 @@ class PeerLink:
         An active connection whose peer fingerprint is no longer accepted is closed.
         """
         self._credentials = credentials
-        newest = self._newest
-        if newest is not None and newest[1].peer_fingerprint not in credentials.accepted:
+        current = self._current
+        if current is not None and current.conn.peer_fingerprint not in credentials.accepted:
             logger.warning(
                 "closing the peer connection: fingerprint %s is no longer accepted",
-                newest[1].peer_fingerprint,
+                current.conn.peer_fingerprint,
             )
-            newest[0].cancel()
+            current.scope.cancel()
 
     async def run(
         self, *, task_status: trio.TaskStatus[list[Endpoint]] = trio.TASK_STATUS_IGNORED
@@ -292,6 +304,7 @@ class PeerLink:
         backoff = self._settings.backoff
         attempt = 0
         while True:
+            await self._idle.wait()
             conn = await self._dial(target)
             if conn is None:
                 await trio.sleep(backoff.delay(attempt, self._jitter()))
@@ -385,27 +398,38 @@ class PeerLink:
             fingerprint = check_peer(tls.getpeercert(binary_form=True), credentials.accepted)
         except AuthenticationError as exc:
             raise _Refused(Refusal.FINGERPRINT_MISMATCH, str(exc)) from None
+        if fingerprint == credentials.own:
+            # A connection reflected back to this node (possible only if both nodes
+            # share one key, which credentials() refuses; checked again here).
+            raise _Refused(Refusal.FINGERPRINT_MISMATCH, "the peer presented our own certificate")
         await _send(tls, encode_preamble(), dialed=dialed)
         await _expect_preamble(tls, dialed=dialed)
         return FramedConnection(
             tls,
             peer_fingerprint=fingerprint,
+            local_fingerprint=credentials.own,
             peer_address=address,
             dialed=dialed,
             max_frame_size=self._settings.max_frame_size,
         )
 
     async def _serve(self, conn: FramedConnection) -> None:
-        """Run the handler on ``conn``, replacing any older connection; then close it."""
-        scope = trio.CancelScope()
-        previous = self._newest
-        self._newest = (scope, conn)
-        if previous is not None:
-            # The newest authenticated connection wins (see the module docstring).
-            previous[0].cancel()
+        """Admit ``conn`` (or close it as a duplicate), run the handler on it, close it."""
+        admitted = self._admit(conn)
+        if admitted is None:
+            await conn.aclose()
+            counters = self._dial_failed if conn.dialed else self._refused
+            counters[Refusal.DUPLICATE] = counters.get(Refusal.DUPLICATE, 0) + 1
+            logger.info(
+                "closed a duplicate peer connection (%s %s): the preferred one is active",
+                "dialed" if conn.dialed else "accepted",
+                _fmt(conn.peer_address),
+            )
+            return
         outcome = "replaced by a newer connection"
         try:
-            with scope:
+            with admitted.scope:
+                # The previous connection's handler finishes (it was cancelled) first.
                 async with self._serve_lock:
                     self._serving = conn
                     self._established += 1
@@ -423,10 +447,38 @@ class PeerLink:
         finally:
             if self._serving is conn:
                 self._serving = None
-            if self._newest is not None and self._newest[1] is conn:
-                self._newest = None
+            if self._current is admitted:
+                self._current = None
+                self._idle.set()
             await conn.aclose()
         logger.info("peer link down: %s: %s", _fmt(conn.peer_address), outcome)
+
+    def _admit(self, conn: FramedConnection) -> _Admitted | None:
+        """Apply the one-connection rule (module docstring); None means a duplicate."""
+        if conn.dialed:
+            dialer, acceptor = conn.local_fingerprint, conn.peer_fingerprint
+        else:
+            dialer, acceptor = conn.peer_fingerprint, conn.local_fingerprint
+        preferred = dialer < acceptor
+        current = self._current
+        if current is not None and current.preferred and not preferred:
+            return None
+        if current is not None:
+            current.scope.cancel()
+        admitted = _Admitted(trio.CancelScope(), conn, preferred)
+        self._current = admitted
+        if self._idle.is_set():
+            self._idle = trio.Event()
+        return admitted
+
+
+@dataclass(slots=True)
+class _Admitted:
+    """The connection currently admitted, and the scope that cancels its handler."""
+
+    scope: trio.CancelScope
+    conn: FramedConnection
+    preferred: bool
 
 
 async def _send(stream: trio.abc.Stream, data: bytes, *, dialed: bool) -> None:
