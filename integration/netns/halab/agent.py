@@ -1,0 +1,368 @@
+"""Traffic and address-watch agent run *inside* lab namespaces (stdlib only).
+
+Run as ``python agent.py <mode> ...`` via ``ip netns exec``; it imports nothing of
+ours so it starts fast. Every timestamp is ``time.monotonic()``: CLOCK_MONOTONIC is
+one clock for the whole machine, so the test process can compare it with its own.
+Output is one JSON object per line on stdout.
+
+``serve --bind ADDR --tcp PORT --udp PORT``
+    Echo servers. Every request line ``<seq>`` is answered ``<seq> <ip>:<port>``
+    where ``ip:port`` is the source address the server saw (the NAT mapping).
+    Prints ``{"ready": true}`` once listening.
+
+``drive --stream tcp:HOST:PORT:N --stream udp:HOST:PORT:N --idle HOST:PORT:N``
+    Opens ``N`` streaming flows per ``--stream`` and ``N`` idle TCP connections per
+    ``--idle``, proves each with one round trip, prints ``{"ready": {...}}`` and keeps
+    every stream sending a sequence-numbered request each ``--interval`` seconds,
+    checking every reply. Commands on stdin, one per line, one JSON answer each:
+    ``probe <timeout>`` sends one request on every idle connection and checks the reply;
+    ``report`` returns every stream's record; ``quit`` ends the agent.
+
+``addrwatch``
+    Prints ``{"t": ..., "op": "add"|"del", "addr": ..., "ifindex": ...}`` for every IPv4
+    address change in the namespace (rtnetlink), after ``{"ready": true}``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import resource
+import socket
+import struct
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, cast
+
+#: How long a UDP stream waits for one reply before sending the next request.
+UDP_REPLY_TIMEOUT = 0.2
+#: How long opening (and proving) one flow may take.
+OPEN_TIMEOUT = 5.0
+#: How many idle connections are opened at once.
+OPEN_BATCH = 200
+
+
+def emit(obj: object) -> None:
+    """Write one JSON line to stdout."""
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def raise_fd_limit() -> None:
+    """Thousands of idle connections need more descriptors than the default soft limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- serve -------------------------------------------------------------------------------
+
+async def _echo_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    peer = writer.get_extra_info("peername")
+    tag = f" {peer[0]}:{peer[1]}\n".encode()
+    with contextlib.suppress(OSError):
+        while line := await reader.readline():
+            writer.write(line.rstrip(b"\n") + tag)
+            await writer.drain()
+    writer.close()
+
+
+class _EchoUdp(asyncio.DatagramProtocol):
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.transport.sendto(data + f" {addr[0]}:{addr[1]}".encode(), addr)
+
+
+async def serve(bind: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
+    """Run the echo servers on address ``bind`` until stdin closes."""
+    loop = asyncio.get_running_loop()
+    servers = [await asyncio.start_server(_echo_tcp, bind, port, backlog=4096)
+               for port in tcp_ports]
+    for port in udp_ports:
+        await loop.create_datagram_endpoint(_EchoUdp, local_addr=(bind, port))
+    emit({"ready": True})
+    await loop.run_in_executor(None, sys.stdin.read)
+    for server in servers:
+        server.close()
+
+
+# --- drive -------------------------------------------------------------------------------
+
+@dataclass
+class Stream:
+    """One streaming flow's record."""
+
+    kind: str
+    target: str
+    local: str = ""
+    sent: int = 0
+    oks: int = 0
+    first_ok: float | None = None
+    last_ok: float | None = None
+    #: Longest time between two successful round trips.
+    max_gap: float = 0.0
+    #: ``[time, "ip:port"]`` whenever the address the server saw changed.
+    mappings: list[tuple[float, str]] = field(default_factory=list)
+    error: str | None = None
+
+    def ok(self, mapping: str) -> None:
+        """Record one successful round trip answered with ``mapping``."""
+        now = time.monotonic()
+        if self.last_ok is not None:
+            self.max_gap = max(self.max_gap, now - self.last_ok)
+        else:
+            self.first_ok = now
+        self.last_ok = now
+        self.oks += 1
+        if not self.mappings or self.mappings[-1][1] != mapping:
+            self.mappings.append((now, mapping))
+
+    def as_json(self) -> dict[str, Any]:
+        """The record as a JSON object."""
+        return {"kind": self.kind, "target": self.target, "local": self.local,
+                "sent": self.sent, "oks": self.oks, "first_ok": self.first_ok,
+                "last_ok": self.last_ok, "max_gap": self.max_gap,
+                "mappings": self.mappings, "error": self.error}
+
+
+def _parse_reply(line: bytes, seq: int) -> str:
+    got, mapping = line.decode().split()
+    if int(got) != seq:
+        raise ValueError(f"reply to request {got}, expected {seq}")
+    return mapping
+
+
+async def _open_tcp(host: str, port: int) -> tuple[asyncio.StreamReader,
+                                                   asyncio.StreamWriter, str, str]:
+    reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), OPEN_TIMEOUT)
+    local = writer.get_extra_info("sockname")
+    writer.write(b"0\n")
+    mapping = _parse_reply(await asyncio.wait_for(reader.readline(), OPEN_TIMEOUT), 0)
+    return reader, writer, f"{local[0]}:{local[1]}", mapping
+
+
+async def _run_tcp_stream(stream: Stream, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter, interval: float) -> None:
+    seq = 0
+    try:
+        while True:
+            await asyncio.sleep(interval)
+            seq += 1
+            writer.write(f"{seq}\n".encode())
+            stream.sent += 1
+            await writer.drain()
+            line = await reader.readline()
+            if not line:
+                stream.error = "closed by peer"
+                return
+            stream.ok(_parse_reply(line, seq))
+    except (OSError, ValueError) as exc:
+        stream.error = f"{type(exc).__name__}: {exc}"
+
+
+class _UdpClient(asyncio.DatagramProtocol):
+    def __init__(self) -> None:
+        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+
+    def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
+        self.replies.put_nowait(data)
+
+    def error_received(self, exc: Exception) -> None:
+        # ICMP errors (e.g. port unreachable) just mean "no reply"; the stall shows it.
+        pass
+
+
+async def _udp_round_trip(transport: asyncio.DatagramTransport, proto: _UdpClient,
+                          seq: int, patience: float) -> str | None:
+    transport.sendto(str(seq).encode())
+    deadline = time.monotonic() + patience
+    while (left := deadline - time.monotonic()) > 0:
+        try:
+            data = await asyncio.wait_for(proto.replies.get(), left)
+        except TimeoutError:
+            return None
+        got, mapping = data.decode().split()
+        if int(got) == seq:
+            return mapping
+        # A late reply to an earlier request: skip it.
+    return None
+
+
+async def _run_udp_stream(stream: Stream, transport: asyncio.DatagramTransport,
+                          proto: _UdpClient, interval: float) -> None:
+    seq = 0
+    while True:
+        await asyncio.sleep(interval)
+        seq += 1
+        stream.sent += 1
+        mapping = await _udp_round_trip(transport, proto, seq, UDP_REPLY_TIMEOUT)
+        if mapping is not None:
+            stream.ok(mapping)
+
+
+@dataclass
+class Idle:
+    """One idle TCP connection."""
+
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    mapping: str
+
+
+async def _probe(idle: Idle, patience: float) -> str:
+    """One round trip on an idle connection: ``"ok"``, ``"remapped"`` or an error name."""
+    try:
+        idle.writer.write(b"1\n")
+        await idle.writer.drain()
+        line = await asyncio.wait_for(idle.reader.readline(), patience)
+        if not line:
+            return "closed"
+        mapping = _parse_reply(line, 1)
+    except TimeoutError:
+        return "timeout"
+    except (OSError, ValueError) as exc:
+        return type(exc).__name__
+    return "ok" if mapping == idle.mapping else "remapped"
+
+
+def _spec(text: str, parts: int) -> list[str]:
+    fields = text.split(":")
+    if len(fields) != parts:
+        raise SystemExit(f"bad flow spec {text!r}")
+    return fields
+
+
+async def drive(streams: list[str], idles: list[str], interval: float) -> None:
+    """Open the flows, keep the streams going and answer commands from stdin."""
+    loop = asyncio.get_running_loop()
+    records: list[Stream] = []
+    tasks: list[asyncio.Task[None]] = []
+    for spec in streams:
+        kind, host, port, count = _spec(spec, 4)
+        for _ in range(int(count)):
+            stream = Stream(kind, f"{host}:{port}")
+            records.append(stream)
+            if kind == "tcp":
+                reader, writer, stream.local, mapping = await _open_tcp(host, int(port))
+                stream.ok(mapping)
+                tasks.append(asyncio.create_task(
+                    _run_tcp_stream(stream, reader, writer, interval)))
+            elif kind == "udp":
+                transport, proto = await loop.create_datagram_endpoint(
+                    _UdpClient, remote_addr=(host, int(port)))
+                local = transport.get_extra_info("sockname")
+                stream.local = f"{local[0]}:{local[1]}"
+                first = await _udp_round_trip(transport, proto, 0, OPEN_TIMEOUT)
+                if first is None:
+                    raise SystemExit(f"no UDP reply from {host}:{port}")
+                stream.ok(first)
+                tasks.append(asyncio.create_task(
+                    _run_udp_stream(stream, transport, proto, interval)))
+            else:
+                raise SystemExit(f"bad flow kind {kind!r}")
+    idle: list[Idle] = []
+    for spec in idles:
+        host, port, count = _spec(spec, 3)
+        left = int(count)
+        while left > 0:
+            batch = min(left, OPEN_BATCH)
+            opened = await asyncio.gather(*(_open_tcp(host, int(port)) for _ in range(batch)))
+            idle.extend(Idle(r, w, m) for r, w, _, m in opened)
+            left -= batch
+    emit({"ready": {"streams": len(records), "idle": len(idle)}})
+    while line := await loop.run_in_executor(None, sys.stdin.readline):
+        cmd, *args = line.split()
+        if cmd == "report":
+            emit({"t": time.monotonic(), "streams": [s.as_json() for s in records]})
+        elif cmd == "probe":
+            timeout = float(args[0])
+            results = await asyncio.gather(*(_probe(i, timeout) for i in idle))
+            counts: dict[str, int] = {}
+            for result in results:
+                counts[result] = counts.get(result, 0) + 1
+            emit({"t": time.monotonic(), "total": len(idle), "results": counts})
+        elif cmd == "quit":
+            break
+    for task in tasks:
+        task.cancel()
+
+
+# --- addrwatch ---------------------------------------------------------------------------
+
+RTMGRP_IPV4_IFADDR = 0x10
+RTM_NEWADDR = 20
+RTM_DELADDR = 21
+IFA_ADDRESS = 1
+IFA_LOCAL = 2
+NLMSG_HDR = struct.Struct("=LHHLL")
+IFADDRMSG = struct.Struct("=BBBBL")
+RTATTR = struct.Struct("=HH")
+
+
+def _addresses(msg: bytes) -> tuple[int, str | None]:
+    """ifindex and IFA_LOCAL (else IFA_ADDRESS) of one RTM_NEWADDR/DELADDR payload."""
+    _, _, _, _, ifindex = IFADDRMSG.unpack_from(msg)
+    found: dict[int, str] = {}
+    pos = IFADDRMSG.size
+    while pos + RTATTR.size <= len(msg):
+        length, kind = RTATTR.unpack_from(msg, pos)
+        if length < RTATTR.size:
+            break
+        if kind in (IFA_ADDRESS, IFA_LOCAL) and length == RTATTR.size + 4:
+            found[kind] = socket.inet_ntoa(msg[pos + RTATTR.size:pos + length])
+        pos += (length + 3) & ~3
+    return ifindex, found.get(IFA_LOCAL, found.get(IFA_ADDRESS))
+
+
+def addrwatch() -> None:
+    """Print every IPv4 address change until killed."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock.bind((0, RTMGRP_IPV4_IFADDR))
+    emit({"ready": True})
+    while True:
+        data = sock.recv(65536)
+        now = time.monotonic()
+        pos = 0
+        while pos + NLMSG_HDR.size <= len(data):
+            length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, pos)
+            if length < NLMSG_HDR.size:
+                break
+            if kind in (RTM_NEWADDR, RTM_DELADDR):
+                ifindex, addr = _addresses(data[pos + NLMSG_HDR.size:pos + length])
+                emit({"t": now, "op": "add" if kind == RTM_NEWADDR else "del",
+                      "addr": addr, "ifindex": ifindex})
+            pos += (length + 3) & ~3
+
+
+def main() -> None:
+    """Parse the mode and run it."""
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="mode", required=True)
+    p_serve = sub.add_parser("serve")
+    p_serve.add_argument("--bind", required=True)
+    p_serve.add_argument("--tcp", type=int, action="append", default=[])
+    p_serve.add_argument("--udp", type=int, action="append", default=[])
+    p_drive = sub.add_parser("drive")
+    p_drive.add_argument("--stream", action="append", default=[])
+    p_drive.add_argument("--idle", action="append", default=[])
+    p_drive.add_argument("--interval", type=float, default=0.03)
+    sub.add_parser("addrwatch")
+    args = parser.parse_args()
+    raise_fd_limit()
+    if args.mode == "serve":
+        asyncio.run(serve(args.bind, args.tcp, args.udp))
+    elif args.mode == "drive":
+        asyncio.run(drive(args.stream, args.idle, args.interval))
+    else:
+        addrwatch()
+
+
+if __name__ == "__main__":
+    main()

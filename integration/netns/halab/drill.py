@@ -1,0 +1,396 @@
+"""Failover events on the running pair, and what they did to the traffic.
+
+A drill is a sequence of phases, one per :class:`Event`. Each phase opens fresh
+traffic (streaming TCP through SNAT, streaming UDP through SNAT, streaming TCP from the
+WAN through the DNAT port forward, and many idle TCP connections), lets it settle,
+fires the event, times the VRRP takeover (event -> both VIPs up on the new master, from
+rtnetlink address events), holds the traffic a while, probes every idle connection
+once, and records per flow whether it survived, its longest stall and its NAT mapping
+before and after.
+
+Events (``node`` is the firewall acted on):
+
+``planned``      SIGTERM ``node``'s keepalived (it must be master); the peer takes over.
+``daemon-kill``  SIGKILL ``node``'s replication daemon (it must be master). If that alone
+                 does not move the VIPs within ``kill_grace`` (no keepalived tracking of
+                 the daemon), ``node``'s keepalived is stopped as in ``planned``, so the
+                 peer takes over with whatever state it got before the kill. With
+                 :class:`NoReplication` the kill is a no-op and this is a planned failover.
+``crash``        set ``node``'s inside and outside links down (it must be master).
+``failback``     restore ``node`` (revive its daemon, links up, start keepalived); being
+                 the preferred node it preempts and takes the VIPs back.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from integration.netns.halab import firewall
+from integration.netns.halab.keepalived import Keepalived, Timing, Transition
+from integration.netns.halab.replication import Replication
+from integration.netns.halab.topology import LAN_IF, WAN_IF, Firewall, HaLab, ha_lab
+from integration.netns.halab.traffic import (
+    AddressWatch,
+    Agent,
+    Driver,
+    ProbeResult,
+    StreamRecord,
+    start_servers,
+)
+
+
+class DrillError(RuntimeError):
+    """The drill itself could not proceed (e.g. no takeover happened at all)."""
+
+
+class EventKind(enum.Enum):
+    """The failover events of the drill."""
+
+    PLANNED = "planned"
+    DAEMON_KILL = "daemon-kill"
+    CRASH = "crash"
+    FAILBACK = "failback"
+
+
+@dataclass(frozen=True)
+class Event:
+    """One failover event acting on firewall ``node``."""
+
+    kind: EventKind
+    node: str = "a"
+
+    def __str__(self) -> str:
+        return f"{self.kind.value}({self.node})"
+
+
+#: Every event once, each followed by the fail-back to the preferred node ``a``.
+DEFAULT_SCENARIO = (
+    Event(EventKind.PLANNED), Event(EventKind.FAILBACK),
+    Event(EventKind.DAEMON_KILL), Event(EventKind.FAILBACK),
+    Event(EventKind.CRASH), Event(EventKind.FAILBACK),
+)
+
+
+@dataclass(frozen=True)
+class DrillConfig:
+    """Traffic and timing of each phase."""
+
+    #: Streaming flows per phase: TCP and UDP from the client through SNAT, TCP from the
+    #: server through the DNAT port forward.
+    tcp_snat: int = 4
+    udp_snat: int = 2
+    tcp_dnat: int = 2
+    #: Idle TCP connections per phase from the client (SNAT) and from the server (DNAT).
+    idle_snat: int = 2000
+    idle_dnat: int = 200
+    #: Seconds between two requests of a streaming flow.
+    interval: float = 0.03
+    #: Traffic runs this long before the event (lets replication catch up).
+    settle: float = 0.5
+    #: Traffic runs this long after the takeover before the flows are judged.
+    hold: float = 2.0
+    #: How long each idle connection may take to answer the probe.
+    probe_timeout: float = 1.5
+    #: No takeover within this long is a :class:`DrillError`.
+    takeover_timeout: float = 10.0
+    #: ``daemon-kill``: how long to wait for a takeover caused by the kill alone.
+    kill_grace: float = 1.0
+    #: Allowed stall beyond the takeover time (the issue's target).
+    stall_margin: float = 0.2
+
+    @property
+    def alive_window(self) -> float:
+        """A flow whose last round trip is older than this at the end is not alive."""
+        return max(0.5, 10 * self.interval)
+
+
+@dataclass(frozen=True)
+class FlowOutcome:
+    """What a failover did to one streaming flow."""
+
+    kind: str
+    local: str
+    target: str
+    survived: bool
+    #: Longest time without a successful round trip, including the final one.
+    stall: float
+    #: Source address the server saw before the event and at the end (None: no reply
+    #: after the takeover).
+    mapping_before: str | None
+    mapping_after: str | None
+    error: str | None
+
+
+@dataclass(frozen=True)
+class PhaseResult:
+    """The measurements of one event."""
+
+    event: Event
+    new_master: str
+    #: ``daemon-kill`` only: keepalived had to be stopped because the kill moved nothing.
+    forced: bool
+    #: Seconds from the event (the keepalived stop when forced) to both VIPs up.
+    takeover: float
+    flows: tuple[FlowOutcome, ...]
+    idle: tuple[ProbeResult, ...]
+    #: Keepalived transitions on both nodes, as (seconds after the event, node, state).
+    transitions: tuple[tuple[float, str, str], ...]
+    #: Counter increases on each firewall during the phase (see ``firewall.COUNTERS``).
+    counters: dict[str, dict[str, int]]
+    #: Conntrack entries on each firewall just before the event.
+    conntrack: dict[str, int]
+    stall_margin: float
+
+    def of_kind(self, prefix: str) -> list[FlowOutcome]:
+        """Flows whose kind starts with ``prefix`` (``"tcp"``, ``"udp-snat"``, ...)."""
+        return [f for f in self.flows if f.kind.startswith(prefix)]
+
+    @property
+    def max_stall(self) -> float:
+        """Longest stall of any streaming flow."""
+        return max((f.stall for f in self.flows), default=0.0)
+
+    @property
+    def idle_ok(self) -> int:
+        """Idle connections that answered the probe with an unchanged mapping."""
+        return sum(p.ok for p in self.idle)
+
+    @property
+    def idle_total(self) -> int:
+        """Idle connections probed."""
+        return sum(p.total for p in self.idle)
+
+    @property
+    def within_target(self) -> bool:
+        """Every flow survived and none stalled longer than takeover + margin."""
+        return (all(f.survived for f in self.flows) and self.idle_ok == self.idle_total
+                and self.max_stall <= self.takeover + self.stall_margin)
+
+
+def _outcome(record: StreamRecord, *, t_event: float, t_up: float, t_report: float,
+             alive_window: float) -> FlowOutcome:
+    before = [m for t, m in record.mappings if t <= t_event]
+    # Replies between the event and the takeover still came through the old master.
+    replied_after = record.last_ok is not None and record.last_ok > t_up
+    trailing = t_report - record.last_ok if record.last_ok is not None else t_report
+    survived = record.error is None and replied_after and trailing <= alive_window
+    return FlowOutcome(
+        kind=record.kind, local=record.local, target=record.target, survived=survived,
+        stall=max(record.max_gap, trailing),
+        mapping_before=before[-1] if before else None,
+        mapping_after=record.mappings[-1][1] if replied_after and record.mappings else None,
+        error=record.error)
+
+
+class Drill:
+    """The running pair: keepalived on both firewalls, echo servers, address watches."""
+
+    def __init__(self, ha: HaLab, replication: Replication, config: DrillConfig,
+                 timing: Timing) -> None:
+        self.ha = ha
+        self.replication = replication
+        self.config = config
+        self.timing = timing
+        self.keepalived: dict[str, Keepalived] = {}
+        self.watch: dict[str, AddressWatch] = {}
+        self._servers: list[Agent] = []
+        self._killed: set[str] = set()
+        self._cut: set[str] = set()
+        self._phases = 0
+
+    @property
+    def vips(self) -> tuple[str, str]:
+        """The inside and outside VIP."""
+        return (self.ha.plan.inside_vip, self.ha.plan.outside_vip)
+
+    def start(self) -> None:
+        """Rulesets, replication, echo servers, then keepalived: ``a`` master, ``b`` backup."""
+        for fw in self.ha.firewalls:
+            firewall.configure(fw, self.ha.plan)
+        self.replication.start(self.ha, self.ha.fw_a, self.ha.fw_b)
+        for fw in self.ha.firewalls:
+            self.watch[fw.name] = AddressWatch(self.ha, fw.ns, fw.workdir / "addrwatch.log")
+            self.keepalived[fw.name] = Keepalived(self.ha, fw, self.timing,
+                                                  self.replication.keepalived(fw))
+        self._servers = start_servers(self.ha)
+        self.keepalived["a"].start()
+        self._await_master("a", since=0.0)
+        self.keepalived["b"].start()
+        self._await_state("b", "BACKUP")
+
+    def close(self) -> None:
+        """Stop the echo servers and address watches (keepalived dies with the lab)."""
+        for agent in self._servers:
+            agent.stop()
+        for watch in self.watch.values():
+            watch.stop()
+
+    # --- state ---------------------------------------------------------------------------
+
+    def holds_vips(self, name: str) -> bool:
+        """Whether firewall ``name`` currently has both VIPs."""
+        held: dict[str, bool] = {}
+        for ev in self.watch[name].events():
+            held[ev.addr] = ev.op == "add"
+        return all(held.get(vip, False) for vip in self.vips)
+
+    def master(self) -> str | None:
+        """The firewall holding both VIPs (``None`` if neither or, briefly, both do)."""
+        holders = [fw.name for fw in self.ha.firewalls if self.holds_vips(fw.name)]
+        return holders[0] if len(holders) == 1 else None
+
+    def _await_master(self, name: str, since: float) -> float:
+        """Wait until ``name`` holds both VIPs; the time the later one came up."""
+        deadline = time.monotonic() + self.config.takeover_timeout
+        while time.monotonic() < deadline:
+            if self.holds_vips(name):
+                ups = [ev.t for ev in self.watch[name].events()
+                       if ev.op == "add" and ev.addr in self.vips and ev.t >= since]
+                if len(ups) >= len(self.vips):
+                    return max(ups)
+            time.sleep(0.005)
+        raise DrillError(f"fw{name} did not take both VIPs within "
+                         f"{self.config.takeover_timeout} s\n{self.diagnostics()}")
+
+    def _await_state(self, name: str, state: str) -> None:
+        deadline = time.monotonic() + self.config.takeover_timeout
+        while time.monotonic() < deadline:
+            transitions = self.keepalived[name].transitions()
+            if transitions and transitions[-1].state == state:
+                return
+            time.sleep(0.02)
+        raise DrillError(f"fw{name} did not reach {state}\n{self.diagnostics()}")
+
+    def diagnostics(self) -> str:
+        """The tail of every keepalived and replication log (for failure messages)."""
+        parts = []
+        for name, ka in self.keepalived.items():
+            text = ka.log.read_text() if ka.log.exists() else ""
+            parts.append(f"--- fw{name} keepalived.log (tail)\n{text[-3000:]}")
+        for title, text in self.replication.diagnostics().items():
+            parts.append(f"--- {title} (tail)\n{text[-3000:]}")
+        return "\n".join(parts)
+
+    # --- events ----------------------------------------------------------------------------
+
+    def _set_links(self, fw: Firewall, up: bool) -> None:
+        for iface in (LAN_IF, WAN_IF):
+            fw.ns.run(["ip", "link", "set", iface, "up" if up else "down"])
+
+    def _fire(self, event: Event, fw: Firewall) -> tuple[float, bool]:
+        """Fire ``event``; the time the failover started and whether it was forced."""
+        t0 = time.monotonic()
+        if event.kind is EventKind.PLANNED:
+            self.keepalived[fw.name].terminate()
+        elif event.kind is EventKind.CRASH:
+            self._cut.add(fw.name)
+            self._set_links(fw, up=False)
+        elif event.kind is EventKind.DAEMON_KILL:
+            if self.replication.kill(fw):
+                self._killed.add(fw.name)
+                deadline = t0 + self.config.kill_grace
+                while time.monotonic() < deadline:
+                    if self.holds_vips(self.ha.peer(fw).name):
+                        return t0, False
+                    time.sleep(0.01)
+            t0 = time.monotonic()
+            self.keepalived[fw.name].terminate()
+            return t0, True
+        else:
+            if fw.name in self._killed:
+                self.replication.revive(fw)
+                self._killed.discard(fw.name)
+            t0 = time.monotonic()
+            if fw.name in self._cut:
+                self._set_links(fw, up=True)
+                self._cut.discard(fw.name)
+            if not self.keepalived[fw.name].running:
+                self.keepalived[fw.name].start()
+        return t0, False
+
+    def _drivers(self) -> list[Driver]:
+        plan, cfg, wd = self.ha.plan, self.config, self.ha.workdir
+        self._phases += 1
+        server = f"{plan.server}:{plan.server_tcp_port}"
+        forward = f"{plan.outside_vip}:{plan.forward_port}"
+        drivers = [
+            Driver(self.ha, self.ha.client, direction="snat",
+                   streams=[f"tcp:{server}:{cfg.tcp_snat}",
+                            f"udp:{plan.server}:{plan.server_udp_port}:{cfg.udp_snat}"],
+                   idle=[f"{server}:{cfg.idle_snat}"], interval=cfg.interval,
+                   log=wd / f"phase{self._phases}-client.log"),
+            Driver(self.ha, self.ha.server, direction="dnat",
+                   streams=[f"tcp:{forward}:{cfg.tcp_dnat}"],
+                   idle=[f"{forward}:{cfg.idle_dnat}"], interval=cfg.interval,
+                   log=wd / f"phase{self._phases}-server.log"),
+        ]
+        for driver in drivers:
+            driver.ready(timeout=120)
+        return drivers
+
+    def phase(self, event: Event) -> PhaseResult:
+        """Run one event with fresh traffic and measure it."""
+        cfg = self.config
+        fw = self.ha.firewall(event.node)
+        if event.kind is EventKind.FAILBACK:
+            new_master = fw.name
+        else:
+            if self.master() != fw.name:
+                raise DrillError(f"{event}: fw{fw.name} is not the master")
+            new_master = self.ha.peer(fw).name
+        drivers = self._drivers()
+        try:
+            time.sleep(cfg.settle)
+            before = {f.name: firewall.counters(f) for f in self.ha.firewalls}
+            conntrack = {f.name: firewall.conntrack_count(f) for f in self.ha.firewalls}
+            wall_offset = time.time() - time.monotonic()
+            t_event = time.monotonic()
+            t_start, forced = self._fire(event, fw)
+            t_up = self._await_master(new_master, since=t_start)
+            time.sleep(cfg.hold)
+            for driver in drivers:
+                driver.start_probe(cfg.probe_timeout)
+            idle = tuple(driver.probe_result(cfg.probe_timeout) for driver in drivers)
+            flows = []
+            for driver in drivers:
+                t_report, records = driver.report()
+                flows += [_outcome(r, t_event=t_event, t_up=t_up, t_report=t_report,
+                                   alive_window=cfg.alive_window) for r in records]
+        finally:
+            for driver in drivers:
+                driver.stop()
+        after = {f.name: firewall.counters(f) for f in self.ha.firewalls}
+        transitions: list[Transition] = []
+        for ka in self.keepalived.values():
+            transitions += ka.transitions()
+        wall_event = t_event + wall_offset
+        return PhaseResult(
+            event=event, new_master=new_master, forced=forced, takeover=t_up - t_start,
+            flows=tuple(flows), idle=idle,
+            transitions=tuple(sorted((t.wall_time - wall_event, t.node, t.state)
+                                     for t in transitions if t.wall_time >= wall_event)),
+            counters={name: {k: after[name][k] - before[name].get(k, 0) for k in after[name]}
+                      for name in after},
+            conntrack=conntrack, stall_margin=cfg.stall_margin)
+
+    def run(self, events: Sequence[Event] = DEFAULT_SCENARIO) -> list[PhaseResult]:
+        """Run ``events`` in order."""
+        return [self.phase(event) for event in events]
+
+
+@contextmanager
+def drill_lab(replication: Replication, config: DrillConfig | None = None,
+              timing: Timing | None = None, tag: str = "dr") -> Iterator[Drill]:
+    """A started :class:`Drill`; everything is stopped and removed on exit."""
+    with ha_lab(tag) as ha:
+        drill = Drill(ha, replication, config or DrillConfig(), timing or Timing())
+        try:
+            drill.start()
+            yield drill
+        finally:
+            drill.close()
+            replication.stop()

@@ -1,0 +1,74 @@
+"""Plain-text rendering of drill results (for test output and ``make demo``)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from integration.netns.halab.drill import FlowOutcome, PhaseResult
+
+KINDS = ("tcp-snat", "udp-snat", "tcp-dnat")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1000:.0f} ms"
+
+
+def _mapping_line(kind: str, flows: Sequence[FlowOutcome]) -> str:
+    flow = flows[0]
+    after = flow.mapping_after or "(no reply)"
+    same = sum(1 for f in flows if f.mapping_after == f.mapping_before)
+    return (f"    NAT {kind:<9} {flow.local} -> {flow.target}: server saw "
+            f"{flow.mapping_before} before, {after} after ({same}/{len(flows)} unchanged)")
+
+
+def format_phase(index: int, result: PhaseResult, verbose: bool = False) -> str:
+    """One phase: takeover, survival per flow kind, stalls, NAT, transitions, counters."""
+    forced = " (keepalived stopped: the kill alone moved nothing)" if result.forced else ""
+    verdict = "within target" if result.within_target else "MISSED target"
+    budget = result.takeover + result.stall_margin
+    lines = [
+        f"{index}. {result.event} -> fw{result.new_master} master{forced}",
+        f"    VRRP takeover {_ms(result.takeover)}; longest stall {_ms(result.max_stall)} "
+        f"(target <= {_ms(budget)}: {verdict})",
+    ]
+    survival = []
+    for kind in KINDS:
+        flows = result.of_kind(kind)
+        if flows:
+            alive = [f for f in flows if f.survived]
+            worst = max(f.stall for f in flows)
+            survival.append(f"{kind} {len(alive)}/{len(flows)} (worst stall {_ms(worst)})")
+    lines.append("    survived: " + ", ".join(survival))
+    failed: dict[str, int] = {}
+    for probe in result.idle:
+        for why, n in probe.results.items():
+            if why != "ok":
+                failed[why] = failed.get(why, 0) + n
+    failures = ", ".join(f"{n} {why}" for why, n in sorted(failed.items()))
+    lines.append(f"    idle connections answering after: {result.idle_ok}/{result.idle_total}"
+                 + (f" (failed: {failures})" if failures else ""))
+    for kind in KINDS:
+        flows = result.of_kind(kind)
+        if flows:
+            lines.append(_mapping_line(kind, flows))
+    lines.append("    keepalived: " + (", ".join(
+        f"{t * 1000:+.0f} ms fw{node} {state}" for t, node, state in result.transitions)
+        or "(no transitions logged)"))
+    lines.append("    conntrack entries before: " + ", ".join(
+        f"fw{name} {n}" for name, n in sorted(result.conntrack.items())))
+    lines.append("    dropped as invalid: " + ", ".join(
+        f"fw{name} {c.get('invalid_forward', 0)} forwarded + {c.get('invalid_input', 0)} to VIP"
+        for name, c in sorted(result.counters.items())))
+    if verbose:
+        for flow in result.flows:
+            state = "survived" if flow.survived else "BROKEN"
+            lines.append(f"      {flow.kind:<9} {flow.local:<21} {state:<8} stall "
+                         f"{_ms(flow.stall):>8}  {flow.mapping_before} -> {flow.mapping_after}"
+                         + (f"  error: {flow.error}" if flow.error else ""))
+    return "\n".join(lines)
+
+
+def format_report(title: str, results: Sequence[PhaseResult], verbose: bool = False) -> str:
+    """A whole drill: a title line, then every phase."""
+    body = "\n".join(format_phase(i, r, verbose) for i, r in enumerate(results, 1))
+    return f"== failover drill: {title}\n{body}"

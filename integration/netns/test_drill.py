@@ -1,0 +1,42 @@
+"""Failover drills on a real keepalived firewall pair (see ``halab``).
+
+The negative control runs every failover event with no state replication at all:
+the strict ruleset must then break every established TCP flow, in both directions,
+and the new master must have dropped their packets as invalid. That is what makes a
+surviving flow in a replication drill mean something.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from integration.netns.halab.drill import DEFAULT_SCENARIO, DrillConfig, drill_lab
+from integration.netns.halab.replication import NoReplication
+from integration.netns.halab.report import format_report
+
+
+def test_without_replication_every_failover_breaks_established_tcp(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = DrillConfig()
+    with drill_lab(NoReplication(), config) as drill:
+        results = drill.run(DEFAULT_SCENARIO)
+    with capsys.disabled():
+        print("\n" + format_report("no replication (negative control)", results))
+    assert [r.new_master for r in results] == ["b", "a"] * 3
+    for result in results:
+        tcp = result.of_kind("tcp")
+        assert len(tcp) == config.tcp_snat + config.tcp_dnat
+        # Established and answering through the old master before the event...
+        assert all(f.mapping_before is not None for f in tcp), result.event
+        # ...and dead after it: nothing came back through the new master.
+        assert not any(f.survived for f in tcp), result.event
+        assert all(f.mapping_after is None for f in tcp), result.event
+        assert result.idle_total == config.idle_snat + config.idle_dnat
+        assert result.idle_ok == 0, result.event
+        # The new master dropped their packets as invalid (no conntrack entry, no SYN).
+        assert result.counters[result.new_master]["invalid_forward"] > 0, result.event
+        # UDP from the LAN is allowed to start afresh on the new master, with the same
+        # SNAT mapping: proof that the drill does detect a flow that keeps working.
+        for flow in result.of_kind("udp"):
+            assert flow.survived, (result.event, flow)
+            assert flow.mapping_after == flow.mapping_before, (result.event, flow)
