@@ -13,7 +13,9 @@ Theory of operation
 3. On an :class:`~replicator.kernel.Overrun` (ENOBUFS: events were lost), keep reading
    events and run a resync in the background: dump on the second socket, reconcile with
    the rule in :mod:`replicator.cache`. An overrun during a resync makes that dump doubtful
-   (the lost events may be newer than its view), so another resync follows it.
+   (the lost events may be newer than its view), so another resync follows it. The dump
+   starts once overruns have stopped for a moment (:meth:`Mirror._quiet`): during a
+   burst, every dump would be invalidated by the next overrun anyway.
 4. Publish every change to the consumer (the sync layer) as
    :class:`~replicator.cache.Change` ``(key, entry | None)`` batches, except the echoes
    of our own injector (events carrying the port's ``injector_portid``): those are cached
@@ -35,6 +37,11 @@ import trio
 from .cache import Change, InternalCache
 from .kernel import KernelPort, Overrun, Subscription
 from .model import CtEvent
+
+#: After an overrun, the resync waits until this long passed without another one...
+RESYNC_QUIET = 0.2
+#: ... but no longer than this (seconds).
+RESYNC_MAX_DELAY = 5.0
 
 #: The consumer of cache changes: called with every non-empty batch, in order.
 Publish = Callable[[list[Change]], None]
@@ -59,9 +66,13 @@ class MirrorStats:
 class Mirror:
     """Keeps :attr:`cache` equal to one kernel's conntrack table (see the module doc)."""
 
-    def __init__(self, kernel: KernelPort, publish: Publish | None = None) -> None:
+    def __init__(self, kernel: KernelPort, publish: Publish | None = None, *,
+                 resync_quiet: float = RESYNC_QUIET, resync_max_delay: float = RESYNC_MAX_DELAY
+                 ) -> None:
         self._kernel = kernel
         self._publish = publish
+        self._resync_quiet = resync_quiet
+        self._resync_max_delay = resync_max_delay
         #: The internal cache; read it freely, only the mirror writes it.
         self.cache = InternalCache()
         self.stats = MirrorStats()
@@ -132,7 +143,11 @@ class Mirror:
         nursery.start_soon(self._resync)
 
     async def _resync(self) -> None:
+        first = self.stats.reconciliations == 0
         while True:
+            if not first:
+                await self._quiet()
+            first = False
             self._resync_again = False
             self.cache.begin_resync()
             dump = await self._kernel.dump()
@@ -143,6 +158,20 @@ class Mirror:
                 break
         self._resync_running = False
         self._synced.set()
+
+    async def _quiet(self) -> None:
+        """Wait until no overrun came for ``resync_quiet`` s (at most ``resync_max_delay``).
+
+        A dump taken while events are still being lost is wasted (another must follow),
+        and during a burst back-to-back dumps of a large table starve everything else
+        in the process (measured: a 100 k-entry burst took 38 s instead of 2 s).
+        """
+        deadline = trio.current_time() + self._resync_max_delay
+        while (left := deadline - trio.current_time()) > 0:
+            seen = self.stats.overruns
+            await trio.sleep(min(self._resync_quiet, left))
+            if self.stats.overruns == seen:
+                return
 
     def _emit(self, changes: list[Change]) -> None:
         if changes and self._publish is not None:

@@ -162,3 +162,18 @@ async def test_run_returns_when_the_port_closes() -> None:
         await nursery.start(mirror.run)
         await kernel.aclose()
     assert mirror.synced
+
+
+async def test_resync_waits_for_overruns_to_stop() -> None:
+    kernel = FakeKernel()
+    mirror = Mirror(kernel, resync_quiet=0.2)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        for _ in range(3):  # a burst still losing events: no dump yet
+            kernel.overrun()
+            await trio.sleep(0.1)
+        assert kernel.dumps == 1
+        await settle(mirror)
+        assert kernel.dumps == 2  # one repair once the losses stopped
+        assert mirror.stats.overruns == 3
+        nursery.cancel_scope.cancel()
