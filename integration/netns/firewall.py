@@ -107,8 +107,9 @@ def load_ruleset(ns: Netns) -> None:
     ns.nft(RULESET)
 
 
-#: Label bit ``n`` is printed as ``bit<n>`` by :func:`conntrack` (``labels=bit7,bit9``).
-LABEL_MAP = "".join(f"{bit} bit{bit}\n" for bit in range(128))
+#: Names every label bit by its number, so :func:`conntrack` prints ``labels=7,9``: the
+#: form :mod:`replicator.ctformat` formats and parses.
+LABEL_MAP = "".join(f"{bit} {bit}\n" for bit in range(128))
 
 
 def conntrack(ns: Netns, args: Sequence[str]) -> str:
