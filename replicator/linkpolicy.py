@@ -76,16 +76,22 @@ class RefusalLog:
             self._window_start = now
             self._window_lines = 0
         if self._window_lines >= self._max_lines:
-            if entry is not None:
+            if entry is None:
+                # Never logged yet: remembered as due, with this refusal to report.
+                self._remember(host, [float("-inf"), 1])
+            else:
                 entry[1] += 1
             return None
         self._window_lines += 1
         suppressed = 0 if entry is None else int(entry[1])
-        self._hosts[host] = [now, 0]
+        self._remember(host, [now, 0])
+        return suppressed
+
+    def _remember(self, host: str, entry: list[float]) -> None:
+        self._hosts[host] = entry
         self._hosts.move_to_end(host)
         while len(self._hosts) > self._max_hosts:
             self._hosts.popitem(last=False)
-        return suppressed
 
     def __len__(self) -> int:
         return len(self._hosts)
