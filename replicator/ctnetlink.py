@@ -668,11 +668,11 @@ def _encode_helper(name: str) -> bytes:
         inner, CTA_HELP_NAME) + raw + pad
 
 
-def _encode_state(entry: Entry) -> bytes:
-    """The attributes create and update share: status, timeout, mark, zone, labels,
-    protocol info and helper."""
-    parts = [_ATTR_BE32(8, CTA_STATUS, _PBE32(settable_status(entry.status)))]
-    if entry.timeout is not None:
+def _encode_state(entry: Entry, status: int, timeout: bool) -> bytes:
+    """The attributes create and update share: status, timeout (if ``timeout``), mark,
+    zone, labels, protocol info and helper."""
+    parts = [_ATTR_BE32(8, CTA_STATUS, _PBE32(status))]
+    if timeout and entry.timeout is not None:
         parts.append(_ATTR_BE32(8, CTA_TIMEOUT, _PBE32(entry.timeout)))
     if entry.mark is not None:
         parts.append(_ATTR_BE32(8, CTA_MARK, _PBE32(entry.mark)))
@@ -714,7 +714,7 @@ def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     dnat = dnat_target(entry)
     if dnat is not None:
         parts.append(_encode_nat(CTA_NAT_DST, dnat, orig.proto, v6))
-    parts.append(_encode_state(entry))
+    parts.append(_encode_state(entry, settable_status(entry.status), True))
     if entry.master is not None:
         parts.append(_encode_tuple(CTA_TUPLE_MASTER, entry.master, v6))
     flags = _FLAGS_CREATE | NLM_F_ACK if ack else _FLAGS_CREATE
@@ -726,10 +726,16 @@ def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
 
     Carries the original tuple (the kernel's lookup key, with the zone), status (bits
     only grow), timeout, mark, labels, protocol info and helper; never NAT, master or
-    reply tuple, which the kernel cannot change on an existing entry.
+    reply tuple, which the kernel cannot change on an existing entry. The timeout is
+    left out when ``entry`` has FIXED_TIMEOUT: the kernel refuses (EPERM) any timeout
+    change on an entry whose timeout is fixed, and a fixed timeout does not move.
+    The status keeps EXPECTED as it is: the kernel sets it on related entries (created
+    with a master) and refuses (EBUSY) any update that would change it.
     """
+    status = entry.status
     body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig, entry.family != AF_INET) + _encode_state(
-        entry)
+        entry, settable_status(status) | (status & Status.EXPECTED),
+        not status & Status.FIXED_TIMEOUT)
     flags = NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST
     return _message(CT_NEW, flags, seq, entry.family, body)
 
