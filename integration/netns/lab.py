@@ -107,6 +107,11 @@ class Lab:
                 proc.kill()
             with suppress(subprocess.TimeoutExpired):
                 proc.wait(timeout=10)
+            # Close the pipes a caller asked for (unclosed ones warn, and warnings fail).
+            for stream in (proc.stdin, proc.stdout, proc.stderr):
+                if stream is not None:
+                    with suppress(OSError):
+                        stream.close()
         for ns in reversed(self.namespaces):
             # Kill anything still running inside (e.g. daemons started by keepalived).
             pids = run(["ip", "netns", "pids", ns.name], check=False).stdout.split()
