@@ -20,12 +20,12 @@ Every decoder raises only :class:`~replicator.errors.NetlinkDecodeError` (or
 
 from __future__ import annotations
 
+import functools
 import struct
 from typing import Final
 
 from .errors import KernelError, NetlinkDecodeError
 from .model import (
-    AF_INET,
     ICMP_PROTOCOLS,
     IPPROTO_ICMPV6,
     IPPROTO_SCTP,
@@ -44,7 +44,6 @@ from .model import (
     snat_target,
 )
 from .netlink import (
-    NFGENMSG,
     NFNL_HDRLEN,
     NFNL_SUBSYS_CTNETLINK,
     NLA_F_NESTED,
@@ -131,6 +130,11 @@ SETTABLE_STATUS: Final = int(Status.SEEN_REPLY | Status.ASSURED | Status.FIXED_T
 TRANSIENT_TCP_FLAGS: Final = int(
     TcpFlag.MAXACK_SET | TcpFlag.DATA_UNACKNOWLEDGED | TcpFlag.CHALLENGE_ACK
 )
+_KEPT_TCP_FLAGS: Final = 0xFF & ~TRANSIENT_TCP_FLAGS
+# Plain ints: IntFlag arithmetic costs microseconds on the encode path.
+_CONFIRMED: Final = int(Status.CONFIRMED)
+_EXPECTED: Final = int(Status.EXPECTED)
+_FIXED_TIMEOUT: Final = int(Status.FIXED_TIMEOUT)
 
 _NLA = struct.Struct("=HH")
 _nla = _NLA.unpack_from
@@ -558,21 +562,74 @@ def parse_acks(buf: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
 
 
 # --- encoding -----------------------------------------------------------------------
+# Every fixed-layout piece of a request is one precompiled Struct in network byte order.
+# Attribute headers are host-order (len, type) pairs, so each is precomputed as the
+# integer that packs to the right bytes under "!" (see _h): one pack call builds a whole
+# tuple, NAT range or protoinfo with its headers and padding.
 
-_HDR = NLMSG_HDR.pack
-_GEN = NFGENMSG.pack
-_A = _NLA.pack
-_PBE16 = struct.Struct("!H").pack
-_PBE32 = struct.Struct("!I").pack
-# Fixed-layout attributes, each with its header (and padding) in one pack.
-_ATTR_U8 = struct.Struct("=HHB3x").pack
-_ATTR_BE16 = struct.Struct("=HH2s2x").pack
-_ATTR_BE32 = struct.Struct("=HH4s").pack
-_ATTR_TCP_FLAGS = struct.Struct("=HHBB2x").pack
-_NESTED_ATTR = NLA_F_NESTED
 
+def _h(length: int, atype: int) -> int:
+    """An attribute header as the big-endian integer that packs to its host-order bytes."""
+    return int.from_bytes(_NLA.pack(length, atype), "big")
+
+
+_MSG = struct.Struct("=IHHIIBBH").pack  # nlmsghdr + nfgenmsg (version 0, res_id 0)
+_U32_ATTR = struct.Struct("!II").pack
+_U16_ATTR = struct.Struct("!IH2x").pack
 _FLAGS_CREATE: Final = NLM_F_REQUEST | NLM_F_CREATE | NLM_F_EXCL
-_NO_NAT: Final = (None, None)
+
+# Tuples: outer header, IP nest (src, dst), PROTO nest (number, then ports, ICMP id/type/
+# code, or nothing), per family. Layout = (Struct.pack, IP header values, PROTO values).
+_IP4 = (_h(20, CTA_TUPLE_IP | _N), _h(8, CTA_IP_V4_SRC), _h(8, CTA_IP_V4_DST))
+_IP6 = (_h(44, CTA_TUPLE_IP | _N), _h(20, CTA_IP_V6_SRC), _h(20, CTA_IP_V6_DST))
+_PORTS = (_h(28, CTA_TUPLE_PROTO | _N), _h(5, CTA_PROTO_NUM), _h(6, CTA_PROTO_SRC_PORT),
+          _h(6, CTA_PROTO_DST_PORT))
+_ICMP4 = (_h(36, CTA_TUPLE_PROTO | _N), _h(5, CTA_PROTO_NUM), _h(6, CTA_PROTO_ICMP_ID),
+          _h(5, CTA_PROTO_ICMP_TYPE), _h(5, CTA_PROTO_ICMP_CODE))
+_ICMP6 = (_h(36, CTA_TUPLE_PROTO | _N), _h(5, CTA_PROTO_NUM), _h(6, CTA_PROTO_ICMPV6_ID),
+          _h(5, CTA_PROTO_ICMPV6_TYPE), _h(5, CTA_PROTO_ICMPV6_CODE))
+_BARE = (_h(12, CTA_TUPLE_PROTO | _N), _h(5, CTA_PROTO_NUM))
+_TUPLE_TYPES = (CTA_TUPLE_ORIG, CTA_TUPLE_REPLY, CTA_TUPLE_MASTER)
+_IP_LEN = {4: 20, 16: 44}
+# Outer tuple headers by (attribute type, address size), for each PROTO nest size.
+_OUT_PORTS = {(a, n): _h(4 + ip + 28, a | _N) for a in _TUPLE_TYPES for n, ip in _IP_LEN.items()}
+_OUT_ICMP = {(a, n): _h(4 + ip + 36, a | _N) for a in _TUPLE_TYPES for n, ip in _IP_LEN.items()}
+_OUT_BARE = {(a, n): _h(4 + ip + 12, a | _N) for a in _TUPLE_TYPES for n, ip in _IP_LEN.items()}
+_T_PORTS = {4: struct.Struct("!II I4s I4s II B3x IH2x IH2x").pack,
+            16: struct.Struct("!II I16s I16s II B3x IH2x IH2x").pack}
+_T_ICMP = {4: struct.Struct("!II I4s I4s II B3x IH2x IB3x IB3x").pack,
+           16: struct.Struct("!II I16s I16s II B3x IH2x IB3x IB3x").pack}
+_T_BARE = {4: struct.Struct("!II I4s I4s II B3x").pack,
+           16: struct.Struct("!II I16s I16s II B3x").pack}
+
+# NAT ranges: single address (min = max) and, for port protocols, single port.
+_NAT_PORTS = {4: struct.Struct("!I I4s I4s I IH2x IH2x").pack,
+              16: struct.Struct("!I I16s I16s I IH2x IH2x").pack}
+_NAT_BARE = {4: struct.Struct("!I I4s I4s").pack, 16: struct.Struct("!I I16s I16s").pack}
+_NAT_TYPES = (CTA_NAT_SRC, CTA_NAT_DST)
+_OUT_NAT_PORTS = {(a, n): _h(4 + 2 * (4 + n) + 20, a | _N) for a in _NAT_TYPES for n in (4, 16)}
+_OUT_NAT_BARE = {(a, n): _h(4 + 2 * (4 + n), a | _N) for a in _NAT_TYPES for n in (4, 16)}
+_NAT_IP = {4: (_h(8, CTA_NAT_V4_MINIP), _h(8, CTA_NAT_V4_MAXIP)),
+           16: (_h(20, CTA_NAT_V6_MINIP), _h(20, CTA_NAT_V6_MAXIP))}
+_NAT_PROTO = (_h(20, CTA_NAT_PROTO | _N), _h(6, CTA_PROTONAT_PORT_MIN),
+              _h(6, CTA_PROTONAT_PORT_MAX))
+
+_TCP_PACK = struct.Struct("!I I IB3x IB3x IB3x IBB2x IBB2x").pack
+_TCP_ENC = (_h(48, CTA_PROTOINFO | _N), _h(44, CTA_PROTOINFO_TCP | _N),
+            _h(5, CTA_PROTOINFO_TCP_STATE), _h(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL),
+            _h(5, CTA_PROTOINFO_TCP_WSCALE_REPLY), _h(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL),
+            _h(6, CTA_PROTOINFO_TCP_FLAGS_REPLY))
+_SCTP_PACK = struct.Struct("!I I IB3x II II").pack
+_SCTP_ENC = (_h(32, CTA_PROTOINFO | _N), _h(28, CTA_PROTOINFO_SCTP | _N),
+             _h(5, CTA_PROTOINFO_SCTP_STATE), _h(8, CTA_PROTOINFO_SCTP_VTAG_ORIGINAL),
+             _h(8, CTA_PROTOINFO_SCTP_VTAG_REPLY))
+_H_STATUS = _h(8, CTA_STATUS)
+_H_TIMEOUT = _h(8, CTA_TIMEOUT)
+_H_MARK = _h(8, CTA_MARK)
+_H_ZONE = _h(6, CTA_ZONE)
+_LABELS_HDR = _NLA.pack(20, CTA_LABELS)
+# Mask all ones: the copy gets exactly the source's label bits.
+_LABELS_MASK = _NLA.pack(20, CTA_LABELS_MASK) + b"\xff" * 16
 
 
 def settable_status(status: int) -> int:
@@ -581,7 +638,7 @@ def settable_status(status: int) -> int:
     Only SEEN_REPLY, ASSURED and FIXED_TIMEOUT can be set from user space (NAT, offload
     and higher bits are ignored or refused), and a status without CONFIRMED is ``EBUSY``.
     """
-    return (status & SETTABLE_STATUS) | Status.CONFIRMED
+    return (status & SETTABLE_STATUS) | _CONFIRMED
 
 
 def clean_tcp_flags(flags: int) -> int:
@@ -589,111 +646,84 @@ def clean_tcp_flags(flags: int) -> int:
 
     Window scale, SACK permitted, close-init, be-liberal and simultaneous-open are kept.
     """
-    return flags & ~TRANSIENT_TCP_FLAGS & 0xFF
+    return flags & _KEPT_TCP_FLAGS
 
 
-def _be16(value: int) -> bytes:
-    return _PBE16(value)
-
-
-def _encode_tuple(atype: int, t: CtTuple, v6: bool) -> bytes:
-    """A CTA_TUPLE_* nested attribute."""
-    if v6:
-        ip = _A(44, CTA_TUPLE_IP | _NESTED_ATTR) + _A(20, CTA_IP_V6_SRC) + t.src + _A(
-            20, CTA_IP_V6_DST) + t.dst
-    else:
-        ip = _A(20, CTA_TUPLE_IP | _NESTED_ATTR) + _A(8, CTA_IP_V4_SRC) + t.src + _A(
-            8, CTA_IP_V4_DST) + t.dst
+def _encode_tuple(atype: int, t: CtTuple) -> bytes:
+    """A CTA_TUPLE_* nested attribute (address size picks IPv4 or IPv6)."""
+    size = len(t.src)
+    ip = _IP4 if size == 4 else _IP6
     proto = t.proto
     if proto in PORT_PROTOCOLS:
-        l4 = (_A(28, CTA_TUPLE_PROTO | _NESTED_ATTR) + _ATTR_U8(5, CTA_PROTO_NUM, proto)
-              + _ATTR_BE16(6, CTA_PROTO_SRC_PORT, _PBE16(t.sport))
-              + _ATTR_BE16(6, CTA_PROTO_DST_PORT, _PBE16(t.dport)))
-    elif proto in ICMP_PROTOCOLS:
-        base = CTA_PROTO_ICMPV6_ID if proto == IPPROTO_ICMPV6 else CTA_PROTO_ICMP_ID
-        l4 = (_A(36, CTA_TUPLE_PROTO | _NESTED_ATTR) + _ATTR_U8(5, CTA_PROTO_NUM, proto)
-              + _ATTR_BE16(6, base, _PBE16(t.icmp_id))
-              + _ATTR_U8(5, base + 1, t.icmp_type) + _ATTR_U8(5, base + 2, t.icmp_code))
-    else:
-        l4 = _A(12, CTA_TUPLE_PROTO | _NESTED_ATTR) + _ATTR_U8(5, CTA_PROTO_NUM, proto)
-    body = ip + l4
-    return _A(4 + len(body), atype | _NESTED_ATTR) + body
+        return _T_PORTS[size](
+            _OUT_PORTS[atype, size], ip[0], ip[1], t.src, ip[2],
+            t.dst, _PORTS[0], _PORTS[1], proto, _PORTS[2], t.sport, _PORTS[3], t.dport)
+    if proto in ICMP_PROTOCOLS:
+        icmp = _ICMP6 if proto == IPPROTO_ICMPV6 else _ICMP4
+        return _T_ICMP[size](
+            _OUT_ICMP[atype, size], ip[0], ip[1], t.src, ip[2],
+            t.dst, icmp[0], icmp[1], proto, icmp[2], t.icmp_id, icmp[3], t.icmp_type,
+            icmp[4], t.icmp_code)
+    return _T_BARE[size](_OUT_BARE[atype, size], ip[0], ip[1],
+                         t.src, ip[2], t.dst, _BARE[0], _BARE[1], proto)
 
 
-def _encode_nat(atype: int, target: tuple[bytes, int], proto: int, v6: bool) -> bytes:
-    """CTA_NAT_SRC/DST: a single-address (and single-port) range."""
+def _encode_nat(atype: int, target: tuple[bytes, int], proto: int) -> bytes:
+    """CTA_NAT_SRC/DST: a single-address (and, for port protocols, single-port) range."""
     addr, port = target
-    if v6:
-        body = _A(20, CTA_NAT_V6_MINIP) + addr + _A(20, CTA_NAT_V6_MAXIP) + addr
-    else:
-        body = _A(8, CTA_NAT_V4_MINIP) + addr + _A(8, CTA_NAT_V4_MAXIP) + addr
+    size = len(addr)
+    lo, hi = _NAT_IP[size]
     if proto in PORT_PROTOCOLS:
-        p = _PBE16(port)
-        body += (_A(20, CTA_NAT_PROTO | _NESTED_ATTR) + _ATTR_BE16(6, CTA_PROTONAT_PORT_MIN, p)
-                 + _ATTR_BE16(6, CTA_PROTONAT_PORT_MAX, p))
-    return _A(4 + len(body), atype | _NESTED_ATTR) + body
+        return _NAT_PORTS[size](_OUT_NAT_PORTS[atype, size], lo, addr, hi, addr,
+                                _NAT_PROTO[0], _NAT_PROTO[1], port, _NAT_PROTO[2], port)
+    return _NAT_BARE[size](_OUT_NAT_BARE[atype, size], lo, addr, hi, addr)
 
 
 def _encode_tcp(tcp: TcpInfo) -> bytes:
     # Mask 0xff: dumps and events report mask 0, but the kernel applies only masked bits.
     # Both window scales go in one message: the kernel applies them only together, and
     # only when both directions carry WINDOW_SCALE.
-    return (
-        _A(48, CTA_PROTOINFO | _NESTED_ATTR) + _A(44, CTA_PROTOINFO_TCP | _NESTED_ATTR)
-        + _ATTR_U8(5, CTA_PROTOINFO_TCP_STATE, tcp.state)
-        + _ATTR_U8(5, CTA_PROTOINFO_TCP_WSCALE_ORIGINAL, tcp.wscale_orig)
-        + _ATTR_U8(5, CTA_PROTOINFO_TCP_WSCALE_REPLY, tcp.wscale_reply)
-        + _ATTR_TCP_FLAGS(6, CTA_PROTOINFO_TCP_FLAGS_ORIGINAL,
-                          clean_tcp_flags(tcp.flags_orig), 0xFF)
-        + _ATTR_TCP_FLAGS(6, CTA_PROTOINFO_TCP_FLAGS_REPLY,
-                          clean_tcp_flags(tcp.flags_reply), 0xFF)
-    )
+    h = _TCP_ENC
+    return _TCP_PACK(h[0], h[1], h[2], tcp.state, h[3], tcp.wscale_orig, h[4],
+                     tcp.wscale_reply, h[5], tcp.flags_orig & _KEPT_TCP_FLAGS, 0xFF,
+                     h[6], tcp.flags_reply & _KEPT_TCP_FLAGS, 0xFF)
 
 
 def _encode_sctp(sctp: SctpInfo) -> bytes:
     # The kernel refuses SCTP protoinfo unless state and both vtags are present.
-    return (
-        _A(32, CTA_PROTOINFO | _NESTED_ATTR) + _A(28, CTA_PROTOINFO_SCTP | _NESTED_ATTR)
-        + _ATTR_U8(5, CTA_PROTOINFO_SCTP_STATE, sctp.state)
-        + _ATTR_BE32(8, CTA_PROTOINFO_SCTP_VTAG_ORIGINAL, _PBE32(sctp.vtag_orig))
-        + _ATTR_BE32(8, CTA_PROTOINFO_SCTP_VTAG_REPLY, _PBE32(sctp.vtag_reply))
-    )
+    h = _SCTP_ENC
+    return _SCTP_PACK(h[0], h[1], h[2], sctp.state, h[3], sctp.vtag_orig, h[4],
+                      sctp.vtag_reply)
 
 
+@functools.lru_cache(maxsize=64)
 def _encode_helper(name: str) -> bytes:
+    """CTA_HELP with CTA_HELP_NAME (few distinct names: cached)."""
     raw = name.encode("ascii") + b"\0"
-    inner = 4 + len(raw)
-    pad = b"\0" * (-inner & 3)
-    return _A(8 + len(raw) + len(pad), CTA_HELP | _NESTED_ATTR) + _A(
-        inner, CTA_HELP_NAME) + raw + pad
+    inner = _NLA.pack(4 + len(raw), CTA_HELP_NAME) + raw + b"\0" * (-len(raw) & 3)
+    return _NLA.pack(4 + len(inner), CTA_HELP | _N) + inner
 
 
 def _encode_state(entry: Entry, status: int, timeout: bool) -> bytes:
     """The attributes create and update share: status, timeout (if ``timeout``), mark,
     zone, labels, protocol info and helper."""
-    parts = [_ATTR_BE32(8, CTA_STATUS, _PBE32(status))]
+    out = _U32_ATTR(_H_STATUS, status)
     if timeout and entry.timeout is not None:
-        parts.append(_ATTR_BE32(8, CTA_TIMEOUT, _PBE32(entry.timeout)))
+        out += _U32_ATTR(_H_TIMEOUT, entry.timeout)
     if entry.mark is not None:
-        parts.append(_ATTR_BE32(8, CTA_MARK, _PBE32(entry.mark)))
+        out += _U32_ATTR(_H_MARK, entry.mark)
     if entry.zone:
-        parts.append(_ATTR_BE16(6, CTA_ZONE, _PBE16(entry.zone)))
+        out += _U16_ATTR(_H_ZONE, entry.zone)
     if entry.labels is not None:
-        n = len(entry.labels)
-        parts.append(_A(4 + n, CTA_LABELS) + entry.labels)
-        # Mask all ones: the copy gets exactly the source's label bits.
-        parts.append(_A(4 + n, CTA_LABELS_MASK) + b"\xff" * n)
-    if entry.tcp is not None and entry.orig.proto == IPPROTO_TCP:
-        parts.append(_encode_tcp(entry.tcp))
-    elif entry.sctp is not None and entry.orig.proto == IPPROTO_SCTP:
-        parts.append(_encode_sctp(entry.sctp))
+        out += _LABELS_HDR + entry.labels + _LABELS_MASK
+    proto = entry.orig.proto
+    if entry.tcp is not None and proto == IPPROTO_TCP:
+        out += _encode_tcp(entry.tcp)
+    elif entry.sctp is not None and proto == IPPROTO_SCTP:
+        out += _encode_sctp(entry.sctp)
     if entry.helper is not None:
-        parts.append(_encode_helper(entry.helper))
-    return b"".join(parts)
-
-
-def _message(mtype: int, flags: int, seq: int, family: int, body: bytes) -> bytes:
-    return _HDR(NFNL_HDRLEN + len(body), mtype, flags, seq, 0) + _GEN(family, 0, 0) + body
+        out += _encode_helper(entry.helper)
+    return out
 
 
 def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
@@ -704,21 +734,19 @@ def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     translation itself. ``entry.timeout`` must be set (the kernel refuses a create
     without CTA_TIMEOUT with EINVAL). Without ``ack`` the kernel still reports errors.
     """
-    v6 = entry.family != AF_INET
     orig = entry.orig
-    parts = [_encode_tuple(CTA_TUPLE_ORIG, orig, v6),
-             _encode_tuple(CTA_TUPLE_REPLY, invert(orig), v6)]
+    body = _encode_tuple(CTA_TUPLE_ORIG, orig) + _encode_tuple(CTA_TUPLE_REPLY, invert(orig))
     snat = snat_target(entry)
     if snat is not None:
-        parts.append(_encode_nat(CTA_NAT_SRC, snat, orig.proto, v6))
+        body += _encode_nat(CTA_NAT_SRC, snat, orig.proto)
     dnat = dnat_target(entry)
     if dnat is not None:
-        parts.append(_encode_nat(CTA_NAT_DST, dnat, orig.proto, v6))
-    parts.append(_encode_state(entry, settable_status(entry.status), True))
+        body += _encode_nat(CTA_NAT_DST, dnat, orig.proto)
+    body += _encode_state(entry, (entry.status & SETTABLE_STATUS) | _CONFIRMED, True)
     if entry.master is not None:
-        parts.append(_encode_tuple(CTA_TUPLE_MASTER, entry.master, v6))
-    flags = _FLAGS_CREATE | NLM_F_ACK if ack else _FLAGS_CREATE
-    return _message(CT_NEW, flags, seq, entry.family, b"".join(parts))
+        body += _encode_tuple(CTA_TUPLE_MASTER, entry.master)
+    return _MSG(NFNL_HDRLEN + len(body), CT_NEW, _FLAGS_CREATE | NLM_F_ACK if ack else
+                _FLAGS_CREATE, seq, 0, entry.family, 0, 0) + body
 
 
 def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
@@ -733,22 +761,22 @@ def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     with a master) and refuses (EBUSY) any update that would change it.
     """
     status = entry.status
-    body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig, entry.family != AF_INET) + _encode_state(
-        entry, settable_status(status) | (status & Status.EXPECTED),
-        not status & Status.FIXED_TIMEOUT)
-    flags = NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST
-    return _message(CT_NEW, flags, seq, entry.family, body)
+    body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig) + _encode_state(
+        entry, (status & SETTABLE_STATUS) | _CONFIRMED | (status & _EXPECTED),
+        not status & _FIXED_TIMEOUT)
+    return _MSG(NFNL_HDRLEN + len(body), CT_NEW, NLM_F_REQUEST | NLM_F_ACK if ack else
+                NLM_F_REQUEST, seq, 0, entry.family, 0, 0) + body
 
 
 def encode_delete(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     """``IPCTNL_MSG_CT_DELETE`` of the entry with ``entry``'s original tuple and zone."""
-    body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig, entry.family != AF_INET)
+    body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig)
     if entry.zone:
-        body += _ATTR_BE16(6, CTA_ZONE, _PBE16(entry.zone))
-    flags = NLM_F_REQUEST | NLM_F_ACK if ack else NLM_F_REQUEST
-    return _message(CT_DELETE, flags, seq, entry.family, body)
+        body += _U16_ATTR(_H_ZONE, entry.zone)
+    return _MSG(NFNL_HDRLEN + len(body), CT_DELETE, NLM_F_REQUEST | NLM_F_ACK if ack else
+                NLM_F_REQUEST, seq, 0, entry.family, 0, 0) + body
 
 
 def encode_dump_request(seq: int, family: int = 0) -> bytes:
     """``IPCTNL_MSG_CT_GET`` dump request for ``family`` (0: every family)."""
-    return _message(CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, family, b"")
+    return _MSG(NFNL_HDRLEN, CT_GET, NLM_F_REQUEST | NLM_F_DUMP, seq, 0, family, 0, 0)
