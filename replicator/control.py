@@ -578,6 +578,11 @@ async def _serve_connection(
     allowed_gid: int | None,
     on_denied: Callable[[PeerCred], None] | None,
 ) -> None:
+    # Read the request even from a peer about to be refused: closing a unix socket with
+    # unread data resets the connection, and the client would never see the reason.
+    line = b""
+    with trio.move_on_after(REQUEST_TIMEOUT):
+        line = await _read_line(stream, MAX_REQUEST)
     cred = peer_credentials(stream.socket)
     if not authorised(cred, own_uid=own_uid, allowed_gid=allowed_gid):
         log.warning("control request refused", extra=fields(uid=cred.uid, pid=cred.pid))
@@ -585,9 +590,6 @@ async def _serve_connection(
             on_denied(cred)
         await _reply(stream, Response(False, None, f"permission denied for uid {cred.uid}"))
         return
-    line = b""
-    with trio.move_on_after(REQUEST_TIMEOUT):
-        line = await _read_line(stream, MAX_REQUEST)
     try:
         request = decode_request(line)
     except ControlDecodeError as exc:
