@@ -127,6 +127,7 @@ class FramedConnection:
         peer_fingerprint: str,
         local_fingerprint: str,
         peer_address: Endpoint,
+        local_address: Endpoint,
         dialed: bool,
         max_frame_size: int,
     ) -> None:
@@ -139,8 +140,10 @@ class FramedConnection:
         self.peer_fingerprint = peer_fingerprint
         #: The fingerprint of the certificate this node presented on this connection.
         self.local_fingerprint = local_fingerprint
-        #: The peer's (host, port) as seen on this TCP connection.
+        #: The peer's (host, port): the address dialed, or the accepted client's.
         self.peer_address = peer_address
+        #: This end's (host, port) of the TCP connection.
+        self.local_address = local_address
         #: True if this node dialed the connection, False if it accepted it.
         self.dialed = dialed
 
@@ -276,8 +279,8 @@ class PeerLink:
             return
         host = address[0]
         if not self._slots.try_acquire(host):
-            await trio.aclose_forcefully(stream)
             self._refuse(address, Refusal.OVERLOAD, "too many handshakes in progress")
+            await trio.aclose_forcefully(stream)
             return
         try:
             conn = await self._handshake(stream, address, dialed=False)
@@ -369,11 +372,12 @@ class PeerLink:
             raise
         if isinstance(outcome, FramedConnection):
             return outcome
-        await trio.aclose_forcefully(stream)
+        # Counted before closing, so whoever sees the close also sees the counter.
         if dialed:
             self._dial_failure(address, outcome.reason, outcome.detail)
         else:
             self._refuse(address, outcome.reason, outcome.detail)
+        await trio.aclose_forcefully(stream)
         return None
 
     async def _authenticate(
@@ -409,6 +413,7 @@ class PeerLink:
             peer_fingerprint=fingerprint,
             local_fingerprint=credentials.own,
             peer_address=address,
+            local_address=_endpoint(stream.socket.getsockname()),
             dialed=dialed,
             max_frame_size=self._settings.max_frame_size,
         )
@@ -417,9 +422,9 @@ class PeerLink:
         """Admit ``conn`` (or close it as a duplicate), run the handler on it, close it."""
         admitted = self._admit(conn)
         if admitted is None:
-            await conn.aclose()
             counters = self._dial_failed if conn.dialed else self._refused
             counters[Refusal.DUPLICATE] = counters.get(Refusal.DUPLICATE, 0) + 1
+            await conn.aclose()
             logger.info(
                 "closed a duplicate peer connection (%s %s): the preferred one is active",
                 "dialed" if conn.dialed else "accepted",
