@@ -4,12 +4,18 @@ The negative control runs every failover event with no state replication at all:
 the strict ruleset must then break every established TCP flow, in both directions,
 and the new master must have dropped their packets as invalid. That is what makes a
 surviving flow in a replication drill mean something.
+
+The positive control runs the same drill with conntrackd (FTFW, wired to keepalived as
+conntrack-tools documents): every flow must survive, with its NAT mapping unchanged.
+That proves the harness can show survival, so a replicator drill that fails does so
+because of replicator.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from integration.netns.halab.conntrackd import ConntrackdReplication
 from integration.netns.halab.drill import DEFAULT_SCENARIO, DrillConfig, drill_lab
 from integration.netns.halab.replication import NoReplication
 from integration.netns.halab.report import format_report
@@ -40,3 +46,21 @@ def test_without_replication_every_failover_breaks_established_tcp(
         for flow in result.of_kind("udp"):
             assert flow.survived, (result.event, flow)
             assert flow.mapping_after == flow.mapping_before, (result.event, flow)
+
+
+def test_with_conntrackd_every_failover_keeps_established_flows(
+        capsys: pytest.CaptureFixture[str]) -> None:
+    config = DrillConfig()
+    replication = ConntrackdReplication()
+    with drill_lab(replication, config) as drill:
+        results = drill.run(DEFAULT_SCENARIO)
+    with capsys.disabled():
+        print("\n" + format_report(f"{replication.name} (positive control)", results))
+    assert [r.new_master for r in results] == ["b", "a"] * 3
+    for result in results:
+        assert len(result.flows) == config.tcp_snat + config.udp_snat + config.tcp_dnat
+        for flow in result.flows:
+            assert flow.survived, (result.event, flow)
+            assert flow.mapping_after == flow.mapping_before, (result.event, flow)
+        assert result.idle_total == config.idle_snat + config.idle_dnat
+        assert result.idle_ok == result.idle_total, (result.event, result.idle)
