@@ -56,6 +56,11 @@ from .netlink import (
     NLMSG_ERROR,
     NLMSG_HDR,
     NLMSG_HDRLEN,
+    Message,
+    done_code,
+    error_code,
+    iter_attrs,
+    iter_messages,
 )
 
 # --- message types (enum cntl_msg_types) --------------------------------------------
@@ -138,10 +143,8 @@ _FIXED_TIMEOUT: Final = int(Status.FIXED_TIMEOUT)
 
 _NLA = struct.Struct("=HH")
 _nla = _NLA.unpack_from
-_U8 = struct.Struct("B").unpack_from
 _BE16 = struct.Struct("!H").unpack_from
 _BE32 = struct.Struct("!I").unpack_from
-_ERR = struct.Struct("=i").unpack_from
 _new = tuple.__new__
 _NEW, _UPDATE, _DESTROY = EventKind.NEW, EventKind.UPDATE, EventKind.DESTROY
 
@@ -312,20 +315,14 @@ def _decode_protoinfo(buf: bytes, off: int, end: int) -> tuple[TcpInfo | None, S
 def _decode_helper(buf: bytes, off: int, end: int) -> str | None:
     """Decode the payload of CTA_HELP: the NUL-terminated CTA_HELP_NAME."""
     name = None
-    while off < end:
-        if end - off < 4:
-            raise _bad("truncated helper", off)
-        alen, atype = _nla(buf, off)
-        if alen < 4 or off + alen > end:
-            raise _bad("helper attribute length", off)
-        if atype & 0x3FFF == CTA_HELP_NAME:
-            raw = buf[off + 4 : off + alen]
+    for atype, start, stop in iter_attrs(buf, off, end):
+        if atype == CTA_HELP_NAME:
+            raw = buf[start:stop]
             nul = raw.find(0)
             try:
                 name = (raw if nul < 0 else raw[:nul]).decode("ascii")
             except UnicodeDecodeError:
-                raise _bad("helper name is not ASCII", off) from None
-        off += (alen + 3) & ~3
+                raise _bad("helper name is not ASCII", start) from None
     return name
 
 
@@ -520,17 +517,14 @@ def decode_dump(buf: bytes | bytearray | memoryview) -> tuple[list[Entry], bool]
                 entries.append(_decode_entry(data, off + NLMSG_HDRLEN, end, True))
             elif mtype == NLMSG_DONE:
                 # netlink_dump_done() appends the dump's return code as an int.
-                if length >= NLMSG_HDRLEN + 4:
-                    (err,) = _ERR(data, off + NLMSG_HDRLEN)
-                    if err < 0:
-                        raise KernelError(f"conntrack dump failed: errno {-err}", -err)
+                err = done_code(data, Message(mtype, 0, 0, 0, off + NLMSG_HDRLEN, end))
+                if err:
+                    raise KernelError(f"conntrack dump failed: errno {err}", err)
                 return entries, True
             elif mtype == NLMSG_ERROR:
-                if length < NLMSG_HDRLEN + 4:
-                    raise _bad("truncated NLMSG_ERROR", off)
-                (err,) = _ERR(data, off + NLMSG_HDRLEN)
-                if err != 0:
-                    raise KernelError(f"conntrack dump refused: errno {-err}", abs(err))
+                err = error_code(data, Message(mtype, 0, 0, 0, off + NLMSG_HDRLEN, end))
+                if err:
+                    raise KernelError(f"conntrack dump refused: errno {err}", err)
             off += (length + 3) & ~3
     except (struct.error, IndexError) as exc:  # defensive: every length is checked above
         raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None
@@ -544,21 +538,8 @@ def parse_acks(buf: bytes | bytearray | memoryview) -> list[tuple[int, int]]:
     it into the reply header). Other messages are skipped.
     """
     data = _as_bytes(buf)
-    acks: list[tuple[int, int]] = []
-    off = 0
-    size = len(data)
-    while off < size:
-        if size - off < NLMSG_HDRLEN:
-            raise _bad("truncated netlink header", off)
-        length, mtype, _flags, seq, _pid = NLMSG_HDR.unpack_from(data, off)
-        if length < NLMSG_HDRLEN or off + length > size:
-            raise _bad("netlink message length", off)
-        if mtype == NLMSG_ERROR:
-            if length < NLMSG_HDRLEN + 4:
-                raise _bad("truncated NLMSG_ERROR", off)
-            acks.append((seq, abs(_ERR(data, off + NLMSG_HDRLEN)[0])))
-        off += (length + 3) & ~3
-    return acks
+    return [(msg.seq, error_code(data, msg)) for msg in iter_messages(data)
+            if msg.type == NLMSG_ERROR]
 
 
 # --- encoding -----------------------------------------------------------------------

@@ -116,11 +116,14 @@ def iter_attrs(buf: bytes | memoryview, start: int, end: int) -> Iterator[tuple[
 
 
 def error_code(buf: bytes | memoryview, msg: Message) -> int:
-    """The positive errno of an ``NLMSG_ERROR`` message (0 for an ACK)."""
+    """The positive errno of an ``NLMSG_ERROR`` message (0 for an ACK).
+
+    The kernel sends ``-errno``; the sign is dropped rather than trusted.
+    """
     if msg.end - msg.start < _ERRNO.size:
         raise NetlinkDecodeError("truncated NLMSG_ERROR")
     err: int = _ERRNO.unpack_from(buf, msg.start)[0]
-    return -err
+    return abs(err)
 
 
 def done_code(buf: bytes | memoryview, msg: Message) -> int:
@@ -129,20 +132,3 @@ def done_code(buf: bytes | memoryview, msg: Message) -> int:
         return 0
     err: int = _ERRNO.unpack_from(buf, msg.start)[0]
     return -err if err < 0 else 0
-
-
-def pack_header(length: int, mtype: int, flags: int, seq: int, family: int) -> bytes:
-    """A netlink header plus nfgenmsg for an nfnetlink request (pid 0, version 0)."""
-    return NLMSG_HDR.pack(length, mtype, flags, seq, 0) + NFGENMSG.pack(family, NFNETLINK_V0, 0)
-
-
-def pack_attr(atype: int, payload: bytes) -> bytes:
-    """One attribute with its header and padding."""
-    length = NLA_HDRLEN + len(payload)
-    return NLA_HDR.pack(length, atype) + payload + b"\0" * (-length & 3)
-
-
-def pack_nested(atype: int, *children: bytes) -> bytes:
-    """A nested attribute (NLA_F_NESTED set, as the kernel and libmnl do)."""
-    body = b"".join(children)
-    return NLA_HDR.pack(NLA_HDRLEN + len(body), atype | NLA_F_NESTED) + body
