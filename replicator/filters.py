@@ -1,0 +1,136 @@
+"""What is (not) replicated: a pure predicate over entries, built from plain parameters.
+
+The sending side applies it before anything enters the sync layer
+(:class:`replicator.sync.SyncSession` takes it as ``accept``). An entry is replicated
+only if it passes every criterion:
+
+- its protocol is not ignored;
+- neither its *original source* nor its *reply source* lies in an ignored prefix. Those
+  are the two addresses that own a connection: the one that opened it and the one that
+  answers it. Ignoring the firewall's own addresses thus drops the connections it
+  originates or terminates, while the connections it merely translates (whose reply
+  destination is the firewall's NAT address) are kept. This is conntrackd's rule;
+- if it is TCP and TCP states are given, its state is one of them (an entry whose TCP
+  state is unknown, i.e. a partial entry, passes);
+- if zones are given, its zone is one of them;
+- if a mark mask is given, ``mark & mask == value`` (an entry without a mark counts as
+  mark 0).
+
+An entry that stops matching (e.g. its TCP state leaves the replicated set) is treated
+as deleted from the local table: the peer receives a delete for it, so its copy never
+lingers with a stale state. If it matches again later it is sent again in full.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .model import AF_INET, AF_INET6, IPPROTO_TCP, Entry, TcpState
+
+_U32 = 0xFFFF_FFFF
+
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+
+@dataclass(frozen=True)
+class EntryFilter:
+    """A replication filter; call it with an entry: True means replicate."""
+
+    ignore_protocols: frozenset[int] = frozenset()
+    ignore_prefixes: tuple[Network, ...] = ()
+    #: Replicated TCP states, or None for all.
+    tcp_states: frozenset[int] | None = None
+    #: Replicated zones, or None for all.
+    zones: frozenset[int] | None = None
+    mark_value: int = 0
+    #: 0 disables the mark criterion.
+    mark_mask: int = 0
+    # Prefixes as (network, netmask) integers per family, for a fast membership test.
+    _nets: dict[int, tuple[tuple[int, int], ...]] = field(
+        init=False, repr=False, compare=False
+    )
+
+    def __post_init__(self) -> None:
+        nets: dict[int, list[tuple[int, int]]] = {AF_INET: [], AF_INET6: []}
+        for net in self.ignore_prefixes:
+            family = AF_INET if net.version == 4 else AF_INET6
+            nets[family].append((int(net.network_address), int(net.netmask)))
+        object.__setattr__(self, "_nets", {f: tuple(v) for f, v in nets.items()})
+
+    def __call__(self, entry: Entry) -> bool:
+        orig = entry.orig
+        if orig.proto in self.ignore_protocols:
+            return False
+        nets = self._nets.get(entry.family)
+        if nets:
+            src = int.from_bytes(orig.src, "big")
+            rsrc = int.from_bytes(entry.reply.src, "big")
+            for net, mask in nets:
+                if src & mask == net or rsrc & mask == net:
+                    return False
+        if (
+            self.tcp_states is not None
+            and orig.proto == IPPROTO_TCP
+            and entry.tcp is not None
+            and entry.tcp.state not in self.tcp_states
+        ):
+            return False
+        if self.zones is not None and entry.zone not in self.zones:
+            return False
+        return not self.mark_mask or ((entry.mark or 0) & self.mark_mask) == self.mark_value
+
+    @property
+    def accepts_everything(self) -> bool:
+        """True if no criterion is set (the sync layer can skip calling the filter)."""
+        return not (
+            self.ignore_protocols
+            or self.ignore_prefixes
+            or self.tcp_states is not None
+            or self.zones is not None
+            or self.mark_mask
+        )
+
+
+def _tcp_state(state: int | str) -> int:
+    try:
+        return TcpState[state.upper()] if isinstance(state, str) else TcpState(state)
+    except (KeyError, ValueError):
+        raise ValueError(f"tcp_states: unknown TCP state {state!r}") from None
+
+
+def build_filter(
+    *,
+    ignore_protocols: Iterable[int] = (),
+    ignore_prefixes: Iterable[str | Network] = (),
+    tcp_states: Iterable[int | str] | None = None,
+    zones: Iterable[int] | None = None,
+    mark: tuple[int, int] | None = None,
+) -> EntryFilter:
+    """Build an :class:`EntryFilter` from plain parameters, validating each.
+
+    ``ignore_prefixes`` are CIDR strings (``"192.0.2.1/32"``, ``"2001:db8::/64"``; a bare
+    address means a host) or ``ipaddress`` networks. ``tcp_states`` are
+    :class:`~replicator.model.TcpState` values or names (``"ESTABLISHED"``). ``mark`` is
+    ``(value, mask)``. Raises ValueError naming the bad parameter.
+    """
+    protos = frozenset(ignore_protocols)
+    for p in protos:
+        if not 0 <= p <= 0xFF:
+            raise ValueError(f"ignore_protocols: {p} is not a protocol number (0..255)")
+    prefixes: list[Network] = []
+    for prefix in ignore_prefixes:
+        try:
+            prefixes.append(ipaddress.ip_network(prefix) if isinstance(prefix, str) else prefix)
+        except ValueError as exc:
+            raise ValueError(f"ignore_prefixes: {exc}") from None
+    states = None if tcp_states is None else frozenset(_tcp_state(s) for s in tcp_states)
+    zone_set = None if zones is None else frozenset(zones)
+    for z in zone_set or ():
+        if not 0 <= z <= 0xFFFF:
+            raise ValueError(f"zones: {z} is not a zone id (0..65535)")
+    value, mask = mark if mark is not None else (0, 0)
+    if not (0 <= value <= _U32 and 0 <= mask <= _U32) or value & ~mask:
+        raise ValueError("mark: value and mask must be 32-bit and value must lie within mask")
+    return EntryFilter(protos, tuple(prefixes), states, zone_set, value, mask)

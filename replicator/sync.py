@@ -1,0 +1,1209 @@
+"""The sync protocol as a pure state machine (sans-IO): one object per peer.
+
+Theory of operation
+===================
+
+What is replicated
+------------------
+The protocol is symmetric, as in conntrackd: every node streams *its own* conntrack
+table (its "local table", fed by the caller from kernel events and dumps) to the peer,
+and keeps the peer's table in an :class:`~replicator.external.ExternalCache`. Roles
+(MASTER/BACKUP) do not exist here; they only decide what the daemon does with the
+external cache (commit it on takeover, or keep the kernel loaded all the time). So
+each :class:`SyncSession` is a *sender* of one table and a *receiver* of the other,
+and the two halves hardly interact.
+
+The caller drives everything (aioquic style)::
+
+    s = SyncSession(node_id, epoch, params=SyncParams(...), accept=entry_filter)
+    s.connection_made(now)            # transport up (after TLS)
+    s.receive(payload, now)           # one frame's payload from the peer
+    s.local_update(entry, now)        # this node's table changed (full entry)
+    s.local_delete(key_or_entry, now)
+    s.local_snapshot(entries, now)    # the whole local table (after a dump/reconcile)
+    s.handle_timer(now)               # when now >= s.next_timer()
+    s.request_resync(now)             # conntrackd -n: ask the peer for everything
+    s.bulk_send(now)                  # conntrackd -B: send everything to the peer
+    s.connection_lost(now)            # transport down (also after ConnectionTerminated)
+    for payload in s.frames_to_send(now): ...   # frame and write them, in order
+    while (ev := s.next_event()) is not None: ...
+    s.next_timer()                    # when to call handle_timer next (or None)
+
+``now`` is seconds on this node's monotonic clock. Nothing here reads a clock, opens a
+socket or raises on bad input from the peer: malformed or illegal input becomes a
+:class:`ProtocolViolation` event, a CLOSE message in ``frames_to_send`` and a
+:class:`ConnectionTerminated` event, after which the daemon closes the transport and
+calls ``connection_lost``. After calling any input method, call ``frames_to_send``
+and drain the events.
+
+Connection and handshake
+------------------------
+On ``connection_made`` each side sends HELLO: protocol version (checked hard), node id,
+epoch, bucket count, and the first *stream* id it will use. The epoch is chosen by the
+caller at every start (random 64 bits): a peer whose epoch changed has restarted and
+lost its external cache and its queues, while its local table (the kernel's) survived.
+Nothing but HELLO is sent before the peer's HELLO has arrived. HELLO is repeated every
+``ack_timeout`` until the peer acknowledges anything (so it survives a lossy link).
+
+The reliable ordered stream
+---------------------------
+The transport is TCP: reliable while connected, but connections break and every
+message in flight then is lost. The session does not rely on more than that, and is
+also correct on a link that drops, duplicates, reorders and delays single messages
+(the property tests use such a link).
+
+Every message except HELLO, CLOSE and ACK carries ``(stream, seq)``. The receiver
+applies a message only if it is the next one, ``seq == next`` of the current stream; a
+duplicate or an older stream's message is ignored, a gap is ignored and answered by a
+NACK. ACK ``(stream, next)`` is cumulative. When no acknowledgement arrives for
+``ack_timeout`` (doubling on repetition), or on a NACK, the sender *goes back*: it
+forgets the unacknowledged messages, starts a fresh stream id with seq 0 and re-queues
+what they carried. The receiver switches to a higher stream as soon as it sees it and
+ignores older streams from then on, so a late message of an abandoned stream can never
+be applied after newer data. Stream ids grow monotonically over the session's life; a
+HELLO announces the first one used on a connection.
+
+What gets re-queued is never a copy of old bytes but *the key, the bucket or the
+request* the message was about: when it is sent again it carries the table's state at
+that moment. This is what makes go-back, coalescing and resync compose: the newest
+state always wins, and nothing is lost, because a key stays owed to the peer until a
+message carrying it has been acknowledged.
+
+Coalescing and bounds (nothing is ever dropped)
+-----------------------------------------------
+A local change only marks its key *pending* (``dict key -> time of the first unsent
+change``). The entry itself is read from the local table when a CHANGES message is
+built, so a burst of updates to M entries leaves at most M pending keys, and a key
+whose entry is gone at send time is sent as a delete. At most ``window`` entries are
+unacknowledged at a time; beyond that changes simply wait, coalesced, in pending.
+
+Pending can still grow with churn (keys created and deleted while the peer is slow or
+away). When it would exceed ``max_pending`` keys, the keys are *folded* into their
+buckets: the buckets are marked dirty and the keys forgotten. A dirty bucket is later
+sent whole, as BUCKETS records that *replace* the receiver's copy of that bucket
+(entries absent from it are deleted there). Memory is bounded by the table plus the
+bucket count, and no change is lost: conntrackd silently drops its oldest queued
+message in that situation; this protocol degrades to a resync of the affected part.
+
+Buckets and digests
+-------------------
+Both tables are split into ``buckets`` buckets by a stable hash of the key
+(:mod:`replicator.digest`); a bucket's digest covers every replicated field except
+the timeout (which decays) and the conntrack id. A bucket larger than one message is
+sent in parts: the first part starts a replacement (the receiver notes the keys it
+holds in that bucket), every part and every individual upsert meanwhile confirms
+keys, and the last part deletes the keys left unconfirmed. The parts are cut from the
+list of keys the bucket held when its first part was sent; keys added later are
+pending and travel as CHANGES, after the first part.
+
+Resync
+------
+A resync is run by the *sender* of a table, identified by a resync id:
+
+1. RESYNC_BEGIN(id, full). Unless ``full``, the receiver replies with SUMMARY messages
+   holding the digest of every bucket of its external cache.
+2. The sender compares each digest with its own and marks the differing buckets dirty
+   (``full``: every bucket, empty ones included, without comparing).
+3. Dirty buckets are sent as BUCKETS (interleaved with ordinary CHANGES).
+4. When every summary has arrived and no bucket is dirty or half sent: RESYNC_DONE(id).
+
+Why comparing against a summary of any age is safe: the receiver's cache only changes
+by applying a prefix of the sender's stream (and by expiry). If a bucket's digest as
+of some prefix equals the sender's bucket now, every key in it is either equal on both
+sides or pending/in flight, in which case the stream will deliver its newest state.
+If not equal, the bucket is resent whole. Expiry on the receiver only removes
+entries, which shows up as a difference.
+
+Every connection starts with a digest resync in each direction: after a short outage
+only the buckets that changed travel, so catching up costs in proportion to what
+changed, not to the table size; a restarted peer has an empty cache, so the digests
+make the same mechanism a full transfer. The same resync runs every
+``anti_entropy_interval`` as anti-entropy. A full resync runs on ``bulk_send``
+(conntrackd ``-B``) or when the peer asks for it with RESYNC_REQUEST
+(``request_resync``, conntrackd ``-n``); the wish survives a disconnection until the
+full resync has completed (or the request has been acknowledged).
+
+The receiver reports :class:`InSync` ``True`` at the first RESYNC_DONE of a connection
+(its cache then equals the peer's table, modulo changes still streaming) and ``False``
+when the connection is lost. This is what a node should wait for before it accepts
+to become master (pfsync lowers its CARP priority until its bulk update is complete).
+
+Timeouts and expiry
+-------------------
+Every entry travels with its *remaining* timeout, computed when the message is built
+(``ceil(deadline - now)`` where the deadline is the time of the last local observation
+plus the timeout then observed), and the receiver stores an absolute deadline on its
+own clock; clocks never need to agree. Entries expire in the external cache at their
+deadline unless refreshed. Since kernels do not report timeout refreshes as events,
+refreshed timeouts reach the session only through ``local_update``/``local_snapshot``
+with a new timeout; such a change alone (the fingerprint is unchanged) is sent only
+when the peer's copy has less than half of the entry's remaining lifetime left (a
+refresh timer fires then), which keeps refresh traffic proportional to the half-life
+of entries rather than to the dump rate.
+
+Filters
+-------
+``accept`` (see :mod:`replicator.filters`) is applied to every local entry; an entry
+that does not pass is treated as absent from the local table, so one that stops
+matching is deleted on the peer.
+
+Lag
+---
+Clocks differ between nodes, so lag is measured on the sender only: the time from a
+local change to the acknowledgement of the message that carried it
+(``stats.ack_lag_last``/``ack_lag_max``), and the age of the oldest change not yet
+acknowledged (:meth:`SyncSession.replication_lag`), which grows without bound if
+replication silently stops.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+from itertools import islice
+from typing import Literal, NamedTuple
+
+from . import wire
+from .digest import BucketTable, check_bucket_count, pack_digests, same_state, unpack_digests
+from .errors import WireDecodeError, WireVersionError
+from .external import ExternalCache
+from .model import Entry, EntryKey
+
+_INF = math.inf
+_U64 = (1 << 64) - 1
+#: Buckets whose digests travel in one SUMMARY message.
+SUMMARY_CHUNK = wire.MAX_SUMMARY_DIGESTS
+#: The go-back timeout doubles on every repetition, up to this multiple of ack_timeout.
+_MAX_BACKOFF = 8
+_HEAP_SLACK = 1024
+
+
+@dataclass(frozen=True)
+class SyncParams:
+    """Tunables of a session. Both nodes must use the same ``buckets``."""
+
+    #: Digest buckets (a power of two).
+    buckets: int = 4096
+    #: Entries plus keys (plus bucket records) per CHANGES/BUCKETS message.
+    batch: int = 512
+    #: Unacknowledged entries in flight before sending pauses.
+    window: int = 16384
+    #: Pending keys beyond which they are folded into dirty buckets.
+    max_pending: int = 262144
+    #: Seconds without acknowledgement progress before going back and resending.
+    ack_timeout: float = 4.0
+    #: Send an ACK (keepalive) when nothing was sent for this long.
+    keepalive_interval: float = 1.0
+    #: Close the connection when nothing was received for this long.
+    dead_interval: float = 10.0
+    #: Seconds between anti-entropy digest resyncs (None: never).
+    anti_entropy_interval: float | None = 300.0
+    #: The node id the peer must announce (None: any id but ours).
+    peer_node_id: str | None = None
+
+    def __post_init__(self) -> None:
+        check_bucket_count(self.buckets)
+        if not 2 <= self.batch <= wire.MAX_ITEMS:
+            raise ValueError(f"batch must be within 2..{wire.MAX_ITEMS}")
+        if self.window < 1 or self.max_pending < 1:
+            raise ValueError("window and max_pending must be positive")
+        if not 0 < self.keepalive_interval < self.dead_interval:
+            raise ValueError("need 0 < keepalive_interval < dead_interval")
+        if self.ack_timeout <= 0:
+            raise ValueError("ack_timeout must be positive")
+        if self.anti_entropy_interval is not None and self.anti_entropy_interval <= 0:
+            raise ValueError("anti_entropy_interval must be positive or None")
+        if self.peer_node_id is not None:
+            _check_node_id(self.peer_node_id)
+
+
+def _check_node_id(node_id: str) -> None:
+    if not 1 <= len(node_id) <= wire.MAX_NODE_ID:
+        raise ValueError(f"node id must have 1..{wire.MAX_NODE_ID} characters")
+
+
+# --- events -------------------------------------------------------------------------
+
+Direction = Literal["send", "receive"]
+
+
+class PeerHello(NamedTuple):
+    """The peer identified itself. ``restarted``: its epoch differs from the last one
+    seen (it lost its external cache; the resync will send it everything)."""
+
+    node_id: str
+    epoch: int
+    restarted: bool
+
+
+class PeerUpserts(NamedTuple):
+    """Entries the peer created or changed (``timeout``: remaining seconds on arrival)."""
+
+    entries: tuple[Entry, ...]
+
+
+class PeerDeletes(NamedTuple):
+    """Entries removed from the external cache: deleted by the peer, or ``expired``."""
+
+    entries: tuple[Entry, ...]
+    expired: bool
+
+
+class ResyncStarted(NamedTuple):
+    """A resync began: of our table to the peer (``send``) or of the peer's to us."""
+
+    direction: Direction
+    resync_id: int
+    full: bool
+
+
+class ResyncCompleted(NamedTuple):
+    """A resync finished (``send``: the peer acknowledged its end). ``buckets`` and
+    ``entries``: what was replaced (sent or received) during it."""
+
+    direction: Direction
+    resync_id: int
+    full: bool
+    duration: float
+    buckets: int
+    entries: int
+
+
+class InSync(NamedTuple):
+    """The external cache became (True) or stopped being (False) a copy of the peer's
+    table: True at the first completed resync of a connection, False when it drops."""
+
+    in_sync: bool
+
+
+class ProtocolViolation(NamedTuple):
+    """The peer sent something undecodable or illegal (counted, logged, then closed)."""
+
+    reason: str
+
+
+class ConnectionTerminated(NamedTuple):
+    """The connection must be closed (after sending ``frames_to_send``): we closed it
+    because of a violation or a silent peer, or the peer closed it (``by_peer``)."""
+
+    reason: str
+    by_peer: bool
+
+
+Event = (
+    PeerHello | PeerUpserts | PeerDeletes | ResyncStarted | ResyncCompleted | InSync
+    | ProtocolViolation | ConnectionTerminated
+)  # fmt: skip
+
+
+@dataclass
+class SyncStats:
+    """Counters (monotonic) and lag measurements of a session."""
+
+    messages_sent: int = 0
+    bytes_sent: int = 0
+    messages_received: int = 0
+    bytes_received: int = 0
+    #: Upserts and deletes sent/received (CHANGES and BUCKETS).
+    entries_sent: int = 0
+    deletes_sent: int = 0
+    entries_received: int = 0
+    deletes_received: int = 0
+    expired: int = 0
+    decode_errors: int = 0
+    protocol_violations: int = 0
+    #: Messages received out of order / twice / from an abandoned stream (ignored).
+    out_of_order: int = 0
+    duplicates: int = 0
+    #: Go-backs: unacknowledged messages requeued and resent.
+    retransmits: int = 0
+    #: Times pending keys were folded into dirty buckets (max_pending reached).
+    folds: int = 0
+    resyncs_sent: int = 0
+    resyncs_received: int = 0
+    #: Buckets replaced on the peer by resyncs and folds.
+    buckets_sent: int = 0
+    connections: int = 0
+    #: Seconds from a local change to the ack of the message carrying it.
+    ack_lag_last: float = 0.0
+    ack_lag_max: float = 0.0
+
+
+# --- internal records ---------------------------------------------------------------
+
+
+class _Local:
+    """One entry of the local table with its timing."""
+
+    __slots__ = ("bucket", "deadline", "entry", "told")
+
+    def __init__(self, entry: Entry, deadline: float, bucket: int) -> None:
+        self.entry = entry
+        #: Local deadline: observation time + observed timeout (inf: none).
+        self.deadline = deadline
+        #: Deadline the peer was last told (-inf: never told).
+        self.told = -_INF
+        self.bucket = bucket
+
+
+_BEGIN, _SUMMARY, _DONE, _REQUEST = range(4)
+
+
+class _Ctl(NamedTuple):
+    """A control item to (re)send: BEGIN(id), SUMMARY(id, first), DONE(id), REQUEST."""
+
+    kind: int
+    resync_id: int = 0
+    first: int = 0
+
+
+class _Sent(NamedTuple):
+    """An unacknowledged sequenced message and what to requeue if it is lost."""
+
+    seq: int
+    weight: int
+    first_change: float | None
+    keys: tuple[EntryKey, ...]
+    buckets: tuple[int, ...]
+    control: _Ctl | None
+
+
+class _SendResync:
+    __slots__ = ("awaiting", "buckets", "done_sent", "entries", "full", "id", "started_at")
+
+    def __init__(self, rid: int, full: bool, now: float, awaiting: set[int]) -> None:
+        self.id = rid
+        self.full = full
+        self.started_at = now
+        #: First buckets of the SUMMARY chunks not received yet.
+        self.awaiting = awaiting
+        self.done_sent = False
+        self.buckets = 0
+        self.entries = 0
+
+
+class _RecvResync:
+    __slots__ = ("buckets", "entries", "full", "id", "started_at")
+
+    def __init__(self, rid: int, full: bool, now: float) -> None:
+        self.id = rid
+        self.full = full
+        self.started_at = now
+        self.buckets = 0
+        self.entries = 0
+
+
+class _Conn:
+    """Everything that lives exactly as long as one connection."""
+
+    def __init__(self, now: float, stream: int, rto: float) -> None:
+        self.last_recv = now
+        self.last_sent = now
+        self.hello_sent_at: float | None = None
+        self.hello_acked = False
+        self.peer: wire.Hello | None = None
+        self.terminated = False
+        self.out: list[bytes] = []
+        # sending half
+        self.stream_base = stream
+        self.stream = stream
+        self.next_seq = 0
+        self.inflight: deque[_Sent] = deque()
+        self.inflight_weight = 0
+        self.ack_deadline: float | None = None
+        self.rto = rto
+        self.control: deque[_Ctl] = deque()
+        #: Bucket being sent in parts: (bucket, its keys when the first part left,
+        #: how many of them are sent, when it became dirty).
+        self.sending_bucket: tuple[int, list[EntryKey], int, float] | None = None
+        self.send_resync: _SendResync | None = None
+        self.buckets_turn = False
+        self.next_anti_entropy: float | None = None
+        # receiving half
+        self.rstream = 0
+        self.rnext = 0
+        self.ack_owed = False
+        self.nack_owed = False
+        self.nacked: tuple[int, int] | None = None
+        self.recv_resync: _RecvResync | None = None
+        #: Buckets being replaced: keys not confirmed since the first part.
+        self.replacing: dict[int, set[EntryKey]] = {}
+        self.synced = False
+
+
+class _Violation(Exception):
+    pass
+
+
+class SyncSession:
+    """The sync protocol with one peer (see the module docstring)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        epoch: int,
+        *,
+        params: SyncParams | None = None,
+        accept: Callable[[Entry], bool] | None = None,
+    ) -> None:
+        _check_node_id(node_id)
+        if not 0 <= epoch <= _U64:
+            raise ValueError("epoch must be a 64-bit unsigned integer")
+        self.node_id = node_id
+        self.epoch = epoch
+        self.params = params if params is not None else SyncParams()
+        self._accept = accept
+        self._buckets = self.params.buckets
+        #: The peer's table as last heard (read it; the session maintains it).
+        self.external = ExternalCache(self._buckets)
+        self.stats = SyncStats()
+        self._records: dict[EntryKey, _Local] = {}
+        #: The local table, bucketed like the peer's copy of it.
+        self._table = BucketTable(self._buckets)
+        self._refresh: list[tuple[float, EntryKey]] = []
+        self._pending: dict[EntryKey, float] = {}
+        self._dirty: dict[int, float] = {}
+        self._events: deque[Event] = deque()
+        self._conn: _Conn | None = None
+        self._next_stream = 0
+        self._next_resync = 0
+        self._peer_epoch: int | None = None
+        self.peer_node_id: str | None = None
+        self._want_full_to_peer = False
+        self._want_full_from_peer = False
+
+    # --- read-only state -----------------------------------------------------------
+
+    @property
+    def connected(self) -> bool:
+        """A connection is up (``connection_made`` without ``connection_lost``)."""
+        return self._conn is not None
+
+    @property
+    def established(self) -> bool:
+        """Both HELLOs exchanged and the connection not terminated."""
+        c = self._conn
+        return c is not None and c.peer is not None and not c.terminated
+
+    @property
+    def in_sync(self) -> bool:
+        """The external cache is a copy of the peer's table (see :class:`InSync`)."""
+        c = self._conn
+        return c is not None and c.synced and not c.terminated
+
+    @property
+    def peer_epoch(self) -> int | None:
+        """The epoch the peer announced last (None: never heard from it)."""
+        return self._peer_epoch
+
+    @property
+    def local_count(self) -> int:
+        """Entries in the local table (after filtering)."""
+        return len(self._records)
+
+    @property
+    def pending_count(self) -> int:
+        """Keys waiting to be sent (coalesced)."""
+        return len(self._pending)
+
+    @property
+    def dirty_buckets(self) -> int:
+        """Buckets waiting to be sent whole."""
+        return len(self._dirty)
+
+    @property
+    def inflight(self) -> int:
+        """Entries (and control messages) sent and not yet acknowledged."""
+        return self._conn.inflight_weight if self._conn is not None else 0
+
+    @property
+    def send_idle(self) -> bool:
+        """Established, and nothing owed to the peer: no pending key or dirty bucket,
+        nothing unacknowledged, no resync of ours running, HELLO acknowledged."""
+        c = self._conn
+        return (
+            c is not None and c.peer is not None and not c.terminated and c.hello_acked
+            and not self._pending and not self._dirty and not c.inflight
+            and not c.control and c.sending_bucket is None and c.send_resync is None
+            and not self._want_full_from_peer
+        )  # fmt: skip
+
+    def replication_lag(self, now: float) -> float:
+        """Age of the oldest local change not yet acknowledged by the peer (0: none).
+
+        O(pending keys): meant for metrics scrapes, not for the hot path.
+        """
+        oldest = min(self._pending.values(), default=_INF)
+        oldest = min(oldest, min(self._dirty.values(), default=_INF))
+        if self._conn is not None:
+            for s in self._conn.inflight:
+                if s.first_change is not None and s.first_change < oldest:
+                    oldest = s.first_change
+        return 0.0 if oldest == _INF else max(0.0, now - oldest)
+
+    def local_entries(self) -> Iterator[Entry]:
+        """The local table as the session holds it (after filtering)."""
+        return (r.entry for r in self._records.values())
+
+    # --- events -----------------------------------------------------------------------
+
+    def next_event(self) -> Event | None:
+        """The oldest event not yet returned, or None."""
+        return self._events.popleft() if self._events else None
+
+    def events(self) -> Iterator[Event]:
+        """Drain the events (a generator over :meth:`next_event`)."""
+        while self._events:
+            yield self._events.popleft()
+
+    # --- local table ----------------------------------------------------------------
+
+    def local_update(self, entry: Entry, now: float) -> None:
+        """This node's table holds ``entry`` (a full entry) as of ``now``."""
+        if self._accept is not None and not self._accept(entry):
+            self.local_delete((entry[0], entry[3], entry[1]), now)
+            return
+        key = (entry[0], entry[3], entry[1])
+        timeout = entry[5]
+        deadline = _INF if timeout is None else now + timeout
+        rec = self._records.get(key)
+        if rec is None:
+            b = self._table.bucket_of(key)
+            self._records[key] = _Local(entry, deadline, b)
+            self._table.put(b, key, entry)
+            self._mark(key, now)
+            return
+        old = rec.entry
+        rec.entry = entry
+        rec.deadline = deadline
+        self._table.put(rec.bucket, key, entry)
+        if not same_state(old, entry):
+            self._mark(key, now)
+        elif deadline > rec.told:
+            # Only the timeout moved: refresh the peer's copy once it has less than
+            # half of the remaining lifetime left, i.e. from 2 * told - deadline on.
+            due = 2 * rec.told - deadline
+            if due <= now:
+                self._mark(key, now)
+            else:
+                self._push_refresh(due, key)
+
+    def local_delete(self, key: EntryKey | Entry, now: float) -> None:
+        """The entry with this key (or this entry's key) left this node's table."""
+        if isinstance(key, Entry):
+            key = key.key
+        rec = self._records.pop(key, None)
+        if rec is not None:
+            self._table.pop(rec.bucket, key)
+            self._mark(key, now)
+
+    def local_snapshot(self, entries: Iterable[Entry], now: float) -> None:
+        """This node's whole table as of ``now`` (after a dump or a reconciliation):
+        entries not in it are deleted, the others updated."""
+        seen = set()
+        accept = self._accept
+        for e in entries:
+            if accept is None or accept(e):
+                seen.add((e[0], e[3], e[1]))
+                self.local_update(e, now)
+        for key in [k for k in self._records if k not in seen]:
+            self.local_delete(key, now)
+
+    def _mark(self, key: EntryKey, now: float) -> None:
+        pending = self._pending
+        if key not in pending:
+            pending[key] = now
+            if len(pending) > self.params.max_pending:
+                self._fold()
+
+    def _fold(self) -> None:
+        # Bounded memory without loss: the pending keys become dirty buckets.
+        records, dirty = self._records, self._dirty
+        for key, t in self._pending.items():
+            rec = records.get(key)
+            b = rec.bucket if rec is not None else self._table.bucket_of(key)
+            if dirty.get(b, _INF) > t:
+                dirty[b] = t
+        self._pending.clear()
+        self.stats.folds += 1
+
+    def _push_refresh(self, due: float, key: EntryKey) -> None:
+        heapq.heappush(self._refresh, (due, key))
+        if len(self._refresh) > 2 * len(self._records) + _HEAP_SLACK:
+            self._refresh = [
+                (2 * r.told - r.deadline, k)
+                for k, r in self._records.items()
+                if r.deadline > r.told
+            ]
+            heapq.heapify(self._refresh)
+
+    def _run_refresh(self, now: float) -> None:
+        heap, records = self._refresh, self._records
+        while heap and heap[0][0] <= now:
+            _, key = heapq.heappop(heap)
+            rec = records.get(key)
+            # Skip superseded items: a still-due refresh satisfies the condition now.
+            if rec is not None and rec.deadline > rec.told and 2 * rec.told - rec.deadline <= now:
+                self._mark(key, now)
+
+    # --- operator requests ----------------------------------------------------------
+
+    def request_resync(self, now: float) -> None:
+        """Ask the peer to send its whole table (conntrackd ``-n``); kept until the
+        request is acknowledged, across disconnections."""
+        self._want_full_from_peer = True
+        c = self._conn
+        if c is not None and c.peer is not None and not c.terminated:
+            c.control.append(_Ctl(_REQUEST))
+
+    def bulk_send(self, now: float) -> None:
+        """Send the whole local table to the peer (conntrackd ``-B``): a full resync,
+        kept until it has completed, across disconnections."""
+        self._want_full_to_peer = True
+        c = self._conn
+        if c is not None and c.peer is not None and not c.terminated:
+            self._start_resync(c, now, full=True)
+
+    # --- connection -----------------------------------------------------------------
+
+    def connection_made(self, now: float) -> None:
+        """A transport to the peer is up (a previous one, if any, is considered lost)."""
+        if self._conn is not None:
+            self.connection_lost(now)
+        self._conn = _Conn(now, self._new_stream(), self.params.ack_timeout)
+        self.stats.connections += 1
+
+    def connection_lost(self, now: float) -> None:
+        """The transport is down: what was in flight is requeued for the next one."""
+        c = self._conn
+        if c is None:
+            return
+        self._requeue(c)
+        self._conn = None
+        if c.synced:
+            self._events.append(InSync(False))
+
+    def _new_stream(self) -> int:
+        s = self._next_stream
+        self._next_stream += 1
+        return s
+
+    def _requeue(self, c: _Conn) -> None:
+        """Give back what unacknowledged messages carried: keys, buckets, controls."""
+        pending, dirty = self._pending, self._dirty
+        controls = []
+        for s in c.inflight:
+            t = s.first_change if s.first_change is not None else _INF
+            for key in s.keys:
+                if pending.get(key, _INF) > t:
+                    pending[key] = t
+            for b in s.buckets:
+                if dirty.get(b, _INF) > t:
+                    dirty[b] = t
+            if s.control is not None:
+                if s.control.kind == _DONE:
+                    if c.send_resync is not None:
+                        c.send_resync.done_sent = False
+                else:
+                    controls.append(s.control)
+        if c.sending_bucket is not None:
+            b, _, _, t = c.sending_bucket
+            if dirty.get(b, _INF) > t:
+                dirty[b] = t
+            c.sending_bucket = None
+        c.control.extendleft(reversed(controls))
+        c.inflight.clear()
+        c.inflight_weight = 0
+        c.ack_deadline = None
+        if len(pending) > self.params.max_pending:
+            self._fold()
+
+    # --- receiving ------------------------------------------------------------------
+
+    def receive(self, payload: bytes, now: float) -> None:
+        """One frame's payload from the peer. Never raises on bad input: see events."""
+        c = self._conn
+        if c is None or c.terminated:
+            return
+        st = self.stats
+        st.messages_received += 1
+        st.bytes_received += len(payload)
+        c.last_recv = now
+        try:
+            msg = wire.decode(payload)
+        except WireVersionError as exc:
+            self._violation(c, str(exc), now)
+            return
+        except WireDecodeError as exc:
+            st.decode_errors += 1
+            self._violation(c, str(exc), now)
+            return
+        try:
+            if isinstance(msg, wire.Ack):
+                self._on_ack(c, msg, now)
+            elif isinstance(msg, wire.Hello):
+                self._on_hello(c, msg, now)
+            elif isinstance(msg, wire.Close):
+                c.terminated = True
+                self._events.append(ConnectionTerminated(msg.reason, by_peer=True))
+            else:
+                self._on_sequenced(c, msg, now)
+        except _Violation as exc:
+            self._violation(c, str(exc), now)
+
+    def _violation(self, c: _Conn, reason: str, now: float) -> None:
+        self.stats.protocol_violations += 1
+        self._events.append(ProtocolViolation(reason))
+        self._terminate(c, reason)
+
+    def _terminate(self, c: _Conn, reason: str) -> None:
+        c.terminated = True
+        c.out.append(wire.encode(wire.Close(reason[: wire.MAX_REASON])))
+        self._events.append(ConnectionTerminated(reason, by_peer=False))
+
+    def _on_hello(self, c: _Conn, msg: wire.Hello, now: float) -> None:
+        if c.peer is not None:
+            if msg != c.peer:
+                raise _Violation("HELLO changed during the connection")
+            c.ack_owed = True  # a repeated HELLO: our ACK tells the peer to stop
+            return
+        if msg.buckets != self._buckets:
+            raise _Violation(f"peer uses {msg.buckets} digest buckets, this node {self._buckets}")
+        if msg.node_id == self.node_id:
+            raise _Violation(f"peer announces this node's own id {msg.node_id!r}")
+        expected = self.params.peer_node_id
+        if expected is not None and msg.node_id != expected:
+            raise _Violation(f"peer announces node id {msg.node_id!r}, expected {expected!r}")
+        c.peer = msg
+        c.rstream = msg.stream_base
+        c.rnext = 0
+        c.ack_owed = True
+        restarted = self._peer_epoch is not None and self._peer_epoch != msg.epoch
+        self._peer_epoch = msg.epoch
+        self.peer_node_id = msg.node_id
+        self._events.append(PeerHello(msg.node_id, msg.epoch, restarted))
+        self._start_resync(c, now, full=self._want_full_to_peer)
+        if self._want_full_from_peer:
+            c.control.append(_Ctl(_REQUEST))
+        interval = self.params.anti_entropy_interval
+        c.next_anti_entropy = None if interval is None else now + interval
+
+    def _on_ack(self, c: _Conn, msg: wire.Ack, now: float) -> None:
+        if msg.stream > c.stream:
+            raise _Violation(f"ACK for stream {msg.stream}, never sent")
+        if msg.stream >= c.stream_base:
+            c.hello_acked = True
+        if msg.stream != c.stream:
+            return  # an abandoned stream: what it carried is already requeued
+        if msg.next_seq > c.next_seq:
+            raise _Violation(f"ACK of seq {msg.next_seq}, only {c.next_seq} sent")
+        inflight = c.inflight
+        if inflight and inflight[0].seq < msg.next_seq:
+            while inflight and inflight[0].seq < msg.next_seq:
+                self._acked(c, inflight.popleft(), now)
+            c.rto = self.params.ack_timeout
+            c.ack_deadline = now + c.rto if inflight else None
+        if msg.nack and inflight:
+            self._go_back(c)
+
+    def _acked(self, c: _Conn, s: _Sent, now: float) -> None:
+        c.inflight_weight -= s.weight
+        st = self.stats
+        if s.first_change is not None:
+            lag = now - s.first_change
+            st.ack_lag_last = lag
+            st.ack_lag_max = max(st.ack_lag_max, lag)
+        ctl = s.control
+        if ctl is None:
+            return
+        if ctl.kind == _REQUEST:
+            self._want_full_from_peer = False
+        elif ctl.kind == _DONE:
+            r = c.send_resync
+            if r is not None and r.id == ctl.resync_id:
+                c.send_resync = None
+                if r.full:
+                    self._want_full_to_peer = False
+                self._events.append(
+                    ResyncCompleted("send", r.id, r.full, now - r.started_at, r.buckets, r.entries)
+                )
+
+    def _go_back(self, c: _Conn) -> None:
+        self.stats.retransmits += 1
+        self._requeue(c)
+        c.stream = self._new_stream()
+        c.next_seq = 0
+
+    def _on_sequenced(self, c: _Conn, msg: wire.Sequenced, now: float) -> None:
+        st = self.stats
+        if c.peer is None:
+            st.out_of_order += 1  # before HELLO (a lossy link): resent later
+            return
+        c.ack_owed = True
+        if msg.stream < c.rstream:
+            st.duplicates += 1
+            return
+        if msg.stream > c.rstream:
+            c.rstream = msg.stream  # the sender went back: the old stream is dead
+            c.rnext = 0
+        if msg.seq != c.rnext:
+            if msg.seq < c.rnext:
+                st.duplicates += 1
+            else:
+                st.out_of_order += 1
+                if c.nacked != (c.rstream, c.rnext):
+                    c.nacked = (c.rstream, c.rnext)
+                    c.nack_owed = True
+            return
+        c.rnext += 1
+        if isinstance(msg, wire.Changes):
+            self._apply_changes(c, msg, now)
+        elif isinstance(msg, wire.Buckets):
+            self._apply_buckets(c, msg, now)
+        elif isinstance(msg, wire.ResyncBegin):
+            self._on_begin(c, msg, now)
+        elif isinstance(msg, wire.Summary):
+            self._on_summary(c, msg, now)
+        elif isinstance(msg, wire.ResyncDone):
+            self._on_done(c, msg, now)
+        else:
+            self._start_resync(c, now, full=msg.full)
+            self._want_full_to_peer = self._want_full_to_peer or msg.full
+
+    def _apply_changes(self, c: _Conn, msg: wire.Changes, now: float) -> None:
+        ext = self.external
+        bucket_of = ext.table.bucket_of
+        upsert = ext.upsert
+        replacing = c.replacing
+        ups = msg.upserts
+        for e in ups:
+            key = (e[0], e[3], e[1])
+            b = bucket_of(key)
+            upsert(b, e, now)
+            if replacing:
+                unconfirmed = replacing.get(b)
+                if unconfirmed is not None:
+                    unconfirmed.discard(key)
+        st = self.stats
+        if ups:
+            st.entries_received += len(ups)
+            self._events.append(PeerUpserts(ups))
+        if msg.deletes:
+            st.deletes_received += len(msg.deletes)
+            deleted = []
+            for key in msg.deletes:
+                old = ext.delete(bucket_of(key), key)
+                if old is not None:
+                    deleted.append(old)
+            if deleted:
+                self._events.append(PeerDeletes(tuple(deleted), expired=False))
+
+    def _apply_buckets(self, c: _Conn, msg: wire.Buckets, now: float) -> None:
+        ext = self.external
+        table = ext.table
+        bucket_of = table.bucket_of
+        changed: list[Entry] = []
+        deleted: list[Entry] = []
+        r = c.recv_resync
+        try:
+            for rec in msg.records:
+                b = rec.bucket
+                if b >= self._buckets:
+                    raise _Violation(f"bucket {b} beyond the bucket count")
+                if rec.first:
+                    unconfirmed = set(table.bucket(b))
+                    c.replacing[b] = unconfirmed
+                else:
+                    found = c.replacing.get(b)
+                    if found is None:
+                        raise _Violation(f"part of bucket {b} without its first part")
+                    unconfirmed = found
+                for e in rec.entries:
+                    key = (e[0], e[3], e[1])
+                    if bucket_of(key) != b:
+                        raise _Violation(f"entry sent in bucket {b}, not its own")
+                    old = ext.upsert(b, e, now)
+                    unconfirmed.discard(key)
+                    if old is None or not same_state(old, e):
+                        changed.append(e)
+                self.stats.entries_received += len(rec.entries)
+                if r is not None:
+                    r.entries += len(rec.entries)
+                if rec.last:
+                    del c.replacing[b]
+                    for key in unconfirmed:
+                        old = ext.delete(b, key)
+                        if old is not None:
+                            deleted.append(old)
+                    if r is not None:
+                        r.buckets += 1
+        finally:
+            # Report what was applied even if a later record was illegal.
+            if changed:
+                self._events.append(PeerUpserts(tuple(changed)))
+            if deleted:
+                self.stats.deletes_received += len(deleted)
+                self._events.append(PeerDeletes(tuple(deleted), expired=False))
+
+    def _on_begin(self, c: _Conn, msg: wire.ResyncBegin, now: float) -> None:
+        r = c.recv_resync
+        if r is None or r.id != msg.resync_id:
+            c.recv_resync = _RecvResync(msg.resync_id, msg.full, now)
+            self.stats.resyncs_received += 1
+            self._events.append(ResyncStarted("receive", msg.resync_id, msg.full))
+        if not msg.full:
+            c.control.extend(
+                _Ctl(_SUMMARY, msg.resync_id, first)
+                for first in range(0, self._buckets, SUMMARY_CHUNK)
+            )
+
+    def _on_summary(self, c: _Conn, msg: wire.Summary, now: float) -> None:
+        count = len(msg.digests) // wire.DIGEST_SIZE
+        if msg.first_bucket % SUMMARY_CHUNK or msg.first_bucket + count > self._buckets:
+            raise _Violation("SUMMARY does not cover a chunk of our buckets")
+        r = c.send_resync
+        if r is None or r.id != msg.resync_id:
+            return  # for a superseded resync
+        table, dirty = self._table, self._dirty
+        for b, theirs in enumerate(unpack_digests(msg.digests), msg.first_bucket):
+            if table.digest(b) != theirs and b not in dirty:
+                dirty[b] = now
+        r.awaiting.discard(msg.first_bucket)
+
+    def _on_done(self, c: _Conn, msg: wire.ResyncDone, now: float) -> None:
+        r = c.recv_resync
+        if r is None or r.id != msg.resync_id:
+            return  # a repeated DONE
+        c.recv_resync = None
+        self._events.append(
+            ResyncCompleted("receive", r.id, r.full, now - r.started_at, r.buckets, r.entries)
+        )
+        if not c.synced:
+            c.synced = True
+            self._events.append(InSync(True))
+
+    def _start_resync(self, c: _Conn, now: float, full: bool) -> None:
+        rid = self._next_resync
+        self._next_resync += 1
+        awaiting = set() if full else set(range(0, self._buckets, SUMMARY_CHUNK))
+        c.send_resync = _SendResync(rid, full, now, awaiting)
+        c.control.append(_Ctl(_BEGIN, rid))
+        if full:
+            dirty = self._dirty
+            for b in range(self._buckets):
+                dirty.setdefault(b, now)
+        self.stats.resyncs_sent += 1
+        self._events.append(ResyncStarted("send", rid, full))
+
+    # --- timers -------------------------------------------------------------------------
+
+    def next_timer(self) -> float | None:
+        """When :meth:`handle_timer` must be called next (None: no timer pending)."""
+        times = [self._refresh[0][0]] if self._refresh else []
+        expiry = self.external.next_expiry()
+        if expiry is not None:
+            times.append(expiry)
+        c = self._conn
+        if c is not None and not c.terminated:
+            p = self.params
+            times.append(c.last_recv + p.dead_interval)
+            if not c.hello_acked and c.hello_sent_at is not None:
+                times.append(c.hello_sent_at + c.rto)
+            if c.peer is not None:
+                times.append(c.last_sent + p.keepalive_interval)
+            if c.ack_deadline is not None:
+                times.append(c.ack_deadline)
+            if c.next_anti_entropy is not None:
+                times.append(c.next_anti_entropy)
+        return min(times, default=None)
+
+    def handle_timer(self, now: float) -> None:
+        """Run whatever is due at ``now``: expiry, refreshes, keepalive, resends,
+        dead-peer detection, anti-entropy."""
+        expired = self.external.expire(now)
+        if expired:
+            self.stats.expired += len(expired)
+            self._events.append(PeerDeletes(tuple(expired), expired=True))
+        self._run_refresh(now)
+        c = self._conn
+        if c is None or c.terminated:
+            return
+        p = self.params
+        if now >= c.last_recv + p.dead_interval:
+            self._terminate(c, f"nothing received from the peer for {p.dead_interval:g} s")
+            return
+        if c.ack_deadline is not None and now >= c.ack_deadline:
+            self._go_back(c)
+            c.rto = min(2 * c.rto, _MAX_BACKOFF * p.ack_timeout)
+        if c.peer is not None and now >= c.last_sent + p.keepalive_interval:
+            c.ack_owed = True
+        if c.next_anti_entropy is not None and now >= c.next_anti_entropy:
+            assert p.anti_entropy_interval is not None
+            c.next_anti_entropy = now + p.anti_entropy_interval
+            if c.send_resync is None:
+                self._start_resync(c, now, full=False)
+
+    # --- sending ------------------------------------------------------------------------
+
+    def frames_to_send(self, now: float) -> list[bytes]:
+        """Payloads to send now, in order (each one frame of :mod:`replicator.framing`)."""
+        c = self._conn
+        if c is None:
+            return []
+        out, c.out = c.out, []
+        if not c.terminated:
+            if not c.hello_acked and (c.hello_sent_at is None or now >= c.hello_sent_at + c.rto):
+                c.hello_sent_at = now
+                out.append(wire.encode(wire.Hello(
+                    wire.PROTOCOL_VERSION, self.node_id, self.epoch, self._buckets,
+                    c.stream_base)))  # fmt: skip
+            if c.peer is not None:
+                self._fill(c, now, out)
+                if c.ack_owed:
+                    out.append(wire.encode(wire.Ack(c.rstream, c.rnext, c.nack_owed)))
+                    c.ack_owed = c.nack_owed = False
+        if out:
+            c.last_sent = now
+            st = self.stats
+            st.messages_sent += len(out)
+            st.bytes_sent += sum(map(len, out))
+        return out
+
+    def _fill(self, c: _Conn, now: float, out: list[bytes]) -> None:
+        """Send sequenced messages while the window allows."""
+        window = self.params.window
+        while c.inflight_weight < window:
+            if c.control:
+                self._send_control(c, c.control.popleft(), now, out)
+                continue
+            has_buckets = bool(self._dirty) or c.sending_bucket is not None
+            # While a resync waits for the peer's digests, changes wait too: most of
+            # them will travel inside the differing buckets anyway.
+            r = c.send_resync
+            changes = bool(self._pending) and (r is None or not r.awaiting)
+            if changes and not (c.buckets_turn and has_buckets):
+                self._send_changes(c, now, out)
+            elif has_buckets:
+                self._send_buckets(c, now, out)
+            else:
+                if r is not None and not r.done_sent and not r.awaiting:
+                    r.done_sent = True
+                    data = wire.encode(wire.ResyncDone(c.stream, c.next_seq, r.id))
+                    self._sent(c, out, data, now, control=_Ctl(_DONE, r.id))
+                return
+            c.buckets_turn = not c.buckets_turn
+
+    def _sent(
+        self,
+        c: _Conn,
+        out: list[bytes],
+        data: bytes,
+        now: float,
+        *,
+        weight: int = 1,
+        first_change: float | None = None,
+        keys: tuple[EntryKey, ...] = (),
+        buckets: tuple[int, ...] = (),
+        control: _Ctl | None = None,
+    ) -> None:
+        c.inflight.append(_Sent(c.next_seq, weight, first_change, keys, buckets, control))
+        c.next_seq += 1
+        c.inflight_weight += weight
+        if c.ack_deadline is None:
+            c.ack_deadline = now + c.rto
+        out.append(data)
+
+    def _remaining(self, rec: _Local, now: float) -> int | None:
+        """The timeout to send for ``rec`` now; notes that the peer was told it."""
+        if rec.deadline == _INF:
+            rec.told = _INF
+            return None
+        remaining = max(0, math.ceil(rec.deadline - now))
+        rec.told = now + remaining
+        return remaining
+
+    def _send_changes(self, c: _Conn, now: float, out: list[bytes]) -> None:
+        pending, records, dirty = self._pending, self._records, self._dirty
+        keys = []
+        ups: list[wire.TimedEntry] = []
+        dels: list[EntryKey] = []
+        first = _INF
+        for key in tuple(islice(pending, self.params.batch)):
+            t = pending.pop(key)
+            rec = records.get(key)
+            if rec is None:
+                dels.append(key)
+            elif rec.bucket in dirty:
+                # Its bucket will be sent whole, with this key's state at that time.
+                dirty[rec.bucket] = min(dirty[rec.bucket], t)
+                continue
+            else:
+                ups.append((rec.entry, self._remaining(rec, now)))
+            keys.append(key)
+            first = min(first, t)
+        if not keys:
+            return
+        data = wire.encode_changes(c.stream, c.next_seq, ups, dels)
+        self.stats.entries_sent += len(ups)
+        self.stats.deletes_sent += len(dels)
+        self._sent(c, out, data, now, weight=len(keys), first_change=first, keys=tuple(keys))
+
+    def _send_buckets(self, c: _Conn, now: float, out: list[bytes]) -> None:
+        budget = self.params.batch
+        records, dirty, pending = self._records, self._dirty, self._pending
+        parts: list[tuple[int, bool, bool, list[wire.TimedEntry]]] = []
+        first_change = _INF
+        n_entries = 0
+        while budget >= 2 and (dirty or c.sending_bucket is not None):
+            if c.sending_bucket is None:
+                b = next(iter(dirty))
+                t = dirty.pop(b)
+                keys, done, first = list(self._table.bucket(b)), 0, True
+            else:
+                b, keys, done, t = c.sending_bucket
+                first = False
+            chunk = keys[done : done + budget - 1]
+            done += len(chunk)
+            last = done >= len(keys)
+            entries: list[wire.TimedEntry] = []
+            for key in chunk:
+                rec = records.get(key)
+                if rec is not None:
+                    entries.append((rec.entry, self._remaining(rec, now)))
+                    # The bucket carries this key's current state: no need to send
+                    # it again as a change.
+                    first_change = min(first_change, pending.pop(key, _INF))
+            parts.append((b, first, last, entries))
+            c.sending_bucket = None if last else (b, keys, done, t)
+            budget -= 1 + len(chunk)
+            n_entries += len(entries)
+            first_change = min(first_change, t)
+            if last:
+                self.stats.buckets_sent += 1
+        r = c.send_resync
+        if r is not None:
+            r.entries += n_entries
+            r.buckets += sum(1 for p in parts if p[2])
+        self.stats.entries_sent += n_entries
+        data = wire.encode_buckets(c.stream, c.next_seq, parts)
+        self._sent(c, out, data, now, weight=max(1, n_entries),
+                   first_change=None if first_change == _INF else first_change,
+                   buckets=tuple(p[0] for p in parts))  # fmt: skip
+
+    def _send_control(self, c: _Conn, ctl: _Ctl, now: float, out: list[bytes]) -> None:
+        msg: wire.Message
+        if ctl.kind == _BEGIN:
+            r = c.send_resync
+            if r is None or r.id != ctl.resync_id:
+                return  # superseded
+            msg = wire.ResyncBegin(c.stream, c.next_seq, r.id, r.full)
+        elif ctl.kind == _SUMMARY:
+            count = min(SUMMARY_CHUNK, self._buckets - ctl.first)
+            digests = pack_digests(self.external.table.digests(ctl.first, count))
+            msg = wire.Summary(c.stream, c.next_seq, ctl.resync_id, ctl.first, digests)
+        else:
+            msg = wire.ResyncRequest(c.stream, c.next_seq, True)
+        self._sent(c, out, wire.encode(msg), now, control=ctl)
