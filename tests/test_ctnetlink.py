@@ -46,6 +46,7 @@ from replicator.model import (
     Status,
     TcpFlag,
     TcpInfo,
+    TcpState,
     dnat_target,
     invert,
     snat_target,
@@ -109,7 +110,9 @@ def test_fixture_covers_the_interesting_cases() -> None:
     assert {e.kind for e in events} == set(EventKind)
     assert {e.family for e in everything} == {AF_INET, AF_INET6}
     assert {IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_ICMPV6, IPPROTO_SCTP,
-            IPPROTO_GRE} <= {e.orig.proto for e in everything}
+            IPPROTO_GRE, IPPROTO_UDPLITE} <= {e.orig.proto for e in everything}
+    assert any(not e.status & Status.SEEN_REPLY for e in dumped)
+    assert any(e.tcp and e.tcp.state == TcpState.ESTABLISHED for e in dumped)
     assert any(snat_target(e) for e in dumped)
     assert any(dnat_target(e) for e in dumped)
     assert any(e.mark for e in dumped)
@@ -141,9 +144,11 @@ def test_event_partial_semantics() -> None:
     update = [e.entry for e in events if e.kind == EventKind.UPDATE]
     assert all(e.mark is not None for e in new)
     # DESTROY reports the TCP state only (no window scale, no flags); after a flush
-    # it still carries the remaining timeout (the kernel omits it only when zero).
-    assert destroy
+    # it still carries the remaining timeout, which the kernel omits only when zero
+    # (the fixture's expired entry).
     assert all(e.tcp is None or e.tcp[1:] == (0, 0, 0, 0) for e in destroy)
+    assert any(e.timeout is None for e in destroy)
+    assert any(e.timeout for e in destroy)
     assert any(e.mark is None for e in update)      # mark only when non-zero or changed
 
 

@@ -39,6 +39,8 @@ from replicator.model import (
     AF_INET6,
     IPPROTO_GRE,
     IPPROTO_SCTP,
+    IPPROTO_UDP,
+    IPPROTO_UDPLITE,
     CtTuple,
     Entry,
     SctpInfo,
@@ -109,8 +111,12 @@ def ftp(c):
     c.sendall(b"227 Entering Passive Mode (10,0,2,2,39,16).\r\n"); c.recv(1024); c.close()
 def data(c):
     c.sendall(b"x" * 100); c.close()
+held = []
+def hold(c):
+    held.append(c); c.recv(1024); c.sendall(b"ok")
 for fam in (socket.AF_INET, socket.AF_INET6):
     tcp(80, fam, http)
+    tcp(7, fam, hold)
 tcp(21, socket.AF_INET, ftp)
 tcp(10000, socket.AF_INET, data)
 def udp(port, fam):
@@ -149,9 +155,18 @@ c.recv(1024); c.sendall(b"PASV\r\n"); c.recv(1024)
 d = socket.create_connection(("10.0.2.2", 10000), timeout=5)
 while d.recv(1024): pass
 d.close(); c.sendall(b"QUIT\r\n"); c.close()
-# A long-lived connection so the dump sees an ESTABLISHED entry with window scaling.
-k = socket.create_connection(("10.0.2.2", 80), timeout=5)
-k.sendall(b"GET / HTTP/1.0\r\n\r\n")
+# Long-lived connections so the dump sees ESTABLISHED entries with window scaling.
+kept = []
+for addr in ("10.0.2.2", "fd02::2"):
+    k = socket.create_connection((addr, 7), timeout=5)
+    k.sendall(b"hi"); k.recv(10); kept.append(k)
+# Unanswered: a SYN the server drops (SYN_SENT, [UNREPLIED]) and UDP to a closed port.
+try:
+    socket.create_connection(("10.0.2.2", 9), timeout=0.3)
+except OSError:
+    pass
+u = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+u.sendto(b"x", ("10.0.2.2", 9999)); u.close()
 print("done", flush=True)
 time.sleep(60)
 """
@@ -174,7 +189,13 @@ def build(the_lab: Lab) -> tuple[Netns, Netns, Netns]:
     fw.sysctl("net.ipv4.ip_forward", 1)
     fw.sysctl("net.ipv6.conf.all.forwarding", 1)
     fw.sysctl("net.netfilter.nf_conntrack_events", 1)
+    # Counters and timestamps: attributes the decoder must skip, fields the text
+    # parser must drop.
+    fw.sysctl("net.netfilter.nf_conntrack_acct", 1)
+    fw.sysctl("net.netfilter.nf_conntrack_timestamp", 1)
     fw.nft(RULESET)
+    server.nft("table inet sink {\n chain input {\n type filter hook input priority 0;\n"
+               " tcp dport 9 drop\n }\n}\n")
     return client, fw, server
 
 
@@ -244,20 +265,29 @@ def dump(sock: socket.socket, family: int = 0) -> list[bytes]:
 
 
 def synthetic_entries() -> list[Entry]:
-    """Entries packets cannot make here: SCTP (with vtags), GRE (with keys)."""
+    """Entries packets cannot make here: SCTP (with vtags), GRE (with keys), UDP-Lite."""
     a, b = bytes([10, 0, 1, 2]), bytes([10, 0, 2, 2])
     a6, b6 = bytes.fromhex("fd01" + "00" * 13 + "02"), bytes.fromhex("fd02" + "00" * 13 + "02")
     status = Status.SEEN_REPLY | Status.ASSURED
     sctp = CtTuple(a, b, IPPROTO_SCTP, 5000, 38412)
     sctp6 = CtTuple(a6, b6, IPPROTO_SCTP, 5001, 38412)
     gre = CtTuple(a, b, IPPROTO_GRE, 0x1234, 0x5678)
+    lite = CtTuple(a6, b6, IPPROTO_UDPLITE, 7000, 7001)
     return [
         Entry(AF_INET, sctp, invert(sctp), status=status, timeout=300, mark=5,
               sctp=SctpInfo(SctpState.ESTABLISHED, 0xDEADBEEF, 0x01020304)),
         Entry(AF_INET6, sctp6, invert(sctp6), zone=9, status=status, timeout=300,
               sctp=SctpInfo(SctpState.COOKIE_WAIT, 7, 0)),
         Entry(AF_INET, gre, invert(gre), status=status, timeout=600),
+        Entry(AF_INET6, lite, invert(lite), timeout=120, mark=0xFFFFFFFF),
     ]
+
+
+def expiring_entry() -> Entry:
+    """An entry that times out during the run: the dump evicts it, and its DESTROY
+    event then carries no CTA_TIMEOUT (the kernel omits a zero timeout)."""
+    t = CtTuple(bytes([10, 0, 1, 2]), bytes([10, 0, 2, 2]), IPPROTO_UDP, 4444, 4445)
+    return Entry(AF_INET, t, invert(t), timeout=1)
 
 
 def capture(out: Path) -> None:
@@ -269,6 +299,7 @@ def capture(out: Path) -> None:
         srv = the_lab.spawn(server, [sys.executable, "-c", SERVER], stdout=-1)
         assert srv.stdout is not None
         srv.stdout.readline()
+        request(control, [ctnetlink.encode_create(expiring_entry(), 99, ack=True)])
         client.run(["ping", "-c", "2", "-i", "0.2", "10.0.2.2"])
         client.run(["ping", "-6", "-c", "2", "-i", "0.2", "fd02::2"])
         cli = the_lab.spawn(client, [sys.executable, "-c", CLIENT], stdout=-1)
@@ -280,7 +311,7 @@ def capture(out: Path) -> None:
         if bad:
             raise RuntimeError(f"injecting synthetic entries failed: {bad} "
                                f"({[os.strerror(e) for _, e in bad]})")
-        time.sleep(0.3)
+        time.sleep(1.2)  # the expiring entry is gone by now
         records = [(EVENT, d) for d in drain(events)]
         records += [(DUMP, d) for d in dump(control)]
         text = conntrack_listing(fw)
