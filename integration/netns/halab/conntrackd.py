@@ -124,8 +124,6 @@ class ConntrackdReplication(Replication):
     ``DisableExternalCache on``: states go straight into the backup's kernel table.
     """
 
-    name = "conntrackd"
-
     def __init__(self, *, external_cache: bool = True) -> None:
         self.external_cache = external_cache
         self.name = f"conntrackd ({'external cache' if external_cache else 'no external cache'})"
@@ -135,9 +133,9 @@ class ConntrackdReplication(Replication):
         wd = fw.workdir
         return wd / "conntrackd.conf", wd / "conntrackd.lock", wd / "transitions-ctd.log"
 
-    def _ctl(self, fw: Firewall, *args: str, check: bool = True) -> str:
+    def _ctl(self, fw: Firewall, *args: str) -> str:
         conf, _, _ = self._paths(fw)
-        return fw.ns.run([BINARY, "-C", str(conf), *args], check=check).stdout
+        return fw.ns.run([BINARY, "-C", str(conf), *args]).stdout
 
     def _launch(self, fw: Firewall) -> None:
         assert self._ha is not None

@@ -339,8 +339,12 @@ class Drill:
         if event.kind is EventKind.FAILBACK:
             new_master = fw.name
         else:
-            if self.master() != fw.name:
-                raise DrillError(f"{event}: fw{fw.name} is not the master")
+            # Waits out a moment of two masters (e.g. the backup's start-up under load).
+            deadline = time.monotonic() + cfg.takeover_timeout
+            while self.master() != fw.name:
+                if time.monotonic() > deadline:
+                    raise DrillError(f"{event}: fw{fw.name} is not the master")
+                time.sleep(0.01)
             new_master = self.ha.peer(fw).name
         drivers = self._drivers()
         try:

@@ -80,7 +80,7 @@ def counters(fw: Firewall) -> dict[str, int]:
     found: dict[str, int] = {}
     for item in json.loads(out)["nftables"]:
         counter = item.get("counter")
-        if counter is not None:
+        if counter is not None and counter["name"] in COUNTERS:
             found[counter["name"]] = int(counter["packets"])
     return found
 
