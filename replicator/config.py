@@ -30,6 +30,7 @@ from typing import Any, Literal, NamedTuple
 from . import keys
 from .errors import ConfigError
 from .model import TcpState
+from .wire import MAX_BUCKETS, MAX_ITEMS
 
 DEFAULT_CONFIG_PATH = Path("/etc/replicator/replicator.toml")
 DEFAULT_PORT = 3790
@@ -94,6 +95,30 @@ def _seconds(lo: float, hi: float) -> Parser:
         if not lo <= value <= hi:  # also refuses nan
             raise _Invalid(f"must be between {lo} and {hi} seconds, not {value}")
         return float(value)
+
+    return parse
+
+
+def _seconds_or_off(lo: float, hi: float) -> Parser:
+    seconds = _seconds(lo, hi)
+
+    def parse(value: object) -> float | None:
+        if value == 0 and not isinstance(value, bool):
+            return None
+        parsed: float = seconds(value)
+        return parsed
+
+    return parse
+
+
+def _power_of_two(lo: int, hi: int) -> Parser:
+    integer = _integer(lo, hi)
+
+    def parse(value: object) -> int:
+        number: int = integer(value)
+        if number & (number - 1):
+            raise _Invalid(f"must be a power of two, not {number}")
+        return number
 
     return parse
 
@@ -239,6 +264,7 @@ def _endpoint_or_off(value: object) -> Endpoint | None:
 # --- the schema ---------------------------------------------------------------------
 
 _NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,62}"
+_NODE_NAME = _pattern(_NAME, "a node name (letters, digits, '.', '_', '-')")
 _PORT = _integer(1, 65535)
 
 
@@ -246,31 +272,37 @@ _PORT = _integer(1, 65535)
 class NodeConfig:
     """[node]: this node."""
 
-    name: str = field(
-        metadata=_leaf(_pattern(_NAME, "a node name (letters, digits, '.', '_', '-')"))
-    )
+    name: str = field(metadata=_leaf(_NODE_NAME))
 
 
 @dataclasses.dataclass(frozen=True)
 class TimersConfig:
-    """[sync.timers]: the sync protocol's timers and sizes."""
+    """[sync.timers]: the sync protocol's timers (:class:`replicator.sync.SyncParams`)."""
 
-    ack_interval: float = field(default=0.05, metadata=_leaf(_seconds(0.001, 10.0)))
-    alive_interval: float = field(default=1.0, metadata=_leaf(_seconds(0.05, 60.0)))
-    anti_entropy_interval: float = field(default=60.0, metadata=_leaf(_seconds(1.0, 86400.0)))
-    resync_buckets: int = field(default=256, metadata=_leaf(_integer(1, 65536)))
-    window: int = field(default=4096, metadata=_leaf(_integer(1, 1 << 20)))
+    ack_timeout: float = field(default=4.0, metadata=_leaf(_seconds(0.01, 600.0)))
+    keepalive_interval: float = field(default=1.0, metadata=_leaf(_seconds(0.01, 600.0)))
+    dead_interval: float = field(default=10.0, metadata=_leaf(_seconds(0.02, 3600.0)))
+    #: None: never (written as 0 in the file).
+    anti_entropy_interval: float | None = field(
+        default=300.0, metadata=_leaf(_seconds_or_off(1.0, 86400.0))
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class SyncConfig:
-    """[sync]: the link to the peer."""
+    """[sync]: the link to the peer and the sync protocol's sizes."""
 
     listen_address: IPAddress = field(metadata=_leaf(_ip_address))
     peer_address: IPAddress = field(metadata=_leaf(_ip_address))
     listen_port: int = field(default=DEFAULT_PORT, metadata=_leaf(_PORT))
     peer_port: int = field(default=DEFAULT_PORT, metadata=_leaf(_PORT))
+    #: The node name the peer must announce; None accepts any name but ours.
+    peer_name: str | None = field(default=None, metadata=_leaf(_NODE_NAME))
     mode: Literal["cache", "hot"] = field(default="cache", metadata=_leaf(_choice("cache", "hot")))
+    buckets: int = field(default=4096, metadata=_leaf(_power_of_two(1, MAX_BUCKETS)))
+    batch: int = field(default=512, metadata=_leaf(_integer(2, MAX_ITEMS)))
+    window: int = field(default=16384, metadata=_leaf(_integer(1, 1 << 24)))
+    max_pending: int = field(default=262144, metadata=_leaf(_integer(1, 1 << 26)))
     timers: TimersConfig = field(default_factory=TimersConfig, metadata=_table(TimersConfig))
 
     @property
@@ -532,6 +564,14 @@ def _contradiction(config: Config) -> tuple[str, str] | None:
         return "sync.peer_address", (
             f"{sync.peer_address} is IPv4 but sync.listen_address {sync.listen_address} is IPv6"
         )
+    timers = sync.timers
+    if timers.keepalive_interval >= timers.dead_interval:
+        return "sync.timers.dead_interval", (
+            f"{timers.dead_interval} s must be longer than sync.timers.keepalive_interval "
+            f"{timers.keepalive_interval} s, or a quiet link would be declared dead"
+        )
+    if sync.peer_name is not None and sync.peer_name == config.node.name:
+        return "sync.peer_name", f"{sync.peer_name!r} is this node's own name (node.name)"
     if not config.tls.peer_certs and not config.tls.peer_fingerprints:
         return "tls.peer_fingerprints", (
             "no way to authenticate the peer: set tls.peer_fingerprints or tls.peer_certs"

@@ -60,7 +60,10 @@ def test_minimal_config_gets_the_defaults() -> None:
     assert config.node.name == "fw-a"
     assert config.sync.peer == Endpoint(ipaddress.ip_address("192.0.2.2"), 3790)
     assert config.sync.mode == "cache"
-    assert config.sync.timers.alive_interval == 1.0
+    assert config.sync.timers.keepalive_interval == 1.0
+    assert config.sync.timers.anti_entropy_interval == 300.0
+    assert config.sync.buckets == 4096
+    assert config.sync.peer_name is None
     assert config.tls.peer_fingerprints == (FP,)
     assert config.tls.peer_certs == ()
     assert config.kernel.netns is None
@@ -103,7 +106,8 @@ def test_values_are_normalised() -> None:
             "[metrics]",
             'address = "[::1]:9478"',
             "[sync.timers]",
-            "ack_interval = 1",
+            "ack_timeout = 1",
+            "anti_entropy_interval = 0",
         ).replace(FP, "SHA256:" + "AB:" * 31 + "AB")
     )
     assert config.filters.ignore_protocols == (6, 17, 47)
@@ -112,8 +116,9 @@ def test_values_are_normalised() -> None:
     assert config.control.mode == 0o600
     assert config.metrics.address is not None
     assert str(config.metrics.address) == "[::1]:9478"
-    assert config.sync.timers.ack_interval == 1.0
-    assert isinstance(config.sync.timers.ack_interval, float)
+    assert config.sync.timers.ack_timeout == 1.0
+    assert isinstance(config.sync.timers.ack_timeout, float)
+    assert config.sync.timers.anti_entropy_interval is None
     assert config.tls.peer_fingerprints == (FP,)
 
 
@@ -139,9 +144,9 @@ def test_unknown_table() -> None:
 
 
 def test_unknown_key_in_a_nested_table() -> None:
-    text = with_lines("[sync.timers]", "ack_intervall = 0.1")
-    line = text.splitlines().index("ack_intervall = 0.1") + 1
-    assert error_of(text) == f"sync.timers.ack_intervall: unknown key (line {line})"
+    text = with_lines("[sync.timers]", "ack_timout = 0.1")
+    line = text.splitlines().index("ack_timout = 0.1") + 1
+    assert error_of(text) == f"sync.timers.ack_timout: unknown key (line {line})"
 
 
 def test_unknown_key_in_an_inline_table_points_at_the_table() -> None:
@@ -162,13 +167,12 @@ def test_unknown_key_in_a_dotted_assignment() -> None:
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["[sync.timers]", 'window = "10"'], "sync.timers.window: must be an integer, not string"),
-        (["[sync.timers]", "window = 1.5"], "sync.timers.window: must be an integer, not float"),
-        (["[sync.timers]", "window = true"], "sync.timers.window: must be an integer, not boolean"),
-        (["[sync.timers]", "window = 0"], "sync.timers.window: must be between 1 and 1048576"),
-        (["[sync.timers]", "alive_interval = -1"], "sync.timers.alive_interval: must be between"),
-        (["[sync.timers]", "alive_interval = nan"], "sync.timers.alive_interval: must be between"),
-        (["[sync.timers]", "alive_interval = false"], "must be a number of seconds, not boolean"),
+        (["[sync.timers]", 'ack_timeout = "4"'], "sync.timers.ack_timeout: must be a number of"),
+        (["[sync.timers]", "keepalive_interval = -1"], "sync.timers.keepalive_interval: must be"),
+        (["[sync.timers]", "keepalive_interval = nan"], "sync.timers.keepalive_interval: must be"),
+        (["[sync.timers]", "dead_interval = false"], "must be a number of seconds, not boolean"),
+        (["[sync.timers]", "anti_entropy_interval = 0.5"], "must be between 1.0 and 86400.0"),
+        (["[sync.timers]", "anti_entropy_interval = false"], "not boolean"),
         (["[kernel]", "rcvbuf_bytes = 1024"], "kernel.rcvbuf_bytes: must be between 65536"),
         (["[kernel]", 'netns = "bad name"'], "kernel.netns: 'bad name' is not a network namespace"),
         (["[kernel]", 'conntrack_events = "on"'], "kernel.conntrack_events: must be one of"),
@@ -209,6 +213,31 @@ def test_bad_values_are_refused_naming_the_key(extra: list[str], message: str) -
     assert message in error
     bad_line = text.splitlines().index(extra[-1]) + 1
     assert error.endswith(f"(line {bad_line})")
+
+
+SYNC_LINE = 'peer_address = "192.0.2.2"'
+
+
+@pytest.mark.parametrize(
+    ("setting", "message"),
+    [
+        ('window = "10"', "sync.window: must be an integer, not string"),
+        ("window = 1.5", "sync.window: must be an integer, not float"),
+        ("window = true", "sync.window: must be an integer, not boolean"),
+        ("window = 0", "sync.window: must be between 1 and 16777216, not 0"),
+        ("buckets = 1000", "sync.buckets: must be a power of two, not 1000"),
+        ("buckets = 131072", "sync.buckets: must be between 1 and 65536"),
+        ("batch = 1", "sync.batch: must be between 2 and 2048, not 1"),
+        ("max_pending = 0", "sync.max_pending: must be between 1"),
+        ('peer_name = "fw b"', "sync.peer_name: 'fw b' is not a node name"),
+    ],
+)
+def test_bad_sync_sizes(setting: str, message: str) -> None:
+    text = MINIMAL.replace(SYNC_LINE, f"{SYNC_LINE}\n{setting}")
+    line = text.splitlines().index(setting) + 1
+    error = error_of(text)
+    assert error.startswith(message)
+    assert error.endswith(f"(line {line})")
 
 
 @pytest.mark.parametrize(
@@ -480,7 +509,7 @@ def test_load_config_file_errors(tmp_path: Path) -> None:
 
 def test_schema_keys_cover_every_dataclass_leaf() -> None:
     keys = {key.path: key for key in schema_keys()}
-    assert keys["sync.timers.window"].required is False
+    assert keys["sync.window"].required is False
     assert keys["node.name"].required is True
     assert keys["log.level"].reloadable is True
     assert keys["sync.peer_address"].reloadable is False
@@ -498,12 +527,12 @@ def test_diff_reloadable_splits_live_and_restart() -> None:
             "[kernel]",
             "rcvbuf_bytes = 1048576",
             "[sync.timers]",
-            "window = 10",
+            "keepalive_interval = 2",
         )
     )
     assert diff_reloadable(old, new) == (
         ("filters.zones", "log.level"),
-        ("sync.timers.window", "kernel.rcvbuf_bytes"),
+        ("sync.timers.keepalive_interval", "kernel.rcvbuf_bytes"),
     )
     assert diff_reloadable(old, old) == ((), ())
 
