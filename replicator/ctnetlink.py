@@ -13,6 +13,10 @@ the kernel rules measured in ``shared/notes/ctnetlink.md`` ("Writing the table")
   tuple and ignores the reply), and no NAT or master (``EOPNOTSUPP`` on an existing entry);
 * delete: original tuple and zone.
 
+Encoders take well-formed entries as :mod:`replicator.model` describes them: addresses
+of 4 bytes (AF_INET) or 16 (AF_INET6) matching the family, 16 label bytes. Entries from
+this decoder and from :mod:`replicator.wire` are checked to be so.
+
 Attribute numbers are literals checked against pyroute2's ``nfct_msg`` by the unit tests.
 Every decoder raises only :class:`~replicator.errors.NetlinkDecodeError` (or
 :class:`~replicator.errors.KernelError` for an error report in a dump) on any input.
@@ -26,6 +30,8 @@ from typing import Final
 
 from .errors import KernelError, NetlinkDecodeError
 from .model import (
+    AF_INET,
+    AF_INET6,
     ICMP_PROTOCOLS,
     IPPROTO_ICMPV6,
     IPPROTO_SCTP,
@@ -147,6 +153,7 @@ _BE16 = struct.Struct("!H").unpack_from
 _BE32 = struct.Struct("!I").unpack_from
 _new = tuple.__new__
 _NEW, _UPDATE, _DESTROY = EventKind.NEW, EventKind.UPDATE, EventKind.DESTROY
+_ADDR_SIZE = {AF_INET: 4, AF_INET6: 16}
 
 
 def _bad(what: str, off: int) -> NetlinkDecodeError:
@@ -229,6 +236,8 @@ def _decode_tuple(buf: bytes, off: int, end: int) -> CtTuple:
         off += (alen + 3) & ~3
     if src is None or dst is None or proto < 0:
         raise _bad("incomplete tuple", end)
+    if len(src) != len(dst):
+        raise _bad("tuple mixes IPv4 and IPv6 addresses", end)
     if proto in ICMP_PROTOCOLS:
         # Only ICMP tuples carry type/code/id, only port protocols carry ports: keep the
         # model canonical whatever extra attributes a message holds.
@@ -442,6 +451,11 @@ def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
         off += (alen + 3) & ~3
     if orig is None or reply is None:
         raise _bad("conntrack message without both tuples", start)
+    # Every address must match the family: the encoder and the wire codec rely on it.
+    size = _ADDR_SIZE.get(family)
+    if len(orig.src) != size or len(reply.src) != size or (
+            master is not None and len(master.src) != size):
+        raise _bad(f"addresses do not match family {family}", start)
     if mark is None and full:
         mark = 0
     return _new(

@@ -541,6 +541,22 @@ def test_missing_tuples_are_decode_errors() -> None:
         ct.decode_events(cut)
 
 
+def test_addresses_must_match_the_family() -> None:
+    orig = CtTuple(bytes(16), bytes(15) + b"\x01", IPPROTO_UDP, 1, 2)
+    message = bytearray(ct.encode_create(Entry(AF_INET6, orig, invert(orig), timeout=1), 1))
+    assert ct.decode_dump(bytes(message))[0][0].family == AF_INET6
+    message[16] = AF_INET  # nfgenmsg family
+    with pytest.raises(NetlinkDecodeError):
+        ct.decode_dump(bytes(message))
+
+
+def test_decoders_accept_bytearray_and_memoryview() -> None:
+    datagram = EVENT_DATAGRAMS[0]
+    expected = ct.decode_events(datagram)
+    assert ct.decode_events(bytearray(datagram)) == expected
+    assert ct.decode_events(memoryview(datagram)) == expected
+
+
 # --- fuzzing --------------------------------------------------------------------------
 
 
