@@ -13,10 +13,23 @@ import errno
 import os
 import socket
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
-from integration.netns.capture import conntrack_listing, dump, open_socket, request
+from bench.decode import pyroute2_dump, pyroute2_events
+from integration.netns.capture import (
+    DUMP,
+    EVENT,
+    FIXTURE,
+    TEXT,
+    capture,
+    conntrack_listing,
+    dump,
+    load,
+    open_socket,
+    request,
+)
 from integration.netns.lab import Lab, Netns
 from replicator import ctnetlink as ct
 from replicator.ctformat import parse_conntrack_output, text_projection
@@ -301,3 +314,26 @@ def test_dump_by_family(netlab: Lab, family: int) -> None:
         assert sorted(e.key for e in got) == sorted(e.key for e in sent if e.family == family)
     finally:
         sock.close()
+
+
+def test_fresh_capture_decodes_like_pyroute2(tmp_path: Path) -> None:
+    """The capture scenario run now (not the stored fixture): every event and dump
+    message decodes as pyroute2 decodes it, and conntrack's listing matches the dump."""
+    capture(tmp_path)
+    records = load(tmp_path / FIXTURE)
+    events = [d for kind, d in records if kind == EVENT]
+    dumped = [d for kind, d in records if kind == DUMP]
+    assert len(events) > 20 and dumped
+    for datagram in events:
+        assert ct.decode_events(datagram) == pyroute2_events(datagram)
+    table = {}
+    for datagram in dumped:
+        assert ct.decode_dump(datagram) == pyroute2_dump(datagram)
+        table.update({e.key: text_projection(e) for e in ct.decode_dump(datagram)[0]})
+    listed = {e.key: e for e in parse_conntrack_output((tmp_path / TEXT).read_text())}
+    assert listed.keys() == table.keys()
+    for key, text_entry in listed.items():
+        kernel_entry = table[key]
+        assert text_entry.timeout is not None and kernel_entry.timeout is not None
+        assert abs(text_entry.timeout - kernel_entry.timeout) <= 2
+        assert text_entry._replace(timeout=None) == kernel_entry._replace(timeout=None)
