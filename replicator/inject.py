@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import enum
 import errno
-import itertools
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -130,42 +129,43 @@ class Batch(NamedTuple):
         return i if i < len(self.entries) else None
 
 
-def plan_batches(op: Op, entries: Sequence[Entry], encode: Encoder, seqs: Iterator[int], *,
-                 limit: int = BATCH_BYTES, max_messages: int | None = None,
-                 ack_each: bool = False) -> Iterator[Batch]:
-    """Pack the requests for ``entries`` (in order) into batches, lazily.
+def build_batch(op: Op, entries: Sequence[Entry], start: int, seq: int, encode: Encoder, *,
+                limit: int = BATCH_BYTES, max_messages: int | None = None,
+                ack_each: bool = False) -> Batch:
+    """The next batch of requests for ``entries[start:]``, numbered from ``seq``.
 
-    Each batch holds at most ``limit`` bytes (a single larger request still gets a
-    batch of its own) and at most ``max_messages`` requests. Sequence numbers come from
-    ``seqs`` (taken modulo 2**32) and are consecutive within a batch. The last request
-    of every batch asks for an ACK; with ``ack_each`` every request does.
+    It holds as many entries as fit in ``limit`` bytes (at least one, however large)
+    and at most ``max_messages``. Sequence numbers are consecutive (modulo 2**32). The
+    last request asks for an ACK; with ``ack_each`` every request does.
     """
-    cap = max_messages if max_messages is not None else len(entries) or 1
+    end = len(entries) if max_messages is None else min(len(entries), start + max_messages)
     parts: list[bytes] = []
-    members: list[Entry] = []
     size = 0
-    first = 0
-    for entry in entries:
-        seq = next(seqs) & _SEQ_MASK
-        message = encode(entry, seq, ack=ack_each)
-        if members and (size + len(message) > limit or len(members) >= cap):
-            yield _close(op, parts, members, first, ack_each=ack_each, encode=encode)
-            parts, members, size = [], [], 0
-        if not members:
-            first = seq
+    for i in range(start, end):
+        message = encode(entries[i], (seq + i - start) & _SEQ_MASK, ack=ack_each)
+        if parts and size + len(message) > limit:
+            break  # built for nothing: it opens the next batch, built again there
         parts.append(message)
-        members.append(entry)
         size += len(message)
-    if members:
-        yield _close(op, parts, members, first, ack_each=ack_each, encode=encode)
-
-
-def _close(op: Op, parts: list[bytes], members: list[Entry], first: int, *,
-           ack_each: bool, encode: Encoder) -> Batch:
+    members = tuple(entries[start:start + len(parts)])
+    first = seq & _SEQ_MASK
     if not ack_each:
         # The batch's end is known only now: rebuild its last request with the ACK flag.
         parts[-1] = encode(members[-1], (first + len(members) - 1) & _SEQ_MASK, ack=True)
-    return Batch(op, b"".join(parts), tuple(members), first, ack_each)
+    return Batch(op, b"".join(parts), members, first, ack_each)
+
+
+def plan_batches(op: Op, entries: Sequence[Entry], encode: Encoder, seq_start: int, *,
+                 limit: int = BATCH_BYTES, max_messages: int | None = None,
+                 ack_each: bool = False) -> Iterator[Batch]:
+    """All the batches :func:`build_batch` makes of ``entries``, lazily, in order."""
+    start, seq = 0, seq_start
+    while start < len(entries):
+        batch = build_batch(op, entries, start, seq, encode, limit=limit,
+                            max_messages=max_messages, ack_each=ack_each)
+        yield batch
+        start += len(batch.entries)
+        seq = batch.last_seq + 1
 
 
 def install_levels(entries: Sequence[Entry]) -> list[list[Entry]]:
@@ -206,12 +206,16 @@ def install_levels(entries: Sequence[Entry]) -> list[list[Entry]]:
 
 
 class _Unit(NamedTuple):
-    """A list of entries still to be sent with one request kind."""
+    """Entries to be sent with one request kind."""
 
     op: Op
     entries: Sequence[Entry]
+    #: Verification (see "Lost replies"): every request asks for an ACK.
     ack_each: bool
     max_messages: int | None
+    #: The second request for these entries (after EEXIST/ENOENT): no further fallback
+    #: from an update, so an entry that keeps appearing and vanishing cannot loop.
+    followup: bool = False
 
 
 class Injection:
@@ -222,40 +226,56 @@ class Injection:
     ``ENOBUFS`` call :meth:`replies_lost`; if the socket is empty and :attr:`lost` is
     set, call :meth:`settle` (nothing more will come: the kernel answers synchronously).
     Finally :meth:`result`.
+
+    Order of work: the units (one per install level, or the deletes) in turn; after
+    each, first the verification of its uncertain entries, then the second requests
+    (updates after EEXIST, creates after ENOENT), then the next unit.
+
+    An upsert adapts to the table: it starts with creates (or with updates when told
+    that most entries exist), and when more than half of a batch needed the other
+    request, the rest of the upsert starts with that one instead. An upsert of entries
+    that all exist thus costs one update each after the first batch, not a refused
+    create plus an update.
     """
 
     def __init__(self, units: Sequence[_Unit], *, codec: Codec, seq_start: int,
-                 batch_bytes: int, reply_budget: int) -> None:
+                 batch_bytes: int, reply_budget: int, upsert_op: Op = Op.CREATE) -> None:
         self._codec = codec
-        self._seqs = itertools.count(seq_start)
+        self._seq = seq_start & _SEQ_MASK
         self._batch_bytes = batch_bytes
         self._reply_budget = max(1, reply_budget)
-        self._units: deque[_Unit] = deque(units)
-        self._current: Iterator[Batch] | None = None
-        self._to_update: list[Entry] = []
+        self._queue: deque[_Unit] = deque(units)
+        self._unit: _Unit | None = None
+        self._pos = 0
+        self._upsert_op = upsert_op
+        self._followups: dict[Op, list[Entry]] = {Op.CREATE: [], Op.UPDATE: []}
         self._applied = 0
         self._errors: list[EntryError] = []
         self._batch: Batch | None = None
+        self._batch_unit: _Unit | None = None
         self._replies: dict[int, int] = {}
         self._lost = False
 
     @classmethod
-    def upsert(cls, entries: Sequence[Entry], *, codec: Codec = CTNETLINK, seq_start: int = 1,
-               batch_bytes: int = BATCH_BYTES,
+    def upsert(cls, entries: Sequence[Entry], *, update_first: bool = False,
+               codec: Codec = CTNETLINK, seq_start: int = 1, batch_bytes: int = BATCH_BYTES,
                reply_budget: int = RCVBUF_BYTES // REPLY_COST) -> Injection:
-        """Create each entry with its NAT, masters first; update the ones that exist."""
-        cap = min(reply_budget, len(entries)) or None
-        units = [_Unit(Op.CREATE, level, False, cap) for level in install_levels(entries)]
+        """Create each entry with its NAT, masters first; update the ones that exist.
+
+        ``update_first`` only chooses the first request to try (see the class doc).
+        """
+        units = [_Unit(Op.CREATE, level, False, _cap(reply_budget, level))
+                 for level in install_levels(entries)]
         return cls(units, codec=codec, seq_start=seq_start, batch_bytes=batch_bytes,
-                   reply_budget=reply_budget)
+                   reply_budget=reply_budget,
+                   upsert_op=Op.UPDATE if update_first else Op.CREATE)
 
     @classmethod
     def delete(cls, entries: Sequence[Entry], *, codec: Codec = CTNETLINK, seq_start: int = 1,
                batch_bytes: int = BATCH_BYTES,
                reply_budget: int = RCVBUF_BYTES // REPLY_COST) -> Injection:
         """Delete each entry; an entry already gone counts as applied."""
-        cap = min(reply_budget, len(entries)) or None
-        units = [_Unit(Op.DELETE, entries, False, cap)] if entries else []
+        units = [_Unit(Op.DELETE, entries, False, _cap(reply_budget, entries))] if entries else []
         return cls(units, codec=codec, seq_start=seq_start, batch_bytes=batch_bytes,
                    reply_budget=reply_budget)
 
@@ -266,25 +286,21 @@ class Injection:
         if self._batch is not None:
             raise RuntimeError("the previous batch is still waiting for its replies")
         while True:
-            if self._current is not None:
-                batch = next(self._current, None)
-                if batch is not None:
-                    self._batch = batch
-                    self._replies = {}
-                    self._lost = False
-                    return batch.datagram
-                self._current = None
-            if not self._units and self._to_update:
-                cap = min(self._reply_budget, len(self._to_update))
-                self._units.append(_Unit(Op.UPDATE, self._to_update, False, cap))
-                self._to_update = []
-            if not self._units:
+            unit = self._unit
+            if unit is not None and self._pos < len(unit.entries):
+                batch = build_batch(unit.op, unit.entries, self._pos, self._seq,
+                                    self._encoder(unit.op), limit=self._batch_bytes,
+                                    max_messages=unit.max_messages, ack_each=unit.ack_each)
+                self._pos += len(batch.entries)
+                self._seq = (batch.last_seq + 1) & _SEQ_MASK
+                self._batch, self._batch_unit = batch, unit
+                self._replies = {}
+                self._lost = False
+                return batch.datagram
+            self._unit = self._next_unit()
+            self._pos = 0
+            if self._unit is None:
                 return None
-            unit = self._units.popleft()
-            self._current = plan_batches(
-                unit.op, unit.entries, self._encoder(unit.op), self._seqs,
-                limit=self._batch_bytes, max_messages=unit.max_messages,
-                ack_each=unit.ack_each)
 
     @property
     def waiting(self) -> bool:
@@ -313,7 +329,7 @@ class Injection:
             self._replies[index] = err
             done = done or seq == batch.last_seq
         if done:
-            self._finish(batch)
+            self._finish()
 
     def replies_lost(self) -> None:
         """The socket reported ``ENOBUFS``: some replies to the current batch are gone."""
@@ -323,11 +339,12 @@ class Injection:
         """Close a batch whose last reply was lost (call once the socket is drained)."""
         if self._batch is not None:
             self._lost = True
-            self._finish(self._batch)
+            self._finish()
 
     def result(self) -> InjectResult:
         """How many entries were applied, and every entry the kernel refused."""
-        if self._batch is not None or self._units or self._current or self._to_update:
+        if (self._batch is not None or self._unit is not None or self._queue
+                or any(self._followups.values())):
             raise RuntimeError("the injection is not finished")
         return InjectResult(self._applied, list(self._errors))
 
@@ -340,10 +357,27 @@ class Injection:
             return self._codec.update
         return self._codec.delete
 
-    def _finish(self, batch: Batch) -> None:
-        self._batch = None
+    def _next_unit(self) -> _Unit | None:
+        queue = self._queue
+        if queue and queue[0].ack_each:  # verification of what was just sent
+            return queue.popleft()
+        for op in (Op.CREATE, Op.UPDATE):
+            entries = self._followups[op]
+            if entries:
+                self._followups[op] = []
+                return _Unit(op, entries, False, _cap(self._reply_budget, entries), True)
+        if not queue:
+            return None
+        unit = queue.popleft()
+        return unit if unit.op is Op.DELETE else unit._replace(op=self._upsert_op)
+
+    def _finish(self) -> None:
+        batch, unit = self._batch, self._batch_unit
+        assert batch is not None and unit is not None
+        self._batch = self._batch_unit = None
         replies = self._replies
         uncertain: list[Entry] = []
+        other = 0
         for index, entry in enumerate(batch.entries):
             err = replies.get(index)
             if err is None:
@@ -353,27 +387,46 @@ class Injection:
                     uncertain.append(entry)
                     continue
                 err = 0
-            self._settle_entry(batch.op, entry, err)
+            other += self._settle_entry(unit, entry, err)
         if uncertain:
-            self._verify(batch, uncertain)
+            self._verify(batch, unit, uncertain)
+        if (2 * other > len(batch.entries) and not unit.followup and not unit.ack_each
+                and unit.op is not Op.DELETE):
+            # Most of this batch needed the other request: lead with it from now on.
+            self._upsert_op = Op.UPDATE if unit.op is Op.CREATE else Op.CREATE
+            if self._unit is unit:
+                self._unit = unit._replace(op=self._upsert_op)
 
-    def _settle_entry(self, op: Op, entry: Entry, err: int) -> None:
+    def _settle_entry(self, unit: _Unit, entry: Entry, err: int) -> int:
+        """Book one reply; 1 if the entry needs the other request (EEXIST/ENOENT)."""
+        op = unit.op
         if err == 0 or (op is Op.DELETE and err == errno.ENOENT):
             self._applied += 1
         elif op is Op.CREATE and err == errno.EEXIST:
-            self._to_update.append(entry)
+            self._followups[Op.UPDATE].append(entry)
+            return 1
+        elif op is Op.UPDATE and err == errno.ENOENT and not unit.followup:
+            self._followups[Op.CREATE].append(entry)
+            return 1
         else:
             self._errors.append(EntryError(entry, err))
+        return 0
 
-    def _verify(self, batch: Batch, uncertain: list[Entry]) -> None:
+    def _verify(self, batch: Batch, unit: _Unit, uncertain: list[Entry]) -> None:
         if batch.ack_each and len(batch.entries) == 1:
             # Even a lone request's reply was lost: report it, never assume success.
             self._errors.extend(EntryError(e, errno.ENOBUFS) for e in uncertain)
             return
         size = len(batch.entries) // 2 if batch.ack_each else self._reply_budget // 2
-        # At the front: verification finishes before the next unit (e.g. the entries
-        # related to this level's masters) starts.
-        self._units.appendleft(_Unit(batch.op, uncertain, True, max(1, size)))
+        # At the front: verification runs right after the current unit, before its
+        # second requests and before the next unit (e.g. entries related to this one's).
+        self._queue.appendleft(_Unit(batch.op, uncertain, True, max(1, size), unit.followup))
+
+
+def _cap(reply_budget: int, entries: Sequence[Entry]) -> int | None:
+    """Requests per errors-only batch: even a batch that fails entirely must fit in the
+    receive buffer."""
+    return min(reply_budget, len(entries)) or None
 
 
 # -- the trio shell ------------------------------------------------------------------
@@ -425,15 +478,17 @@ def batch_limit(sock: socket.socket) -> int:
     return max(4096, min(BATCH_BYTES, sndbuf - 64))
 
 
-async def upsert(sock: socket.socket, entries: Sequence[Entry], *,
-                 seq_start: int = 1) -> InjectResult:
+async def upsert(sock: socket.socket, entries: Sequence[Entry], *, seq_start: int = 1,
+                 update_first: bool = False) -> InjectResult:
     """Create or update ``entries`` through ``sock`` (see :func:`open_socket`).
 
     Every entry the kernel refused is in ``errors`` with its errno; ``applied`` counts
-    the rest. Raises :class:`~replicator.errors.KernelError` if the socket itself fails.
+    the rest. ``update_first`` is a hint that most entries exist already (it only
+    changes the speed, see :class:`Injection`). Raises
+    :class:`~replicator.errors.KernelError` if the socket itself fails.
     """
-    job = Injection.upsert(entries, seq_start=seq_start, batch_bytes=batch_limit(sock),
-                           reply_budget=reply_budget(sock))
+    job = Injection.upsert(entries, update_first=update_first, seq_start=seq_start,
+                           batch_bytes=batch_limit(sock), reply_budget=reply_budget(sock))
     return await run(sock, job)
 
 

@@ -14,6 +14,7 @@ ruleset the kernel silently drops labels (see the ctnetlink notes).
 from __future__ import annotations
 
 import errno
+import functools
 import ipaddress
 import re
 import socket
@@ -180,6 +181,18 @@ def test_upsert_of_existing_entries_updates_them(standby: Netns,
                for e in entries[::2]]
     assert upsert(sock, changed) == (len(changed), [])
     assert_listed_as(standby, changed + entries[1::2])
+
+
+def test_a_mix_of_new_and_existing_entries_in_either_order(standby: Netns,
+                                                          sock: socket.socket) -> None:
+    """Creates after ENOENT (update first) carry the NAT too; updates after EEXIST work."""
+    entries = mixed_entries(200)
+    old, new = entries[: len(entries) // 2], entries[len(entries) // 2 :]
+    assert upsert(sock, old) == (len(old), [])
+    changed = [e._replace(mark=(e.mark or 0) + 5) for e in old]
+    assert trio.run(functools.partial(inject.upsert, update_first=True), sock,
+                    new + changed) == (len(entries), [])
+    assert_listed_as(standby, changed + new)
 
 
 def test_refused_entries_are_reported_each_with_its_errno(standby: Netns,
