@@ -238,3 +238,44 @@ def test_delete_removes_entries_and_ignores_missing_ones(standby: Netns,
     assert delete(sock, gone + missing) == (len(gone) + len(missing), [])
     assert_listed_as(standby, kept)
     assert delete(sock, gone) == (len(gone), [])
+
+
+class CountingSocket:
+    """The injector socket, counting the ENOBUFS errors the kernel reports on it."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.enobufs = 0
+
+    def fileno(self) -> int:
+        return self.sock.fileno()
+
+    def send(self, data: bytes, /) -> int:
+        return self.sock.send(data)
+
+    def recv_into(self, buffer: bytearray, /) -> int:
+        try:
+            return self.sock.recv_into(buffer)
+        except OSError as exc:
+            self.enobufs += exc.errno == errno.ENOBUFS
+            raise
+
+
+def test_lost_replies_are_recovered_by_verification(standby: Netns,
+                                                    sock: socket.socket) -> None:
+    entries = mixed_entries(100)
+    assert upsert(sock, entries) == (len(entries), [])
+    # A receive buffer of a few replies, while the batches are planned for a large one:
+    # the EEXIST and ERANGE replies of a batch overflow it and the kernel drops them.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1)
+    changed = [e._replace(mark=(e.mark or 0) + 9) for e in entries]
+    bad = [i for i in range(3, len(changed), 97) if changed[i].tcp is not None]
+    for i in bad:
+        changed[i] = changed[i]._replace(tcp=TcpInfo(99))
+    counting = CountingSocket(sock)
+    job = inject.Injection.upsert(changed, reply_budget=100_000)
+    result = trio.run(inject.run, counting, job)
+    assert counting.enobufs > 0
+    assert sorted(result.errors) == sorted(EntryError(changed[i], errno.ERANGE) for i in bad)
+    assert result.applied == len(changed) - len(bad)
+    assert_listed_as(standby, [entries[i] if i in bad else e for i, e in enumerate(changed)])
