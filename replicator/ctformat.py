@@ -162,11 +162,15 @@ def _bad(line: str, why: str) -> DecodeError:
     return DecodeError(f"cannot parse conntrack line ({why}): {line!r}")
 
 
-def _int(line: str, text: str) -> int:
+def _int(line: str, text: str, bits: int = 32) -> int:
+    """An unsigned field of ``bits`` bits, decimal or 0x-hex as conntrack prints them."""
     try:
-        return int(text, 0)
+        value = int(text, 16) if text.startswith("0x") else int(text, 10)
     except ValueError:
         raise _bad(line, f"bad number {text!r}") from None
+    if not 0 <= value < 1 << bits or not text.isascii():
+        raise _bad(line, f"{text!r} is not a {bits}-bit unsigned number")
+    return value
 
 
 class _Tokens:
@@ -204,15 +208,15 @@ def _parse_tuple(tokens: _Tokens, family: int, proto: int) -> CtTuple:
         raise _bad(tokens.line, "bad address") from None
     line = tokens.line
     if proto in _PORT_PRINTED:
-        return CtTuple(src, dst, proto, _int(line, tokens.value("sport")),
-                       _int(line, tokens.value("dport")))
+        return CtTuple(src, dst, proto, _int(line, tokens.value("sport"), 16),
+                       _int(line, tokens.value("dport"), 16))
     if proto == IPPROTO_GRE:
-        return CtTuple(src, dst, proto, _int(line, tokens.value("srckey")),
-                       _int(line, tokens.value("dstkey")))
+        return CtTuple(src, dst, proto, _int(line, tokens.value("srckey"), 16),
+                       _int(line, tokens.value("dstkey"), 16))
     if proto in ICMP_PROTOCOLS:
-        itype = _int(line, tokens.value("type"))
-        icode = _int(line, tokens.value("code"))
-        return CtTuple(src, dst, proto, 0, 0, itype, icode, _int(line, tokens.value("id")))
+        itype = _int(line, tokens.value("type"), 8)
+        icode = _int(line, tokens.value("code"), 8)
+        return CtTuple(src, dst, proto, 0, 0, itype, icode, _int(line, tokens.value("id"), 16))
     return CtTuple(src, dst, proto)
 
 
@@ -225,9 +229,7 @@ def _skip_counters(tokens: _Tokens) -> None:
 def _parse_labels(line: str, text: str) -> bytes | None:
     value = 0
     for name in filter(None, text.split(",")):
-        bit = _int(line, name)
-        if not 0 <= bit < _LABEL_BITS:
-            raise _bad(line, f"label bit {bit} out of range")
+        bit = _int(line, name, 7)  # 0..127
         value |= 1 << bit
     return value.to_bytes(_LABEL_BITS // 8, "little") if value else None
 
@@ -240,10 +242,10 @@ def parse_conntrack_line(line: str) -> Entry:
     """
     tokens = _Tokens(line)
     family = _FAMILIES.get(tokens.take())
-    if family is None or _int(line, tokens.take()) != family:
+    if family is None or _int(line, tokens.take(), 8) != family:
         raise _bad(line, "unknown family")
     tokens.take()  # protocol name: the number that follows is authoritative
-    proto = _int(line, tokens.take())
+    proto = _int(line, tokens.take(), 8)
     timeout = None
     if (token := tokens.peek()) is not None and token.isdigit():
         timeout = _int(line, tokens.take())
@@ -283,7 +285,7 @@ def parse_conntrack_line(line: str) -> Entry:
         if key == "mark":
             mark = _int(line, value)
         elif key == "zone":
-            zone = _int(line, value)
+            zone = _int(line, value, 16)
         elif key == "helper":
             helper = value
         elif key == "labels":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import pytest
@@ -150,6 +151,31 @@ def entries(draw: st.DrawFn) -> Entry:
 @given(entries())
 def test_parse_of_format_is_the_text_projection(e: Entry) -> None:
     assert parse_conntrack_line(format_entry(e)) == text_projection(e)
+
+
+LINES = LISTING.splitlines()
+
+
+@given(st.sampled_from(LINES), st.lists(st.tuples(st.integers(0, 400), st.characters()),
+                                        max_size=5), st.integers(0, 400))
+def test_mangled_lines_raise_only_decode_errors(line: str, edits: list[tuple[int, str]],
+                                                cut: int) -> None:
+    chars = list(line)
+    for pos, char in edits:
+        chars[pos % len(chars)] = char
+    for text in ("".join(chars), line[:cut]):
+        try:
+            e = parse_conntrack_line(text)
+        except DecodeError:
+            continue
+        # Whatever parses is well-formed enough to be formatted again.
+        assert parse_conntrack_line(format_entry(e)) == text_projection(e)
+
+
+@given(st.text(max_size=200))
+def test_random_text_raises_only_decode_errors(text: str) -> None:
+    with contextlib.suppress(DecodeError):
+        parse_conntrack_output(text)
 
 
 @given(u32)
