@@ -422,6 +422,8 @@ class SchemaKey(NamedTuple):
     path: str
     required: bool
     reloadable: bool
+    #: The default value (already parsed); None also for required keys.
+    default: object
 
 
 def _walk(cls: type[Any], prefix: str) -> Iterator[tuple[str, dataclasses.Field[Any]]]:
@@ -441,9 +443,21 @@ def schema_keys() -> list[SchemaKey]:
             path,
             f.default is dataclasses.MISSING,
             f.metadata["leaf"].reload,
+            None if f.default is dataclasses.MISSING else f.default,
         )
         for path, f in _walk(Config, "")
     ]
+
+
+def parse_value(path: str, value: object) -> Any:
+    """Parse one raw TOML value as the key ``path`` would; raises ConfigError."""
+    for key, f in _walk(Config, ""):
+        if key == path:
+            try:
+                return f.metadata["leaf"].parse(value)
+            except _Invalid as exc:
+                raise ConfigError(f"{path}: {exc}") from None
+    raise ConfigError(f"{path}: unknown key")
 
 
 # --- parsing ------------------------------------------------------------------------
