@@ -32,8 +32,6 @@ from replicator.model import (
 )
 from replicator.netlink import NLM_F_CREATE, NLMSG_DONE, NLMSG_HDR
 
-_AF = {"CTA_IP_V4_SRC": socket.AF_INET, "CTA_IP_V6_SRC": socket.AF_INET6}
-
 
 def _addr(ip: Any, name: str) -> bytes | None:
     value = ip.get_attr(name)
@@ -42,7 +40,8 @@ def _addr(ip: Any, name: str) -> bytes | None:
     return socket.inet_pton(socket.AF_INET6 if "V6" in name else socket.AF_INET, value)
 
 
-def _tuple(nla: Any) -> CtTuple:
+def pyroute2_tuple(nla: Any) -> CtTuple:
+    """A :class:`CtTuple` from a decoded pyroute2 ``cta_tuple`` attribute."""
     ip, l4 = nla.get_attr("CTA_TUPLE_IP"), nla.get_attr("CTA_TUPLE_PROTO")
     src = _addr(ip, "CTA_IP_V4_SRC") or _addr(ip, "CTA_IP_V6_SRC")
     dst = _addr(ip, "CTA_IP_V4_DST") or _addr(ip, "CTA_IP_V6_DST")
@@ -90,8 +89,8 @@ def pyroute2_entry(msg: Any, full: bool) -> Entry:
     mark = msg.get_attr("CTA_MARK")
     return Entry(
         family=msg["nfgen_family"],
-        orig=_tuple(msg.get_attr("CTA_TUPLE_ORIG")),
-        reply=_tuple(msg.get_attr("CTA_TUPLE_REPLY")),
+        orig=pyroute2_tuple(msg.get_attr("CTA_TUPLE_ORIG")),
+        reply=pyroute2_tuple(msg.get_attr("CTA_TUPLE_REPLY")),
         zone=msg.get_attr("CTA_ZONE") or 0,
         status=msg.get_attr("CTA_STATUS") or 0,
         timeout=msg.get_attr("CTA_TIMEOUT"),
@@ -101,7 +100,7 @@ def pyroute2_entry(msg: Any, full: bool) -> Entry:
         tcp=tcp,
         sctp=sctp,
         helper=_helper(msg.get_attr("CTA_HELP")),
-        master=None if master is None else _tuple(master),
+        master=None if master is None else pyroute2_tuple(master),
         id=msg.get_attr("CTA_ID"),
     )
 

@@ -22,7 +22,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 from pyroute2.netlink.nfnetlink import nfctsocket as pr
 
-from bench.decode import pyroute2_dump, pyroute2_entry, pyroute2_events
+from bench.decode import pyroute2_dump, pyroute2_entry, pyroute2_events, pyroute2_tuple
 from integration.netns.capture import DUMP, EVENT, load
 from replicator import ctnetlink as ct
 from replicator.errors import DecodeError, KernelError, NetlinkDecodeError
@@ -332,7 +332,7 @@ def test_encode_update_read_by_pyroute2(e: Entry, seq: int, ack: bool) -> None:
     for absent in ("CTA_TUPLE_REPLY", "CTA_NAT_SRC", "CTA_NAT_DST", "CTA_TUPLE_MASTER"):
         assert msg.get_attr(absent) is None
     assert msg["nfgen_family"] == e.family
-    assert pyroute2_entry_orig(msg) == e.orig
+    assert pyroute2_tuple(msg.get_attr("CTA_TUPLE_ORIG")) == e.orig
     expected = _expected_state(e)
     if e.status & Status.FIXED_TIMEOUT:
         expected["timeout"] = None  # the kernel refuses timeout changes on such entries
@@ -346,12 +346,6 @@ def test_encode_update_read_by_pyroute2(e: Entry, seq: int, ack: bool) -> None:
     assert (help_attr is None) == (e.helper is None)
 
 
-def pyroute2_entry_orig(msg: Any) -> CtTuple:
-    from bench.decode import _tuple
-
-    return _tuple(msg.get_attr("CTA_TUPLE_ORIG"))
-
-
 @given(entries(), u32, st.booleans())
 def test_encode_delete_read_by_pyroute2(e: Entry, seq: int, ack: bool) -> None:
     message = ct.encode_delete(e, seq, ack=ack)
@@ -361,7 +355,7 @@ def test_encode_delete_read_by_pyroute2(e: Entry, seq: int, ack: bool) -> None:
     msg = _pr_decode(message)
     assert [name for name, *_ in msg["attrs"]] == (
         ["CTA_TUPLE_ORIG", "CTA_ZONE"] if e.zone else ["CTA_TUPLE_ORIG"])
-    assert pyroute2_entry_orig(msg) == e.orig
+    assert pyroute2_tuple(msg.get_attr("CTA_TUPLE_ORIG")) == e.orig
     assert (msg.get_attr("CTA_ZONE") or 0) == e.zone
 
 
