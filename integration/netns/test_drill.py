@@ -16,9 +16,55 @@ from __future__ import annotations
 import pytest
 
 from integration.netns.halab.conntrackd import ConntrackdReplication
-from integration.netns.halab.drill import DEFAULT_SCENARIO, DrillConfig, drill_lab
+from integration.netns.halab.drill import (
+    DEFAULT_SCENARIO,
+    DrillConfig,
+    drill_lab,
+    flow_outcome,
+)
 from integration.netns.halab.replication import NoReplication
 from integration.netns.halab.report import format_report
+from integration.netns.halab.traffic import StreamRecord
+
+# --- how a flow is judged (pure) --------------------------------------------------------
+# Event at t=10, both VIPs up on the new master at t=10.3, report at t=13.
+
+
+def _record(last_ok: float, max_gap: float, error: str | None = None,
+            mappings: tuple[tuple[float, str], ...] = ((1.0, "10.0.0.1:5"),)) -> StreamRecord:
+    return StreamRecord("tcp-snat", "10.0.0.9:7", "10.0.0.2:5", sent=100, oks=90,
+                        last_ok=last_ok, max_gap=max_gap, mappings=mappings, error=error)
+
+
+def _judge(record: StreamRecord) -> tuple[bool, float, str | None, str | None]:
+    outcome = flow_outcome(record, t_event=10.0, t_up=10.3, t_report=13.0, alive_window=0.5)
+    return outcome.survived, round(outcome.stall, 3), outcome.mapping_before, \
+        outcome.mapping_after
+
+
+def test_a_flow_answering_through_the_new_master_survived() -> None:
+    assert _judge(_record(12.98, 0.4)) == (True, 0.4, "10.0.0.1:5", "10.0.0.1:5")
+
+
+def test_replies_before_the_takeover_do_not_count_as_survival() -> None:
+    # Its last reply came between the event and the takeover (via the old master).
+    assert _judge(_record(10.2, 0.05)) == (False, 2.8, "10.0.0.1:5", None)
+
+
+def test_a_flow_that_went_quiet_before_the_report_did_not_survive() -> None:
+    assert _judge(_record(11.0, 0.9)) == (False, 2.0, "10.0.0.1:5", "10.0.0.1:5")
+
+
+def test_a_flow_with_an_error_did_not_survive() -> None:
+    assert _judge(_record(12.99, 0.1, error="closed by peer"))[0] is False
+
+
+def test_mappings_before_and_after_the_event_are_told_apart() -> None:
+    moved = ((1.0, "10.0.0.1:5"), (10.5, "10.0.0.1:6"))
+    assert _judge(_record(12.99, 0.5, mappings=moved))[2:] == ("10.0.0.1:5", "10.0.0.1:6")
+
+
+# --- drills -------------------------------------------------------------------------------
 
 
 def test_without_replication_every_failover_breaks_established_tcp(

@@ -171,18 +171,20 @@ class PhaseResult:
                 and self.max_stall <= self.takeover + self.stall_margin)
 
 
-def _outcome(record: StreamRecord, *, t_event: float, t_up: float, t_report: float,
-             alive_window: float) -> FlowOutcome:
+def flow_outcome(record: StreamRecord, *, t_event: float, t_up: float, t_report: float,
+                 alive_window: float) -> FlowOutcome:
+    """Judge one flow: survived = no error, a reply after the takeover (``t_up``) and
+    one within ``alive_window`` before the report; stall includes the final silence."""
     before = [m for t, m in record.mappings if t <= t_event]
     # Replies between the event and the takeover still came through the old master.
-    replied_after = record.last_ok is not None and record.last_ok > t_up
-    trailing = t_report - record.last_ok if record.last_ok is not None else t_report
-    survived = record.error is None and replied_after and trailing <= alive_window
+    replied_after = record.last_ok > t_up
+    trailing = t_report - record.last_ok
     return FlowOutcome(
-        kind=record.kind, local=record.local, target=record.target, survived=survived,
+        kind=record.kind, local=record.local, target=record.target,
+        survived=record.error is None and replied_after and trailing <= alive_window,
         stall=max(record.max_gap, trailing),
         mapping_before=before[-1] if before else None,
-        mapping_after=record.mappings[-1][1] if replied_after and record.mappings else None,
+        mapping_after=record.mappings[-1][1] if replied_after else None,
         error=record.error)
 
 
@@ -362,8 +364,8 @@ class Drill:
             flows = []
             for driver in drivers:
                 t_report, records = driver.report()
-                flows += [_outcome(r, t_event=t_event, t_up=t_up, t_report=t_report,
-                                   alive_window=cfg.alive_window) for r in records]
+                flows += [flow_outcome(r, t_event=t_event, t_up=t_up, t_report=t_report,
+                                       alive_window=cfg.alive_window) for r in records]
         finally:
             for driver in drivers:
                 driver.stop()

@@ -89,7 +89,8 @@ class StreamRecord:
     local: str
     sent: int
     oks: int
-    last_ok: float | None
+    #: Every stream is proven by one round trip before the driver reports ready.
+    last_ok: float
     max_gap: float
     mappings: tuple[tuple[float, str], ...]
     error: str | None
@@ -98,7 +99,7 @@ class StreamRecord:
     def from_json(cls, obj: dict[str, Any], direction: str) -> StreamRecord:
         """Build from the agent's report; ``direction`` qualifies ``kind`` (e.g. ``snat``)."""
         return cls(f"{obj['kind']}-{direction}", obj["target"], obj["local"], obj["sent"],
-                   obj["oks"], obj["last_ok"], obj["max_gap"],
+                   obj["oks"], float(obj["last_ok"]), obj["max_gap"],
                    tuple((float(t), str(m)) for t, m in obj["mappings"]), obj["error"])
 
 
