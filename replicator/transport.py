@@ -43,13 +43,20 @@ import logging
 import random
 import socket
 import ssl
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
-from .errors import AuthenticationError, ChannelError, ReplicatorError, WireDecodeError
+from .errors import (
+    AuthenticationError,
+    ChannelError,
+    DecodeError,
+    ProtocolError,
+    WireDecodeError,
+)
 from .framing import (
     DEFAULT_MAX_FRAME_SIZE,
     PREAMBLE_SIZE,
@@ -134,7 +141,7 @@ class FramedConnection:
         self._stream = stream
         self._decoder = FrameDecoder(max_frame_size)
         self._max_frame_size = max_frame_size
-        self._pending: list[bytes] = []
+        self._pending: deque[bytes] = deque()
         self._send_lock = trio.Lock()
         #: The SHA-256 fingerprint of the certificate the peer authenticated with.
         self.peer_fingerprint = peer_fingerprint
@@ -165,8 +172,8 @@ class FramedConnection:
                 raise ChannelError(f"cannot receive from the peer: {_describe(exc)}") from exc
             if not data:
                 raise ChannelError("the peer closed the connection")
-            self._pending = self._decoder.feed(data)
-        return self._pending.pop(0)
+            self._pending.extend(self._decoder.feed(data))
+        return self._pending.popleft()
 
     async def aclose(self) -> None:
         """Close the connection (TLS close_notify, then the socket); never raises."""
@@ -179,7 +186,8 @@ class FramedConnection:
 
 
 #: What the link runs for every authenticated connection; the connection is closed
-#: when it returns. A :class:`ReplicatorError` it raises ends only that connection.
+#: when it returns. A ChannelError, DecodeError or ProtocolError it raises ends only
+#: that connection (logged); any other exception is a bug and stops the link.
 Handler = Callable[[FramedConnection], Awaitable[None]]
 
 
@@ -366,6 +374,8 @@ class PeerLink:
                     outcome = await self._authenticate(stream, address, credentials, dialed=dialed)
                 except _Refused as refused:
                     outcome = refused
+                except OSError as exc:  # socket calls on a connection already reset
+                    outcome = _Refused(Refusal.CLOSED, exc.strerror or str(exc))
         except BaseException:
             # The link itself is being cancelled: do not leak the socket.
             await trio.aclose_forcefully(stream)
@@ -447,8 +457,9 @@ class PeerLink:
                     try:
                         await self._handler(conn)
                         outcome = "closed by this node"
-                    except ReplicatorError as exc:
-                        outcome = str(exc)
+                    except (ChannelError, DecodeError, ProtocolError) as exc:
+                        # The connection or the peer failed: only this connection ends.
+                        outcome = f"{type(exc).__name__}: {exc}"
         finally:
             if self._serving is conn:
                 self._serving = None
