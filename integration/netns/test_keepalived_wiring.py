@@ -1,0 +1,114 @@
+"""The shipped keepalived example against the real keepalived, and its FIFO lines driving
+the role machine (a single node: it must still take over although `replicator check`
+fails, because the example uses a negative weight, not FAULT)."""
+
+from __future__ import annotations
+
+import functools
+import signal
+import sys
+from pathlib import Path
+
+import trio
+
+from integration.netns.lab import Lab, Netns
+from replicator.notifyfifo import read_notify_fifo
+from replicator.role import Action, Role, RoleMachine, Verdict, VrrpEvent
+from replicator.roletask import RoleRunner
+
+REPO = Path(__file__).resolve().parents[2]
+EXAMPLE = REPO / "etc" / "keepalived" / "keepalived.conf.example"
+REPLICATOR = Path(sys.executable).parent / "replicator"
+
+
+def firewall(netlab: Lab) -> Netns:
+    """A namespace with the example's eth0/eth1 and their addresses."""
+    ns = netlab.netns("ka")
+    ns.run(["ip", "link", "add", "eth0", "type", "veth", "peer", "name", "eth1"])
+    for dev, addr in (("eth0", "198.51.100.2/24"), ("eth1", "10.0.0.2/24")):
+        ns.run(["ip", "addr", "add", addr, "dev", dev])
+        ns.run(["ip", "link", "set", dev, "up"])
+    return ns
+
+
+def example(fifo: Path | None = None) -> str:
+    text = EXAMPLE.read_text().replace("/usr/local/bin/replicator", str(REPLICATOR))
+    if fifo is not None:
+        text = text.replace("/run/replicator/notify.fifo", str(fifo))
+    return text
+
+
+def test_the_example_passes_keepalived_config_test(netlab: Lab, tmp_path: Path) -> None:
+    ns = firewall(netlab)
+    config = tmp_path / "keepalived.conf"
+    config.write_text(example())
+    result = ns.run(["keepalived", "--config-test", "--use-file", str(config)], check=False)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+def test_fifo_lines_drive_the_role_machine(netlab: Lab, tmp_path: Path) -> None:
+    ns = firewall(netlab)
+    fifo = tmp_path / "notify.fifo"
+    config = tmp_path / "keepalived.conf"
+    config.write_text(example(fifo))
+    verdicts: list[tuple[VrrpEvent, Verdict]] = []
+    performed: list[Action] = []
+
+    async def perform(action: Action) -> None:
+        performed.append(action)
+
+    runner = RoleRunner(RoleMachine(hot=False, follow="VG_FW"), perform)
+
+    def feed(event: VrrpEvent) -> None:
+        verdicts.append((event, runner.feed(event).verdict))
+
+    async def wait_for(role: Role) -> None:
+        with trio.fail_after(40):
+            while runner.machine.role is not role or not runner.machine.settled:
+                await trio.sleep(0.1)
+
+    async def main() -> None:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(functools.partial(read_notify_fifo, fifo, feed))
+            await nursery.start(runner.run)
+            keepalived = netlab.spawn(
+                ns,
+                [
+                    "keepalived",
+                    "--vrrp",
+                    "--dont-fork",
+                    "--log-console",
+                    "--no-syslog",
+                    "--use-file",
+                    str(config),
+                    "--pid",
+                    str(tmp_path / "k.pid"),
+                    "--vrrp_pid",
+                    str(tmp_path / "v.pid"),
+                ],
+            )
+            # Alone on the link, the node takes over after the master-down interval.
+            await wait_for(Role.MASTER)
+            keepalived.send_signal(signal.SIGTERM)
+            await wait_for(Role.STOPPED)
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
+    group = [(e.state, v) for e, v in verdicts if e.kind == "GROUP"]
+    instances = {v for e, v in verdicts if e.kind == "INSTANCE"}
+    assert instances == {Verdict.NOT_FOLLOWED}
+    assert [state for state, verdict in group if verdict is Verdict.ACCEPTED] == [
+        "BACKUP",
+        "MASTER",
+        "STOP",
+    ]
+    assert performed == [
+        Action.BECOME_RECEIVER,
+        Action.SHORTEN_TIMERS,
+        Action.REQUEST_RESYNC,
+        Action.COMMIT,
+        Action.BECOME_SENDER,
+        Action.BULK_SEND,
+        Action.BECOME_RECEIVER,
+        Action.SHORTEN_TIMERS,
+    ]
