@@ -12,9 +12,11 @@ know both certificate fingerprints, hence which end dialed. A connection dialed 
 node with the lower fingerprint is *preferred*. An authenticated connection is admitted
 unless a preferred one is already active (it is then closed as a ``duplicate``); an
 admitted connection replaces the active one, whose handler is cancelled. So both ends
-settle on the same connection whatever the arrival order, and a redial (the dialer only
-dials when it considers the old connection dead) replaces a half-open leftover. The
-other direction still works alone when only it is reachable.
+settle on the same connection whatever the arrival order, and a redial (a node only
+dials when it considers the old connection dead) replaces a half-open leftover, unless
+that leftover is preferred: then the kernel declares it dead within
+``dead_peer_timeout`` (keepalive, TCP_USER_TIMEOUT) if the sync layer does not first.
+The other direction still works alone when only it is reachable.
 
 Every connection goes through the same handshake, bounded by ``handshake_timeout``:
 

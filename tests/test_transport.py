@@ -318,6 +318,40 @@ async def test_client_without_certificate_is_refused(ids: Identities) -> None:
         assert a.stats.refused == {Refusal.NO_CERTIFICATE: 1}
 
 
+async def test_tls12_only_client_is_refused(ids: Identities) -> None:
+    old_tls = creds(ids, "b", "a").client
+    old_tls.minimum_version = old_tls.maximum_version = ssl.TLSVersion.TLSv1_2
+    async with listener_a(ids) as (a, address, _):
+        stream = await trio.open_tcp_stream(*address)
+        await stream.send_all(encode_preamble())
+        tls = trio.SSLStream(stream, old_tls)
+        with pytest.raises(trio.BrokenResourceError):
+            await tls.do_handshake()
+        await trio.aclose_forcefully(tls)
+        await wait_until(lambda: bool(a.stats.refused))
+        assert a.stats.refused == {Refusal.TLS_ERROR: 1}
+
+
+async def test_expired_peer_certificate_is_refused(ids: Identities, tmp_path: Path) -> None:
+    expired = keys.generate_identity("old", NOW - datetime.timedelta(days=10), days=2)
+    keys.write_identity(expired, tmp_path / "old.key", tmp_path / "old.crt")
+    old = keys.load_identity(tmp_path / "old.key", tmp_path / "old.crt")
+    handler = idle_recorder()
+    a = PeerLink(
+        settings(), tlsctx.credentials(ids["a"], keys.load_peer_certificates([old.cert_path])),
+        handler,
+    )
+    async with running(a) as (address,):
+        dialer = PeerLink(
+            settings(listen=None, dial=address),
+            tlsctx.credentials(old, keys.load_peer_certificates([ids["a"].cert_path])),
+            idle_recorder(),
+        )
+        async with running(dialer):
+            await wait_until(lambda: a.stats.refused.get(Refusal.UNTRUSTED_CERTIFICATE, 0) >= 1)
+    assert handler.connections == []
+
+
 async def test_wrong_certificate_is_refused_on_both_sides(ids: Identities) -> None:
     stranger_handler = idle_recorder()
     async with listener_a(ids) as (a, address, _):
