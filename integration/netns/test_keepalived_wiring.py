@@ -54,18 +54,29 @@ def test_fifo_lines_drive_the_role_machine(netlab: Lab, tmp_path: Path) -> None:
     verdicts: list[tuple[VrrpEvent, Verdict]] = []
     performed: list[Action] = []
 
+    # Set (and replaced) at every line and action: wait_for re-checks the machine then.
+    # An action's completion is reported right after perform returns, before the
+    # runner task yields, so a woken waiter sees the machine already updated.
+    changed = [trio.Event()]
+
+    def poke() -> None:
+        changed[0].set()
+        changed[0] = trio.Event()
+
     async def perform(action: Action) -> None:
         performed.append(action)
+        poke()
 
     runner = RoleRunner(RoleMachine(hot=False, follow="VG_FW"), perform)
 
     def feed(event: VrrpEvent) -> None:
         verdicts.append((event, runner.feed(event).verdict))
+        poke()
 
     async def wait_for(role: Role) -> None:
         with trio.fail_after(40):
             while runner.machine.role is not role or not runner.machine.settled:
-                await trio.sleep(0.1)
+                await changed[0].wait()
 
     async def main() -> None:
         async with trio.open_nursery() as nursery:
