@@ -250,9 +250,9 @@ class Drill:
         deadline = time.monotonic() + self.config.takeover_timeout
         while time.monotonic() < deadline:
             if self.holds_vips(name):
-                ups = [ev.t for ev in self.watch[name].events()
-                       if ev.op == "add" and ev.addr in self.vips and ev.t >= since]
-                if len(ups) >= len(self.vips):
+                last_up = {ev.addr: ev.t for ev in self.watch[name].events() if ev.op == "add"}
+                ups = [last_up[vip] for vip in self.vips]
+                if min(ups) >= since:
                     return max(ups)
             time.sleep(0.005)
         raise DrillError(f"fw{name} did not take both VIPs within "
