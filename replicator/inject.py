@@ -2,10 +2,10 @@
 
 Theory of operation
 -------------------
-conntrackd writes one entry per netlink round trip (≈ 27 k entries/s). The kernel is
-much faster when it gets many requests per ``sendto`` and answers only the failures
-(see ``/work/shared/notes/ctnetlink.md``: ≈ 200 k entries/s). So every write here is a
-sequence of *batches*:
+conntrackd writes one entry per netlink round trip. The kernel is much faster when it
+gets many requests per ``sendto`` and answers only the failures (2 to 4 µs per entry
+instead of 7 to 9, see ``docs/performance.md``). So every write here is a sequence of
+*batches*:
 
 * a batch is one datagram of up to :data:`BATCH_BYTES` holding many requests with
   consecutive sequence numbers; only the **last** request asks for an ACK
@@ -17,10 +17,12 @@ sequence of *batches*:
 
 An *upsert* creates every entry with its NAT (``NLM_F_CREATE|NLM_F_EXCL``: NAT can only
 be given on create). Entries the kernel already has answer ``EEXIST``; they are sent
-again in a second round as plain updates (without NAT). Related entries (``master``
-set) go in batches after the one holding their master, since the kernel refuses a
-related entry whose master does not exist yet (``ENOENT``). A *delete* counts
-``ENOENT`` (already gone) as applied.
+again as plain updates (without NAT). Since a refused create costs as much as an
+update, an upsert that finds most of a batch existing leads with updates from then
+on, and goes back to creates (with NAT) for the entries that answer ``ENOENT``.
+Related entries (``master`` set) go in batches after the one holding their master,
+since the kernel refuses a related entry whose master does not exist yet (``ENOENT``).
+A *delete* counts ``ENOENT`` (already gone) as applied.
 
 Lost replies
 ~~~~~~~~~~~~
@@ -58,7 +60,7 @@ from .kernel import EntryError, InjectResult
 from .model import Entry, EntryKey
 from .netlink import NETLINK_NETFILTER
 
-#: Bytes of requests per ``sendto`` (the size measured to be fastest).
+#: Bytes of requests per ``sendto`` (the size measured in the ctnetlink notes).
 BATCH_BYTES = 256 * 1024
 #: Receive buffer asked for (``SO_RCVBUFFORCE``): room for ≈ 30 k error replies, far
 #: more than one batch can produce (≈ 2,000 requests), so a full batch of failures
@@ -66,9 +68,9 @@ BATCH_BYTES = 256 * 1024
 RCVBUF_BYTES = 32 * 1024 * 1024
 #: Send buffer asked for: netlink refuses a datagram larger than ``sndbuf - 32``.
 SNDBUF_BYTES = 4 * 1024 * 1024
-#: What one queued ACK/error reply costs in the receive buffer (the skb's truesize,
-#: ≈ 768 bytes with ``NETLINK_CAP_ACK``), rounded up: used to size batches so that
-#: even a batch that fails entirely fits in the buffer.
+#: What one queued ACK/error reply costs in the receive buffer (the skb's truesize:
+#: 2,520 replies filled a 2 MiB buffer, ≈ 830 bytes each, with ``NETLINK_CAP_ACK``),
+#: rounded up: used to size batches so that even a batch that fails entirely fits.
 REPLY_COST = 1024
 
 # Socket options the stdlib ``socket`` module does not name (linux/socket.h, netlink.h).
