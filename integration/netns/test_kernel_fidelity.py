@@ -21,6 +21,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import trio
@@ -40,11 +41,13 @@ from replicator.model import (
     IPPROTO_ICMPV6,
     IPPROTO_TCP,
     IPPROTO_UDP,
+    CtTuple,
     Entry,
     EntryKey,
     Status,
     TcpState,
     dnat_target,
+    invert,
     snat_target,
 )
 
@@ -177,3 +180,56 @@ def test_ct_dump_command_matches_conntrack(netlab: Lab) -> None:
         assert ("SEEN_REPLY" in ours["status"]) == ("SEEN_REPLY" in theirs["status"])
         assert ours.get("tcp", {}).get("state") == theirs.get("tcp", {}).get("state")
         assert abs(ours["timeout"] - theirs["timeout"]) <= TOLERANCE
+
+
+def test_ct_events_command_reports_real_events(netlab: Lab) -> None:
+    topo = firewall.build(netlab)
+    with subprocess.Popen(
+        [sys.executable, "-m", "replicator.cli", "ct", "events", "--json", "--count", "2",
+         "--netns", topo.fw.name],
+        stdout=subprocess.PIPE, text=True, cwd=REPO,
+    ) as proc:
+        try:
+            # The command subscribes some time after it starts: ping until it has seen
+            # two events (a ping makes a NEW event, and an UPDATE when the reply passes).
+            deadline = time.monotonic() + 30
+            while proc.poll() is None and time.monotonic() < deadline:
+                topo.ping(4)
+                time.sleep(0.1)
+            out, _ = proc.communicate(timeout=10)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    assert proc.returncode == 0
+    events = [json.loads(line) for line in out.splitlines()]
+    assert len(events) == 2
+    assert {e["event"] for e in events} <= {"new", "update", "destroy"}
+    assert all(e["proto"] == IPPROTO_ICMP and e["orig"]["src"] == firewall.CLIENT.v4
+               and e["reply"]["dst"] == firewall.FW_WAN.v4 and e["portid"] == 0
+               for e in events)
+
+
+async def test_own_injections_are_cached_as_echoes(netlab: Lab) -> None:
+    ns = netlab.netns("fw")
+    published: list[Change] = []
+    async with LinuxKernel(ns.name) as port:
+        mirror = Mirror(port, published.extend)
+        orig = firewall_tuple()
+        entry = Entry(AF_INET, orig, invert(orig), status=Status.SEEN_REPLY, timeout=100)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mirror.run)
+            result = await port.upsert([entry])
+            assert result.errors == []
+            for _ in range(200):
+                if entry.key in mirror.cache:
+                    break
+                await trio.sleep(0.05)
+            assert mirror.stats.echoes >= 1
+            assert published == []  # never sent back to the peer
+            cached = mirror.cache.get(entry.key)
+            assert cached is not None and cached.reply == entry.reply
+            nursery.cancel_scope.cancel()
+
+
+def firewall_tuple() -> CtTuple:
+    return CtTuple(bytes([10, 9, 8, 7]), bytes([10, 9, 8, 1]), IPPROTO_UDP, 5555, 53)
