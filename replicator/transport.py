@@ -41,6 +41,7 @@ limiting the sync port to the peer's address remains the real defence.
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import random
 import socket
@@ -270,7 +271,7 @@ class PeerLink:
             bound: list[Endpoint] = []
             if settings.listen is not None:
                 host, port = settings.listen
-                listeners = await trio.open_tcp_listeners(port, host=host)
+                listeners = await trio.open_tcp_listeners(port, host=_listen_host(host))
                 bound = [_endpoint(lst.socket.getsockname()) for lst in listeners]
                 nursery.start_soon(trio.serve_listeners, self._accepted, listeners)
                 logger.info("peer link listening on %s", ", ".join(map(_fmt, bound)))
@@ -581,6 +582,20 @@ def _tune_socket(sock: trio.socket.SocketType, dead_peer_timeout: float) -> None
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, max(1, idle // 2))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, int(dead_peer_timeout * 1000))
+
+
+def _listen_host(host: str) -> str | None:
+    """The host to bind: ``::`` means every address of both families.
+
+    trio binds IPv6 sockets with IPV6_V6ONLY, so ``::`` alone would not accept IPv4
+    peers; ``None`` makes it bind both wildcards, which is what ``::`` means elsewhere.
+    """
+    try:
+        if ipaddress.ip_address(host) == ipaddress.IPv6Address("::"):
+            return None
+    except ValueError:
+        pass
+    return host
 
 
 def _endpoint(sockaddr: Any) -> Endpoint:

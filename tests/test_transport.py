@@ -27,7 +27,13 @@ from replicator import keys, tlsctx
 from replicator.errors import ChannelError, FrameTooLargeError, WireDecodeError
 from replicator.framing import encode_preamble
 from replicator.linkpolicy import Backoff, Refusal
-from replicator.transport import Endpoint, FramedConnection, LinkSettings, PeerLink
+from replicator.transport import (
+    Endpoint,
+    FramedConnection,
+    LinkSettings,
+    PeerLink,
+    _listen_host,
+)
 
 NOW = datetime.datetime.now(datetime.UTC)
 LOOPBACK = "127.0.0.1"
@@ -252,6 +258,14 @@ async def test_dial_failures_are_counted_and_retried(ids: Identities) -> None:
     async with running(b):
         await wait_until(lambda: b.stats.dial_failed.get(Refusal.CONNECT_FAILED, 0) >= 3)
     assert not b.stats.connected
+
+
+def test_listening_on_the_ipv6_wildcard_means_both_families() -> None:
+    assert _listen_host("::") is None
+    assert _listen_host("0::0") is None
+    assert _listen_host("0.0.0.0") == "0.0.0.0"  # noqa: S104 (a string, not a bind)
+    assert _listen_host("::1") == "::1"
+    assert _listen_host("localhost") == "localhost"
 
 
 # --- refusals ------------------------------------------------------------------------
