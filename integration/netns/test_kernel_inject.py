@@ -16,7 +16,6 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
-import re
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -139,8 +138,6 @@ def delete(sock: socket.socket, entries: Sequence[Entry]) -> InjectResult:
 def listed(ns: Netns) -> dict[EntryKey, Entry]:
     """The table as ``conntrack -L -o extended,labels`` prints it, by key."""
     text = firewall.conntrack(ns, ["-L", "-o", "extended,labels"])
-    # firewall.conntrack names label bit n "bit<n>"; ctformat reads bit numbers.
-    text = re.sub(r"\bbit(\d+)\b", r"\1", text)
     return {e.key: e for e in parse_conntrack_output(text)}
 
 
