@@ -194,6 +194,17 @@ class FramedConnection:
 Handler = Callable[[FramedConnection], Awaitable[None]]
 
 
+#: Handler exceptions that end only the connection they happened on.
+_CONNECTION_FAILURES = (ChannelError, DecodeError, ProtocolError)
+
+
+def _leaves(group: BaseExceptionGroup[BaseException]) -> list[BaseException]:
+    out: list[BaseException] = []
+    for exc in group.exceptions:
+        out.extend(_leaves(exc) if isinstance(exc, BaseExceptionGroup) else [exc])
+    return out
+
+
 class _Refused(Exception):
     """Internal: a handshake step refused the connection for ``reason``."""
 
@@ -460,9 +471,19 @@ class PeerLink:
                     try:
                         await self._handler(conn)
                         outcome = "closed by this node"
-                    except (ChannelError, DecodeError, ProtocolError) as exc:
+                    except _CONNECTION_FAILURES as exc:
                         # The connection or the peer failed: only this connection ends.
                         outcome = f"{type(exc).__name__}: {exc}"
+                    except BaseExceptionGroup as group:
+                        # The same from a handler's own nursery (trio groups errors).
+                        failures, rest = group.split(_CONNECTION_FAILURES)
+                        if failures is None:
+                            raise
+                        outcome = "; ".join(
+                            f"{type(e).__name__}: {e}" for e in _leaves(failures)
+                        )
+                        if rest is not None:
+                            raise rest from None  # a bug or a cancellation: not ours
         finally:
             if self._serving is conn:
                 self._serving = None

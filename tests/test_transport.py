@@ -228,6 +228,26 @@ async def test_dialer_reconnects_after_the_connection_is_closed(ids: Identities)
             assert a.stats.refused == {}
 
 
+async def test_connection_failure_inside_a_handlers_nursery_ends_only_that_connection(
+    ids: Identities,
+) -> None:
+    async def with_tasks(conn: FramedConnection) -> None:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(conn.receive_frame)
+            nursery.start_soon(trio.sleep_forever)
+
+    dialer_side = Recorder(with_tasks)
+    listener = PeerLink(settings(), creds(ids, "a", "b"), Recorder(answer_then_close))
+    async with running(listener) as (address,):
+        b = PeerLink(settings(listen=None, dial=address), creds(ids, "b", "a"), dialer_side)
+        async with running(b):
+            await wait_until(lambda: b.stats.established >= 2)
+
+
+async def answer_then_close(conn: FramedConnection) -> None:
+    """Close at once: the peer's receive_frame fails with ChannelError."""
+
+
 async def test_dialer_reconnects_to_a_restarted_listener(ids: Identities) -> None:
     dialer_side = idle_recorder()
     first = PeerLink(settings(), creds(ids, "a", "b"), idle_recorder())
