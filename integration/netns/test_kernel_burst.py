@@ -114,3 +114,13 @@ async def test_burst_overflows_and_is_repaired(netlab: Lab) -> None:
             assert len(mirror.cache) == 0
             assert mirror.stats.overruns > overruns
             nursery.cancel_scope.cancel()
+
+
+async def test_event_buffer_is_forced_beyond_rmem_max(netlab: Lab) -> None:
+    ns = netlab.netns("fw")
+    rmem_max = int(await trio.Path("/proc/sys/net/core/rmem_max").read_text())
+    async with LinuxKernel(ns.name, event_rcvbuf=4 * rmem_max) as port:
+        subscription = port.subscribe()
+        # SO_RCVBUFFORCE ignores the cap (the kernel doubles the value for overhead).
+        assert subscription.rcvbuf >= 4 * rmem_max
+        await subscription.aclose()
