@@ -50,6 +50,8 @@ An IPv4 TCP entry without NAT encodes in about 60 bytes. A message carries at mo
 
 from __future__ import annotations
 
+import itertools
+import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -323,84 +325,94 @@ def _array(v: object, high: int, what: str) -> tuple[Any, ...]:
     return v
 
 
-def _ct_tuple(t: object, alen: int) -> CtTuple:
-    if type(t) is not tuple or not 3 <= len(t) <= 8:
+# Validation works on type signatures: ``tuple(map(type, t))`` compared with (or looked
+# up among) the valid ones is a single C-level pass, where a chain of isinstance()
+# calls per field would dominate the decoder's cost. ``type(x) is int`` also rejects
+# booleans, which msgpack keeps distinct. Integer ranges are then checked by packing
+# the fields with a struct of the right widths (struct.error when out of range).
+_TUPLE_SIG = (bytes, bytes, int, int, int, int, int, int)
+_TUPLE_PAD = {n: (0,) * (8 - n) for n in range(3, 9)}
+_TUPLE_RANGES = struct.Struct(">BHHBBH")  # proto, sport, dport, icmp type, code, id
+_TCP_SIG = (int,) * 5
+_TCP_RANGES = struct.Struct(">5B")
+_SCTP_SIG = (int,) * 3
+_SCTP_RANGES = struct.Struct(">BII")
+_ZONE_STATUS = struct.Struct(">HI")
+_NONE = type(None)
+_ENTRY_PAD = {n: (None,) * (_ENTRY_FIELDS - n) for n in range(_MIN_ENTRY_FIELDS, _ENTRY_FIELDS + 1)}
+# (family, orig, reply, zone, status) then the optional fields, each its type or None.
+_ENTRY_SIGS = frozenset(
+    (int, tuple, tuple, int, int, *opt)
+    for opt in itertools.product(
+        (int, _NONE), (int, _NONE), (bytes, _NONE), (tuple, _NONE), (tuple, _NONE),
+        (str, _NONE), (tuple, _NONE),
+    )
+)  # fmt: skip
+
+
+def _ct_tuple(t: Any, alen: int) -> CtTuple:
+    pad = _TUPLE_PAD.get(len(t)) if type(t) is tuple else None
+    if pad is None:
         raise _bad("tuple is not an array of 3..8 fields")
-    src, dst, proto = t[0], t[1], t[2]
-    if type(src) is not bytes or len(src) != alen or type(dst) is not bytes or len(dst) != alen:
-        raise _bad(f"tuple addresses are not {alen}-byte binaries")
-    if type(proto) is not int or not 0 <= proto <= _U8:
-        raise _bad("tuple protocol")
-    n = len(t)
-    if n < 8:
-        t = t + (0,) * (8 - n)
-    sport, dport, itype, icode, iid = t[3], t[4], t[5], t[6], t[7]
-    if (
-        type(sport) is not int or not 0 <= sport <= _U16
-        or type(dport) is not int or not 0 <= dport <= _U16
-        or type(itype) is not int or not 0 <= itype <= _U8
-        or type(icode) is not int or not 0 <= icode <= _U8
-        or type(iid) is not int or not 0 <= iid <= _U16
-    ):  # fmt: skip
-        raise _bad("tuple ports or ICMP fields out of range")
+    if pad:
+        t = t + pad
+    if tuple(map(type, t)) != _TUPLE_SIG or len(t[0]) != alen or len(t[1]) != alen:
+        raise _bad(f"tuple is not two {alen}-byte addresses and integers")
+    try:
+        _TUPLE_RANGES.pack(t[2], t[3], t[4], t[5], t[6], t[7])
+    except struct.error:
+        raise _bad("tuple protocol, ports or ICMP fields out of range") from None
     return _new(CtTuple, t)
 
 
-def _tcp(v: object) -> TcpInfo | None:
-    if v is None:
-        return None
-    if type(v) is not tuple or len(v) != 5:
-        raise _bad("tcp info is not an array of 5 fields")
-    for x in v:
-        if type(x) is not int or not 0 <= x <= _U8:
-            raise _bad("tcp info field out of range")
-    return _new(TcpInfo, v)
-
-
-def _sctp(v: object) -> SctpInfo | None:
-    if v is None:
-        return None
-    if type(v) is not tuple or len(v) != 3:
-        raise _bad("sctp info is not an array of 3 fields")
-    _uint(v[0], _U8, "sctp state")
-    _uint(v[1], _U32, "sctp vtag")
-    _uint(v[2], _U32, "sctp vtag")
-    return _new(SctpInfo, v)
-
-
-def _entry(e: object) -> Entry:
-    if type(e) is not tuple or not _MIN_ENTRY_FIELDS <= len(e) <= _ENTRY_FIELDS:
-        raise _bad("entry is not an array of 5..12 fields")
-    n = len(e)
-    if n < _ENTRY_FIELDS:
-        e = e + (None,) * (_ENTRY_FIELDS - n)
+def _entry(e: Any) -> Entry:
+    pad = _ENTRY_PAD.get(len(e)) if type(e) is tuple else None
+    if pad is None:
+        raise _bad(f"entry is not an array of {_MIN_ENTRY_FIELDS}..{_ENTRY_FIELDS} fields")
+    if pad:
+        e = e + pad
+    if tuple(map(type, e)) not in _ENTRY_SIGS:
+        raise _bad("entry field of the wrong type")
     family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master = e
-    alen = _ADDR_LEN.get(family) if type(family) is int else None
+    alen = _ADDR_LEN.get(family)
     if alen is None:
         raise _bad("entry family is not AF_INET or AF_INET6")
     o = _ct_tuple(orig, alen)
     r = _ct_tuple(reply, alen)
     if r[2] != o[2]:
         raise _bad("reply tuple protocol differs from the original's")
-    if type(zone) is not int or not 0 <= zone <= _U16:
-        raise _bad("entry zone out of range")
-    if type(status) is not int or not 0 <= status <= _U32:
-        raise _bad("entry status out of range")
-    if timeout is not None and (type(timeout) is not int or not 0 <= timeout <= _U32):
+    try:
+        _ZONE_STATUS.pack(zone, status)
+    except struct.error:
+        raise _bad("entry zone or status out of range") from None
+    if timeout is not None and not 0 <= timeout <= _U32:
         raise _bad("entry timeout out of range")
-    if mark is not None and (type(mark) is not int or not 0 <= mark <= _U32):
+    if mark is not None and not 0 <= mark <= _U32:
         raise _bad("entry mark out of range")
-    if labels is not None and (type(labels) is not bytes or len(labels) != LABELS_SIZE):
+    if labels is not None and len(labels) != LABELS_SIZE:
         raise _bad(f"entry labels are not {LABELS_SIZE} bytes")
-    if helper is not None and (
-        type(helper) is not str or not 1 <= len(helper) <= MAX_HELPER or not helper.isascii()
-    ):
+    if tcp is not None:
+        if tuple(map(type, tcp)) != _TCP_SIG:
+            raise _bad("tcp info is not 5 integers")
+        try:
+            _TCP_RANGES.pack(*tcp)
+        except struct.error:
+            raise _bad("tcp info field out of range") from None
+        tcp = _new(TcpInfo, tcp)
+    if sctp is not None:
+        if tuple(map(type, sctp)) != _SCTP_SIG:
+            raise _bad("sctp info is not 3 integers")
+        try:
+            _SCTP_RANGES.pack(*sctp)
+        except struct.error:
+            raise _bad("sctp info field out of range") from None
+        sctp = _new(SctpInfo, sctp)
+    if helper is not None and not (1 <= len(helper) <= MAX_HELPER and helper.isascii()):
         raise _bad(f"entry helper is not an ASCII name of 1..{MAX_HELPER} characters")
-    return _new(
-        Entry,
-        (family, o, r, zone, status, timeout, mark, labels, _tcp(tcp), _sctp(sctp), helper,
-         None if master is None else _ct_tuple(master, alen), None),
-    )  # fmt: skip
+    if master is not None:
+        master = _ct_tuple(master, alen)
+    return _new(Entry, (family, o, r, zone, status, timeout, mark, labels, tcp, sctp, helper,
+                        master, None))  # fmt: skip
 
 
 def _key(k: object) -> EntryKey:

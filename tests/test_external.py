@@ -1,0 +1,110 @@
+"""The external cache: absolute deadlines from remaining timeouts, expiry, commit set."""
+
+from __future__ import annotations
+
+import math
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from synclink import make_entry
+
+from replicator.external import ExternalCache
+from replicator.model import Entry
+
+
+def put(cache: ExternalCache, entry: Entry, now: float) -> Entry | None:
+    return cache.upsert(cache.table.bucket_of(entry.key), entry, now)
+
+
+def test_deadline_is_arrival_plus_remaining_timeout() -> None:
+    c = ExternalCache(16)
+    e = make_entry(1, timeout=30)
+    assert put(c, e, 100.0) is None
+    assert c.deadline(e.key) == 130.0
+    assert c.get(e.key) == e
+    assert c.expire(129.9) == []
+    assert c.expire(130.0) == [e]
+    assert c.get(e.key) is None and c.deadline(e.key) is None and len(c) == 0
+
+
+def test_refresh_moves_the_deadline_and_the_old_one_is_ignored() -> None:
+    c = ExternalCache(16)
+    e = make_entry(1, timeout=30)
+    put(c, e, 0.0)
+    assert put(c, e._replace(timeout=30), 20.0) == e
+    assert c.expire(40.0) == []
+    assert c.next_expiry() == 50.0
+    assert len(c.expire(50.0)) == 1
+
+
+def test_deleted_and_timeless_entries_do_not_expire() -> None:
+    c = ExternalCache(16)
+    gone, forever = make_entry(1, timeout=5), make_entry(2, timeout=None)
+    put(c, gone, 0.0)
+    put(c, forever, 0.0)
+    assert c.delete(c.table.bucket_of(gone.key), gone.key) == gone
+    assert c.delete(c.table.bucket_of(gone.key), gone.key) is None
+    assert c.expire(1e12) == []
+    assert c.deadline(forever.key) == math.inf
+    assert list(c.entries()) == [forever]
+
+
+def test_commit_set_carries_the_time_left() -> None:
+    c = ExternalCache(16)
+    put(c, make_entry(1, timeout=100), 0.0)
+    put(c, make_entry(2, timeout=10), 0.0)
+    put(c, make_entry(3, timeout=None), 0.0)
+    timeouts = {e.key: e.timeout for e in c.commit_set(9.5)}
+    assert timeouts == {
+        make_entry(1).key: 91,  # ceil(100 - 9.5): never shorter than the peer's
+        make_entry(2).key: 1,  # ceil(0.5)
+        make_entry(3).key: None,
+    }
+    c.clear()
+    assert len(c) == 0 and c.commit_set(0.0) == [] and c.next_expiry() is None
+
+
+@settings(max_examples=60)
+@given(
+    st.lists(
+        st.tuples(
+            st.sampled_from(["put", "delete", "tick"]),
+            st.integers(0, 30),
+            st.one_of(st.none(), st.integers(0, 40)),
+        ),
+        max_size=400,
+    )
+)
+def test_matches_a_naive_model(ops: list[tuple[str, int, int | None]]) -> None:
+    c = ExternalCache(4)
+    model: dict[int, tuple[Entry, float]] = {}
+    now = 0.0
+    for op, i, timeout in ops:
+        e = make_entry(i, timeout=timeout)
+        if op == "put":
+            put(c, e, now)
+            model[i] = (e, math.inf if timeout is None else now + timeout)
+        elif op == "delete":
+            c.delete(c.table.bucket_of(e.key), e.key)
+            model.pop(i, None)
+        else:
+            now += (timeout or 0) / 4
+            expired = {x.key for x in c.expire(now)}
+            due = {k for k, (_, d) in model.items() if d <= now}
+            assert expired == {make_entry(k).key for k in due}
+            for k in due:
+                del model[k]
+        assert {x.key: x for x in c.entries()} == {e.key: e for e, _ in model.values()}
+        assert all(c.deadline(e.key) == d for e, d in model.values())
+
+
+def test_many_refreshes_keep_expiry_exact() -> None:
+    # Each refresh leaves a superseded heap item behind; the heap gets rebuilt.
+    c = ExternalCache(4)
+    entries = [make_entry(i) for i in range(3)]
+    for step in range(3000):
+        for e in entries:
+            put(c, e._replace(timeout=10), float(step))
+    assert c.expire(3008.0) == []
+    assert c.next_expiry() == 3009.0
+    assert len(c.expire(3009.0)) == 3

@@ -1,0 +1,283 @@
+"""The sync protocol's wire format: round trips, sizes, strict validation, fuzzing."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import msgpack
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from replicator import wire
+from replicator.errors import WireDecodeError, WireVersionError
+from replicator.model import (
+    AF_INET,
+    AF_INET6,
+    IPPROTO_TCP,
+    CtTuple,
+    Entry,
+    SctpInfo,
+    TcpInfo,
+    invert,
+)
+
+U8, U16, U32, U64 = 0xFF, 0xFFFF, 0xFFFF_FFFF, (1 << 64) - 1
+
+
+@st.composite
+def ct_tuples(draw: st.DrawFn, alen: int, proto: int | None = None) -> CtTuple:
+    p = draw(st.integers(0, U8)) if proto is None else proto
+    return CtTuple(
+        draw(st.binary(min_size=alen, max_size=alen)),
+        draw(st.binary(min_size=alen, max_size=alen)),
+        p,
+        draw(st.integers(0, U16)),
+        draw(st.integers(0, U16)),
+        draw(st.integers(0, U8)),
+        draw(st.integers(0, U8)),
+        draw(st.integers(0, U16)),
+    )
+
+
+@st.composite
+def entries(draw: st.DrawFn) -> Entry:
+    family = draw(st.sampled_from([AF_INET, AF_INET6]))
+    alen = 4 if family == AF_INET else 16
+    orig = draw(ct_tuples(alen))
+    reply = draw(st.one_of(st.just(invert(orig)), ct_tuples(alen, orig.proto)))
+    opt = st.none
+    return Entry(
+        family,
+        orig,
+        reply,
+        zone=draw(st.integers(0, U16)),
+        status=draw(st.integers(0, U32)),
+        timeout=draw(opt() | st.integers(0, U32)),
+        mark=draw(opt() | st.integers(0, U32)),
+        labels=draw(opt() | st.binary(min_size=16, max_size=16)),
+        tcp=draw(opt() | st.builds(TcpInfo, *[st.integers(0, U8)] * 5)),
+        sctp=draw(opt() | st.builds(SctpInfo, st.integers(0, U8), st.integers(0, U32),
+                                    st.integers(0, U32))),
+        helper=draw(opt() | st.text(st.characters(max_codepoint=127), min_size=1, max_size=16)),
+        master=draw(opt() | ct_tuples(alen)),
+    )
+
+
+@st.composite
+def keys(draw: st.DrawFn) -> tuple[int, int, CtTuple]:
+    e = draw(entries())
+    return e.key
+
+
+def messages() -> st.SearchStrategy[wire.Message]:
+    u64 = st.integers(0, U64)
+    few_entries = st.lists(entries(), max_size=4).map(tuple)
+    return st.one_of(
+        st.builds(wire.Hello, st.just(wire.PROTOCOL_VERSION),
+                  st.text(min_size=1, max_size=wire.MAX_NODE_ID),
+                  u64, st.sampled_from([1, 2, 1024, wire.MAX_BUCKETS]), u64),
+        st.builds(wire.Close, st.text(max_size=wire.MAX_REASON)),
+        st.builds(wire.Ack, u64, u64, st.booleans()),
+        st.builds(wire.Changes, u64, u64, few_entries, st.lists(keys(), max_size=4).map(tuple)),
+        st.builds(wire.Buckets, u64, u64, st.lists(
+            st.builds(wire.BucketRecord, st.integers(0, wire.MAX_BUCKETS - 1), st.booleans(),
+                      st.booleans(), few_entries), max_size=3).map(tuple)),
+        st.builds(wire.ResyncBegin, u64, u64, u64, st.booleans()),
+        st.builds(wire.Summary, u64, u64, u64, st.integers(0, 1000),
+                  st.binary(max_size=64).map(lambda b: b[: len(b) // 8 * 8])),
+        st.builds(wire.ResyncDone, u64, u64, u64),
+        st.builds(wire.ResyncRequest, u64, u64, st.booleans()),
+    )  # fmt: skip
+
+
+def tcp_entry(i: int = 0) -> Entry:
+    orig = CtTuple(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 7]), IPPROTO_TCP, 40000 + i, 443)
+    return Entry(AF_INET, orig, invert(orig), status=0x18E, timeout=431999, mark=0,
+                 tcp=TcpInfo(3, 7, 7, 0x23, 0x23), id=12345)  # fmt: skip
+
+
+def raw_changes(entry: object) -> bytes:
+    """A CHANGES message whose single upsert is ``entry`` as a raw msgpack value."""
+    return msgpack.packb([wire.CHANGES, 0, 0, [entry], []])
+
+
+GOOD: list[Any] = [2, [b"\x0a\0\0\1", b"\xc0\0\2\7", 6, 40000, 443],
+        [b"\xc0\0\2\7", b"\x0a\0\0\1", 6, 443, 40000], 0, 398]  # fmt: skip
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(messages())
+def test_every_message_round_trips(msg: wire.Message) -> None:
+    # The conntrack id never travels (it differs on every copy).
+    expected = msg
+    if isinstance(msg, wire.Changes):
+        expected = msg._replace(upserts=tuple(e._replace(id=None) for e in msg.upserts))
+    assert wire.decode(wire.encode(msg)) == expected
+
+
+def test_the_id_is_not_sent_and_the_timeout_is_the_one_given() -> None:
+    data = wire.encode_changes(1, 2, [(tcp_entry(), 17)], [])
+    (got,) = wire.decode(data).upserts  # type: ignore[union-attr]
+    assert got == tcp_entry()._replace(timeout=17, id=None)
+
+
+def test_an_ipv4_tcp_entry_is_compact() -> None:
+    # The notes' budget: about 69 bytes per IPv4 TCP entry (conntrackd: 68).
+    one = len(wire.encode_changes(0, 0, [(tcp_entry(), 431999)], []))
+    empty = len(wire.encode_changes(0, 0, [], []))
+    assert one - empty <= 64
+
+
+def test_worst_case_message_fits_the_bound() -> None:
+    alen = 16
+    t = CtTuple(b"\xff" * alen, b"\xff" * alen, 255, U16, U16, U8, U8, U16)
+    worst = Entry(AF_INET6, t, t, U16, U32, U32, U32, b"\xff" * 16, TcpInfo(*[U8] * 5),
+                  SctpInfo(U8, U32, U32), "h" * wire.MAX_HELPER, t)  # fmt: skip
+    data = wire.encode_changes(U64, U64, [(worst, U32)] * wire.MAX_ITEMS, [])
+    assert len(data) <= wire.MAX_MESSAGE_SIZE
+    records = [(wire.MAX_BUCKETS - 1, True, True, [(worst, U32)] * (wire.MAX_ITEMS // 2 - 1))]
+    assert len(wire.encode_buckets(U64, U64, records * 2)) <= wire.MAX_MESSAGE_SIZE
+
+
+def test_encoder_refuses_oversized_batches() -> None:
+    with pytest.raises(ValueError, match="bound"):
+        wire.encode_changes(0, 0, [(tcp_entry(), 1)] * wire.MAX_ITEMS, [tcp_entry().key])
+
+
+def test_version_mismatch_is_a_typed_refusal() -> None:
+    data = msgpack.packb([wire.HELLO, wire.PROTOCOL_VERSION + 1, "x", 1, 4096, 0, "future"])
+    with pytest.raises(WireVersionError) as info:
+        wire.decode(data)
+    assert info.value.version == wire.PROTOCOL_VERSION + 1
+
+
+@pytest.mark.parametrize(
+    ("value", "what"),
+    [
+        ([*GOOD[:1], [b"\x0a\0\0", *GOOD[1][1:]], *GOOD[2:]], "3-byte IPv4 address"),
+        ([AF_INET6, *GOOD[1:]], "IPv4 addresses in an IPv6 entry"),
+        ([3, *GOOD[1:]], "unknown family"),
+        ([*GOOD[:1], [*GOOD[1][:3], 70000, 443], *GOOD[2:]], "port above 65535"),
+        ([*GOOD[:1], [*GOOD[1][:3], -1, 443], *GOOD[2:]], "negative port"),
+        ([*GOOD[:1], [*GOOD[1][:3], True, 443], *GOOD[2:]], "boolean port"),
+        ([*GOOD[:1], [*GOOD[1][:3], 1.0, 443], *GOOD[2:]], "float port"),
+        ([*GOOD[:1], [*GOOD[1][:2], 17, 40000, 443], *GOOD[2:]], "reply protocol differs"),
+        ([*GOOD[:3], 70000, 398], "zone above 65535"),
+        ([*GOOD[:4], 1 << 32], "status above 32 bits"),
+        ([*GOOD, -5], "negative timeout"),
+        ([*GOOD, 1, 1 << 32], "mark above 32 bits"),
+        ([*GOOD, 1, 0, b"\0" * 15], "15-byte labels"),
+        ([*GOOD, 1, 0, b"\0" * 17], "17-byte labels"),
+        ([*GOOD, 1, 0, None, [3, 7, 7, 0x23]], "short tcp info"),
+        ([*GOOD, 1, 0, None, [3, 7, 7, 0x23, 256]], "tcp flag above 255"),
+        ([*GOOD, 1, 0, None, None, [1, -1, 0]], "negative sctp vtag"),
+        ([*GOOD, 1, 0, None, None, None, "h" * 17], "helper too long"),
+        ([*GOOD, 1, 0, None, None, None, ""], "empty helper"),
+        ([*GOOD, 1, 0, None, None, None, "héllo"], "non-ASCII helper"),
+        ([*GOOD, 1, 0, None, None, None, None, [b"\0" * 16, b"\0" * 16, 6]], "v6 master"),
+        ([*GOOD, 1, 0, None, None, None, None, None, None], "13 fields"),
+        (GOOD[:4], "4 fields"),
+        ("entry", "not an array"),
+    ],
+)
+def test_invalid_entries_are_refused(value: object, what: str) -> None:
+    assert wire.decode(raw_changes(GOOD)).upserts  # type: ignore[union-attr]
+    with pytest.raises(WireDecodeError):
+        wire.decode(raw_changes(value))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        [wire.HELLO, wire.PROTOCOL_VERSION, "", 1, 4096, 0],  # empty node id
+        [wire.HELLO, wire.PROTOCOL_VERSION, "n" * 65, 1, 4096, 0],  # node id too long
+        [wire.HELLO, wire.PROTOCOL_VERSION, "a", 1, 1000, 0],  # not a power of two
+        [wire.HELLO, wire.PROTOCOL_VERSION, "a", 1, 1 << 17, 0],  # too many buckets
+        [wire.HELLO, wire.PROTOCOL_VERSION, "a", -1, 4096, 0],  # negative epoch
+        [wire.HELLO, wire.PROTOCOL_VERSION, "a", 1, 4096],  # missing field
+        [wire.ACK, 0, 0, 1],  # nack not a boolean
+        [wire.ACK, -1, 0, False],  # negative stream
+        [wire.CLOSE, "r" * 300],  # reason too long
+        [wire.SUMMARY, 0, 0, 0, 0, b"\0" * 7],  # not whole digests
+        [wire.SUMMARY, 0, 0, 0, wire.MAX_BUCKETS - 1, b"\0" * 16],  # beyond the last bucket
+        [wire.BUCKETS, 0, 0, [[wire.MAX_BUCKETS, 3, []]]],  # bucket out of range
+        [wire.BUCKETS, 0, 0, [[0, 4, []]]],  # unknown flag
+        [wire.RESYNC_BEGIN, 0, 0, 0],  # missing full
+        [wire.RESYNC_DONE, 0, 0, 0, 0],  # extra field
+        [wire.RESYNC_REQUEST, 0, 0, "yes"],
+        [wire.CHANGES, 0, 0, [GOOD], [[2, 0]]],  # short key
+        [wire.CHANGES, 0, 0, [GOOD] * 1025, [[2, 0, GOOD[1]]] * 1024],  # too many items
+        [42, 0, 0],  # unknown type
+        [True, 0, 0],  # boolean type
+        [wire.ACK],  # too short
+        {"type": 3},  # a map
+        3,  # not an array
+    ],
+)
+def test_invalid_messages_are_refused(value: object) -> None:
+    with pytest.raises(WireDecodeError):
+        wire.decode(msgpack.packb(value))
+
+
+def test_unpack_limits_apply_before_objects_are_built() -> None:
+    huge = msgpack.packb([wire.CHANGES, 0, 0, [], list(range(wire.MAX_ITEMS + 1))])
+    with pytest.raises(WireDecodeError, match="msgpack"):
+        wire.decode(huge)
+    with pytest.raises(WireDecodeError, match="msgpack"):
+        wire.decode(msgpack.packb([wire.CLOSE, "x" * (wire.MAX_REASON + 1)]))
+    with pytest.raises(WireDecodeError, match="msgpack"):
+        wire.decode(msgpack.packb([wire.ACK, 0, 0, False]) + b"\x00")  # trailing bytes
+
+
+def _only_wire_errors(data: bytes) -> None:
+    with contextlib.suppress(WireDecodeError):
+        wire.decode(data)
+
+
+@settings(max_examples=1500)
+@given(st.binary(max_size=300))
+def test_fuzz_random_bytes(data: bytes) -> None:
+    _only_wire_errors(data)
+
+
+VALID_FRAMES = [
+    wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "fw-a", 7, 4096, 3)),
+    wire.encode_changes(1, 2, [(tcp_entry(i), 100) for i in range(3)], [tcp_entry(9).key]),
+    wire.encode_buckets(1, 3, [(5, True, False, [(tcp_entry(), None)]), (6, False, True, [])]),
+    wire.encode(wire.Summary(1, 4, 9, 0, b"\x01" * 16)),
+    wire.encode(wire.Ack(1, 4, True)),
+]
+
+
+@settings(max_examples=800)
+@given(
+    st.sampled_from(VALID_FRAMES),
+    st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1, max_size=6),
+    st.integers(0, 400),
+)
+def test_fuzz_mutated_valid_frames(frame: bytes, flips: list[tuple[int, int]], cut: int) -> None:
+    data = bytearray(frame)
+    for pos, value in flips:
+        data[pos % len(data)] = value
+    _only_wire_errors(bytes(data))
+    _only_wire_errors(bytes(data[: cut % (len(data) + 1)]))
+    _only_wire_errors(frame[: cut % len(frame)] + bytes(data[cut % len(data) :]))
+
+
+msgpack_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(1 << 63), U64) | st.floats()
+    | st.binary(max_size=20) | st.text(max_size=20),
+    lambda children: st.lists(children, max_size=6)
+    | st.dictionaries(st.text(max_size=5), children, max_size=3),
+    max_leaves=30,
+)  # fmt: skip
+
+
+@settings(max_examples=300)
+@given(st.integers(0, 12), st.lists(msgpack_values, max_size=7))
+def test_fuzz_well_formed_msgpack_of_any_shape(kind: int, fields: list[object]) -> None:
+    _only_wire_errors(msgpack.packb([kind, *fields]))
+    _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, fields, []]))
+    _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, [[*GOOD[:3], *fields]], []]))
