@@ -32,9 +32,16 @@ from __future__ import annotations
 import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from .errors import AuthenticationError, ConfigError
-from .keys import NodeIdentity, PeerCertificate, fingerprint_der
+from .keys import (
+    NodeIdentity,
+    PeerCertificate,
+    fingerprint_der,
+    load_identity,
+    load_peer_certificates,
+)
 
 
 def _base_context(
@@ -95,6 +102,20 @@ def credentials(identity: NodeIdentity, peers: Sequence[PeerCertificate]) -> Cre
         accepted=frozenset(p.fingerprint for p in peers),
         own=identity.fingerprint,
     )
+
+
+def load_credentials(
+    key: Path, cert: Path, peer_certs: Sequence[Path], peer_fingerprints: Sequence[str] = ()
+) -> Credentials:
+    """Credentials from the files of the ``[tls]`` configuration (start-up and SIGHUP).
+
+    Checks the key file's permissions and that key and certificate match
+    (:func:`~replicator.keys.load_identity`); every peer certificate must match one of
+    ``peer_fingerprints`` when that is not empty. Raises ConfigError naming the file.
+    """
+    identity = load_identity(key, cert)
+    pinned = frozenset(peer_fingerprints) if peer_fingerprints else None
+    return credentials(identity, load_peer_certificates(list(peer_certs), pinned))
 
 
 def check_peer(cert_der: bytes | None, accepted: frozenset[str]) -> str:

@@ -250,3 +250,21 @@ def test_check_peer_accepts_only_pinned_certificates() -> None:
         tlsctx.check_peer(der, frozenset({"sha256:" + "00" * 32}))
     with pytest.raises(AuthenticationError, match="no certificate"):
         tlsctx.check_peer(None, frozenset({generated.fingerprint}))
+
+
+def test_load_credentials_from_the_tls_configuration_files(tmp_path: Path) -> None:
+    a = _write(tmp_path, "fw-a")
+    b = _write(tmp_path, "fw-b")
+    b2 = _write(tmp_path, "fw-b2")
+    creds = tlsctx.load_credentials(a.key_path, a.cert_path, [b.cert_path, b2.cert_path])
+    assert creds.accepted == {b.fingerprint, b2.fingerprint}
+    assert creds.own == a.fingerprint
+    pinned = tlsctx.load_credentials(
+        a.key_path, a.cert_path, [b.cert_path], [b.fingerprint, b2.fingerprint]
+    )
+    assert pinned.accepted == {b.fingerprint}
+    with pytest.raises(ConfigError, match="is not pinned"):
+        tlsctx.load_credentials(a.key_path, a.cert_path, [b2.cert_path], [b.fingerprint])
+    a.key_path.chmod(0o640)
+    with pytest.raises(ConfigError, match=re.escape(str(a.key_path))):
+        tlsctx.load_credentials(a.key_path, a.cert_path, [b.cert_path])
