@@ -109,7 +109,7 @@ class EventSubscription:
 
     async def __anext__(self) -> EventBatch:
         while True:
-            if self._sock.fileno() < 0:
+            if self.closed:
                 raise StopAsyncIteration
             batch = self._drain()
             if batch is not None:
@@ -142,10 +142,16 @@ class EventSubscription:
             self._overrun = True  # report it right after the events read before it
         return events or None
 
+    @property
+    def closed(self) -> bool:
+        """Whether :meth:`aclose` was called."""
+        return self._sock.fileno() < 0
+
     async def aclose(self) -> None:
-        """Close the socket; iteration ends (also for a task waiting on it)."""
-        trio.lowlevel.notify_closing(self._sock)
-        self._sock.close()
+        """Close the socket; iteration ends (also for a task waiting on it). Idempotent."""
+        if not self.closed:
+            trio.lowlevel.notify_closing(self._sock)
+            self._sock.close()
         await trio.lowlevel.checkpoint()
 
 
@@ -205,6 +211,7 @@ class LinuxKernel:
     def subscribe(self) -> EventSubscription:
         """A live subscription to NEW/UPDATE/DESTROY events (joined before returning)."""
         sub = EventSubscription(self._netns, self._event_rcvbuf)
+        self._subscriptions = [s for s in self._subscriptions if not s.closed]
         self._subscriptions.append(sub)
         return sub
 
