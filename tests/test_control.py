@@ -514,6 +514,8 @@ async def check_as(path: Path, *, gid: int, extra_groups: list[int]) -> str:
         ("nogroup", 65534, [], "True"),  # primary group
         ("nogroup", 4242, [65534], "True"),  # supplementary group, via SO_PEERGROUPS
         ("nogroup", 4242, [4243], "permission denied for uid 65534"),
+        # More groups than the first SO_PEERGROUPS buffer holds: the ERANGE retry.
+        ("nogroup", 4242, [*range(5000, 5200), 65534], "True"),
     ],
 )
 async def test_other_users_are_authorised_by_group(
