@@ -536,7 +536,8 @@ async def serve_control(
     identity: os.stat_result | None = None
     try:
         await sock.bind(str(path))
-        identity = _set_owner(path, mode, allowed_gid)
+        identity = os.lstat(path)
+        _set_owner(path, mode, allowed_gid)
         sock.listen(64)
         own_uid = os.geteuid()
 
@@ -553,12 +554,17 @@ async def serve_control(
             _remove_if_same(path, identity)
 
 
-def _set_owner(path: Path, mode: int, gid: int | None) -> os.stat_result:
-    """Give the fresh socket file its mode and group; return its identity."""
+def _set_owner(path: Path, mode: int, gid: int | None) -> None:
+    """Give the fresh socket file its mode and group."""
     os.chmod(path, mode)
     if gid is not None:
-        os.chown(path, -1, gid)
-    return os.lstat(path)
+        try:
+            os.chown(path, -1, gid)
+        except PermissionError:
+            raise ControlError(
+                f"control.group: cannot give {path} to gid {gid}: "
+                "the daemon's user must be a member of that group"
+            ) from None
 
 
 def _remove_if_same(path: Path, identity: os.stat_result) -> None:

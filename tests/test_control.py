@@ -6,6 +6,7 @@ import contextlib
 import functools
 import json
 import os
+import shutil
 import socket
 import stat
 import tempfile
@@ -462,9 +463,7 @@ def shared_dir() -> Iterator[Path]:
     try:
         yield path
     finally:
-        for child in path.iterdir():
-            child.unlink()
-        path.rmdir()
+        shutil.rmtree(path)
 
 
 def exchange_as(path: Path, data: bytes, *, gid: int, groups: list[int]) -> bytes:
@@ -541,3 +540,34 @@ async def test_other_users_are_authorised_by_group(
         assert denied == []
     else:
         assert [(c.uid, c.gid) for c in denied] == [(65534, gid)]
+
+
+def test_a_group_the_daemon_is_not_in_is_refused_and_the_socket_removed(shared_dir: Path) -> None:
+    """As a non-root daemon (a forked child running as nobody), control.group = root."""
+    home = shared_dir / "run"
+    home.mkdir()
+    os.chown(home, 65534, 65534)
+    path = home / "control.sock"
+    read_fd, write_fd = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child
+        try:
+            os.close(read_fd)
+            os.setgroups([])
+            os.setgid(65534)
+            os.setuid(65534)
+            try:
+                trio.run(functools.partial(serve_control, path, FakeHandler(), group="root"))
+            except ControlError as exc:
+                os.write(write_fd, str(exc).encode())
+        finally:
+            os._exit(0)
+    os.close(write_fd)
+    with os.fdopen(read_fd, "rb") as pipe:
+        message = pipe.read().decode()
+    os.waitpid(pid, 0)
+    assert message == (
+        f"control.group: cannot give {path} to gid 0: "
+        "the daemon's user must be a member of that group"
+    )
+    assert not path.exists()
