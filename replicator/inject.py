@@ -515,10 +515,10 @@ class ReplySocket(Protocol):
 async def run(sock: ReplySocket, job: Injection) -> InjectResult:
     """Drive ``job`` over the non-blocking ``sock`` until every entry is settled.
 
-    Cancellation takes effect between datagrams; the entries of a datagram already
-    sent may or may not be applied (the kernel does not stop), so after a cancelled
-    write only a dump tells the table's state. Its replies are discarded by the next
-    :func:`run` on the same socket.
+    Cancellation takes effect before a datagram is sent (or while a late reply is
+    awaited). Entries of earlier datagrams were applied or refused without their
+    outcome being reported, so after a cancelled write only a dump tells the table's
+    state; leftover replies are discarded by the next :func:`run` on the same socket.
     """
     buf = bytearray(65536)
     view = memoryview(buf)
