@@ -341,6 +341,11 @@ class KernelConfig:
     conntrack_events: Literal["enable", "require", "leave"] = field(
         default="enable", metadata=_leaf(_choice("enable", "require", "leave"))
     )
+    #: Seconds between re-dumps that carry refreshed timeouts to the peer (None: never,
+    #: written as 0 in the file).
+    refresh_interval: float | None = field(
+        default=30.0, metadata=_leaf(_seconds_or_off(1.0, 86400.0))
+    )
 
 
 @dataclasses.dataclass(frozen=True)

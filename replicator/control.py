@@ -90,6 +90,18 @@ class ResyncSource(enum.StrEnum):
 # --- result shapes (what the handler returns, what the client gets back) --------------
 
 
+class ResyncReport(TypedDict):
+    """The last completed resync (in ``status``)."""
+
+    #: ``send``: our table to the peer; ``receive``: the peer's table to us.
+    direction: str
+    full: bool
+    seconds_ago: float
+    duration_seconds: float
+    #: Entries replaced during it.
+    entries: int
+
+
 class StatusReport(TypedDict):
     """``status``: the node at a glance."""
 
@@ -110,6 +122,9 @@ class StatusReport(TypedDict):
     #: Age of the oldest change not yet acknowledged by the peer; None when unknown.
     replication_lag_seconds: float | None
     uptime_seconds: float
+    #: Random at every start: a changed epoch means the daemon restarted.
+    epoch: int
+    last_resync: ResyncReport | None
 
 
 class DumpReport(TypedDict):

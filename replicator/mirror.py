@@ -79,6 +79,7 @@ class Mirror:
         self._resync_running = False
         self._resync_again = False
         self._synced = trio.Event()
+        self._nursery: trio.Nursery | None = None
 
     @property
     def synced(self) -> bool:
@@ -100,6 +101,7 @@ class Mirror:
         subscription = self._kernel.subscribe()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 self._request_resync(nursery)
                 nursery.start_soon(self._pump, subscription, nursery)
                 await self.wait_synced()
@@ -107,6 +109,17 @@ class Mirror:
         finally:
             with trio.CancelScope(shield=True):
                 await subscription.aclose()
+
+    async def resync(self) -> None:
+        """Dump the table now, reconcile, and return when the cache is complete again.
+
+        For operator requests (``resync --kernel``) and the daemon's periodic refresh:
+        the dump also carries the current timeouts, which events never report.
+        """
+        if self._nursery is None:
+            raise RuntimeError("the mirror is not running")
+        self._request_resync(self._nursery)
+        await self.wait_synced()
 
     async def _pump(self, subscription: Subscription, nursery: trio.Nursery) -> None:
         async for batch in subscription:

@@ -64,7 +64,17 @@ def _format_status(s: StatusReport) -> str:
         f"entries: {entries}",
         f"replication lag: {'unknown' if lag is None else f'{lag:.3f} s'}",
         f"uptime: {s['uptime_seconds']:.0f} s",
+        f"epoch: {s['epoch']:016x}",
     ]
+    last = s["last_resync"]
+    if last is None:
+        lines.append("last resync: none")
+    else:
+        kind = "full" if last["full"] else "digest"
+        lines.append(
+            f"last resync: {kind} {last['direction']}, {last['entries']} entries in "
+            f"{last['duration_seconds']:.3f} s, {last['seconds_ago']:.0f} s ago"
+        )
     return "\n".join(lines)
 
 

@@ -28,6 +28,9 @@ STATUS: StatusReport = {
     "entries": {"internal": 12, "external": 34, "kernel": 12},
     "replication_lag_seconds": 0.25,
     "uptime_seconds": 3600.4,
+    "epoch": 0x1234ABCD,
+    "last_resync": {"direction": "receive", "full": True, "seconds_ago": 12.5,
+                    "duration_seconds": 0.25, "entries": 1000},
 }
 STATS: StatsReport = {"messages_sent": 10, "messages_received": 12, "replication_lag": 0.5}
 ENTRIES = [

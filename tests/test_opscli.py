@@ -95,6 +95,8 @@ async def test_status_text_and_json(served: tuple[FakeHandler, Cli]) -> None:
         "entries": "external=34 internal=12 kernel=12",
         "replication lag": "0.250 s",
         "uptime": "3600 s",
+        "epoch": "000000001234abcd",
+        "last resync": "full receive, 1000 entries in 0.250 s, 12 s ago",
     }
     code, out, _ = await run("status", "--json")
     assert code == 0
