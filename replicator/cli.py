@@ -26,11 +26,12 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     # Imported here so that `replicator --help` stays cheap and a broken optional
     # module cannot break the others.
-    from . import ctcli, keycli, opscli
+    from . import ctcli, daemoncli, keycli, opscli
 
     ctcli.register(sub)
     keycli.register(sub)
     opscli.register(sub)
+    daemoncli.register(sub)
     return parser
 
 

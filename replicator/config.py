@@ -591,9 +591,12 @@ def _contradiction(config: Config) -> tuple[str, str] | None:
         )
     if sync.peer_name is not None and sync.peer_name == config.node.name:
         return "sync.peer_name", f"{sync.peer_name!r} is this node's own name (node.name)"
-    if not config.tls.peer_certs and not config.tls.peer_fingerprints:
-        return "tls.peer_fingerprints", (
-            "no way to authenticate the peer: set tls.peer_fingerprints or tls.peer_certs"
+    if not config.tls.peer_certs:
+        # Stdlib ssl has no verify callback: the peer's certificate file is the only
+        # trust anchor, so a fingerprint alone cannot authenticate anyone.
+        return "tls.peer_certs", (
+            "no way to authenticate the peer: list the peer's certificate file(s) "
+            "(tls.peer_fingerprints only adds a second check)"
         )
     if config.tls.key == config.tls.cert:
         return "tls.cert", "must be a different file than tls.key"

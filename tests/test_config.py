@@ -38,6 +38,7 @@ peer_address = "192.0.2.2"
 [tls]
 key = "/etc/replicator/tls/node.key"
 cert = "/etc/replicator/tls/node.crt"
+peer_certs = ["/etc/replicator/tls/peer.crt"]
 peer_fingerprints = ["{FP}"]
 """
 
@@ -65,7 +66,7 @@ def test_minimal_config_gets_the_defaults() -> None:
     assert config.sync.buckets == 4096
     assert config.sync.peer_name is None
     assert config.tls.peer_fingerprints == (FP,)
-    assert config.tls.peer_certs == ()
+    assert config.tls.peer_certs == (Path("/etc/replicator/tls/peer.crt"),)
     assert config.kernel.netns is None
     assert config.kernel.conntrack_events == "enable"
     assert config.filters.ignore_addresses == ()
@@ -273,7 +274,7 @@ def test_bad_sync_sizes(setting: str, message: str) -> None:
             "must have 64 hexadecimal digits",
         ),
         (
-            f'peer_fingerprints = ["{FP}"]',
+            'peer_certs = ["/etc/replicator/tls/peer.crt"]',
             'peer_certs = ["relative.crt"]',
             "tls.peer_certs: [0] 'relative.crt' must be an absolute path",
         ),
@@ -331,9 +332,9 @@ def test_missing_required(drop: str, message: str) -> None:
         ('"192.0.2.2"', '"2001:db8::2"', "sync.peer_address: 2001:db8::2 is IPv6 but sync.listen"),
         ('"192.0.2.1"', '"2001:db8::1"', "sync.peer_address: 192.0.2.2 is IPv4 but sync.listen_"),
         (
-            f'peer_fingerprints = ["{FP}"]',
-            "peer_fingerprints = []",
-            "tls.peer_fingerprints: no way to authenticate the peer",
+            'peer_certs = ["/etc/replicator/tls/peer.crt"]',
+            "peer_certs = []",
+            "tls.peer_certs: no way to authenticate the peer",
         ),
         (
             'cert = "/etc/replicator/tls/node.crt"',
@@ -418,7 +419,8 @@ def file_config(files: dict[str, Path], *extra: str) -> Config:
     text = (
         MINIMAL.replace("/etc/replicator/tls/node.key", str(files["node.key"]))
         .replace("/etc/replicator/tls/node.crt", str(files["node.crt"]))
-        .replace(f'peer_fingerprints = ["{FP}"]', f'peer_certs = ["{files["peer.crt"]}"]')
+        .replace("/etc/replicator/tls/peer.crt", str(files["peer.crt"]))
+        .replace(f'peer_fingerprints = ["{FP}"]', "peer_fingerprints = []")
     )
     return parse_config(with_lines(*extra, base=text))
 
