@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import random
 
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
@@ -54,7 +53,6 @@ class TwoPeers(RuleBasedStateMachine):
         self.nodes = {"a": Node("a", p, epoch=1), "b": Node("b", p, epoch=1000)}
         #: Messages in flight per direction (src name -> list), in sending order.
         self.link: dict[str, list[bytes]] = {"a": [], "b": []}
-        self.rng = random.Random(0)
         self._connect()
 
     # --- helpers ------------------------------------------------------------------
