@@ -1127,6 +1127,9 @@ class SyncSession:
 
     def _send_changes(self, c: _Conn, now: float, out: list[bytes]) -> None:
         pending, records, dirty = self._pending, self._records, self._dirty
+        sb = c.sending_bucket
+        # Keys of the bucket being sent in parts that its next parts will carry.
+        coming = frozenset(sb[1][sb[2] :]) if sb is not None else frozenset()
         keys = []
         ups: list[wire.TimedEntry] = []
         dels: list[EntryKey] = []
@@ -1139,6 +1142,8 @@ class SyncSession:
             elif rec.bucket in dirty:
                 # Its bucket will be sent whole, with this key's state at that time.
                 dirty[rec.bucket] = min(dirty[rec.bucket], t)
+                continue
+            elif key in coming:
                 continue
             else:
                 ups.append((rec.entry, self._remaining(rec, now)))

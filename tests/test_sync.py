@@ -1,0 +1,420 @@
+"""Unit tests of the sync session: handshake, bounds, resync cost, expiry, violations."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import TypeVar
+
+import msgpack
+import pytest
+from synclink import Node, connect, disconnect, fill, make_entry, run, strip, transfer
+
+from replicator import wire
+from replicator.digest import BucketTable
+from replicator.filters import build_filter
+from replicator.model import TcpInfo
+from replicator.sync import (
+    ConnectionTerminated,
+    Event,
+    InSync,
+    PeerDeletes,
+    PeerHello,
+    PeerUpserts,
+    ProtocolViolation,
+    ResyncCompleted,
+    ResyncStarted,
+    SyncParams,
+    SyncSession,
+)
+
+P = SyncParams(buckets=64, batch=32, window=128, anti_entropy_interval=None)
+
+
+def pair(params: SyncParams = P) -> tuple[Node, Node]:
+    return Node("a", params, epoch=1), Node("b", params, epoch=2)
+
+
+T = TypeVar("T")
+
+
+def of_type(events: list[Event], kind: type[T]) -> list[T]:
+    return [e for e in events if isinstance(e, kind)]
+
+
+def synced(n_a: int = 0, n_b: int = 0, params: SyncParams = P) -> tuple[Node, Node]:
+    a, b = pair(params)
+    fill(a, [make_entry(i) for i in range(n_a)], 0.0)
+    fill(b, [make_entry(100_000 + i) for i in range(n_b)], 0.0)
+    connect(a, b, 0.0)
+    transfer(a, b, 0.0)
+    assert a.external() == b.table() and b.external() == a.table()
+    return a, b
+
+
+def test_handshake_and_initial_sync() -> None:
+    a, b = synced(300, 40)
+    assert a.session.in_sync and b.session.in_sync
+    assert a.session.send_idle and b.session.send_idle
+    assert a.session.peer_node_id == "b" and a.session.peer_epoch == 2
+    assert of_type(a.events, PeerHello) == [PeerHello("b", 2, restarted=False)]
+    assert of_type(a.events, InSync) == [InSync(True)]
+    started = of_type(b.events, ResyncStarted)
+    assert {(e.direction, e.full) for e in started} == {("send", False), ("receive", False)}
+    done = {e.direction: e for e in of_type(b.events, ResyncCompleted)}
+    assert done["receive"].entries == 300 and done["send"].entries == 40
+    # The initial catch-up sends each entry once, not once as a change and once more
+    # in its bucket.
+    assert a.session.stats.entries_sent == 300
+
+
+def test_changes_stream_and_deletes_propagate() -> None:
+    a, b = synced(50)
+    seen = len(b.events)
+    a.put(make_entry(1, variant=9), 1.0)
+    a.put(make_entry(777), 1.0)
+    a.remove(make_entry(2).key, 1.0)
+    a.remove(make_entry(424242).key, 1.0)  # never existed: nothing to send
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    ups = of_type(b.events[seen:], PeerUpserts)
+    assert ups == [PeerUpserts((make_entry(1, variant=9), make_entry(777)))]
+    (dels,) = of_type(b.events[seen:], PeerDeletes)
+    assert dels == PeerDeletes((make_entry(2),), expired=False)
+
+
+def test_a_burst_is_coalesced_to_one_state_per_entry() -> None:
+    # The peer does not acknowledge: everything beyond the window waits, coalesced.
+    a, b = synced()
+    for round_ in range(200):
+        for i in range(50):
+            a.put(make_entry(i, variant=round_), 1.0)
+        assert a.session.pending_count <= 50
+    held = a.session.frames_to_send(1.0)
+    assert a.session.pending_count + a.session.inflight == 50
+    for payload in held:
+        b.session.receive(payload, 1.0)
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    assert a.session.stats.entries_sent == 50
+    assert a.session.stats.folds == 0
+
+
+def test_nothing_is_dropped_under_a_tiny_window_and_pending_bound() -> None:
+    params = dataclasses.replace(P, window=1, batch=2, max_pending=8, buckets=16)
+    a, b = synced(params=params)
+    # Churn with no acknowledgements: pending would grow past its bound.
+    for i in range(400):
+        a.put(make_entry(i), 1.0)
+        if i % 3 == 0:
+            a.remove(make_entry(i // 2).key, 1.0)
+        assert a.session.pending_count <= 8
+        assert a.session.dirty_buckets <= 16
+    assert a.session.stats.folds > 0
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    assert a.session.send_idle
+
+
+def test_reconnect_resync_is_proportional_to_the_changes() -> None:
+    params = dataclasses.replace(P, buckets=1024, batch=512, window=4096)
+    n, k = 20_000, 10
+    a, b = synced(n, params=params)
+    disconnect(a, b, 1.0)
+    for i in range(k):  # while apart: updates, creations and deletions
+        if i % 3 == 0:
+            a.remove(make_entry(i).key, 2.0)
+        elif i % 3 == 1:
+            a.put(make_entry(i, variant=5), 2.0)
+        else:
+            a.put(make_entry(n + i), 2.0)
+    before = dataclasses.replace(a.session.stats)
+    connect(a, b, 3.0)
+    transfer(a, b, 3.0)
+    assert b.external() == a.table()
+    sent = a.session.stats.entries_sent - before.entries_sent
+    buckets = BucketTable(1024)
+    for e in a.kernel_entries(3.0):
+        buckets.put(buckets.bucket_of(e.key), e.key, e)
+    biggest_bucket = max(len(buckets.bucket(x)) for x in range(1024))
+    assert sent <= k * biggest_bucket + k
+    assert sent < n // 50
+    assert a.session.stats.buckets_sent - before.buckets_sent <= k
+
+
+def test_a_restarted_peer_gets_everything_back() -> None:
+    a, b = synced(500, 20)
+    b.restart(5.0)  # empty external cache, new epoch; its kernel table survived
+    disconnect(a, b, 5.0)
+    connect(a, b, 5.0)
+    transfer(a, b, 5.0)
+    assert b.external() == a.table() and a.external() == b.table()
+    assert PeerHello("b", 3, restarted=True) in a.drain() + a.events
+    assert b.session.in_sync
+
+
+def test_request_resync_and_bulk_send_are_full() -> None:
+    a, b = synced(100, 100)
+    before = a.session.stats.entries_sent
+    b.session.request_resync(1.0)  # conntrackd -n on b: a sends everything
+    transfer(a, b, 1.0)
+    assert a.session.stats.entries_sent - before == 100
+    full = [e for e in of_type(a.events, ResyncCompleted) if e.full]
+    assert [(e.direction, e.buckets) for e in full] == [("send", 64)]
+    before = b.session.stats.entries_sent
+    b.session.bulk_send(1.0)  # conntrackd -B on b
+    transfer(a, b, 1.0)
+    assert b.session.stats.entries_sent - before == 100
+    assert a.session.send_idle and b.session.send_idle
+
+
+def test_a_full_resync_wish_survives_a_disconnection() -> None:
+    a, b = synced(30)
+    disconnect(a, b, 1.0)
+    b.session.request_resync(1.0)
+    a.session.bulk_send(1.0)
+    before = a.session.stats.entries_sent
+    connect(a, b, 2.0)
+    transfer(a, b, 2.0)
+    # Two full resyncs were asked for; at least one ran in full (all 30 entries).
+    assert a.session.stats.entries_sent - before >= 30
+    assert any(e.full for e in of_type(a.events, ResyncStarted))
+    assert a.session.send_idle and b.session.send_idle
+
+
+def test_stale_entries_of_the_peer_are_removed_by_a_resync() -> None:
+    a, b = synced(10)
+    ghost = make_entry(999)
+    ext = b.session.external
+    ext.upsert(ext.table.bucket_of(ghost.key), ghost, 0.0)  # e.g. a delete lost long ago
+    disconnect(a, b, 1.0)
+    connect(a, b, 1.0)
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    assert PeerDeletes((ghost,), expired=False) in b.events
+
+
+def test_a_bucket_larger_than_a_message_is_replaced_in_parts() -> None:
+    params = dataclasses.replace(P, buckets=1, batch=8, window=16)
+    a, b = synced(100, params=params)
+    ext = b.session.external
+    ghost = make_entry(999)
+    ext.upsert(0, ghost, 0.0)
+    b.session.request_resync(1.0)
+    # Deliver the first parts, then change entries while the replacement runs.
+    for _ in range(4):
+        for payload in b.session.frames_to_send(1.0):
+            a.session.receive(payload, 1.0)
+        for payload in a.session.frames_to_send(1.0):
+            b.session.receive(payload, 1.0)
+    a.put(make_entry(5, variant=1), 1.0)
+    a.put(make_entry(500), 1.0)
+    a.remove(make_entry(95).key, 1.0)
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    assert ghost.key not in b.external()
+
+
+def test_lost_messages_are_resent_after_a_nack() -> None:
+    a, b = synced(10)
+    for i in range(100):
+        a.put(make_entry(i, variant=1), 1.0)
+    frames = a.session.frames_to_send(1.0)
+    assert len(frames) > 2
+    for payload in frames[:1] + frames[2:]:  # the second message is lost
+        b.session.receive(payload, 1.0)
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    assert a.session.stats.retransmits == 1
+    assert b.session.stats.out_of_order == len(frames) - 2
+
+
+def test_unacknowledged_messages_are_resent_after_the_ack_timeout() -> None:
+    a, b = synced(10)
+    a.put(make_entry(3, variant=7), 1.0)
+    a.session.frames_to_send(1.0)  # lost, and nothing follows to reveal the gap
+    deadline = a.session.next_timer()
+    assert deadline is not None and deadline <= 1.0 + P.ack_timeout
+    run(a, b, 1.0, until=1.0 + P.ack_timeout)
+    assert b.external() == a.table()
+    assert a.session.stats.retransmits == 1
+
+
+def test_expiry_in_the_external_cache() -> None:
+    a, b = synced()
+    a.put(make_entry(1, timeout=10), 100.0)
+    transfer(a, b, 100.0)
+    assert b.session.external.deadline(make_entry(1).key) == 110.0
+    timer = b.session.next_timer()
+    assert timer is not None and timer <= 110.0
+    b.session.handle_timer(109.0)
+    assert len(b.session.external) == 1
+    b.session.handle_timer(110.0)
+    assert PeerDeletes((make_entry(1, timeout=10),), expired=True) in b.drain()
+    assert b.session.stats.expired == 1
+
+
+def test_queued_time_is_taken_off_the_timeout() -> None:
+    a, b = synced()
+    a.put(make_entry(1, timeout=100), 0.0)
+    transfer(a, b, 30.0)  # sent 30 s after the change was observed
+    assert b.session.external.get(make_entry(1).key).timeout == 70  # type: ignore[union-attr]
+    assert b.session.external.deadline(make_entry(1).key) == 100.0
+
+
+def test_refreshes_are_sent_at_half_life_only() -> None:
+    a, b = synced()
+    a.put(make_entry(1, timeout=100), 0.0)
+    transfer(a, b, 0.0)
+    sent = a.session.stats.entries_sent
+    run(a, b, 0.0, until=10.0, step=0.5)
+    a.put(make_entry(1, timeout=100), 10.0)  # refreshed: deadline 110, peer has 100
+    transfer(a, b, 10.0)
+    assert a.session.stats.entries_sent == sent  # peer still has 90 s of 100
+    run(a, b, 10.0, until=89.5, step=0.5)
+    assert a.session.stats.entries_sent == sent
+    run(a, b, 89.5, until=90.0, step=0.5)  # the peer is down to half: 20 s of 110 - 90
+    assert a.session.stats.entries_sent == sent + 1
+    assert b.session.external.deadline(make_entry(1).key) == 110.0
+    run(a, b, 90.0, until=95.0, step=0.5)
+    a.put(make_entry(1, timeout=100), 95.0)  # peer has 15 s left of 100: at once
+    transfer(a, b, 95.0)
+    assert a.session.stats.entries_sent == sent + 2
+
+
+def test_filters_drop_and_delete_entries_that_stop_matching() -> None:
+    accept = build_filter(tcp_states=["ESTABLISHED"])
+    a = Node("a", P, epoch=1)
+    a.session = SyncSession("a", 1, params=P, accept=accept)
+    b = Node("b", P, epoch=2)
+    connect(a, b, 0.0)
+    a.put(make_entry(1), 0.0)
+    a.put(make_entry(2)._replace(tcp=TcpInfo(1)), 0.0)  # SYN_SENT: not replicated
+    transfer(a, b, 0.0)
+    assert set(b.external()) == {make_entry(1).key}
+    a.put(make_entry(1)._replace(tcp=TcpInfo(7)), 1.0)  # now TIME_WAIT
+    transfer(a, b, 1.0)
+    assert b.external() == {}
+    a.session.local_snapshot([make_entry(1), make_entry(2)._replace(tcp=TcpInfo(1))], 2.0)
+    transfer(a, b, 2.0)
+    assert b.external() == {make_entry(1).key: strip(make_entry(1))}
+    assert a.session.local_count == 1
+
+
+def test_snapshot_deletes_what_it_lacks() -> None:
+    a, b = synced(20)
+    a.session.local_snapshot([make_entry(i) for i in range(5, 25)], 1.0)
+    transfer(a, b, 1.0)
+    assert set(b.external()) == {make_entry(i).key for i in range(5, 25)}
+
+
+def test_lag_is_measured_on_the_sender() -> None:
+    a, b = synced()
+    a.put(make_entry(1), 10.0)
+    assert a.session.replication_lag(10.5) == 0.5
+    for payload in a.session.frames_to_send(10.5):
+        b.session.receive(payload, 10.6)
+    assert a.session.replication_lag(10.7) == pytest.approx(0.7)
+    for payload in b.session.frames_to_send(10.6):
+        a.session.receive(payload, 10.8)
+    assert a.session.stats.ack_lag_last == pytest.approx(0.8)
+    assert a.session.replication_lag(11.0) == 0.0
+
+
+def test_keepalive_and_dead_peer() -> None:
+    a, b = synced()
+    assert a.session.next_timer() == P.keepalive_interval
+    a.session.handle_timer(P.keepalive_interval)
+    (ack,) = a.session.frames_to_send(P.keepalive_interval)
+    assert isinstance(wire.decode(ack), wire.Ack)
+    a.session.handle_timer(P.dead_interval)
+    assert ConnectionTerminated(
+        f"nothing received from the peer for {P.dead_interval:g} s", by_peer=False
+    ) in a.drain()
+    (close,) = a.session.frames_to_send(P.dead_interval)
+    b.session.receive(close, P.dead_interval)
+    assert of_type(b.drain(), ConnectionTerminated)[0].by_peer
+    a.session.connection_lost(P.dead_interval)
+    assert InSync(False) in a.drain()
+    assert not a.session.in_sync and not a.session.connected
+
+
+def violation(b: Node, payload: bytes) -> str:
+    connect(Node("a", P), b, 0.0)
+    b.session.frames_to_send(0.0)
+    b.session.receive(payload, 0.0)
+    events = b.drain()
+    (v,) = of_type(events, ProtocolViolation)
+    assert of_type(events, ConnectionTerminated)
+    (close,) = b.session.frames_to_send(0.0)
+    assert isinstance(wire.decode(close), wire.Close)
+    b.session.receive(payload, 0.0)  # ignored once terminated
+    assert b.drain() == []
+    return v.reason
+
+
+def hello(version: int = wire.PROTOCOL_VERSION, node: str = "a", buckets: int = 64) -> bytes:
+    return msgpack.packb([wire.HELLO, version, node, 1, buckets, 0])
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (hello(version=2), "version"),
+        (hello(buckets=128), "buckets"),
+        (hello(node="b"), "own id"),
+        (b"\xc1garbage", "msgpack"),
+        (msgpack.packb([wire.ACK, 5, 0, False]), "never sent"),
+    ],
+)
+def test_violations_close_the_connection(payload: bytes, reason: str) -> None:
+    b = Node("b", P, epoch=2)
+    assert reason in violation(b, payload)
+    assert b.session.stats.protocol_violations == 1
+
+
+def test_expected_peer_id_is_enforced() -> None:
+    b = Node("b", dataclasses.replace(P, peer_node_id="fw-2"), epoch=2)
+    assert "expected 'fw-2'" in violation(b, hello())
+
+
+def test_undecodable_frames_are_counted() -> None:
+    b = Node("b", P, epoch=2)
+    violation(b, b"\x93\x04")
+    assert b.session.stats.decode_errors == 1
+
+
+def test_a_changed_hello_is_a_violation_and_a_repeated_one_is_not() -> None:
+    _, b = synced()
+    b.session.receive(wire.encode(wire.Hello(1, "a", 1, 64, 0)), 1.0)
+    assert b.drain() == []
+    b.session.receive(wire.encode(wire.Hello(1, "a", 9, 64, 0)), 1.0)
+    assert of_type(b.drain(), ProtocolViolation)
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [{"buckets": 100}, {"batch": 1}, {"window": 0}, {"keepalive_interval": 20.0},
+     {"ack_timeout": 0.0}, {"anti_entropy_interval": -1.0}, {"peer_node_id": ""}],
+)  # fmt: skip
+def test_params_are_validated(kwargs: dict[str, object]) -> None:
+    with pytest.raises(ValueError, match=r"\w"):
+        SyncParams(**kwargs)  # type: ignore[arg-type]
+
+
+def test_session_arguments_are_validated() -> None:
+    with pytest.raises(ValueError, match="node id"):
+        SyncSession("", 1)
+    with pytest.raises(ValueError, match="epoch"):
+        SyncSession("a", 1 << 64)
+
+
+def test_anti_entropy_repairs_silent_divergence() -> None:
+    params = dataclasses.replace(P, anti_entropy_interval=30.0)
+    a, b = synced(40, params=params)
+    ext = b.session.external
+    victim = make_entry(7)
+    ext.delete(ext.table.bucket_of(victim.key), victim.key)  # diverged somehow
+    assert b.external() != a.table()
+    run(a, b, 0.0, until=30.0, step=5.0)
+    assert b.external() == a.table()
+    assert b.session.in_sync
