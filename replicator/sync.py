@@ -698,10 +698,10 @@ class SyncSession:
         for s in c.inflight:
             t = s.first_change if s.first_change is not None else _INF
             for key in s.keys:
-                if pending.get(key, _INF) > t:
+                if pending.get(key, _INF) >= t:
                     pending[key] = t
             for b in s.buckets:
-                if dirty.get(b, _INF) > t:
+                if dirty.get(b, _INF) >= t:
                     dirty[b] = t
             if s.control is not None:
                 if s.control.kind == _DONE:
@@ -711,7 +711,7 @@ class SyncSession:
                     controls.append(s.control)
         if c.sending_bucket is not None:
             b, _, _, t = c.sending_bucket
-            if dirty.get(b, _INF) > t:
+            if dirty.get(b, _INF) >= t:
                 dirty[b] = t
             c.sending_bucket = None
         c.control.extendleft(reversed(controls))
@@ -735,11 +735,11 @@ class SyncSession:
         try:
             msg = wire.decode(payload)
         except WireVersionError as exc:
-            self._violation(c, str(exc), now)
+            self._violation(c, str(exc))
             return
         except WireDecodeError as exc:
             st.decode_errors += 1
-            self._violation(c, str(exc), now)
+            self._violation(c, str(exc))
             return
         try:
             if isinstance(msg, wire.Ack):
@@ -752,9 +752,9 @@ class SyncSession:
             else:
                 self._on_sequenced(c, msg, now)
         except _Violation as exc:
-            self._violation(c, str(exc), now)
+            self._violation(c, str(exc))
 
-    def _violation(self, c: _Conn, reason: str, now: float) -> None:
+    def _violation(self, c: _Conn, reason: str) -> None:
         self.stats.protocol_violations += 1
         self._events.append(ProtocolViolation(reason))
         self._terminate(c, reason)
@@ -962,16 +962,17 @@ class SyncSession:
 
     def _on_summary(self, c: _Conn, msg: wire.Summary, now: float) -> None:
         count = len(msg.digests) // wire.DIGEST_SIZE
-        if msg.first_bucket % SUMMARY_CHUNK or msg.first_bucket + count > self._buckets:
-            raise _Violation("SUMMARY does not cover a chunk of our buckets")
+        first = msg.first_bucket
+        if first % SUMMARY_CHUNK or count != min(SUMMARY_CHUNK, self._buckets - first):
+            raise _Violation("SUMMARY does not cover exactly one chunk of our buckets")
         r = c.send_resync
         if r is None or r.id != msg.resync_id:
             return  # for a superseded resync
         table, dirty = self._table, self._dirty
-        for b, theirs in enumerate(unpack_digests(msg.digests), msg.first_bucket):
+        for b, theirs in enumerate(unpack_digests(msg.digests), first):
             if table.digest(b) != theirs and b not in dirty:
                 dirty[b] = now
-        r.awaiting.discard(msg.first_bucket)
+        r.awaiting.discard(first)
 
     def _on_done(self, c: _Conn, msg: wire.ResyncDone, now: float) -> None:
         r = c.recv_resync
@@ -1040,9 +1041,9 @@ class SyncSession:
             c.rto = min(2 * c.rto, _MAX_BACKOFF * p.ack_timeout)
         if c.peer is not None and now >= c.last_sent + p.keepalive_interval:
             c.ack_owed = True
-        if c.next_anti_entropy is not None and now >= c.next_anti_entropy:
-            assert p.anti_entropy_interval is not None
-            c.next_anti_entropy = now + p.anti_entropy_interval
+        interval = p.anti_entropy_interval
+        if interval is not None and c.next_anti_entropy is not None and now >= c.next_anti_entropy:
+            c.next_anti_entropy = now + interval
             if c.send_resync is None:
                 self._start_resync(c, now, full=False)
 
@@ -1080,19 +1081,21 @@ class SyncSession:
                 self._send_control(c, c.control.popleft(), now, out)
                 continue
             has_buckets = bool(self._dirty) or c.sending_bucket is not None
+            r = c.send_resync
+            if r is not None and not r.awaiting and not has_buckets and not r.done_sent:
+                # Every differing bucket has been sent (changes may still follow).
+                r.done_sent = True
+                data = wire.encode(wire.ResyncDone(c.stream, c.next_seq, r.id))
+                self._sent(c, out, data, now, control=_Ctl(_DONE, r.id))
+                continue
             # While a resync waits for the peer's digests, changes wait too: most of
             # them will travel inside the differing buckets anyway.
-            r = c.send_resync
             changes = bool(self._pending) and (r is None or not r.awaiting)
             if changes and not (c.buckets_turn and has_buckets):
                 self._send_changes(c, now, out)
             elif has_buckets:
                 self._send_buckets(c, now, out)
             else:
-                if r is not None and not r.done_sent and not r.awaiting:
-                    r.done_sent = True
-                    data = wire.encode(wire.ResyncDone(c.stream, c.next_seq, r.id))
-                    self._sent(c, out, data, now, control=_Ctl(_DONE, r.id))
                 return
             c.buckets_turn = not c.buckets_turn
 

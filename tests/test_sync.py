@@ -418,3 +418,22 @@ def test_anti_entropy_repairs_silent_divergence() -> None:
     run(a, b, 0.0, until=30.0, step=5.0)
     assert b.external() == a.table()
     assert b.session.in_sync
+
+
+def test_a_resync_completes_under_a_continuous_stream_of_changes() -> None:
+    # More changes arrive every round than the window lets out: pending never drains,
+    # yet the resync's end is not held back behind them.
+    params = dataclasses.replace(P, window=8, batch=4)
+    a, b = pair(params)
+    fill(a, [make_entry(i) for i in range(200)], 0.0)
+    connect(a, b, 0.0)
+    for round_ in range(300):
+        for i in range(20):
+            a.put(make_entry(i, variant=round_), 0.0)
+        for src, dst in ((a, b), (b, a)):
+            for payload in src.session.frames_to_send(0.0):
+                dst.session.receive(payload, 0.0)
+        if b.session.in_sync:
+            break
+    assert b.session.in_sync
+    assert a.session.pending_count > 0
