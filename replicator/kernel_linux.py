@@ -20,11 +20,25 @@ so the process itself can stay where it is):
 
 ``net.netfilter.nf_conntrack_events`` is left as it is: see :mod:`replicator.mirror`
 for why subscribing before dumping makes the default (2) sufficient.
+
+A dump and the garbage collector: a dump allocates about four tracked objects per entry
+(the entry, its two tuples, its protocol info), and CPython's cyclic collector runs every
+few hundred allocations and rescans everything already allocated at a growing pace: it
+made up a third of the time of a 100 k-entry dump. None of those objects can form a
+cycle, so :func:`dump` pauses the collector while it builds them and then freezes
+them (``gc.freeze()``): they move to the permanent generation, which later collections
+never scan. Without the freeze, the first collections after the pause would walk all of
+them anyway, and a daemon holding a 250 k-entry table would rescan it on every full
+collection. The trade-off: whatever cyclic garbage is pending at the moment of a freeze
+is never collected; dumps happen at start-up and after overruns, so that stays small.
+Frozen entries are still freed as soon as they are dropped (reference counting is
+unaffected).
 """
 
 from __future__ import annotations
 
 import errno
+import gc
 import socket
 from collections.abc import Sequence
 from types import TracebackType
@@ -155,11 +169,44 @@ class EventSubscription:
         await trio.lowlevel.checkpoint()
 
 
+class _CollectorPause:
+    """Keeps the cyclic collector off while any dump is running (dumps may overlap),
+    then restores it as it was before the first one."""
+
+    def __init__(self) -> None:
+        self._depth = 0
+        self._resume = False
+
+    def __enter__(self) -> None:
+        if self._depth == 0:
+            self._resume = gc.isenabled()
+            gc.disable()
+        self._depth += 1
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self._depth -= 1
+        if self._depth == 0 and self._resume:
+            gc.enable()
+
+
+_COLLECTOR_PAUSE = _CollectorPause()
+
+
 async def dump(netns: str | None = None, *, family: int = 0) -> list[Entry]:
     """Every entry of the table in ``netns`` (``family`` 0: IPv4 and IPv6), full entries.
 
-    Raises :class:`~replicator.errors.KernelError` if the kernel answers with an error.
+    The garbage collector is paused meanwhile and the result is frozen out of its
+    reach (``gc.freeze()``, see the module doc). Raises
+    :class:`~replicator.errors.KernelError` if the kernel answers with an error.
     """
+    with _COLLECTOR_PAUSE:
+        entries = await _read_dump(netns, family)
+        gc.freeze()
+    return entries
+
+
+async def _read_dump(netns: str | None, family: int) -> list[Entry]:
     entries: list[Entry] = []
     buf = bytearray(RECV_BYTES)
     view = memoryview(buf)
