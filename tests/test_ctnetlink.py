@@ -61,6 +61,7 @@ from replicator.netlink import (
     NLMSG_DONE,
     NLMSG_ERROR,
     NLMSG_HDR,
+    NLMSG_HDRLEN,
 )
 
 DATA = Path(__file__).parent / "data" / "ctnetlink.bin"
@@ -589,3 +590,74 @@ def test_mutated_kernel_messages_raise_only_project_errors(
         buf[pos % len(buf)] = value
     _decode_all(bytes(buf))
     _decode_all(bytes(buf[: cut % (len(buf) + 1)]))
+
+
+# --- the layout cache (decoding by compiled layouts) ----------------------------------
+# A message whose masked bytes match a cached layout is decoded by replaying that layout:
+# it must give exactly what a fresh walk gives (and what pyroute2 reads), whatever its
+# values, and any other message must still be walked.
+
+CT_MESSAGES = [m for m in MESSAGES if _header(m)[1] in (ct.CT_NEW, ct.CT_DELETE)]
+
+
+def _outcome(decode: Any, buf: bytes) -> Any:
+    try:
+        return decode(buf)
+    except (DecodeError, KernelError) as exc:
+        return type(exc)
+
+
+def _cold(decode: Any, buf: bytes) -> Any:
+    ct._LAYOUTS.clear()
+    return _outcome(decode, buf)
+
+
+@given(st.sampled_from(CT_MESSAGES), st.data())
+def test_cached_layout_decodes_other_values_like_a_fresh_walk(
+    message: bytes, data: st.DataObject,
+) -> None:
+    ct._LAYOUTS.clear()
+    ct.decode_events(message)
+    key = len(message) - NLMSG_HDRLEN
+    (layout,) = ct._LAYOUTS[key]
+    # Every payload byte outside the mask is a value (or padding): rewrite them all.
+    free = [i for i in range(key) if not layout.mask >> (8 * i) & 0xFF]
+    assert free
+    buf = bytearray(message)
+    for i, value in zip(free, data.draw(st.binary(min_size=len(free), max_size=len(free))),
+                        strict=True):
+        buf[NLMSG_HDRLEN + i] = value
+    changed = bytes(buf)
+    warm = ct.decode_events(changed)
+    # Decoded by the cached layout: nothing new learnt.
+    assert list(ct._LAYOUTS.items()) == [(key, [layout])]
+    assert warm == pyroute2_events(changed)
+    assert warm == _cold(ct.decode_events, changed)
+
+
+@given(st.sampled_from(CT_MESSAGES), st.lists(st.tuples(st.integers(0, 1 << 16), u8),
+                                              min_size=1, max_size=4))
+def test_warm_and_cold_decoding_agree_on_mutated_messages(
+    message: bytes, flips: list[tuple[int, int]],
+) -> None:
+    buf = bytearray(message)
+    for pos, value in flips:
+        buf[pos % len(buf)] = value
+    mutated = bytes(buf)
+    for decode in (ct.decode_events, ct.decode_dump):
+        ct._LAYOUTS.clear()
+        decode(message)  # the original's layout is cached
+        assert _outcome(decode, mutated) == _cold(decode, mutated)
+
+
+def test_layouts_of_one_length_are_told_apart_and_the_cache_is_bounded() -> None:
+    ct._LAYOUTS.clear()
+    orig = CtTuple(bytes([10, 0, 0, 1]), bytes([10, 0, 0, 2]), IPPROTO_TCP, 1000, 80)
+    # Helper names of one length: one message length, a different layout each.
+    names = [f"h{i:03d}" for i in range(ct._MAX_LAYOUTS + 50)]
+    messages = [pyroute2_build(Entry(AF_INET, orig, invert(orig), helper=name),
+                               ct.CT_NEW, NLM_F_CREATE, 0) for name in names]
+    assert len({len(m) for m in messages}) == 1
+    for _ in range(2):
+        assert [ct.decode_events(m)[0].entry.helper for m in messages] == names
+        assert 0 < sum(map(len, ct._LAYOUTS.values())) <= ct._MAX_LAYOUTS
