@@ -21,10 +21,10 @@ so the process itself can stay where it is):
 ``net.netfilter.nf_conntrack_events`` is left as it is: see :mod:`replicator.mirror`
 for why subscribing before dumping makes the default (2) sufficient.
 
-A dump and the garbage collector: a dump allocates about four tracked objects per entry
-(the entry, its two tuples, its protocol info), and CPython's cyclic collector runs every
-few hundred allocations and rescans everything already allocated at a growing pace: it
-made up a third of the time of a 100 k-entry dump. None of those objects can form a
+A dump and the garbage collector: a dump builds about four objects per entry that the
+cyclic collector tracks (the entry, its two tuples, its protocol info). The collector
+runs after every 700 new objects and rescans its older generations as they grow: that
+took a third of the time of a 100 k-entry dump. None of those objects can form a
 cycle, so :func:`dump` pauses the collector while it builds them and then freezes
 them (``gc.freeze()``): they move to the permanent generation, which later collections
 never scan. Without the freeze, the first collections after the pause would walk all of
