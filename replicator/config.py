@@ -252,7 +252,7 @@ def _endpoint_or_off(value: object) -> Endpoint | None:
     if not text:
         return None
     host, sep, port = text.rpartition(":")
-    if not sep or not port.isdigit():
+    if not sep or not (port.isascii() and port.isdigit()) or len(port) > 5:
         raise _Invalid(f'{text!r} is not ADDRESS:PORT (or "" for off)')
     if host.startswith("[") and host.endswith("]"):
         host = host[1:-1]
@@ -545,7 +545,7 @@ def parse_config(text: str) -> Config:
     """Parse and validate configuration text. Raises :class:`ConfigError` only."""
     try:
         raw = tomllib.loads(text)
-    except tomllib.TOMLDecodeError as exc:
+    except (tomllib.TOMLDecodeError, RecursionError) as exc:  # nesting is parsed by recursion
         raise ConfigError(f"not valid TOML: {exc}") from None
     lines = _key_lines(text)
     config: Config = _build(Config, raw, "", lines)
