@@ -663,6 +663,9 @@ _T_ICMP = {4: struct.Struct("!II I4s I4s II B3x IH2x IB3x IB3x").pack,
            16: struct.Struct("!II I16s I16s II B3x IH2x IB3x IB3x").pack}
 _T_BARE = {4: struct.Struct("!II I4s I4s II B3x").pack,
            16: struct.Struct("!II I16s I16s II B3x").pack}
+# A port protocol's original tuple followed by its plain inverse as the reply tuple.
+_T2_PORTS = {n: struct.Struct("!" + 2 * f"II I{n}s I{n}s II B3x IH2x IH2x").pack
+             for n in (4, 16)}
 
 # NAT ranges: single address (min = max) and, for port protocols, single port.
 _NAT_PORTS = {4: struct.Struct("!I I4s I4s I IH2x IH2x").pack,
@@ -685,6 +688,7 @@ _SCTP_PACK = struct.Struct("!I I IB3x II II").pack
 _SCTP_ENC = (_h(32, CTA_PROTOINFO | _N), _h(28, CTA_PROTOINFO_SCTP | _N),
              _h(5, CTA_PROTOINFO_SCTP_STATE), _h(8, CTA_PROTOINFO_SCTP_VTAG_ORIGINAL),
              _h(8, CTA_PROTOINFO_SCTP_VTAG_REPLY))
+_STATE3 = struct.Struct("!II II II").pack
 _H_STATUS = _h(8, CTA_STATUS)
 _H_TIMEOUT = _h(8, CTA_TIMEOUT)
 _H_MARK = _h(8, CTA_MARK)
@@ -741,6 +745,21 @@ def _encode_nat(atype: int, target: tuple[bytes, int], proto: int) -> bytes:
     return _NAT_BARE[size](_OUT_NAT_BARE[atype, size], lo, addr, hi, addr)
 
 
+def _encode_tuples(orig: CtTuple) -> bytes:
+    """CTA_TUPLE_ORIG with ``orig``, then CTA_TUPLE_REPLY with its plain inverse."""
+    if orig.proto in PORT_PROTOCOLS:  # one pack, no inverted CtTuple built
+        src, dst, proto, sport, dport = orig[:5]
+        size = len(src)
+        ip = _IP4 if size == 4 else _IP6
+        return _T2_PORTS[size](
+            _OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1], src, ip[2], dst, _PORTS[0],
+            _PORTS[1], proto, _PORTS[2], sport, _PORTS[3], dport,
+            _OUT_PORTS[CTA_TUPLE_REPLY, size], ip[0], ip[1], dst, ip[2], src, _PORTS[0],
+            _PORTS[1], proto, _PORTS[2], dport, _PORTS[3], sport)
+    return _encode_tuple(CTA_TUPLE_ORIG, orig) + _encode_tuple(CTA_TUPLE_REPLY, invert(orig))
+
+
+@functools.lru_cache(maxsize=1024)
 def _encode_tcp(tcp: TcpInfo) -> bytes:
     # Mask 0xff: dumps and events report mask 0, but the kernel applies only masked bits.
     # Both window scales go in one message: the kernel applies them only together, and
@@ -769,11 +788,16 @@ def _encode_helper(name: str) -> bytes:
 def _encode_state(entry: Entry, status: int, timeout: bool) -> bytes:
     """The attributes create and update share: status, timeout (if ``timeout``), mark,
     zone, labels, protocol info and helper."""
-    out = _U32_ATTR(_H_STATUS, status)
-    if timeout and entry.timeout is not None:
-        out += _U32_ATTR(_H_TIMEOUT, entry.timeout)
-    if entry.mark is not None:
-        out += _U32_ATTR(_H_MARK, entry.mark)
+    seconds = entry.timeout if timeout else None
+    mark = entry.mark
+    if seconds is not None and mark is not None:  # the usual case: one pack
+        out = _STATE3(_H_STATUS, status, _H_TIMEOUT, seconds, _H_MARK, mark)
+    else:
+        out = _U32_ATTR(_H_STATUS, status)
+        if seconds is not None:
+            out += _U32_ATTR(_H_TIMEOUT, seconds)
+        if mark is not None:
+            out += _U32_ATTR(_H_MARK, mark)
     if entry.zone:
         out += _U16_ATTR(_H_ZONE, entry.zone)
     if entry.labels is not None:
@@ -797,7 +821,7 @@ def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     without CTA_TIMEOUT with EINVAL). Without ``ack`` the kernel still reports errors.
     """
     orig = entry.orig
-    body = _encode_tuple(CTA_TUPLE_ORIG, orig) + _encode_tuple(CTA_TUPLE_REPLY, invert(orig))
+    body = _encode_tuples(orig)
     snat = snat_target(entry)
     if snat is not None:
         body += _encode_nat(CTA_NAT_SRC, snat, orig.proto)
