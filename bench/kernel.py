@@ -14,7 +14,8 @@ figure:
   then the first two with the messages built beforehand (``inject_preencoded_*``): the
   kernel's and the syscalls' share, so the rest is the cost of building messages;
 * dump: seconds to read the whole table back, :func:`replicator.kernel_linux.dump` vs
-  ``conntrack -L`` (its output discarded).
+  ``conntrack -L`` (its output discarded), and the share of ``ctnetlink.decode_dump``
+  in ours (the same datagrams decoded again, the collector paused as ``dump`` does).
 
 Everything runs on one core in this process (the kernel work happens in our syscalls,
 except for the ``conntrack`` subprocesses). The host is shared: repeat runs and compare
@@ -24,6 +25,7 @@ ratios rather than absolute figures.
 from __future__ import annotations
 
 import argparse
+import gc
 import resource
 import socket
 import subprocess
@@ -42,8 +44,9 @@ from bench.decode import measure_decode, split_messages
 from integration.netns.capture import EVENT, load
 from integration.netns.lab import Netns, lab
 from replicator import ctnetlink, inject
-from replicator.kernel_linux import dump
+from replicator.kernel_linux import RECV_BYTES, dump
 from replicator.model import AF_INET, IPPROTO_TCP, CtTuple, Entry, Status, TcpFlag, TcpInfo
+from replicator.netlink import NETLINK_NETFILTER
 from replicator.netns import entered
 
 CAPTURE = Path(__file__).resolve().parent.parent / "tests" / "data" / "ctnetlink.bin"
@@ -197,16 +200,51 @@ def bench_cli(ns: Netns, entries: Sequence[Entry]) -> None:
     emit_rate("inject_conntrack_cli_entries", len(entries), timing)
 
 
+def dump_datagrams(ns: Netns) -> list[bytes]:
+    """The raw datagrams of one dump of ``ns``'s table."""
+    with entered(ns.name):
+        sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+    datagrams = []
+    with sock:
+        sock.bind((0, 0))
+        sock.send(ctnetlink.encode_dump_request(1))
+        done = False
+        while not done:
+            datagrams.append(sock.recv(RECV_BYTES))
+            done = ctnetlink.decode_dump(datagrams[-1])[1]
+    return datagrams
+
+
+def decode_all(datagrams: Sequence[bytes]) -> int:
+    """Decode dump datagrams with the collector paused (as ``dump`` does): entry count."""
+    decode = ctnetlink.decode_dump
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        return sum(len(decode(d)[0]) for d in datagrams)
+    finally:
+        if enabled:
+            gc.enable()
+
+
 def bench_dump(ns: Netns, expected: int) -> None:
     entries: list[Entry] = []
     own = timed(lambda: entries.extend(trio.run(dump, ns.name)))
     if len(entries) != expected:
         raise RuntimeError(f"dump returned {len(entries)} entries, expected {expected}")
+    datagrams = dump_datagrams(ns)
+    decoded: list[int] = []
+    decoding = timed(lambda: decoded.append(decode_all(datagrams)))
+    if decoded != [expected]:
+        raise RuntimeError(f"decoding the dump gave {decoded} entries, expected {expected}")
     cli = timed(lambda: subprocess.run(ns.argv(["conntrack", "-L"]), check=True,
                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
     emit("dump_entries", expected)
     emit("dump_own_seconds", own.wall)
     emit("dump_own_cpu_seconds", own.cpu)
+    emit("dump_datagrams", len(datagrams))
+    emit("dump_decode_cpu_seconds", decoding.cpu)
+    emit("dump_decode_us_per_entry", decoding.cpu / expected * 1e6)
     emit("dump_conntrack_L_seconds", cli.wall)
     emit("dump_conntrack_L_cpu_seconds", cli.cpu)
     emit("dump_own_vs_conntrack_L", own.wall / cli.wall)
