@@ -1,8 +1,9 @@
 """Fast, pure ctnetlink codec: kernel conntrack messages <-> :mod:`replicator.model`.
 
-Decoding runs once per kernel event, so it is a dedicated walker over the attribute
-tree with precompiled :class:`struct.Struct` objects and no intermediate dicts (pyroute2's
-generic decoder is ~30x slower; it serves as the test oracle instead). Encoding follows
+Decoding runs once per kernel event and once per dumped entry, so each message layout
+the kernel uses is walked once and then replayed with precompiled :class:`struct.Struct`
+objects (see "decoding" below; pyroute2's generic decoder is ~100x slower and serves as
+the test oracle instead). Encoding follows
 the kernel rules measured in ``shared/notes/ctnetlink.md`` ("Writing the table"):
 
 * create: ``NLM_F_REQUEST|CREATE|EXCL``, the original tuple, the *plain inverse* of it as
@@ -151,8 +152,6 @@ _FIXED_TIMEOUT: Final = int(Status.FIXED_TIMEOUT)
 
 _NLA = struct.Struct("=HH")
 _nla = _NLA.unpack_from
-_BE16 = struct.Struct("!H").unpack_from
-_BE32 = struct.Struct("!I").unpack_from
 _new = tuple.__new__
 _NEW, _UPDATE, _DESTROY = EventKind.NEW, EventKind.UPDATE, EventKind.DESTROY
 _ADDR_SIZE = {AF_INET: 4, AF_INET6: 16}
@@ -168,15 +167,16 @@ def _bad(what: str, off: int) -> NetlinkDecodeError:
 # identically (same attributes in the same order, same lengths, NLA_F_NESTED on
 # nests); only the values differ. The first message of each layout is walked once
 # (_learn): that validates it and notes where each value lies, which is compiled into
-# a _Layout with two precompiled Structs:
+# a _Layout:
 #
 # * ``mask`` covers every attribute header the walk visited, the nfgenmsg family, each
 #   tuple's protocol number and the helper name: all the bytes that the walk's path,
 #   its validity checks and the shape of the result depend on. A message of the same
 #   length whose bytes under the mask are the same (``expected``) would be walked
 #   identically, so it is decoded by
-# * ``data``, which reads every value in one call (network byte order); itemgetters
-#   then pick the values and the layout's constants into the model's tuples.
+# * ``data``, a precompiled Struct that reads every value in one call (network byte
+#   order); itemgetters then pick the values and the layout's constants into the
+#   model's tuples.
 #
 # The mask is applied to the whole message read as one integer: three C calls, about
 # half the cost of unpacking the ~30 headers of a typical message.
@@ -441,9 +441,10 @@ def _learn(buf: bytes, start: int, end: int) -> _Layout:
         off += (alen + 3) & ~3
     if orig is None or reply is None:
         raise _bad("conntrack message without both tuples", start)
-    rest = [zone, status, timeout, mark or _ZERO, labels, conn_id]
-    partial = [zone, status, timeout, mark or _NONE, labels, conn_id]
-    return _compile(w, buf, end, family, helper, orig, reply, master, tcp, sctp, rest, partial)
+    full = [zone, status, timeout, _ZERO if mark is None else mark, labels, conn_id]
+    partial = [zone, status, timeout, _NONE if mark is None else mark, labels, conn_id]
+    return _compile(w, buf, end, family=family, helper=helper, orig=orig, reply=reply,
+                    master=master, tcp=tcp, sctp=sctp, full=full, partial=partial)
 
 
 def _struct(order: str, items: list[tuple[int, str]]) -> struct.Struct:
@@ -456,17 +457,18 @@ def _struct(order: str, items: list[tuple[int, str]]) -> struct.Struct:
     return struct.Struct("".join(fmt))
 
 
-def _compile(w: _Walk, buf: bytes, end: int, family: int, helper: str | None,
-             *groups: list[_Slot] | None) -> _Layout:
-    """The layout of the walked message: Structs and getters for each group of slots
-    (orig, reply, master, tcp, sctp, scalars with absent mark = 0, with None)."""
+def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
+             orig: list[_Slot], reply: list[_Slot], master: list[_Slot] | None,
+             tcp: list[_Slot] | None, sctp: list[_Slot] | None, full: list[_Slot],
+             partial: list[_Slot]) -> _Layout:
+    """The layout of the walked message ``buf[w.start:end]`` from the slots of each
+    part of an entry (``full``/``partial``: the scalars, absent mark as 0 / as None)."""
+    groups = (orig, reply, master, tcp, sctp, full, partial)
     fields = sorted({s for g in groups if g for s in g if isinstance(s, _Field)})
     index = {f: i for i, f in enumerate(fields)}
     consts: list[object] = []
 
-    def getter(slots: list[_Slot] | None) -> _Getter | None:
-        if slots is None:
-            return None
+    def getter(slots: list[_Slot]) -> _Getter:
         picks = []
         for s in slots:
             if isinstance(s, _Field):
@@ -476,26 +478,22 @@ def _compile(w: _Walk, buf: bytes, end: int, family: int, helper: str | None,
                 consts.append(s.value)
         return operator.itemgetter(*picks)
 
-    orig, reply, master, tcp, sctp, full, partial = map(getter, groups)
-    assert orig is not None and reply is not None and full is not None and partial is not None
+    get_orig, get_reply, get_full, get_partial = map(getter, (orig, reply, full, partial))
+    get_master, get_tcp, get_sctp = (None if g is None else getter(g) for g in (master, tcp, sctp))
     mask = bytearray(end - w.start)
     for off, code in w.checks:
         size = struct.calcsize("=" + code)
         mask[off : off + size] = b"\xff" * size
     imask = int.from_bytes(mask, "little")
-    return _Layout(imask, int.from_bytes(buf[w.start : end], "little") & imask,
-                   _struct("!", [(f.off, f.code) for f in fields]).unpack_from, tuple(consts),
-                   orig, reply, master, tcp, sctp, full, partial, family, helper)
+    return _Layout(
+        imask, int.from_bytes(buf[w.start : end], "little") & imask,
+        _struct("!", [(f.off, f.code) for f in fields]).unpack_from, tuple(consts),
+        get_orig, get_reply, get_master, get_tcp, get_sctp, get_full, get_partial, family,
+        helper)
 
 
-def _layout(buf: bytes, start: int, end: int) -> _Layout:
-    """The layout of the message at ``buf[start:end]``: cached, or learnt from it."""
-    candidates = _LAYOUTS.get(end - start)
-    if candidates is not None:
-        value = int.from_bytes(buf[start:end], "little")
-        for layout in candidates:
-            if value & layout.mask == layout.expected:
-                return layout
+def _learn_layout(buf: bytes, start: int, end: int) -> _Layout:
+    """Learn the layout of the message at ``buf[start:end]`` and cache it."""
     layout = _learn(buf, start, end)
     if sum(map(len, _LAYOUTS.values())) >= _MAX_LAYOUTS:
         _LAYOUTS.clear()
@@ -511,14 +509,14 @@ def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
     """
     candidates = _LAYOUTS.get(end - start)
     layout = None
-    if candidates is not None:  # inlined _layout(): this is the hot path
+    if candidates is not None:
         value = int.from_bytes(buf[start:end], "little")
         for cand in candidates:
             if value & cand.mask == cand.expected:
                 layout = cand
                 break
     if layout is None:
-        layout = _layout(buf, start, end)
+        layout = _learn_layout(buf, start, end)
     (_mask, _expected, data, consts, orig, reply, master, tcp, sctp, full_scalars,
      partial_scalars, family, helper) = layout
     v = data(buf, start) + consts
