@@ -41,5 +41,22 @@ demo: deps venv
 bench: deps venv
 	$(PY) bench/kernel.py
 
+# Every decoder of untrusted bytes under atheris (fuzz/): FUZZ_RUNS inputs per target,
+# seeded from valid messages; fails if any target crashed (inputs in build/fuzz/crashes/).
+FUZZ_RUNS ?= 20000
+
+fuzz: venv
+	$(PY) -m pip install -q atheris
+	@mkdir -p build; failed=""; \
+	for target in framing wire sync_receive ctnetlink control config notify; do \
+		echo "fuzz $$target: $(FUZZ_RUNS) runs"; \
+		if $(PY) -m fuzz.fuzz_$$target -runs=$(FUZZ_RUNS) 2>build/fuzz-$$target.log; then \
+			grep -h '^stat::number_of_executed_units' build/fuzz-$$target.log; \
+		else \
+			tail -n 40 build/fuzz-$$target.log; failed="$$failed $$target"; \
+		fi; \
+	done; \
+	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed"; exit 1; fi
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
