@@ -237,7 +237,8 @@ class _Walk:
 
     def __init__(self, start: int) -> None:
         self.start = start
-        self.checks: list[tuple[int, str]] = [(0, "B")]  # nfgenmsg family
+        #: (offset from the message, size) of every byte range the walk depended on.
+        self.checks: list[tuple[int, int]] = [(0, 1)]  # nfgenmsg family
 
     def attr(self, buf: bytes, off: int, end: int, what: str) -> tuple[int, int, int]:
         """The attribute header at ``off`` inside ``end``: (length, type, end)."""
@@ -247,12 +248,12 @@ class _Walk:
         aend = off + alen
         if alen < 4 or aend > end:
             raise _bad(f"{what} length", off)
-        self.checks.append((off - self.start, "I"))
+        self.checks.append((off - self.start, 4))
         return alen, atype & 0x3FFF, aend
 
-    def fixed(self, off: int, code: str) -> None:
-        """Bytes at ``off`` (as many as ``code`` reads) that the layout depends on."""
-        self.checks.append((off - self.start, code))
+    def fixed(self, off: int, size: int) -> None:
+        """``size`` bytes at ``off`` that the layout depends on."""
+        self.checks.append((off - self.start, size))
 
     def field(self, off: int, code: str) -> _Field:
         """A value at ``off``."""
@@ -296,7 +297,7 @@ def _learn_tuple(w: _Walk, buf: bytes, off: int, end: int, family: int) -> list[
                 blen, btype, _ = w.attr(buf, p, aend, "protocol attribute")
                 if btype == CTA_PROTO_NUM:
                     _expect(blen, 5, "protocol number length", p)
-                    w.fixed(p + 4, "B")
+                    w.fixed(p + 4, 1)
                     proto = buf[p + 4]
                 elif btype == CTA_PROTO_SRC_PORT:
                     _expect(blen, 6, "port length", p)
@@ -434,7 +435,7 @@ def _learn(buf: bytes, start: int, end: int) -> _Layout:
             labels = w.field(off + 4, "16s")
         elif atype == CTA_HELP:
             # The name is part of the layout: few distinct helpers exist.
-            w.fixed(off + 4, f"{alen - 4}s")
+            w.fixed(off + 4, alen - 4)
             helper = _decode_helper(buf, off + 4, aend)
         elif atype == CTA_TUPLE_MASTER:
             master = _learn_tuple(w, buf, off + 4, aend, family)
@@ -481,8 +482,7 @@ def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
     get_orig, get_reply, get_full, get_partial = map(getter, (orig, reply, full, partial))
     get_master, get_tcp, get_sctp = (None if g is None else getter(g) for g in (master, tcp, sctp))
     mask = bytearray(end - w.start)
-    for off, code in w.checks:
-        size = struct.calcsize("=" + code)
+    for off, size in w.checks:
         mask[off : off + size] = b"\xff" * size
     imask = int.from_bytes(mask, "little")
     return _Layout(
