@@ -437,3 +437,41 @@ def test_a_resync_completes_under_a_continuous_stream_of_changes() -> None:
             break
     assert b.session.in_sync
     assert a.session.pending_count > 0
+
+
+def kinds(frames: list[bytes]) -> list[str]:
+    return [type(wire.decode(f)).__name__ for f in frames]
+
+
+def test_a_lost_resync_end_is_sent_again() -> None:
+    a, b = synced(20)
+    a.session.bulk_send(1.0)
+    frames = a.session.frames_to_send(1.0)
+    assert kinds(frames)[-1] == "ResyncDone"
+    for payload in frames[:-1]:  # the DONE is lost, and nothing follows it
+        b.session.receive(payload, 1.0)
+    transfer(a, b, 1.0)
+    assert not a.session.send_idle
+    run(a, b, 1.0, until=1.0 + P.ack_timeout)
+    assert a.session.send_idle
+    full = [e for e in of_type(b.events, ResyncCompleted) if e.full]
+    assert [e.direction for e in full] == ["receive"]
+
+
+def test_a_key_recreated_during_a_bucket_replacement_survives_it() -> None:
+    params = dataclasses.replace(P, buckets=1, batch=4, window=4)
+    a, b = synced(10, params=params)
+    ghost = make_entry(0)
+    a.remove(ghost.key, 1.0)
+    transfer(a, b, 1.0)
+    ext = b.session.external
+    ext.upsert(0, ghost, 1.0)  # b still holds the deleted entry (a lost delete)
+    a.session.bulk_send(1.0)
+    first = a.session.frames_to_send(1.0)
+    assert kinds(first) == ["ResyncBegin", "Buckets"]  # the first part, then the window
+    for payload in first:
+        b.session.receive(payload, 1.0)
+    a.put(ghost, 1.0)  # re-created while b replaces the bucket: sent as a change
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    assert ghost.key in b.external()
