@@ -1,6 +1,7 @@
 """Sync core speed: local changes through two in-memory sessions, end to end.
 
-``.venv/bin/python -m bench.sync_core [N]`` prints ``name=value`` lines:
+``.venv/bin/python -m bench.sync_core [N [GC_THRESHOLD]]`` prints ``name=value`` lines
+(``GC_THRESHOLD``: if given, ``gc.set_threshold(GC_THRESHOLD, 20, 20)`` first):
 
 - ``wire_encode_per_s`` / ``wire_decode_per_s``: CHANGES messages of IPv4 TCP entries
   through :mod:`replicator.wire` alone;
@@ -12,10 +13,16 @@
 - ``resync_entries_per_s``: a full resync (``bulk_send``) of N entries.
 
 Time is passed in as a constant: nothing here sleeps or waits.
+
+The decoder and the caches allocate a few small tuples per entry, so with a large
+table in memory CPython's cyclic garbage collector costs about half the throughput at
+its default thresholds (700, 10, 10); a first threshold of 20000 restores it. The
+daemon should raise it (or ``gc.freeze()`` after loading its tables).
 """
 
 from __future__ import annotations
 
+import gc
 import sys
 import time
 
@@ -85,6 +92,9 @@ def _report(name: str, n: int, t_send: float, t_recv: float) -> None:
 
 def main(argv: list[str]) -> None:
     n = int(argv[0]) if argv else 100_000
+    if len(argv) > 1:
+        gc.set_threshold(int(argv[1]), 20, 20)
+    print(f"gc_threshold={gc.get_threshold()[0]}")
     entries = [_entry(i) for i in range(n)]
 
     timed = [(e, e.timeout) for e in entries[:2048]]
