@@ -475,3 +475,36 @@ def test_a_key_recreated_during_a_bucket_replacement_survives_it() -> None:
     transfer(a, b, 1.0)
     assert b.external() == a.table()
     assert ghost.key in b.external()
+
+
+@pytest.mark.parametrize(
+    ("message", "reason"),
+    [
+        (wire.Buckets(0, 0, (wire.BucketRecord(3, False, True, ()),)), "without its first"),
+        (wire.Buckets(0, 0, (wire.BucketRecord(64, True, True, ()),)), "beyond"),
+        (wire.Summary(0, 0, 0, 0, b"\0" * 8), "exactly one chunk"),
+        (wire.Ack(0, 99, False), "only"),
+    ],
+)
+def test_illegal_sequenced_messages_close_the_connection(
+    message: wire.Message, reason: str
+) -> None:
+    b = Node("b", P, epoch=2)
+    b.session.connection_made(0.0)
+    b.session.receive(hello(), 0.0)
+    b.drain()
+    b.session.frames_to_send(0.0)
+    b.session.receive(wire.encode(message), 0.0)
+    (v,) = of_type(b.drain(), ProtocolViolation)
+    assert reason in v.reason
+
+
+def test_an_entry_in_the_wrong_bucket_is_a_violation() -> None:
+    b = Node("b", P, epoch=2)
+    b.session.connection_made(0.0)
+    b.session.receive(hello(), 0.0)
+    e = make_entry(1)
+    wrong = (b.session.external.table.bucket_of(e.key) + 1) % P.buckets
+    b.session.receive(wire.encode_buckets(0, 0, [(wrong, True, True, [(e, 10)])]), 0.0)
+    (v,) = of_type(b.drain(), ProtocolViolation)
+    assert "not its own" in v.reason
