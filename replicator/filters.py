@@ -48,9 +48,7 @@ class EntryFilter:
     #: 0 disables the mark criterion.
     mark_mask: int = 0
     # Prefixes as (network, netmask) integers per family, for a fast membership test.
-    _nets: dict[int, tuple[tuple[int, int], ...]] = field(
-        init=False, repr=False, compare=False
-    )
+    _nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         nets: dict[int, list[tuple[int, int]]] = {AF_INET: [], AF_INET6: []}

@@ -104,7 +104,9 @@ A resync is run by the *sender* of a table, identified by a resync id:
    holding the digest of every bucket of its external cache.
 2. The sender compares each digest with its own and marks the differing buckets dirty
    (``full``: every bucket, empty ones included, without comparing).
-3. Dirty buckets are sent as BUCKETS (interleaved with ordinary CHANGES).
+3. Dirty buckets are sent as BUCKETS, interleaved with ordinary CHANGES (held back
+   while the digests are awaited: most pending keys will travel inside the differing
+   buckets, and a pending key whose bucket is dirty is left to the bucket).
 4. When every summary has arrived and no bucket is dirty or half sent: RESYNC_DONE(id).
 
 Why comparing against a summary of any age is safe: the receiver's cache only changes

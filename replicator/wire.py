@@ -545,4 +545,3 @@ def decode(data: bytes) -> Message:
     if kind == SUMMARY:
         return _decode_summary(m)
     return _decode_other(kind, m)
-

@@ -327,9 +327,12 @@ def test_keepalive_and_dead_peer() -> None:
     (ack,) = a.session.frames_to_send(P.keepalive_interval)
     assert isinstance(wire.decode(ack), wire.Ack)
     a.session.handle_timer(P.dead_interval)
-    assert ConnectionTerminated(
-        f"nothing received from the peer for {P.dead_interval:g} s", by_peer=False
-    ) in a.drain()
+    assert (
+        ConnectionTerminated(
+            f"nothing received from the peer for {P.dead_interval:g} s", by_peer=False
+        )
+        in a.drain()
+    )
     (close,) = a.session.frames_to_send(P.dead_interval)
     b.session.receive(close, P.dead_interval)
     assert of_type(b.drain(), ConnectionTerminated)[0].by_peer

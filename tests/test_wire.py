@@ -58,8 +58,10 @@ def entries(draw: st.DrawFn) -> Entry:
         mark=draw(opt() | st.integers(0, U32)),
         labels=draw(opt() | st.binary(min_size=16, max_size=16)),
         tcp=draw(opt() | st.builds(TcpInfo, *[st.integers(0, U8)] * 5)),
-        sctp=draw(opt() | st.builds(SctpInfo, st.integers(0, U8), st.integers(0, U32),
-                                    st.integers(0, U32))),
+        sctp=draw(
+            opt()
+            | st.builds(SctpInfo, st.integers(0, U8), st.integers(0, U32), st.integers(0, U32))
+        ),
         helper=draw(opt() | st.text(st.characters(max_codepoint=127), min_size=1, max_size=16)),
         master=draw(opt() | ct_tuples(alen)),
     )
