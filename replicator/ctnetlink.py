@@ -136,6 +136,9 @@ CTA_NAT_V6_MAXIP: Final = 5
 CTA_PROTONAT_PORT_MIN: Final = 1
 CTA_PROTONAT_PORT_MAX: Final = 2
 
+#: Longest helper name: the kernel's NF_CT_HELPER_NAME_LEN (16) includes the NUL.
+HELPER_NAME_MAX: Final = 15
+
 #: Status bits a writer may set (see :func:`settable_status`).
 SETTABLE_STATUS: Final = int(Status.SEEN_REPLY | Status.ASSURED | Status.FIXED_TIMEOUT)
 
@@ -437,11 +440,16 @@ def _learn(buf: bytes, start: int, end: int) -> _Layout:
             # The name is part of the layout: few distinct helpers exist.
             w.fixed(off + 4, alen - 4)
             helper = _decode_helper(buf, off + 4, aend)
+            if helper is not None and not 0 < len(helper) <= HELPER_NAME_MAX:
+                raise _bad("helper name length", off)
         elif atype == CTA_TUPLE_MASTER:
             master = _learn_tuple(w, buf, off + 4, aend, family)
         off += (alen + 3) & ~3
     if orig is None or reply is None:
         raise _bad("conntrack message without both tuples", start)
+    # Never so from the kernel; the wire codec refuses it, so it must not get that far.
+    if orig[2] != reply[2]:
+        raise _bad("reply tuple protocol differs from the original's", start)
     full = [zone, status, timeout, _ZERO if mark is None else mark, labels, conn_id]
     partial = [zone, status, timeout, _NONE if mark is None else mark, labels, conn_id]
     return _compile(w, buf, end, family=family, helper=helper, orig=orig, reply=reply,
