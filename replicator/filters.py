@@ -111,7 +111,9 @@ def build_filter(
     ``ignore_prefixes`` are CIDR strings (``"192.0.2.1/32"``, ``"2001:db8::/64"``; a bare
     address means a host) or ``ipaddress`` networks. ``tcp_states`` are
     :class:`~replicator.model.TcpState` values or names (``"ESTABLISHED"``). ``mark`` is
-    ``(value, mask)``. Raises ValueError naming the bad parameter.
+    ``(value, mask)``. An empty ``tcp_states`` or ``zones`` means no criterion, like
+    None (a filter that replicates no TCP state at all is never what a configuration
+    means). Raises ValueError naming the bad parameter.
     """
     protos = frozenset(ignore_protocols)
     for p in protos:
@@ -123,8 +125,8 @@ def build_filter(
             prefixes.append(ipaddress.ip_network(prefix) if isinstance(prefix, str) else prefix)
         except ValueError as exc:
             raise ValueError(f"ignore_prefixes: {exc}") from None
-    states = None if tcp_states is None else frozenset(_tcp_state(s) for s in tcp_states)
-    zone_set = None if zones is None else frozenset(zones)
+    states = frozenset(_tcp_state(s) for s in tcp_states or ()) or None
+    zone_set = frozenset(zones or ()) or None
     for z in zone_set or ():
         if not 0 <= z <= 0xFFFF:
             raise ValueError(f"zones: {z} is not a zone id (0..65535)")

@@ -133,8 +133,8 @@ to become master (pfsync lowers its CARP priority until its bulk update is compl
 Timeouts and expiry
 -------------------
 Every entry travels with its *remaining* timeout, computed when the message is built
-(``ceil(deadline - now)`` where the deadline is the time of the last local observation
-plus the timeout then observed), and the receiver stores an absolute deadline on its
+(``ceil(deadline - now)``, at least 1, where the deadline is the time of the last local
+observation plus the timeout then observed), and the receiver stores an absolute deadline on its
 own clock; clocks never need to agree. Entries expire in the external cache at their
 deadline unless refreshed. Since kernels do not report timeout refreshes as events,
 refreshed timeouts reach the session only through ``local_update``/``local_snapshot``
@@ -1126,7 +1126,10 @@ class SyncSession:
         if rec.deadline == _INF:
             rec.told = _INF
             return None
-        remaining = max(0, math.ceil(rec.deadline - now))
+        # At least 1 s: an entry still in the local table is alive (a kernel drops it
+        # and reports DESTROY at 0), and a copy installed with timeout 0 would die at
+        # once.
+        remaining = max(1, math.ceil(rec.deadline - now))
         rec.told = now + remaining
         return remaining
 

@@ -35,6 +35,8 @@ def test_an_empty_filter_accepts_everything() -> None:
     f = build_filter()
     assert f.accepts_everything
     assert f(make_entry(1))
+    # Empty lists (a configuration's defaults) are no criterion either.
+    assert build_filter(tcp_states=[], zones=[]).accepts_everything
 
 
 def test_ignored_protocols() -> None:
