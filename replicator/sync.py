@@ -669,6 +669,25 @@ class SyncSession:
         if c is not None and c.peer is not None and not c.terminated:
             self._start_resync(c, now, full=True)
 
+    def start_digest_resync(self, now: float) -> bool:
+        """Compare the peer's copy of our table with our table now (``replicator verify``)
+        and repair the buckets that differ: the anti-entropy resync, started at once.
+        Returns False when not established or a resync of ours is already running (its
+        completion answers the same question)."""
+        c = self._conn
+        if c is None or c.peer is None or c.terminated or c.send_resync is not None:
+            return False
+        self._start_resync(c, now, full=False)
+        return True
+
+    def set_filter(self, accept: Callable[[Entry], bool] | None, entries: Iterable[Entry],
+                   now: float) -> None:
+        """Replace the filter (SIGHUP) and re-evaluate the local table against it:
+        ``entries`` is the whole unfiltered local table. Entries that stop matching are
+        deleted on the peer, entries that start matching are sent."""
+        self._accept = accept
+        self.local_snapshot(entries, now)
+
     # --- connection -----------------------------------------------------------------
 
     def connection_made(self, now: float) -> None:
@@ -763,7 +782,9 @@ class SyncSession:
 
     def _terminate(self, c: _Conn, reason: str) -> None:
         c.terminated = True
-        c.out.append(wire.encode(wire.Close(reason[: wire.MAX_REASON])))
+        # The bound is on UTF-8 bytes (msgpack's), and reasons may quote the peer.
+        short = reason.encode()[: wire.MAX_REASON].decode(errors="ignore")
+        c.out.append(wire.encode(wire.Close(short)))
         self._events.append(ConnectionTerminated(reason, by_peer=False))
 
     def _on_hello(self, c: _Conn, msg: wire.Hello, now: float) -> None:

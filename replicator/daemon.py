@@ -1,0 +1,844 @@
+"""The daemon: one trio nursery wiring the kernel mirror, the sync session, the peer
+link, the keepalived role machine, the control socket, metrics and systemd.
+
+Theory of operation
+-------------------
+Data flows one way per node, and the protocol is symmetric (see :mod:`replicator.sync`):
+
+* **Local table → peer.** :class:`~replicator.mirror.Mirror` keeps the internal cache
+  equal to this node's kernel table and publishes every change (echoes of our own
+  injections excluded) to :meth:`Daemon._on_local_changes`, which hands it to the
+  :class:`~replicator.sync.SyncSession` and wakes the *driver*. Every
+  ``kernel.refresh_interval`` the mirror re-dumps the table and the session gets a
+  snapshot: the kernel reports no event when a packet refreshes a timeout, so this is
+  how refreshed timeouts reach the peer before its copy expires.
+* **Peer → external cache (→ kernel).** Frames from the authenticated connection go to
+  ``session.receive``; the session keeps the external cache. Its ``PeerUpserts`` /
+  ``PeerDeletes`` events are applied to the kernel only in ``hot`` mode and only while
+  this node is not MASTER (a master owns its table). Kernel writes are coalesced by key
+  in :class:`KernelWriter` and run by their own task, so a slow kernel never stalls
+  the protocol and memory stays bounded by the number of distinct entries.
+* **The driver** is the only task that talks to the session's output side: it runs
+  timers, sends ``frames_to_send`` on the current connection in order, and dispatches
+  events. Inputs (frames, local changes, role actions, control commands) only call
+  the session's input methods and set the wake-up event, so everything the session
+  does happens in one order.
+* **Roles.** keepalived lines (``notify`` command or ``vrrp_notify_fifo``) feed the
+  pure :class:`~replicator.role.RoleMachine`; :class:`~replicator.roletask.RoleRunner`
+  calls :meth:`Daemon.perform` for each action. ``COMMIT`` writes the external cache
+  into the kernel (cache mode: everything; hot mode: only what the kernel is missing,
+  which is nothing in steady state, but covers a daemon restarted while keepalived
+  kept running). ``SHORTEN_TIMERS`` caps the kernel timeout of the entries this node
+  no longer owns (cache mode: all of them; hot mode: those the peer does not hold).
+
+Readiness (``READY=1``) is sent once the event subscription and the first dump are
+done (the mirror's start) and the peer listener is bound. Watchdog pings are sent by
+the driver only while the mirror and the driver are alive, so a wedged loop stops
+them and systemd restarts the daemon.
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import logging
+import math
+import os
+import secrets
+import signal
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from . import ctformat
+from .cache import Change
+from .config import Config, diff_reloadable, load_config
+from .control import (
+    CacheName,
+    CheckReport,
+    CommitReport,
+    CountReport,
+    DumpReport,
+    NotifyReport,
+    ResyncReport,
+    ResyncSource,
+    StatsReport,
+    StatusReport,
+    VerifyReport,
+    serve_control,
+)
+from .errors import ControlError, KernelError, ReplicatorError
+from .filters import EntryFilter, build_filter
+from .kernel import InjectResult, KernelPort
+from .logs import fields, set_level, setup_logging
+from .metrics import Metrics, MetricsServer, serve_metrics
+from .mirror import Mirror
+from .model import Entry, EntryKey
+from .notifyfifo import read_notify_fifo
+from .role import Action, Role, RoleMachine, VrrpEvent
+from .roletask import RoleRunner
+from .sdnotify import Notifier, watchdog_interval
+from .sync import (
+    ConnectionTerminated,
+    InSync,
+    PeerDeletes,
+    PeerHello,
+    PeerUpserts,
+    ProtocolViolation,
+    ResyncCompleted,
+    ResyncStarted,
+    SyncParams,
+    SyncSession,
+)
+from .tlsctx import load_credentials
+from .transport import FramedConnection, LinkSettings, PeerLink
+
+log = logging.getLogger(__name__)
+
+#: Timeout given to an entry that has none when it is written to a kernel (flowtable
+#: offloaded flows are dumped without a timeout, and a create without one is EINVAL).
+#: conntrackd's fallback for an unknown remaining time is 60 s; a few minutes errs on
+#: the side of keeping a flow that is alive on the peer.
+DEFAULT_COMMIT_TIMEOUT = 180
+
+
+def build_entry_filter(config: Config) -> EntryFilter:
+    """The ``[filters]`` table as a predicate (applied before anything is sent)."""
+    f = config.filters
+    return build_filter(
+        ignore_protocols=f.ignore_protocols,
+        ignore_prefixes=f.ignore_addresses,
+        tcp_states=f.tcp_states or None,
+        zones=f.zones or None,
+        mark=(f.mark, f.mark_mask) if f.mark_mask else None,
+    )
+
+
+def sync_params(config: Config) -> SyncParams:
+    """The ``[sync]`` table as the session's tunables."""
+    s, t = config.sync, config.sync.timers
+    return SyncParams(
+        buckets=s.buckets,
+        batch=s.batch,
+        window=s.window,
+        max_pending=s.max_pending,
+        ack_timeout=t.ack_timeout,
+        keepalive_interval=t.keepalive_interval,
+        dead_interval=t.dead_interval,
+        anti_entropy_interval=t.anti_entropy_interval,
+        peer_node_id=s.peer_name,
+    )
+
+
+def with_timeout(entry: Entry) -> Entry:
+    """``entry`` with a timeout the kernel accepts on create."""
+    return entry if entry.timeout is not None else entry._replace(timeout=DEFAULT_COMMIT_TIMEOUT)
+
+
+@dataclass
+class ResyncRecord:
+    """The last completed resync, for ``status``."""
+
+    direction: str
+    full: bool
+    finished_at: float
+    duration: float
+    entries: int
+
+
+class KernelWriter:
+    """Hot mode: the peer's changes waiting to be written to this node's kernel.
+
+    Changes are coalesced by key (the newest wins, ``None`` = delete), so a burst of
+    updates to the same entries costs one write each and memory is bounded by the
+    number of distinct entries. One task drains it in batches.
+    """
+
+    def __init__(self, kernel: KernelPort, metrics: Metrics) -> None:
+        self._kernel = kernel
+        self._metrics = metrics
+        self._pending: dict[EntryKey, Entry | None] = {}
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        #: Entries the kernel refused, by errno (also exported as a metric).
+        self.errors: dict[int, int] = {}
+        self.written = 0
+
+    def __len__(self) -> int:
+        return len(self._pending)
+
+    def put(self, entries: Iterable[Entry], *, delete: bool = False) -> None:
+        """Queue upserts (or deletes) of ``entries``."""
+        pending = self._pending
+        for entry in entries:
+            pending[entry.key] = None if delete else entry
+        if pending:
+            self._idle = trio.Event() if self._idle.is_set() else self._idle
+            self._wake.set()
+
+    def discard(self) -> None:
+        """Forget everything queued (this node became MASTER: it owns its table now)."""
+        self._pending.clear()
+
+    async def wait_idle(self) -> None:
+        """Return once everything queued so far has been written."""
+        while self._pending or not self._idle.is_set():
+            await self._idle.wait()
+
+    async def run(self) -> None:
+        """Write queued changes forever."""
+        while True:
+            if not self._pending:
+                self._idle.set()
+                await self._wake.wait()
+                self._wake = trio.Event()
+                continue
+            batch, self._pending = self._pending, {}
+            upserts = [with_timeout(e) for e in batch.values() if e is not None]
+            deletes = [
+                Entry(k[0], k[2], k[2], zone=k[1]) for k, e in batch.items() if e is None
+            ]
+            if upserts:
+                self.record(await self._kernel.upsert(upserts), "upsert")
+            if deletes:
+                self.record(await self._kernel.delete(deletes), "delete")
+
+    def record(self, result: InjectResult, what: str) -> None:
+        """Count a write's outcome; log its failures (one line per errno)."""
+        self.written += result.applied
+        by_errno: dict[int, int] = {}
+        for failure in result.errors:
+            by_errno[failure.errno] = by_errno.get(failure.errno, 0) + 1
+        for number, count in by_errno.items():
+            name = errno_mod.errorcode.get(number, str(number))
+            self.errors[number] = self.errors.get(number, 0) + count
+            self._metrics.injection_errors.labels(errno=name).inc(count)
+            log.warning(
+                "kernel refused entries",
+                extra=fields(op=what, errno=name, count=count,
+                             example=ctformat.format_entry(result.errors[0].entry)),
+            )
+
+
+class Daemon:
+    """One replicator node. Use :meth:`run` inside a nursery (``nursery.start``)."""
+
+    def __init__(
+        self,
+        config: Config,
+        kernel: KernelPort,
+        *,
+        config_path: Path | None = None,
+        environ: dict[str, str] | None = None,
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.kernel = kernel
+        self.hot = config.sync.mode == "hot"
+        self.epoch = secrets.randbits(64)
+        self.metrics = Metrics()
+        self.session = SyncSession(
+            config.node.name, self.epoch, params=sync_params(config),
+            accept=build_entry_filter(config),
+        )
+        self.mirror = Mirror(kernel, publish=self._on_local_changes)
+        self.writer = KernelWriter(kernel, self.metrics)
+        self.machine = RoleMachine(hot=False, follow=config.keepalived.vrrp_name)
+        self.runner = RoleRunner(self.machine, self.perform)
+        self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
+        self.notifier = Notifier(self._environ)
+        self.link: PeerLink | None = None
+        self.last_resync: ResyncRecord | None = None
+        self.started_at = 0.0
+        self.protocol_violations = 0
+        self._conn: FramedConnection | None = None
+        self._conn_scope: trio.CancelScope | None = None
+        self._wake = trio.Event()
+        self._resync_done = trio.Event()
+        self._metrics_server: MetricsServer | None = None
+        self._driver_beat = 0.0
+
+    # --- helpers ----------------------------------------------------------------------
+
+    def now(self) -> float:
+        """This node's monotonic clock (trio's, so tests can use a MockClock)."""
+        return trio.current_time()
+
+    def wake(self) -> None:
+        """Make the driver flush the session's output."""
+        self._wake.set()
+
+    @property
+    def role(self) -> Role:
+        """The keepalived role as the role machine knows it."""
+        return self.machine.role
+
+    @property
+    def applies_peer_to_kernel(self) -> bool:
+        """Hot mode, and not MASTER (INIT included: until keepalived says otherwise a
+        node must not write the peer's state over a table it might own)."""
+        return self.hot and self.machine.role in (Role.BACKUP, Role.FAULT, Role.STOPPED)
+
+    # --- inputs -----------------------------------------------------------------------
+
+    def _on_local_changes(self, changes: list[Change]) -> None:
+        now = self.now()
+        session = self.session
+        for key, entry in changes:
+            if entry is None:
+                session.local_delete(key, now)
+            else:
+                session.local_update(entry, now)
+        self.wake()
+
+    # --- the driver -------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        session = self.session
+        while True:
+            now = self.now()
+            self._driver_beat = now
+            deadline = session.next_timer()
+            if deadline is not None and deadline <= now:
+                session.handle_timer(now)
+            await self._flush(now)
+            deadline = session.next_timer()
+            with trio.move_on_at(math.inf if deadline is None else deadline):
+                await self._wake.wait()
+            self._wake = trio.Event()
+
+    async def _flush(self, now: float) -> None:
+        session = self.session
+        conn = self._conn
+        frames = session.frames_to_send(now)
+        if conn is not None:
+            try:
+                for payload in frames:
+                    await conn.send_frame(payload)
+            except ReplicatorError as exc:
+                # The connection broke mid-send: the handler's receive side sees it too
+                # and calls connection_lost; the session resends what was lost.
+                log.info("peer send failed", extra=fields(error=exc))
+        for event in session.events():
+            self._on_event(event)
+
+    def _on_event(self, event: object) -> None:
+        m = self.metrics
+        if isinstance(event, PeerUpserts):
+            if self.applies_peer_to_kernel:
+                self.writer.put(event.entries)
+        elif isinstance(event, PeerDeletes):
+            if self.applies_peer_to_kernel:
+                self.writer.put(event.entries, delete=True)
+        elif isinstance(event, PeerHello):
+            log.info("peer hello", extra=fields(peer=event.node_id, epoch=event.epoch,
+                                                restarted=event.restarted))
+        elif isinstance(event, ResyncStarted):
+            log.info("resync started", extra=fields(direction=event.direction,
+                                                    full=event.full, id=event.resync_id))
+        elif isinstance(event, ResyncCompleted):
+            kind = "peer" if event.full else "digest"
+            m.resyncs.labels(kind=kind).inc()
+            self.last_resync = ResyncRecord(event.direction, event.full, self.now(),
+                                            event.duration, event.entries)
+            if event.direction == "send":
+                self._resync_done.set()
+                self._resync_done = trio.Event()
+            log.info("resync completed", extra=fields(
+                direction=event.direction, full=event.full, seconds=round(event.duration, 3),
+                buckets=event.buckets, entries=event.entries))
+        elif isinstance(event, InSync):
+            log.info("in sync" if event.in_sync else "out of sync",
+                     extra=fields(peer=self.session.peer_node_id))
+        elif isinstance(event, ProtocolViolation):
+            self.protocol_violations += 1
+            log.warning("peer protocol violation", extra=fields(reason=event.reason))
+        elif isinstance(event, ConnectionTerminated):
+            log.info("peer connection closed", extra=fields(reason=event.reason,
+                                                            by_peer=event.by_peer))
+            if self._conn_scope is not None:
+                self._conn_scope.cancel()
+
+    # --- the peer connection ----------------------------------------------------------
+
+    async def _serve_peer(self, conn: FramedConnection) -> None:
+        """PeerLink handler: one authenticated connection at a time."""
+        session = self.session
+        log.info("peer connected", extra=fields(peer=conn.peer_address,
+                                                fingerprint=conn.peer_fingerprint))
+        self.metrics.peer_up.set(1)
+        with trio.CancelScope() as scope:
+            self._conn, self._conn_scope = conn, scope
+            session.connection_made(self.now())
+            self.wake()
+            try:
+                while True:
+                    payload = await conn.receive_frame()
+                    session.receive(payload, self.now())
+                    self.wake()
+            except ReplicatorError as exc:
+                log.info("peer connection lost", extra=fields(error=exc))
+            finally:
+                self._conn = self._conn_scope = None
+                session.connection_lost(self.now())
+                self.metrics.peer_up.set(0)
+                self.wake()
+
+    # --- periodic work ----------------------------------------------------------------
+
+    async def _refresh_loop(self) -> None:
+        """Re-dump the kernel now and then so refreshed timeouts reach the peer."""
+        interval = self.config.kernel.refresh_interval
+        if interval is None:
+            return
+        while True:
+            await trio.sleep(interval)
+            await self.mirror.resync()
+            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.wake()
+
+    async def _watch(self, period: float) -> None:
+        """Metrics gauges, systemd STATUS and watchdog, every ``period`` seconds."""
+        watchdog = watchdog_interval(self._environ)
+        while True:
+            now = self.now()
+            self._update_gauges(now)
+            healthy = now - self._driver_beat < max(30.0, 3 * (watchdog or 10.0))
+            if watchdog is not None and healthy:
+                self.notifier.watchdog()
+            self.notifier.status(self._status_line())
+            await trio.sleep(min(period, watchdog / 2) if watchdog else period)
+
+    def _update_gauges(self, now: float) -> None:
+        m, s = self.metrics, self.session
+        m.entries.labels(cache="internal").set(s.local_count)
+        m.entries.labels(cache="external").set(len(s.external))
+        m.entries.labels(cache="kernel").set(len(self.mirror.cache))
+        m.replication_lag.set(s.replication_lag(now))
+        m.in_sync.set(1 if self._check()[0] else 0)
+        m.role.state(self.machine.role.value)
+        stats = s.stats
+        _sync_counter(m.messages.labels(direction="sent"), stats.messages_sent)
+        _sync_counter(m.messages.labels(direction="received"), stats.messages_received)
+        _sync_counter(m.bytes.labels(direction="sent"), stats.bytes_sent)
+        _sync_counter(m.bytes.labels(direction="received"), stats.bytes_received)
+        _sync_counter(m.enobufs, self.mirror.stats.overruns)
+        _sync_counter(m.resyncs.labels(kind="kernel"),
+                      max(0, self.mirror.stats.reconciliations - 1))
+        if self.link is not None:
+            for reason, count in self.link.stats.refused.items():
+                _sync_counter(m.auth_failures.labels(reason=str(reason)), count)
+
+    def _status_line(self) -> str:
+        s = self.session
+        peer = "up" if s.established else "down"
+        return (f"role={self.machine.role.value} peer={peer} "
+                f"internal={s.local_count} external={len(s.external)}")
+
+    # --- role actions -----------------------------------------------------------------
+
+    async def perform(self, action: Action) -> None:
+        """Carry out one role action (called by the RoleRunner, one at a time)."""
+        now = self.now()
+        if action is Action.COMMIT:
+            report = await self.commit_external()
+            log.info("commit done", extra=fields(**report))
+        elif action is Action.BECOME_SENDER:
+            # A master owns its table: stop writing the peer's state into the kernel.
+            self.writer.discard()
+        elif action is Action.BULK_SEND:
+            self.session.bulk_send(now)
+            self.wake()
+        elif action is Action.BECOME_RECEIVER:
+            if self.hot:
+                # Load the kernel with the peer's table as it stands; later changes
+                # follow as PeerUpserts/PeerDeletes.
+                self.writer.put(self.session.external.commit_set(now))
+        elif action is Action.SHORTEN_TIMERS:
+            count = await self.shorten()
+            log.info("timers shortened", extra=fields(entries=count))
+        elif action is Action.REQUEST_RESYNC:
+            self.session.request_resync(now)
+            self.wake()
+
+    async def commit_external(self) -> CommitReport:
+        """Write the external cache into the kernel (``conntrackd -c``)."""
+        start = self.now()
+        entries = self.session.external.commit_set(start)
+        if self.hot:
+            # Hot mode: the kernel already holds the peer's entries; write what is
+            # missing (normally nothing) after the queued writes have landed.
+            await self.writer.wait_idle()
+            have = self.mirror.cache
+            entries = [e for e in entries if e.key not in have]
+        result = await self.kernel.upsert([with_timeout(e) for e in entries])
+        self.writer.record(result, "commit")
+        seconds = self.now() - start
+        self.metrics.commit_duration.observe(seconds)
+        return {"applied": result.applied, "failed": len(result.errors),
+                "seconds": round(seconds, 6)}
+
+    async def shorten(self) -> int:
+        """Cap the kernel timeout of entries this node no longer owns (``conntrackd -t``)."""
+        limit = self.config.keepalived.shorten_timeout
+        external = self.session.external
+        targets = [
+            e._replace(timeout=limit)
+            for e in self.mirror.cache
+            if (e.timeout is None or e.timeout > limit)
+            and not (self.hot and external.get(e.key) is not None)
+        ]
+        if targets:
+            self.writer.record(await self.kernel.upsert(targets), "shorten")
+        return len(targets)
+
+    # --- checks -----------------------------------------------------------------------
+
+    def _check(self) -> tuple[bool, str]:
+        """Could this node take over now without losing state? (``replicator check``)."""
+        s = self.session
+        if self.machine.role is Role.MASTER:
+            return True, ""
+        if not self.mirror.synced:
+            return False, "kernel table not mirrored yet"
+        if not s.established:
+            return False, "peer not connected"
+        if not s.in_sync:
+            return False, "first resync from the peer not complete"
+        if self.hot and len(self.writer):
+            return False, f"{len(self.writer)} peer entries not yet written to the kernel"
+        return True, ""
+
+    # --- the control handler ----------------------------------------------------------
+
+    async def status(self) -> StatusReport:
+        """``replicator status``."""
+        now = self.now()
+        s = self.session
+        ok, reason = self._check()
+        last: ResyncReport | None = None
+        if self.last_resync is not None:
+            r = self.last_resync
+            last = {"direction": r.direction, "full": r.full,
+                    "seconds_ago": round(now - r.finished_at, 3),
+                    "duration_seconds": round(r.duration, 6), "entries": r.entries}
+        sc = self.config.sync
+        return {
+            "node": self.config.node.name,
+            "role": self.machine.role.value,
+            "mode": sc.mode,
+            "peer": f"{s.peer_node_id or '?'}@{_endpoint(sc.peer_address, sc.peer_port)}",
+            "peer_up": s.established,
+            "in_sync": ok,
+            "reason": reason,
+            "entries": {"internal": s.local_count, "external": len(s.external),
+                        "kernel": len(self.mirror.cache)},
+            "replication_lag_seconds": round(s.replication_lag(now), 6)
+            if s.established else None,
+            "uptime_seconds": round(now - self.started_at, 3),
+            "epoch": self.epoch,
+            "last_resync": last,
+        }
+
+    async def stats(self) -> StatsReport:
+        """``replicator stats``: replication counters and the kernel's conntrack statistics."""
+        out: dict[str, float] = {}
+        for name, value in vars(self.session.stats).items():
+            out[f"sync_{name}"] = float(value)
+        for name, value in vars(self.mirror.stats).items():
+            out[f"mirror_{name}"] = float(value)
+        out["kernel_writes"] = float(self.writer.written)
+        for number, count in self.writer.errors.items():
+            out[f"kernel_errors_{errno_mod.errorcode.get(number, str(number))}"] = float(count)
+        out["protocol_violations"] = float(self.protocol_violations)
+        if self.link is not None:
+            for reason, count in self.link.stats.refused.items():
+                out[f"link_refused_{reason}"] = float(count)
+            out["link_established"] = float(self.link.stats.established)
+        out.update(await trio.to_thread.run_sync(kernel_conntrack_stats, self.config.kernel.netns))
+        return out
+
+    async def dump(self, cache: CacheName) -> DumpReport:
+        """``replicator dump``: the cache as ``conntrack -L -o extended`` lines."""
+        if cache is CacheName.INTERNAL:
+            entries: Iterable[Entry] = self.session.local_entries()
+        else:
+            entries = self.session.external.commit_set(self.now())
+        lines = sorted(ctformat.format_entry(e) for e in entries)
+        return {"cache": cache.value, "entries": lines}
+
+    async def commit(self) -> CommitReport:
+        """``replicator commit``."""
+        return await self.commit_external()
+
+    async def flush(self, cache: CacheName) -> CountReport:
+        """``replicator flush``: empty a cache and refill it from its source."""
+        if cache is CacheName.INTERNAL:
+            count = self.session.local_count
+            await self.mirror.resync()
+            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.wake()
+            return {"count": count, "detail": "internal cache re-read from the kernel"}
+        count = len(self.session.external)
+        self.session.external.clear()
+        self.session.request_resync(self.now())
+        self.wake()
+        return {"count": count, "detail": "external cache emptied; full resync requested"}
+
+    async def resync(self, source: ResyncSource) -> CountReport:
+        """``replicator resync --kernel|--peer``."""
+        if source is ResyncSource.KERNEL:
+            await self.mirror.resync()
+            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.wake()
+            return {"count": len(self.mirror.cache), "detail": "kernel table re-read"}
+        if not self.session.established:
+            raise ControlError("peer not connected")
+        self.session.request_resync(self.now())
+        self.wake()
+        return {"count": len(self.session.external),
+                "detail": "full resync requested from the peer"}
+
+    async def bulk_send(self) -> CountReport:
+        """``replicator bulk-send``."""
+        self.session.bulk_send(self.now())
+        self.wake()
+        return {"count": self.session.local_count, "detail": "full resync to the peer started"}
+
+    async def shorten_timers(self) -> CountReport:
+        """``replicator shorten-timers``."""
+        count = await self.shorten()
+        return {"count": count,
+                "detail": f"timeouts capped at {self.config.keepalived.shorten_timeout} s"}
+
+    async def notify(self, event: VrrpEvent) -> NotifyReport:
+        """``replicator notify``: a keepalived line."""
+        result = self.runner.feed(event)
+        return {"verdict": result.verdict.value, "role": self.machine.role.value}
+
+    async def check(self) -> CheckReport:
+        """``replicator check`` (keepalived ``track_script``)."""
+        ok, reason = self._check()
+        return {"ok": ok, "reason": reason}
+
+    async def verify(self) -> VerifyReport:
+        """``replicator verify``: digest comparison of our table with the peer's copy.
+
+        Runs a digest resync towards the peer and waits for it: the peer answers with
+        the digest of every bucket of its copy of our table; buckets that differ are
+        resent. Also compares, entry by entry, what this node can see locally: the
+        session's view of the kernel, and (hot mode, as a standby) the kernel against
+        the peer's entries.
+        """
+        problems: list[str] = []
+        if not self.session.established:
+            raise ControlError("peer not connected")
+        done = self._resync_done
+        self.session.start_digest_resync(self.now())  # else: the running one answers
+        self.wake()
+        with trio.move_on_after(30) as scope:
+            await done.wait()
+        if scope.cancelled_caught:
+            raise ControlError("the peer did not complete the digest comparison in 30 s")
+        record = self.last_resync
+        if record is not None and record.entries:
+            problems.append(
+                f"peer copy differed: {record.entries} entries resent to repair it")
+        checked = self.session.local_count
+        if self.applies_peer_to_kernel:
+            await self.writer.wait_idle()
+            kernel = self.mirror.cache
+            for entry in self.session.external.entries():
+                checked += 1
+                have = kernel.get(entry.key)
+                if have is None:
+                    problems.append("missing in kernel: " + ctformat.format_entry(entry))
+        return {"ok": not problems, "checked": checked, "problems": problems[:1000]}
+
+    # --- reload -----------------------------------------------------------------------
+
+    def reload(self) -> None:
+        """SIGHUP: apply what can change live, say what needs a restart."""
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            new = load_config(self.config_path)
+        except ReplicatorError as exc:
+            log.error("reload refused, keeping the running configuration",
+                      extra=fields(error=exc))
+            self.notifier.ready(self._status_line())
+            return
+        diff = diff_reloadable(self.config, new)
+        if any(k.startswith("log.") for k in diff.live):
+            set_level(new.log.level)
+        if any(k.startswith("filters.") for k in diff.live):
+            self.session.set_filter(build_entry_filter(new), self.mirror.cache, self.now())
+            self.wake()
+        if any(k.startswith("tls.") for k in diff.live) and self.link is not None:
+            try:
+                self.link.set_credentials(_credentials(new))
+            except ReplicatorError as exc:
+                log.error("reload: keeping the old peer credentials", extra=fields(error=exc))
+        # Tables that need a restart keep their running values.
+        old = self.config
+        self.config = replace(new, node=old.node, sync=old.sync, kernel=old.kernel,
+                              control=old.control, metrics=old.metrics)
+        if diff.restart:
+            log.warning("reload: these keys need a restart to take effect",
+                        extra=fields(keys=",".join(diff.restart)))
+        log.info("reloaded", extra=fields(live=",".join(diff.live) or "-"))
+        self.notifier.ready(self._status_line())
+
+    async def _signals(self) -> None:
+        with trio.open_signal_receiver(signal.SIGHUP) as signals:
+            async for _ in signals:
+                self.reload()
+
+    # --- run --------------------------------------------------------------------------
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                  ) -> None:
+        """Run until cancelled. ``task_status.started()`` once ready (READY=1 too)."""
+        cfg = self.config
+        self.started_at = self.now()
+        try:
+            async with trio.open_nursery() as nursery:
+                # The mirror's first reconciliation publishes the whole table to the
+                # session, so the session starts with a full local table.
+                await nursery.start(self.mirror.run)
+                nursery.start_soon(self._drive)
+                nursery.start_soon(self.writer.run)
+                nursery.start_soon(self._refresh_loop)
+                await nursery.start(self.runner.run)
+                self.link = PeerLink(
+                    LinkSettings(
+                        listen=(str(cfg.sync.listen_address), cfg.sync.listen_port),
+                        dial=(str(cfg.sync.peer_address), cfg.sync.peer_port),
+                        dial_source=str(cfg.sync.listen_address),
+                        dead_peer_timeout=max(1.0, cfg.sync.timers.dead_interval),
+                    ),
+                    _credentials(cfg),
+                    self._serve_peer,
+                )
+                await nursery.start(self.link.run)
+                await nursery.start(self._serve_control)
+                if cfg.keepalived.notify_fifo is not None:
+                    await nursery.start(read_notify_fifo, cfg.keepalived.notify_fifo,
+                                        self.runner.feed)
+                if cfg.metrics.address is not None:
+                    self._metrics_server = serve_metrics(self.metrics, cfg.metrics.address)
+                nursery.start_soon(self._signals)
+                nursery.start_soon(self._watch, 1.0)
+                log.info("ready", extra=fields(node=cfg.node.name, mode=cfg.sync.mode,
+                                               epoch=self.epoch,
+                                               entries=len(self.mirror.cache)))
+                self.notifier.ready(self._status_line())
+                task_status.started()
+        finally:
+            self.notifier.stopping()
+            if self._metrics_server is not None:
+                self._metrics_server.close()
+
+    async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+                             ) -> None:
+        c = self.config.control
+
+        def denied(cred: Any) -> None:
+            self.metrics.auth_failures.labels(reason="control").inc()
+            log.warning("control request refused", extra=fields(uid=cred.uid, pid=cred.pid))
+
+        await serve_control(c.socket, self, group=c.group, mode=c.mode, on_denied=denied,
+                            task_status=task_status)
+
+
+def _credentials(config: Config) -> Any:
+    t = config.tls
+    return load_credentials(t.key, t.cert, t.peer_certs, t.peer_fingerprints)
+
+
+def _endpoint(host: object, port: int) -> str:
+    text = str(host)
+    return f"[{text}]:{port}" if ":" in text else f"{text}:{port}"
+
+
+def _sync_counter(counter: Any, value: float) -> None:
+    """Bring a prometheus counter up to ``value`` (our counters are the source)."""
+    current = counter._value.get()
+    if value > current:
+        counter.inc(value - current)
+
+
+def kernel_conntrack_stats(netns: str | None) -> dict[str, float]:
+    """The kernel's per-CPU conntrack statistics summed, like ``conntrack -S``.
+
+    Read from ``/proc/net/stat/nf_conntrack`` (hex columns, one row per CPU, the
+    first column being the global entry count), inside ``netns`` if given.
+    """
+    from .netns import entered
+
+    with entered(netns):
+        try:
+            with open("/proc/net/stat/nf_conntrack") as fh:
+                lines = fh.read().split("\n")
+        except OSError as exc:
+            raise KernelError(f"cannot read conntrack statistics: {exc}") from exc
+    header = lines[0].split()
+    totals: dict[str, float] = {}
+    for row in lines[1:]:
+        values = row.split()
+        if len(values) != len(header):
+            continue
+        for name, value in zip(header, values, strict=True):
+            key = f"kernel_{name}"
+            if name == "entries":
+                totals[key] = float(int(value, 16))  # global: the same on every row
+            else:
+                totals[key] = totals.get(key, 0.0) + int(value, 16)
+    return totals
+
+
+async def run_daemon(config_path: Path, *, netns: str | None = None) -> None:
+    """``replicator run``: load the config, open the kernel, run until SIGTERM/SIGINT."""
+    from .config import check_files
+    from .kernel_linux import LinuxKernel
+
+    config = load_config(config_path)
+    check_files(config)
+    setup_logging(config.log.level)
+    kernel_netns = netns if netns is not None else config.kernel.netns
+    apply_conntrack_events_policy(config.kernel.conntrack_events, kernel_netns)
+    async with LinuxKernel(kernel_netns, event_rcvbuf=config.kernel.rcvbuf_bytes) as kernel:
+        daemon = Daemon(config, kernel, config_path=config_path)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async for signum in signals:
+                    log.info("stopping", extra=fields(signal=signal.Signals(signum).name))
+                    nursery.cancel_scope.cancel()
+                    break
+
+
+def apply_conntrack_events_policy(policy: str, netns: str | None) -> None:
+    """``kernel.conntrack_events``: enable (set 1), require (refuse unless 1), leave."""
+    from .netns import entered
+
+    if policy == "leave":
+        return
+    path = "/proc/sys/net/netfilter/nf_conntrack_events"
+    with entered(netns):
+        try:
+            with open(path) as fh:
+                current = fh.read().strip()
+            if current != "1":
+                if policy == "require":
+                    raise KernelError(
+                        f"net.netfilter.nf_conntrack_events is {current}, "
+                        "kernel.conntrack_events = \"require\" needs 1")
+                with open(path, "w") as fh:
+                    fh.write("1\n")
+        except OSError as exc:
+            raise KernelError(f"{path}: {exc}") from exc

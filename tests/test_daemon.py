@@ -1,0 +1,212 @@
+"""Two daemons end to end: fake kernels, real mutual TLS on loopback, real control sockets.
+
+The kernel is the in-memory fake (the real kernel is proven in integration/netns/);
+everything else is the production code: mirror, sync session, peer link, role machine,
+control socket and metrics.
+"""
+
+from __future__ import annotations
+
+import datetime
+import socket
+import urllib.request
+from collections.abc import AsyncIterator, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import trio
+
+from replicator.config import Config, parse_config
+from replicator.control import CacheName, Command, ControlClient, Request
+from replicator.daemon import Daemon
+from replicator.kernel_fake import FakeKernel
+from replicator.keys import generate_identity, write_identity
+from replicator.model import AF_INET, IPPROTO_TCP, IPPROTO_UDP, CtTuple, Entry, TcpInfo, invert
+
+WAN = bytes([198, 51, 100, 1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def flow(i: int, *, proto: int = IPPROTO_TCP, snat: bool = True) -> Entry:
+    orig = CtTuple(bytes([10, 0, i // 250, i % 250 + 1]), bytes([192, 0, 2, 80]), proto,
+                   40000 + i % 20000, 443)
+    reply = invert(orig)
+    if snat:
+        reply = reply._replace(dst=WAN, dport=1024 + i)
+    tcp = TcpInfo(3, 7, 7, 0x23, 0x23) if proto == IPPROTO_TCP else None
+    return Entry(AF_INET, orig, reply, status=0x0E, timeout=3600, mark=i % 3, tcp=tcp)
+
+
+@dataclass
+class Node:
+    name: str
+    config: Config
+    kernel: FakeKernel
+    daemon: Daemon
+    metrics_port: int
+
+    def client(self) -> ControlClient:
+        return ControlClient(self.config.control.socket, timeout=10.0)
+
+    async def call(self, command: Command, arg: str = "") -> object:
+        client = self.client()
+        return await trio.to_thread.run_sync(client.call, Request(command, arg))
+
+
+def make_config(tmp: Path, name: str, peer: str, *, port: int, peer_port: int, mode: str,
+                metrics_port: int) -> str:
+    return f"""
+[node]
+name = "{name}"
+[sync]
+listen_address = "127.0.0.1"
+peer_address = "127.0.0.1"
+listen_port = {port}
+peer_port = {peer_port}
+peer_name = "{peer}"
+mode = "{mode}"
+buckets = 64
+batch = 64
+[sync.timers]
+ack_timeout = 1.0
+keepalive_interval = 0.2
+dead_interval = 3.0
+anti_entropy_interval = 0
+[tls]
+key = "{tmp}/{name}.key"
+cert = "{tmp}/{name}.crt"
+peer_certs = ["{tmp}/{peer}.crt"]
+[kernel]
+conntrack_events = "leave"
+refresh_interval = 0
+[control]
+socket = "{tmp}/{name}.sock"
+[metrics]
+address = "127.0.0.1:{metrics_port}"
+[keepalived]
+shorten_timeout = 15
+"""
+
+
+Pair = Callable[[str], AbstractAsyncContextManager[tuple[Node, Node]]]
+
+
+@pytest.fixture
+def pair_factory(tmp_path: Path) -> Pair:
+    now = datetime.datetime.now(datetime.UTC)
+    for name in ("fw-a", "fw-b"):
+        write_identity(generate_identity(name, now), tmp_path / f"{name}.key",
+                       tmp_path / f"{name}.crt")
+
+    @asynccontextmanager
+    async def pair(mode: str) -> AsyncIterator[tuple[Node, Node]]:
+        ports = {"fw-a": free_port(), "fw-b": free_port()}
+        nodes = []
+        for name, peer in (("fw-a", "fw-b"), ("fw-b", "fw-a")):
+            mport = free_port()
+            cfg = parse_config(make_config(tmp_path, name, peer, port=ports[name],
+                                           peer_port=ports[peer], mode=mode,
+                                           metrics_port=mport))
+            kernel = FakeKernel()
+            nodes.append(Node(name, cfg, kernel, Daemon(cfg, kernel, environ={}), mport))
+        async with trio.open_nursery() as nursery:
+            for node in nodes:
+                await nursery.start(node.daemon.run)
+            yield nodes[0], nodes[1]
+            nursery.cancel_scope.cancel()
+
+    return pair
+
+
+async def eventually(predicate: Callable[[], bool], within: float = 10.0) -> None:
+    """Poll state owned by the daemons' tasks (they expose no event for each test)."""
+    with trio.fail_after(within):
+        while not predicate():  # noqa: ASYNC110
+            await trio.sleep(0.02)
+
+
+def kernel_view(kernel: FakeKernel) -> dict[object, tuple[object, ...]]:
+    """What must survive a copy: tuples, zone, mark, labels, TCP state."""
+    return {
+        k: (e.reply, e.zone, e.mark, e.labels, e.tcp.state if e.tcp else None)
+        for k, e in kernel.table.items()
+    }
+
+
+async def test_cache_mode_replicates_then_commits_on_promotion(
+    pair_factory: Pair,
+) -> None:
+    async with pair_factory("cache") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(300))
+        await eventually(lambda: len(b.daemon.session.external) == 300)
+        # Cache mode: the standby's kernel is untouched until promotion.
+        assert b.kernel.table == {}
+        status = await b.call(Command.STATUS)
+        assert isinstance(status, dict)
+        assert status["entries"]["external"] == 300
+        assert status["peer_up"] is True
+        check = await b.call(Command.CHECK)
+        assert check == {"ok": True, "reason": ""}
+
+        # Updates and deletes propagate.
+        a.kernel.remove(flow(0).key)
+        a.kernel.modify(flow(1).key, mark=77)
+        await eventually(lambda: len(b.daemon.session.external) == 299)
+        await eventually(lambda: (e := b.daemon.session.external.get(flow(1).key)) is not None
+                         and e.mark == 77)
+
+        # Failover: B becomes MASTER and commits; A becomes BACKUP.
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await eventually(lambda: len(b.kernel.table) == 299)
+        assert kernel_view(b.kernel) == kernel_view(a.kernel)
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        # A shortened the timers of the entries it no longer owns.
+        await eventually(lambda: all(e.timeout is not None and e.timeout <= 15
+                                     for e in a.kernel.table.values()))
+
+        # The metrics endpoint agrees with status.
+        status = await b.call(Command.STATUS)
+        assert isinstance(status, dict)
+        await trio.sleep(1.2)  # one gauge refresh period
+        text = await trio.to_thread.run_sync(
+            lambda: urllib.request.urlopen(
+                f"http://127.0.0.1:{b.metrics_port}/metrics", timeout=5).read().decode())
+        assert 'replicator_entries{cache="kernel"} 299.0' in text
+        assert f'replicator_entries{{cache="external"}} {status["entries"]["external"]}.0' in text
+        assert "replicator_peer_up 1.0" in text
+        assert 'replicator_role{replicator_role="MASTER"} 1.0' in text
+
+
+async def test_hot_mode_standby_kernel_follows_the_active(
+    pair_factory: Pair,
+) -> None:
+    async with pair_factory("hot") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(200))
+        a.kernel.add_many(flow(i, proto=IPPROTO_UDP, snat=False) for i in range(200, 250))
+        await eventually(lambda: len(b.kernel.table) == 250)
+        assert kernel_view(b.kernel) == kernel_view(a.kernel)
+        # B's injections are echoes: B sends none of them back as its own entries.
+        assert b.daemon.session.local_count == 0
+        a.kernel.remove(flow(5).key)
+        await eventually(lambda: flow(5).key not in b.kernel.table)
+        # Promotion needs no commit: nothing is missing.
+        result = await b.call(Command.COMMIT)
+        assert isinstance(result, dict)
+        assert result["applied"] == 0 and result["failed"] == 0
+        report = await b.call(Command.VERIFY)
+        assert report == {"ok": True, "checked": 249, "problems": []}
+        dump = await b.call(Command.DUMP, CacheName.EXTERNAL.value)
+        assert isinstance(dump, dict)
+        assert len(dump["entries"]) == 249
