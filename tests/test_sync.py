@@ -511,3 +511,12 @@ def test_an_entry_in_the_wrong_bucket_is_a_violation() -> None:
     b.session.receive(wire.encode_buckets(0, 0, [(wrong, True, True, [(e, 10)])]), 0.0)
     (v,) = of_type(b.drain(), ProtocolViolation)
     assert "not its own" in v.reason
+
+
+def test_a_long_non_ascii_reason_still_makes_a_valid_close() -> None:
+    b = Node("b", dataclasses.replace(P, peer_node_id="fw-2"), epoch=2)
+    b.session.connection_made(0.0)
+    b.session.receive(hello(node="\U0001d11e" * 64), 0.0)  # 4 bytes each in UTF-8
+    (close,) = b.session.frames_to_send(0.0)
+    msg = wire.decode(close)
+    assert isinstance(msg, wire.Close) and msg.reason.startswith("peer announces node id")
