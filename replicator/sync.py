@@ -680,8 +680,9 @@ class SyncSession:
         self._start_resync(c, now, full=False)
         return True
 
-    def set_filter(self, accept: Callable[[Entry], bool] | None, entries: Iterable[Entry],
-                   now: float) -> None:
+    def set_filter(
+        self, accept: Callable[[Entry], bool] | None, entries: Iterable[Entry], now: float
+    ) -> None:
         """Replace the filter (SIGHUP) and re-evaluate the local table against it:
         ``entries`` is the whole unfiltered local table. Entries that stop matching are
         deleted on the peer, entries that start matching are sent."""

@@ -520,3 +520,27 @@ def test_a_long_non_ascii_reason_still_makes_a_valid_close() -> None:
     (close,) = b.session.frames_to_send(0.0)
     msg = wire.decode(close)
     assert isinstance(msg, wire.Close) and msg.reason.startswith("peer announces node id")
+
+
+def test_start_digest_resync_repairs_at_once_and_refuses_when_it_cannot() -> None:
+    a, b = synced(40)
+    ext = b.session.external
+    victim = make_entry(7)
+    ext.delete(ext.table.bucket_of(victim.key), victim.key)
+    assert a.session.start_digest_resync(1.0)
+    assert not a.session.start_digest_resync(1.0)  # one is running already
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    disconnect(a, b, 2.0)
+    assert not a.session.start_digest_resync(2.0)
+
+
+def test_set_filter_reevaluates_the_local_table() -> None:
+    a, b = synced(10)
+    table = [e for e, _ in a.kernel.values()]
+    a.session.set_filter(lambda e: e.orig.sport % 2 == 0, table, 1.0)
+    transfer(a, b, 1.0)
+    assert set(b.external()) == {e.key for e in table if e.orig.sport % 2 == 0}
+    a.session.set_filter(None, table, 2.0)
+    transfer(a, b, 2.0)
+    assert b.external() == a.table()
