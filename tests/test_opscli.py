@@ -14,7 +14,6 @@ from replicator import cli
 from replicator.control import CacheName, ResyncSource, serve_control
 from replicator.role import VrrpEvent, VrrpKind, VrrpState
 
-FP = "sha256:" + "cd" * 32
 
 
 def config_text(socket: Path, key: Path, cert: Path) -> str:
@@ -27,7 +26,7 @@ peer_address = "192.0.2.1"
 [tls]
 key = "{key}"
 cert = "{cert}"
-peer_fingerprints = ["{FP}"]
+peer_certs = ["{cert}"]
 [control]
 socket = "{socket}"
 """
