@@ -15,7 +15,6 @@ from replicator.control import CacheName, ResyncSource, serve_control
 from replicator.role import VrrpEvent, VrrpKind, VrrpState
 
 
-
 def config_text(socket: Path, key: Path, cert: Path) -> str:
     return f"""
 [node]
