@@ -42,7 +42,6 @@ from __future__ import annotations
 import errno as errno_mod
 import gc
 import logging
-import math
 import os
 import secrets
 import signal
@@ -103,6 +102,8 @@ log = logging.getLogger(__name__)
 #: conntrackd's fallback for an unknown remaining time is 60 s; a few minutes errs on
 #: the side of keeping a flow that is alive on the peer.
 DEFAULT_COMMIT_TIMEOUT = 180
+#: The driver comes round at least this often (seconds); see :meth:`Daemon._watch`.
+DRIVER_BEAT = 1.0
 #: Generation-0 threshold of the cyclic garbage collector (see :func:`run_daemon`).
 GC_THRESHOLD = 20000
 
@@ -309,7 +310,10 @@ class Daemon:
                 session.handle_timer(now)
             await self._flush(now)
             deadline = session.next_timer()
-            with trio.move_on_at(math.inf if deadline is None else deadline):
+            # Wake at least every DRIVER_BEAT seconds: the beat is what the watchdog
+            # checks, so an idle but healthy driver must still show it is alive.
+            beat = now + DRIVER_BEAT
+            with trio.move_on_at(beat if deadline is None else min(deadline, beat)):
                 await self._wake.wait()
             self._wake = trio.Event()
 
@@ -409,7 +413,9 @@ class Daemon:
         while True:
             now = self.now()
             self._update_gauges(now)
-            healthy = now - self._driver_beat < max(30.0, 3 * (watchdog or 10.0))
+            # A driver that has not come round for several beats is wedged (a blocking
+            # call on the event loop, or a bug): stop the pings and let systemd act.
+            healthy = now - self._driver_beat < 5 * DRIVER_BEAT
             if watchdog is not None and healthy:
                 self.notifier.watchdog()
             self.notifier.status(self._status_line())

@@ -210,3 +210,30 @@ async def test_hot_mode_standby_kernel_follows_the_active(
         dump = await b.call(Command.DUMP, CacheName.EXTERNAL.value)
         assert isinstance(dump, dict)
         assert len(dump["entries"]) == 249
+
+
+async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
+    """READY=1 once started, STATUS= with role/peer/entries, WATCHDOG=1 while healthy."""
+    now = datetime.datetime.now(datetime.UTC)
+    for name in ("fw-a", "fw-b"):
+        write_identity(generate_identity(name, now), tmp_path / f"{name}.key",
+                       tmp_path / f"{name}.crt")
+    cfg = parse_config(make_config(tmp_path, "fw-a", "fw-b", port=free_port(),
+                                   peer_port=free_port(), mode="cache",
+                                   metrics_port=free_port()))
+    sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    await sock.bind(str(tmp_path / "notify"))
+    environ = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"}
+    kernel = FakeKernel()
+    kernel.add(flow(1))
+    daemon = Daemon(cfg, kernel, environ=environ)
+    seen: list[str] = []
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        with trio.fail_after(10):
+            while not any("WATCHDOG=1" in m for m in seen):
+                seen.append((await sock.recv(4096)).decode())
+        nursery.cancel_scope.cancel()
+    sock.close()
+    ready = next(m for m in seen if "READY=1" in m)
+    assert "STATUS=role=INIT peer=down internal=1 external=0" in ready
