@@ -28,8 +28,10 @@ Data flows one way per node, and the protocol is symmetric (see :mod:`replicator
   calls :meth:`Daemon.perform` for each action. ``COMMIT`` writes the external cache
   into the kernel (cache mode: everything; hot mode: only what the kernel is missing,
   which is nothing in steady state, but covers a daemon restarted while keepalived
-  kept running). ``SHORTEN_TIMERS`` caps the kernel timeout of the entries this node
-  no longer owns (cache mode: all of them; hot mode: those the peer does not hold).
+  kept running). ``BECOME_SENDER`` re-reads the kernel and makes the whole table the
+  local table (entries this node wrote are echoes and were never published).
+  ``SHORTEN_TIMERS`` caps the kernel timeout of the entries this node no longer owns
+  (cache mode: all of them; hot mode: those the peer does not hold).
 
 Readiness (``READY=1``) is sent once the event subscription and the first dump are
 done (the mirror's start) and the peer listener is bound. Watchdog pings are sent by
@@ -456,8 +458,15 @@ class Daemon:
             report = await self.commit_external()
             log.info("commit done", extra=fields(**report))
         elif action is Action.BECOME_SENDER:
-            # A master owns its table: stop writing the peer's state into the kernel.
+            # A master owns its table: stop writing the peer's state into the kernel,
+            # and make everything in the kernel ours to send. The entries we wrote
+            # (hot-mode injections, the commit just done) came back as echoes, which
+            # the mirror caches but never publishes, so re-read the table and hand the
+            # whole of it to the session before the bulk send that follows.
             self.writer.discard()
+            await self.mirror.resync()
+            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.wake()
         elif action is Action.BULK_SEND:
             self.session.bulk_send(now)
             self.wake()

@@ -170,6 +170,9 @@ async def test_cache_mode_replicates_then_commits_on_promotion(
         await eventually(lambda: len(b.kernel.table) == 299)
         assert kernel_view(b.kernel) == kernel_view(a.kernel)
         await a.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        # The new master owns the entries it committed (they came back as echoes) and
+        # streams them to the old one, which would need them to fail back.
+        await eventually(lambda: len(a.daemon.session.external) == 299)
         # A shortened the timers of the entries it no longer owns.
         await eventually(lambda: all(e.timeout is not None and e.timeout <= 15
                                      for e in a.kernel.table.values()))
@@ -207,6 +210,11 @@ async def test_hot_mode_standby_kernel_follows_the_active(
         assert result["applied"] == 0 and result["failed"] == 0
         report = await b.call(Command.VERIFY)
         assert report == {"ok": True, "checked": 249, "problems": []}
+        # Promotion: B's injected entries become B's own table, streamed to A.
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        await eventually(lambda: len(a.daemon.session.external) == 249)
+        assert b.daemon.session.local_count == 249
         dump = await b.call(Command.DUMP, CacheName.EXTERNAL.value)
         assert isinstance(dump, dict)
         assert len(dump["entries"]) == 249
