@@ -766,8 +766,8 @@ class Daemon:
         c = self.config.control
 
         def denied(cred: Any) -> None:
+            # serve_control logs the refusal itself; here it is only counted.
             self.metrics.auth_failures.labels(reason="control").inc()
-            log.warning("control request refused", extra=fields(uid=cred.uid, pid=cred.pid))
 
         await serve_control(c.socket, self, group=c.group, mode=c.mode, on_denied=denied,
                             task_status=task_status)
