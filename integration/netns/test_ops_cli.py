@@ -598,3 +598,45 @@ def test_check_fails_while_the_peer_is_down_and_restart_changes_the_epoch(pair: 
     a.stop()
     gone = run_cli("check", "-c", str(a.config))
     assert gone.returncode == 1 and gone.stderr.startswith("replicator: ")
+
+
+def test_hot_standby_verify_finds_and_commit_repairs_a_missing_entry(netlab: Lab) -> None:
+    """Hot mode: a BACKUP keeps the peer's entries in its kernel; ``verify`` compares the
+    kernel with them entry by entry, and ``commit`` writes only what is missing."""
+    ns_a, ns_b = netlab.netns("hta"), netlab.netns("htb")
+    netlab.veth(ns_a, "sync0", ns_b, "sync0")
+    ns_a.run(["ip", "addr", "add", "10.78.0.1/24", "dev", "sync0"])
+    ns_b.run(["ip", "addr", "add", "10.78.0.2/24", "dev", "sync0"])
+    workdir = Path(tempfile.mkdtemp(prefix="replicator-hot-"))
+    try:
+        a = DaemonNode(netlab, ns_a, NodeSpec("hot-a", "hot-b", "10.78.0.1", "10.78.0.2",
+                                              mode="hot"), workdir)
+        b = DaemonNode(netlab, ns_b, NodeSpec("hot-b", "hot-a", "10.78.0.2", "10.78.0.1",
+                                              mode="hot"), workdir)
+        for i in range(A_ENTRIES):
+            ct_insert(ns_a, "10.1.0.1", 41000 + i)
+        a.start(wait=False)
+        b.start()
+        a.wait_ready()
+        a.notify("MASTER", 150)
+        b.notify("BACKUP", 100)
+        table = timeless(ct_list(ns_a))
+        wait_for(lambda: timeless(ct_list(ns_b)) == table, 20, "the standby's kernel loaded")
+        wait_for(lambda: b.cli("check")["ok"], 20, "the standby in sync")
+        # checked: its own table (empty: injected entries are not its own) + the peer's.
+        assert b.cli("verify") == {"ok": True, "checked": A_ENTRIES, "problems": []}
+        victim = ct_list(ns_b)[0]
+        ns_b.run(["conntrack", "-D", "-p", "tcp", "-s", "10.1.0.1",
+                  "--sport", str(victim.orig.sport)])
+        proc = run_cli("verify", "-c", str(b.config))
+        assert proc.returncode == 1
+        head, *problems = proc.stdout.strip().splitlines()
+        assert head == f"FAILED: {A_ENTRIES} entries checked"
+        assert len(problems) == 1 and problems[0].startswith("  missing in kernel: ")
+        (missing,) = parse_conntrack_output(problems[0].split(": ", 1)[1])
+        assert missing._replace(timeout=None) == victim._replace(timeout=None)
+        assert b.cli("commit")["applied"] == 1  # only what the kernel lacks
+        assert timeless(ct_list(ns_b)) == table
+        assert b.cli("verify")["ok"] is True
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
