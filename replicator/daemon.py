@@ -288,6 +288,19 @@ class Daemon:
         node must not write the peer's state over a table it might own)."""
         return self.hot and self.machine.role in (Role.BACKUP, Role.FAULT, Role.STOPPED)
 
+    def _own_table(self) -> Iterable[Entry]:
+        """This node's own entries in its kernel table, for a re-read of the kernel.
+
+        Everything, except on a hot standby: there the entries the peer holds were
+        written by this daemon on the peer's behalf (their events are echoes and never
+        published), and a re-dump must not make them ours and stream them back.
+        """
+        cache = self.mirror.cache
+        if not self.applies_peer_to_kernel:
+            return cache
+        external = self.session.external
+        return [e for e in cache if external.get(e.key) is None]
+
     # --- inputs -----------------------------------------------------------------------
 
     def _on_local_changes(self, changes: list[Change]) -> None:
@@ -406,7 +419,7 @@ class Daemon:
         while True:
             await trio.sleep(interval)
             await self.mirror.resync()
-            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.session.local_snapshot(self._own_table(), self.now())
             self.wake()
 
     async def _watch(self, period: float) -> None:
@@ -597,7 +610,7 @@ class Daemon:
         if cache is CacheName.INTERNAL:
             count = self.session.local_count
             await self.mirror.resync()
-            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.session.local_snapshot(self._own_table(), self.now())
             self.wake()
             return {"count": count, "detail": "internal cache re-read from the kernel"}
         count = len(self.session.external)
@@ -610,7 +623,7 @@ class Daemon:
         """``replicator resync --kernel|--peer``."""
         if source is ResyncSource.KERNEL:
             await self.mirror.resync()
-            self.session.local_snapshot(self.mirror.cache, self.now())
+            self.session.local_snapshot(self._own_table(), self.now())
             self.wake()
             return {"count": len(self.mirror.cache), "detail": "kernel table re-read"}
         if not self.session.established:
@@ -694,7 +707,7 @@ class Daemon:
         if any(k.startswith("log.") for k in diff.live):
             set_level(new.log.level)
         if any(k.startswith("filters.") for k in diff.live):
-            self.session.set_filter(build_entry_filter(new), self.mirror.cache, self.now())
+            self.session.set_filter(build_entry_filter(new), self._own_table(), self.now())
             self.wake()
         if any(k.startswith("tls.") for k in diff.live) and self.link is not None:
             try:

@@ -638,5 +638,14 @@ def test_hot_standby_verify_finds_and_commit_repairs_a_missing_entry(netlab: Lab
         assert b.cli("commit")["applied"] == 1  # only what the kernel lacks
         assert timeless(ct_list(ns_b)) == table
         assert b.cli("verify")["ok"] is True
+        # Re-reading the standby's kernel (operator commands here; the same happens every
+        # kernel.refresh_interval) must not make the injected copies its own table and
+        # stream them back: the master's external cache stays empty.
+        assert b.cli("resync", "--kernel")["count"] == A_ENTRIES
+        assert b.cli("flush", "--internal")["count"] == 0
+        assert a.cli("verify")["ok"] is True  # a round trip over the link after the re-reads
+        assert b.status()["entries"] == {"internal": 0, "external": A_ENTRIES,
+                                         "kernel": A_ENTRIES}
+        assert a.status()["entries"]["external"] == 0
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
