@@ -63,6 +63,23 @@ class Pair:
     active: DaemonNode
     standby: DaemonNode
     attacker: Netns
+    #: First entry number (:func:`synthetic`) no test has used yet on this pair.
+    next_entry: int = 0
+    #: Last octet of the next unused attacker address (:meth:`new_addresses`).
+    next_host: int = 10
+
+    def take_entries(self, count: int) -> int:
+        """Reserve ``count`` entry numbers; return the first."""
+        first = self.next_entry
+        self.next_entry += count
+        return first
+
+    def new_addresses(self, count: int) -> list[str]:
+        """``count`` fresh addresses on the attacker's interface (one per attack, so
+        each attack's log lines can be told apart)."""
+        first = self.next_host
+        self.next_host += count
+        return add_addresses(self.attacker, count, first)
 
     @property
     def nodes(self) -> tuple[DaemonNode, DaemonNode]:

@@ -24,11 +24,13 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import pytest
+
 from integration.netns import pair as P
-from integration.netns.lab import Lab, Netns
+from integration.netns.lab import Lab, Netns, lab
 from integration.netns.nodes import DaemonNode, keygen, wait_for
 from replicator.framing import encode_preamble
 from replicator.keys import generate_identity, write_identity
@@ -86,13 +88,14 @@ def drain(sock: socket.socket) -> bytes:
     return received
 
 
-def run_attack(pair: P.Pair, attack: Callable[[], None], start: int = 0) -> None:
+def run_attack(pair: P.Pair, attack: Callable[[], None]) -> None:
     """Entries before, during (background) and after ``attack``; then exact convergence."""
     writer = P.Writer(pair.active.ns)
-    writer.upsert(P.synthetic(start, 300))
-    with P.BackgroundWrites(writer, start + 300) as bg:
+    writer.upsert(P.synthetic(pair.take_entries(300), 300))
+    with P.BackgroundWrites(writer, pair.next_entry) as bg:
         attack()
-    writer.upsert(P.synthetic(bg.next, 300))
+    pair.next_entry = bg.next
+    writer.upsert(P.synthetic(pair.take_entries(300), 300))
     P.converge(pair, 60, "the attack")
     assert pair.standby.status()["peer_up"]
 
@@ -115,9 +118,17 @@ def expect_refusal(pair: P.Pair, source: str, reason: str, attack: Callable[[], 
     assert len(lines) == 1, lines
 
 
-def test_client_without_certificate(netlab: Lab, tmp_path: Path) -> None:
-    pair = P.make_pair(netlab, tmp_path)
-    (src,) = P.add_addresses(pair.attacker, 1)
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P.Pair]:
+    """One pair for the attacks that need no special configuration (each attack uses
+    its own source address and entry numbers, so they do not see each other's)."""
+    with lab("at") as the_lab:
+        yield P.make_pair(the_lab, tmp_path_factory.mktemp("shared"))
+
+
+def test_client_without_certificate(shared: P.Pair) -> None:
+    pair = shared
+    (src,) = pair.new_addresses(1)
 
     def attack() -> None:
         assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY))
@@ -125,10 +136,10 @@ def test_client_without_certificate(netlab: Lab, tmp_path: Path) -> None:
     expect_refusal(pair, src, "no_certificate", attack)
 
 
-def test_unpinned_self_signed_certificate(netlab: Lab, tmp_path: Path) -> None:
-    pair = P.make_pair(netlab, tmp_path)
-    (src,) = P.add_addresses(pair.attacker, 1)
-    key, cert = keygen(tmp_path, "mallory")
+def test_unpinned_self_signed_certificate(shared: P.Pair) -> None:
+    pair = shared
+    (src,) = pair.new_addresses(1)
+    key, cert = keygen(pair.standby.workdir, "mallory")
 
     def attack() -> None:
         # Three tries from one host: three refusals counted, one log line.
@@ -138,18 +149,19 @@ def test_unpinned_self_signed_certificate(netlab: Lab, tmp_path: Path) -> None:
     expect_refusal(pair, src, "untrusted_certificate", attack, count=3)
 
 
-def test_expired_certificate_refused_even_when_pinned(netlab: Lab, tmp_path: Path) -> None:
+def test_expired_certificate_refused_even_when_pinned(shared: P.Pair) -> None:
     # The strongest form: the standby pins the expired certificate next to the active's
-    # valid one, and the client holds its private key. Expiry alone must refuse it.
+    # valid one (live reload), and the client holds its private key. Expiry alone must
+    # refuse it.
+    pair = shared
+    workdir = pair.standby.workdir
     old = generate_identity("expired", datetime.datetime.now(datetime.UTC)
                             - datetime.timedelta(days=400), days=30)
-    key, cert = tmp_path / "expired.key", tmp_path / "expired.crt"
+    key, cert = workdir / "expired.key", workdir / "expired.crt"
     write_identity(old, key, cert)
-    pair = P.make_pair(netlab, tmp_path, start=False)
-    P.set_config(pair.standby, "peer_certs",
-                 P.toml_paths([tmp_path / "act.crt", cert]))
-    P.start_pair(pair)
-    (src,) = P.add_addresses(pair.attacker, 1)
+    P.set_config(pair.standby, "peer_certs", P.toml_paths([workdir / "act.crt", cert]))
+    P.reload(pair.standby)
+    (src,) = pair.new_addresses(1)
 
     def attack() -> None:
         assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY), cert, key)
@@ -180,11 +192,12 @@ def test_old_key_refused_after_rotation(netlab: Lab, tmp_path: Path) -> None:
         P.set_config(sby, "peer_certs", P.toml_paths([new_cert]))
         P.reload(sby)
         time.sleep(1)
-    writer.upsert(P.synthetic(bg.next, 300))
+    pair.next_entry = bg.next
+    writer.upsert(P.synthetic(pair.take_entries(300), 300))
     P.converge(pair, 60, "the key rotation")
     assert sby.status()["peer_up"]
     # 4. Whoever holds the old key (a stolen backup, a retired node) is refused.
-    (src,) = P.add_addresses(pair.attacker, 1)
+    (src,) = pair.new_addresses(1)
 
     def attack() -> None:
         assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY), old_cert, old_key)
@@ -263,7 +276,7 @@ def test_replayed_session_refused(netlab: Lab, tmp_path: Path) -> None:
         captured = bytes(proxy.client_bytes)
         # Handshake plus at least the 500 entries' worth of encrypted frames.
         assert len(captured) > 10_000, len(captured)
-        (src,) = P.add_addresses(pair.attacker, 1)
+        (src,) = pair.new_addresses(1)
 
         def attack() -> None:
             sock = P.connect_from(pair.attacker, src, STANDBY)
@@ -279,11 +292,11 @@ def test_replayed_session_refused(netlab: Lab, tmp_path: Path) -> None:
         proxy.stop()
 
 
-def test_unauthenticated_malformed_bytes(netlab: Lab, tmp_path: Path) -> None:
+def test_unauthenticated_malformed_bytes(shared: P.Pair) -> None:
     """What an attacker who cannot authenticate can send: a truncated preamble, an
     oversized length prefix instead of a preamble, garbage after a valid preamble."""
-    pair = P.make_pair(netlab, tmp_path)
-    truncated, oversized, garbage = P.add_addresses(pair.attacker, 3)
+    pair = shared
+    truncated, oversized, garbage = pair.new_addresses(3)
     cases = [
         (truncated, encode_preamble()[:5], "closed_early"),
         (oversized, b"\xff\xff\xff\xff" + bytes(4096), "bad_preamble"),
@@ -301,9 +314,9 @@ def test_unauthenticated_malformed_bytes(netlab: Lab, tmp_path: Path) -> None:
         expect_refusal(pair, source, reason, attack)
 
 
-def test_silent_client_dropped_after_handshake_timeout(netlab: Lab, tmp_path: Path) -> None:
-    pair = P.make_pair(netlab, tmp_path)
-    (src,) = P.add_addresses(pair.attacker, 1)
+def test_silent_client_dropped_after_handshake_timeout(shared: P.Pair) -> None:
+    pair = shared
+    (src,) = pair.new_addresses(1)
 
     def attack() -> None:
         sock = P.connect_from(pair.attacker, src, STANDBY, timeout=4 * HANDSHAKE_TIMEOUT)
@@ -358,9 +371,9 @@ def flood(ns: Netns, source: str, target: tuple[str, int], rate: int,
                 return sent
 
 
-def test_connection_flood(netlab: Lab, tmp_path: Path) -> None:
-    pair = P.make_pair(netlab, tmp_path)
-    (src,) = P.add_addresses(pair.attacker, 1)
+def test_connection_flood(shared: P.Pair) -> None:
+    pair = shared
+    (src,) = pair.new_addresses(1)
     connections = P.stats(pair.standby)["sync_connections"]
     before = refused(pair.standby)
     sent = 0
