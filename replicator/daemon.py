@@ -585,6 +585,9 @@ class Daemon:
         for number, count in self.writer.errors.items():
             out[f"kernel_errors_{errno_mod.errorcode.get(number, str(number))}"] = float(count)
         out["protocol_violations"] = float(self.protocol_violations)
+        # Queue sizes (coalesced by key, so bounded by distinct entries, not events).
+        out["sync_pending"] = float(self.session.pending_count)
+        out["kernel_writes_pending"] = float(len(self.writer))
         if self.link is not None:
             for reason, count in self.link.stats.refused.items():
                 out[f"link_refused_{reason}"] = float(count)
