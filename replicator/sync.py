@@ -125,6 +125,21 @@ make the same mechanism a full transfer. The same resync runs every
 (``request_resync``, conntrackd ``-n``); the wish survives a disconnection until the
 full resync has completed (or the request has been acknowledged).
 
+Repeated requests coalesce, so that neither an operator nor a peer repeating them can
+grow the queues. A request (ours or the peer's) finds a resync of ours whose
+RESYNC_BEGIN is still queued, and which does at least as much (full, or the request is
+for a digest resync), already covering it: everything that resync sends will leave
+after the request arrived. Any other request starts a new resync that supersedes the
+running one (a resync whose BEGIN has left may already have sent buckets the peer has
+since discarded, as ``replicator flush`` does), and the superseded BEGIN is dropped
+from the queue. On the receiving side a RESYNC_BEGIN with the id of the running
+resync is a resend (the summaries it asks for are queued, in flight or delivered, and
+our own stream resends them if they are lost) and changes nothing; one with a new id
+supersedes the previous resync, whose SUMMARY messages still queued are dropped (the
+peer ignores them). A SUMMARY for a resync that is no longer running is not sent. Our
+own RESYNC_REQUEST is queued at most once, and only the acknowledgement of a copy sent
+after the latest ``request_resync`` ends the wish.
+
 The receiver reports :class:`InSync` ``True`` at the first RESYNC_DONE of a connection
 (its cache then equals the peer's table, modulo changes still streaming) and ``False``
 when the connection is lost. This is what a node should wait for before it accepts
@@ -374,7 +389,9 @@ class _Sent(NamedTuple):
 
 
 class _SendResync:
-    __slots__ = ("awaiting", "buckets", "done_sent", "entries", "full", "id", "started_at")
+    __slots__ = (
+        "awaiting", "begin_sent", "buckets", "done_sent", "entries", "full", "id", "started_at",
+    )  # fmt: skip
 
     def __init__(self, rid: int, full: bool, now: float, awaiting: set[int]) -> None:
         self.id = rid
@@ -382,6 +399,8 @@ class _SendResync:
         self.started_at = now
         #: First buckets of the SUMMARY chunks not received yet.
         self.awaiting = awaiting
+        #: The RESYNC_BEGIN has left (False while it is queued, again after a go-back).
+        self.begin_sent = False
         self.done_sent = False
         self.buckets = 0
         self.entries = 0
@@ -476,6 +495,10 @@ class SyncSession:
         self.peer_node_id: str | None = None
         self._want_full_to_peer = False
         self._want_full_from_peer = False
+        #: Counts request_resync calls: a RESYNC_REQUEST carries the count when it
+        #: leaves, and only the acknowledgement of one sent after the latest call
+        #: satisfies the wish.
+        self._request_gen = 0
 
     # --- read-only state -----------------------------------------------------------
 
@@ -657,8 +680,17 @@ class SyncSession:
         """Ask the peer to send its whole table (conntrackd ``-n``); kept until the
         request is acknowledged, across disconnections."""
         self._want_full_from_peer = True
+        self._request_gen += 1
         c = self._conn
-        if c is not None and c.peer is not None and not c.terminated:
+        # One queued copy is enough: it takes the latest generation when it leaves. A
+        # copy already in flight is not: the peer may have acted on it before this call
+        # (what the caller did since, e.g. empty the cache, would not be covered).
+        if (
+            c is not None
+            and c.peer is not None
+            and not c.terminated
+            and not any(ctl.kind == _REQUEST for ctl in c.control)
+        ):
             c.control.append(_Ctl(_REQUEST))
 
     def bulk_send(self, now: float) -> None:
@@ -667,7 +699,7 @@ class SyncSession:
         self._want_full_to_peer = True
         c = self._conn
         if c is not None and c.peer is not None and not c.terminated:
-            self._start_resync(c, now, full=True)
+            self._resync_wanted(c, now, full=True)
 
     def start_digest_resync(self, now: float) -> bool:
         """Compare the peer's copy of our table with our table now (``replicator verify``)
@@ -730,6 +762,9 @@ class SyncSession:
                     if c.send_resync is not None:
                         c.send_resync.done_sent = False
                 else:
+                    r = c.send_resync
+                    if s.control.kind == _BEGIN and r is not None and r.id == s.control.resync_id:
+                        r.begin_sent = False
                     controls.append(s.control)
         if c.sending_bucket is not None:
             b, _, _, t = c.sending_bucket
@@ -844,7 +879,8 @@ class SyncSession:
         if ctl is None:
             return
         if ctl.kind == _REQUEST:
-            self._want_full_from_peer = False
+            if ctl.resync_id == self._request_gen:
+                self._want_full_from_peer = False
         elif ctl.kind == _DONE:
             r = c.send_resync
             if r is not None and r.id == ctl.resync_id:
@@ -894,7 +930,7 @@ class SyncSession:
         elif isinstance(msg, wire.ResyncDone):
             self._on_done(c, msg, now)
         else:
-            self._start_resync(c, now, full=msg.full)
+            self._resync_wanted(c, now, full=msg.full)
             self._want_full_to_peer = self._want_full_to_peer or msg.full
 
     def _apply_changes(self, c: _Conn, msg: wire.Changes, now: float) -> None:
@@ -974,10 +1010,16 @@ class SyncSession:
 
     def _on_begin(self, c: _Conn, msg: wire.ResyncBegin, now: float) -> None:
         r = c.recv_resync
-        if r is None or r.id != msg.resync_id:
-            c.recv_resync = _RecvResync(msg.resync_id, msg.full, now)
-            self.stats.resyncs_received += 1
-            self._events.append(ResyncStarted("receive", msg.resync_id, msg.full))
+        if r is not None and r.id == msg.resync_id:
+            # Resent after a go-back: the summaries it asks for are queued, in flight
+            # or delivered already (our stream resends them if they are lost).
+            return
+        c.recv_resync = _RecvResync(msg.resync_id, msg.full, now)
+        self.stats.resyncs_received += 1
+        self._events.append(ResyncStarted("receive", msg.resync_id, msg.full))
+        # Summaries still queued are for a superseded resync: the peer ignores them.
+        if any(ctl.kind == _SUMMARY for ctl in c.control):
+            c.control = deque(ctl for ctl in c.control if ctl.kind != _SUMMARY)
         if not msg.full:
             c.control.extend(
                 _Ctl(_SUMMARY, msg.resync_id, first)
@@ -1010,7 +1052,19 @@ class SyncSession:
             c.synced = True
             self._events.append(InSync(True))
 
+    def _resync_wanted(self, c: _Conn, now: float, full: bool) -> None:
+        """A resync of our table is asked for: start one, unless the running one has
+        not sent its BEGIN yet and does at least as much (it then covers the wish)."""
+        r = c.send_resync
+        if r is not None and not r.begin_sent and (r.full or not full):
+            return
+        self._start_resync(c, now, full)
+
     def _start_resync(self, c: _Conn, now: float, full: bool) -> None:
+        # A queued BEGIN of a superseded resync would be skipped when its turn comes:
+        # drop it now, so that superseding resyncs cannot pile BEGINs up.
+        if any(ctl.kind == _BEGIN for ctl in c.control):
+            c.control = deque(ctl for ctl in c.control if ctl.kind != _BEGIN)
         rid = self._next_resync
         self._next_resync += 1
         awaiting = set() if full else set(range(0, self._buckets, SUMMARY_CHUNK))
@@ -1235,10 +1289,16 @@ class SyncSession:
             if r is None or r.id != ctl.resync_id:
                 return  # superseded
             msg = wire.ResyncBegin(c.stream, c.next_seq, r.id, r.full)
+            r.begin_sent = True
         elif ctl.kind == _SUMMARY:
+            rr = c.recv_resync
+            if rr is None or rr.id != ctl.resync_id:
+                return  # that resync completed or was superseded: the peer ignores it
             count = min(SUMMARY_CHUNK, self._buckets - ctl.first)
             digests = pack_digests(self.external.table.digests(ctl.first, count))
             msg = wire.Summary(c.stream, c.next_seq, ctl.resync_id, ctl.first, digests)
         else:
             msg = wire.ResyncRequest(c.stream, c.next_seq, True)
+            # Acknowledged, this copy satisfies every request_resync made until now.
+            ctl = _Ctl(_REQUEST, self._request_gen)
         self._sent(c, out, wire.encode(msg), now, control=ctl)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import struct
 import tracemalloc
+from collections.abc import Iterable
 
 import pytest
 
@@ -107,7 +108,9 @@ def test_an_entry_the_kernel_decoder_accepts_is_one_the_peer_accepts(message: by
 # --- sync session memory (found checking the memory bound of fuzz_sync_receive) -----
 
 
-def _traced_after(messages: list[bytes], session: SyncSession) -> int:
+def _traced_after(messages: Iterable[bytes], session: SyncSession) -> int:
+    # ``messages`` is a generator: a list of the payloads would be traced too and
+    # count as the session's growth (48 bytes per payload).
     for i, payload in enumerate(messages):
         now = i * 1e-5  # a fast peer: no acknowledgement timeout expires meanwhile
         session.receive(payload, now)
@@ -122,8 +125,9 @@ def test_a_peer_repeating_resync_messages_cannot_grow_our_memory(kind: str) -> N
     """A peer that never acknowledges and keeps sending RESYNC_BEGIN (non-full) or
     RESYNC_REQUEST, each with the next seq (resync ids repeated and new), makes the
     session queue one control entry (a SUMMARY to send, or a RESYNC_BEGIN) per message
-    while the window is full: some 100 bytes of memory per 6 received, without bound. With the default 4096 buckets,
-    every RESYNC_BEGIN also costs a 32 KiB SUMMARY until the window is full."""
+    while the window is full: some 100 bytes of memory per 6 received, without bound.
+    With the default 4096 buckets, every RESYNC_BEGIN also costs a 32 KiB SUMMARY until
+    the window is full."""
     session = SyncSession("fw-a", 1, params=SYNC_PARAMS)
     session.connection_made(0.0)
     session.receive(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "fw-b", 7, 16, 0)), 0.0)
@@ -136,8 +140,8 @@ def test_a_peer_repeating_resync_messages_cannot_grow_our_memory(kind: str) -> N
 
     tracemalloc.start()
     try:
-        settled = _traced_after([message(seq) for seq in range(2000)], session)
-        later = _traced_after([message(seq) for seq in range(2000, 6000)], session)
+        settled = _traced_after((message(seq) for seq in range(2000)), session)
+        later = _traced_after((message(seq) for seq in range(2000, 6000)), session)
     finally:
         tracemalloc.stop()
     assert session.stats.protocol_violations == 0

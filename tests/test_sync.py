@@ -544,3 +544,67 @@ def test_set_filter_reevaluates_the_local_table() -> None:
     a.session.set_filter(None, table, 2.0)
     transfer(a, b, 2.0)
     assert b.external() == a.table()
+
+
+def test_repeated_resync_messages_coalesce() -> None:
+    """While our window is full, a peer repeating RESYNC_REQUEST gets one full resync,
+    a repeated RESYNC_BEGIN its summaries once, and a new RESYNC_BEGIN none of the
+    summaries still owed for the resync it supersedes; our own repeated requests
+    leave as one RESYNC_REQUEST."""
+    b = Node("b", dataclasses.replace(P, window=1), epoch=2)
+    b.session.connection_made(0.0)
+    b.session.receive(hello(), 0.0)
+    # The BEGIN of b's own digest resync fills the window.
+    assert kinds(b.session.frames_to_send(0.0)) == ["Hello", "ResyncBegin", "Ack"]
+    seq = 0
+    for _ in range(3):
+        b.session.receive(wire.encode(wire.ResyncRequest(0, seq, True)), 0.0)
+        seq += 1
+    for rid in (7, 7, 8, 8):
+        b.session.receive(wire.encode(wire.ResyncBegin(0, seq, rid, False)), 0.0)
+        seq += 1
+    b.session.request_resync(0.0)
+    b.session.request_resync(0.0)
+    assert kinds(b.session.frames_to_send(0.0)) == ["Ack"]
+    started = [(e.direction, e.resync_id, e.full) for e in of_type(b.drain(), ResyncStarted)]
+    # The first request supersedes the digest resync whose BEGIN had left; the others
+    # find the full resync's BEGIN still queued.
+    assert started == [("send", 0, False), ("send", 1, True),
+                       ("receive", 7, False), ("receive", 8, False)]  # fmt: skip
+    # Acknowledge everything, one message at a time, and see what leaves.
+    sent: list[wire.Message] = []
+    ack = wire.Ack(0, 1, False)
+    while True:
+        b.session.receive(wire.encode(ack), 0.0)
+        frames = [wire.decode(f) for f in b.session.frames_to_send(0.0)]
+        sequenced = [m for m in frames if not isinstance(m, wire.Ack)]
+        if not sequenced:
+            break
+        sent += sequenced
+        last = sequenced[-1]
+        assert not isinstance(last, (wire.Hello, wire.Close))
+        ack = wire.Ack(last.stream, last.seq + 1, False)
+    begins = [m for m in sent if isinstance(m, wire.ResyncBegin)]
+    assert [(m.resync_id, m.full) for m in begins] == [(1, True)]
+    assert [m.resync_id for m in sent if isinstance(m, wire.Summary)] == [8]
+    assert sum(isinstance(m, wire.ResyncRequest) for m in sent) == 1
+    assert b.session.send_idle
+
+
+def test_a_request_after_a_resync_began_starts_a_new_one() -> None:
+    """A full resync whose BEGIN has left does not cover a later request: the peer may
+    have dropped what it sent since (``replicator flush``)."""
+    params = dataclasses.replace(P, buckets=16, batch=4, window=8)
+    a, b = synced(60, params=params)
+    a.session.bulk_send(1.0)
+    first = a.session.frames_to_send(1.0)
+    assert kinds(first)[:2] == ["ResyncBegin", "Buckets"]
+    for payload in first:  # the BEGIN and the first buckets arrive
+        b.session.receive(payload, 1.0)
+    b.drain()
+    b.session.external.clear()  # replicator flush on b
+    b.session.request_resync(1.0)
+    transfer(a, b, 1.0)
+    assert b.external() == a.table()
+    full = [e.resync_id for e in of_type(a.events, ResyncStarted) if e.full]
+    assert len(full) == 2
