@@ -298,15 +298,21 @@ def losing(datagrams: set[int], pattern: str) -> Callable[[int, list[bytes]], li
     return lose
 
 
-def expected_errors(entries: list[Entry], existing: set[int],
-                    refused: dict[int, int]) -> dict[Entry, int]:
+def expected_errors(entries: list[Entry], existing: set[int], refused: dict[int, int],
+                    unsettled: frozenset[int] = frozenset()) -> dict[Entry, int]:
     """What the double must refuse: the refused entries, and ENOENT for related entries
-    that are new and whose master neither exists nor gets created."""
+    that are new and whose master neither exists nor gets created.
+
+    ``unsettled``: entries whose replies were all lost (reported ENOBUFS) and that the
+    table does not hold. The injector could not learn that they were missing, so it
+    never got to create them (e.g. an update tried first, its ENOENT lost twice): for
+    their related entries they are masters that do not get created.
+    """
     by_orig = {e.orig: i for i, e in enumerate(entries)}
 
     def ok(i: int) -> bool:
         master = entries[i].master
-        if i in refused:
+        if i in refused or i in unsettled:
             return False
         return i in existing or master is None or (
             master in by_orig and (by_orig[master] in existing or ok(by_orig[master])))
@@ -333,8 +339,10 @@ def test_upsert_applies_or_reports_every_entry(
                            batch_bytes=limit, reply_budget=budget)
     applied, errors = inject(job, FakeSocket(kernel, lose=loss and losing(*loss)))
 
-    expected = expected_errors(entries, existing, refused)
     reported = dict(errors)
+    unsettled = frozenset(i for i, e in enumerate(entries)
+                          if reported.get(e) == errno.ENOBUFS and e.key not in kernel.table)
+    expected = expected_errors(entries, existing, refused, unsettled)
     assert len(reported) == len(errors)  # each entry reported at most once
     assert applied + len(errors) == len(entries)
     for e in entries:
@@ -353,6 +361,27 @@ def test_upsert_applies_or_reports_every_entry(
 
 def ops_sent(kernel: FakeKernel) -> list[Op]:
     return [op for d in kernel.datagrams for op, _, _, _ in d]
+
+
+def test_related_entries_of_a_master_whose_replies_were_lost_are_refused() -> None:
+    """Found by test_upsert_applies_or_reports_every_entry. Updates tried first; every
+    reply to the master's update and to its verification is lost, so the injector never
+    learns that the master is missing and reports it ENOBUFS (uncertain) without
+    creating it. Its related entries still go after it (the master may exist), and the
+    kernel refuses them with ENOENT: that is what gets reported, never a success."""
+    entries = [entry(0), entry(1, master=0), entry(2), entry(3, master=0)]
+    kernel = FakeKernel(entries)
+    job = Injection.upsert(entries, update_first=True, codec=stub_codec(entries),
+                           batch_bytes=30, reply_budget=1)
+    applied, errors = inject(job, FakeSocket(kernel, lose=losing({0, 1, 2, 3}, "all")))
+    assert applied == 0
+    assert dict(errors) == {entries[0]: errno.ENOBUFS, entries[2]: errno.ENOBUFS,
+                            entries[1]: errno.ENOENT, entries[3]: errno.ENOENT}
+    # The master's level and its verification (one update each, then one more with
+    # an ACK), then the related level.
+    sent = [i for d in kernel.datagrams for _, _, _, i in d]
+    assert sorted(sent[:4]) == [0, 0, 2, 2] and sorted(sent[4:]) == [1, 1, 3]
+    assert kernel.table == {}
 
 
 def test_an_upsert_of_existing_entries_switches_to_updates() -> None:
