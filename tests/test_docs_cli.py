@@ -1,5 +1,5 @@
-"""docs/operations.md shows only commands that exist, and documents every command,
-every ``status`` field and every metric there is."""
+"""docs/operations.md (and README.md) show only commands that exist, and the runbook
+documents every command, every ``status`` field and every metric there is."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from replicator.cli import build_parser
 from replicator.control import ResyncReport, StatusReport
 from replicator.metrics import Metrics
 
-DOC = Path(__file__).resolve().parent.parent / "docs" / "operations.md"
-TEXT = DOC.read_text()
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = (ROOT / "docs" / "operations.md").read_text()
+README = (ROOT / "README.md").read_text()
 #: Shell syntax that ends the replicator part of a documented line.
 SHELL_END = re.compile(r"\s(?:\||>|#|&&|;)")
 
@@ -27,22 +28,23 @@ def _subcommands(parser: argparse.ArgumentParser) -> dict[str, argparse.Argument
     return {}
 
 
-def documented_command_lines() -> list[str]:
+def documented_command_lines(text: str) -> list[str]:
     """Every ``replicator ...`` line in a code span or a code block, shell parts cut off."""
-    candidates = re.findall(r"`([^`\n]+)`", TEXT)
-    for block in re.findall(r"```(?:sh)?\n(.*?)```", TEXT, flags=re.S):
+    candidates = re.findall(r"`([^`\n]+)`", text)
+    for block in re.findall(r"```(?:sh)?\n(.*?)```", text, flags=re.S):
         candidates += block.replace("\\\n", " ").splitlines()
     lines = []
     for candidate in candidates:
-        text = candidate.strip()
-        if " -- replicator " in text:  # runuser -u replicator -- replicator keygen ...
-            text = text.split(" -- ", 1)[1]
-        if text.startswith("replicator "):
-            lines.append(SHELL_END.split(text, maxsplit=1)[0].strip())
+        line = candidate.strip()
+        if " -- replicator " in line:  # runuser -u replicator -- replicator keygen ...
+            line = line.split(" -- ", 1)[1]
+        if line.startswith("replicator "):
+            lines.append(SHELL_END.split(line, maxsplit=1)[0].strip())
     return sorted(set(lines))
 
 
-LINES = documented_command_lines()
+LINES = documented_command_lines(TEXT)
+README_LINES = documented_command_lines(README)
 
 
 def command_path(argv: list[str]) -> tuple[str, ...]:
@@ -73,11 +75,12 @@ def all_command_paths() -> set[tuple[str, ...]]:
     return paths
 
 
-def test_the_runbook_shows_commands() -> None:
+def test_the_runbook_and_readme_show_commands() -> None:
     assert len(LINES) > 20
+    assert len(README_LINES) > 5
 
 
-@pytest.mark.parametrize("line", LINES)
+@pytest.mark.parametrize("line", sorted(set(LINES + README_LINES)))
 def test_every_documented_command_line_parses(line: str) -> None:
     argv = shlex.split(line)[1:]
     try:
