@@ -6,7 +6,7 @@ PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
-.PHONY: all deps venv test lint unit netns demo bench fuzz soak clean
+.PHONY: all deps venv test lint unit netns demo bench bench-sync fuzz soak clean
 
 all: test
 
@@ -40,6 +40,10 @@ demo: deps venv
 
 bench: deps venv
 	$(PY) bench/kernel.py
+
+# replicator vs conntrackd (FTFW/UDP) on one namespace pair: docs/performance.md.
+bench-sync: deps venv
+	$(PY) bench/sync.py
 
 # Every decoder of untrusted bytes under atheris (fuzz/): FUZZ_RUNS inputs per target,
 # seeded from valid messages; fails if any target crashed (inputs in build/fuzz/crashes/).

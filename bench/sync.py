@@ -1,0 +1,443 @@
+"""Replication benchmark: replicator next to conntrackd (FTFW over UDP), same namespaces,
+same run.
+
+``.venv/bin/python bench/sync.py [--sizes 10000,100000] [--rates 20000,10000]
+[--seconds 5] [--patience 40]`` (root; ``make bench-sync``) builds two namespaces joined
+by a veth ``sync0`` and, for each system in turn (fresh daemons, both tables flushed in
+between), prints ``name=value`` lines prefixed ``replicator_`` or ``conntrackd_``.
+replicator runs in ``cache`` mode with the daemon's default protocol timers; conntrackd
+in FTFW mode over UDP with its external cache, configured by the HA lab's generator.
+
+* ``n<N>_sync_s``: *N* NAT'd TCP entries are created in the active's kernel with the
+  batched injector (from a socket of its own, so both daemons see ordinary kernel
+  events); seconds from the start of the injection until the standby holds all of them
+  in its external cache (replicator: ``status`` ``entries.external``; conntrackd: the
+  external cache's ``current active connections`` of ``conntrackd -s``), polled every
+  10 ms. ``n<N>_missing`` is how many were still absent when the count stopped moving
+  for ``--patience`` seconds (replicator: asserted 0). ``entries_sent`` /
+  ``retransmits`` (replicator, the active's counters) and ``lost_msgs`` (conntrackd,
+  the standby's) explain losses and resends.
+* ``n<N>_commit_s``: seconds to write the external cache into the standby's kernel
+  (``replicator commit`` vs ``conntrackd -c``, both blocking until done),
+  ``n<N>_commit_cpu_s_standby`` the standby daemon's CPU seconds meanwhile, and
+  ``n<N>_committed`` the standby kernel's entry count afterwards.
+* ``n<N>_wire_bytes_per_entry``: bytes through the sync interface in both directions
+  (``ip -s link`` counters of the active's ``sync0``: frames including Ethernet, IP,
+  TCP/UDP and, for replicator, TLS headers) per entry, from daemon start to the end of
+  the sync (connection setup included).
+* ``n<N>_cpu_s_active`` / ``_standby``: CPU seconds (``utime + stime`` of
+  ``/proc/PID/stat``, waited-for children included) each daemon used in the same span;
+  ``n<N>_rss_bytes_per_entry_*``: growth of each daemon's ``VmRSS`` over that span per
+  entry.
+* ``lag<R>_*``: new entries are created on the active at *R* per second for
+  ``--seconds`` (a batch every 10 ms); a poller samples the standby's external count
+  every 10 ms. Entries are created and replicated in order, so at a sample (time *t*,
+  count *c*) the *c*-th entry has arrived and its lag is at most *t* minus the start
+  of the write of its batch: each sample gives one upper bound, and ``p50_s`` /
+  ``p99_s`` / ``max_s`` are taken over the samples (resolution: the 10 ms sampling and
+  batching interval plus one control-socket or ``conntrackd -s`` round trip, a few
+  ms). ``achieved_rate`` is the creation rate actually reached, and ``missing`` how
+  many never arrived.
+
+The machine is small and shared: wall times move with the neighbours' load, CPU
+seconds less so. Run it more than once and compare ranges.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+
+from integration.netns.halab import conntrackd as ctd
+from integration.netns.halab.topology import SYNC_IF, Firewall
+from integration.netns.lab import Lab, Netns, lab
+from integration.netns.nodes import DaemonNode, NodeSpec
+from integration.netns.syncpair import synthetic
+from replicator.control import ControlClient
+from replicator.kernel_linux import LinuxKernel
+from replicator.model import Entry
+
+SYNC_A, SYNC_B = "10.99.3.1", "10.99.3.2"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The [sync.timers] lines the test harness writes (bench/sync.py runs the defaults).
+TEST_TIMERS = ("ack_timeout =", "keepalive_interval =", "dead_interval =")
+POLL = 0.01
+BATCH_INTERVAL = 0.01
+
+
+def emit(name: str, value: float) -> None:
+    """One ``name=value`` line."""
+    print(f"{name}={value:.6g}", flush=True)
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of ``pid`` and of its waited-for children (cutime + cstime)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / CLK_TCK
+
+
+def rss_bytes(pid: int) -> int:
+    """VmRSS of ``pid``."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for {pid}")
+
+
+def wire_bytes(ns: Netns) -> int:
+    """Bytes sent plus received on ``ns``'s sync interface."""
+    link = json.loads(ns.run(["ip", "-s", "-j", "link", "show", SYNC_IF]).stdout)[0]
+    stats = link["stats64"]
+    return int(stats["rx"]["bytes"]) + int(stats["tx"]["bytes"])
+
+
+def kernel_count(ns: Netns) -> int:
+    """Entries in ``ns``'s conntrack table."""
+    return int(ns.run(["conntrack", "-C"]).stdout.strip())
+
+
+def flush(ns: Netns) -> None:
+    """Empty ``ns``'s conntrack table."""
+    ns.run(["conntrack", "-F"], check=False)
+
+
+async def _write(ns: Netns, batches: Sequence[Sequence[Entry]], interval: float,
+                 starts: list[float]) -> None:
+    async with LinuxKernel(ns.name) as kernel:
+        t0 = trio.current_time()
+        for i, batch in enumerate(batches):
+            await trio.sleep_until(t0 + i * interval)
+            starts.append(time.monotonic())
+            result = await kernel.upsert(batch)
+            if result.errors:
+                raise RuntimeError(f"inject: {len(result.errors)} refused: {result.errors[0]}")
+
+
+def inject(ns: Netns, entries: Sequence[Entry]) -> None:
+    """Create ``entries`` in ``ns`` as fast as the batched injector goes."""
+    trio.run(_write, ns, [entries], 0.0, [])
+
+
+def paced(ns: Netns, entries: Sequence[Entry], per_batch: int, interval: float) -> list[float]:
+    """Create ``entries`` ``per_batch`` at a time every ``interval`` s; each batch's
+    start time (``time.monotonic``)."""
+    batches = [entries[i:i + per_batch] for i in range(0, len(entries), per_batch)]
+    starts: list[float] = []
+    trio.run(_write, ns, batches, interval, starts)
+    return starts
+
+
+# --- the two systems ------------------------------------------------------------------
+
+
+class System(ABC):
+    """A replication system on the pair: start, count the standby's copy, commit, stop."""
+
+    name: str
+
+    @abstractmethod
+    def start(self) -> None:
+        """Start both daemons (active and standby) and wait until they are ready."""
+
+    @abstractmethod
+    def pids(self) -> tuple[int, int]:
+        """(active, standby) daemon pids."""
+
+    @abstractmethod
+    def standby_count(self) -> int:
+        """Entries in the standby's external cache."""
+
+    @abstractmethod
+    def commit(self) -> None:
+        """Write the standby's external cache into its kernel (blocking)."""
+
+    @abstractmethod
+    def stop(self) -> None:
+        """Stop both daemons."""
+
+    @abstractmethod
+    def diagnostics(self) -> dict[str, float]:
+        """Counters that explain a run (resends, losses), by name."""
+
+
+class Replicator(System):
+    """replicator in ``cache`` mode (the standby holds the peer's table in user space)."""
+
+    name = "replicator"
+
+    def __init__(self, the_lab: Lab, a: Netns, b: Netns, workdir: Path) -> None:
+        self.nodes = [
+            DaemonNode(the_lab, ns, NodeSpec(name, peer, here, there,
+                                             ignore_addresses=(SYNC_A, SYNC_B)), workdir)
+            for name, peer, here, there, ns in (("a", "b", SYNC_A, SYNC_B, a),
+                                                ("b", "a", SYNC_B, SYNC_A, b))]
+        for node in self.nodes:
+            # The test harness shortens the protocol timers; measure the daemon's defaults.
+            lines = node.config.read_text().splitlines(keepends=True)
+            node.config.write_text("".join(
+                line for line in lines if not line.startswith(TEST_TIMERS)))
+        self.control = [ControlClient(workdir / f"{n.spec.name}.sock") for n in self.nodes]
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        self.nodes[0].notify("MASTER")
+        self.nodes[1].notify("BACKUP")
+        deadline = time.monotonic() + 30
+        while not all(c.status()["peer_up"] for c in self.control):
+            if time.monotonic() > deadline:
+                raise RuntimeError("replicator peers did not connect")
+            time.sleep(0.05)
+
+    def pids(self) -> tuple[int, int]:
+        a, b = (n.proc for n in self.nodes)
+        assert a is not None and b is not None
+        return a.pid, b.pid
+
+    def standby_count(self) -> int:
+        return self.control[1].status()["entries"]["external"]
+
+    def commit(self) -> None:
+        report = self.control[1].commit()
+        if report["failed"]:
+            raise RuntimeError(f"replicator commit: {report['failed']} failed")
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+    def diagnostics(self) -> dict[str, float]:
+        stats = self.control[0].stats()
+        return {"entries_sent": stats["sync_entries_sent"],
+                "retransmits": stats["sync_retransmits"]}
+
+
+class Conntrackd(System):
+    """conntrackd FTFW over UDP on ``sync0``, external cache on (its default), configured
+    by the HA lab's generator (:func:`integration.netns.halab.conntrackd.config`)."""
+
+    name = "conntrackd"
+
+    def __init__(self, the_lab: Lab, a: Netns, b: Netns, workdir: Path) -> None:
+        self.lab = the_lab
+        self.fws = []
+        for name, ns, here, there in (("a", a, SYNC_A, SYNC_B), ("b", b, SYNC_B, SYNC_A)):
+            wd = workdir / f"conntrackd-{name}"
+            wd.mkdir()
+            fw = Firewall(name, ns, 100, "", "", here, there, wd)
+            (wd / "conntrackd.conf").write_text(
+                ctd.config(fw, ["127.0.0.1", SYNC_A, SYNC_B], external_cache=True))
+            self.fws.append(fw)
+        self.procs: list[subprocess.Popen[bytes]] = []
+
+    def _ctl(self, fw: Firewall, *args: str) -> str:
+        return fw.ns.run([ctd.BINARY, "-C", str(fw.workdir / "conntrackd.conf"), *args]).stdout
+
+    def start(self) -> None:
+        for fw in self.fws:
+            (fw.workdir / "conntrackd.lock").unlink(missing_ok=True)
+            self.procs.append(self.lab.spawn(
+                fw.ns, [ctd.BINARY, "-C", str(fw.workdir / "conntrackd.conf")],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL))
+        for fw in self.fws:
+            deadline = time.monotonic() + 10
+            while fw.ns.run([ctd.BINARY, "-C", str(fw.workdir / "conntrackd.conf"), "-s"],
+                            check=False).returncode != 0:
+                if time.monotonic() > deadline:
+                    raise RuntimeError(f"conntrackd {fw.name} did not start")
+                time.sleep(0.05)
+
+    def pids(self) -> tuple[int, int]:
+        return self.procs[0].pid, self.procs[1].pid
+
+    def standby_count(self) -> int:
+        return external_active(self._ctl(self.fws[1], "-s"))
+
+    def commit(self) -> None:
+        self._ctl(self.fws[1], "-c")
+
+    def stop(self) -> None:
+        for proc in self.procs:
+            proc.kill()
+            proc.wait(timeout=10)
+        self.procs.clear()
+
+    def diagnostics(self) -> dict[str, float]:
+        stats = self._ctl(self.fws[1], "-s")
+        for line in stats.splitlines():
+            if "Lost msgs" in line:
+                return {"lost_msgs": float(line.split()[-3])}
+        raise RuntimeError(f"no message tracking in:\n{stats}")
+
+
+def external_active(stats: str) -> int:
+    """``current active connections`` of the external cache in ``conntrackd -s`` output."""
+    section = None
+    for line in stats.splitlines():
+        if line.startswith("cache "):
+            section = line.split()[1]
+        elif section == "external:" and line.startswith("current active connections:"):
+            return int(line.split(":")[1])
+    raise RuntimeError(f"no external cache count in:\n{stats}")
+
+
+# --- measurements ---------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    """Readings of both daemons and the wire at one moment."""
+
+    cpu: tuple[float, float]
+    rss: tuple[int, int]
+    wire: int
+
+    @classmethod
+    def take(cls, system: System, active: Netns) -> Sample:
+        a, b = system.pids()
+        return cls((cpu_seconds(a), cpu_seconds(b)), (rss_bytes(a), rss_bytes(b)),
+                   wire_bytes(active))
+
+
+def wait_count(count: Callable[[], int], target: int, patience: float,
+               on_sample: Callable[[float, int], None] | None = None) -> int:
+    """Poll ``count()`` every :data:`POLL` s until it reaches ``target`` or has not
+    moved for ``patience`` s; the last count."""
+    last, moved = -1, time.monotonic()
+    while True:
+        now_count = count()
+        now = time.monotonic()
+        if on_sample is not None:
+            on_sample(now, now_count)
+        if now_count != last:
+            last, moved = now_count, now
+        if now_count >= target or now - moved > patience:
+            return now_count
+        time.sleep(POLL)
+
+
+def bench_size(system: System, a: Netns, b: Netns, n: int, patience: float) -> None:
+    """Sync ``n`` entries, then commit them (see the module doc)."""
+    p = f"{system.name}_n{n}"
+    entries = synthetic(n)
+    system.start()
+    before = Sample.take(system, a)
+    t0 = time.monotonic()
+    inject(a, entries)
+    got = wait_count(system.standby_count, n, patience)
+    synced = time.monotonic() - t0
+    after = Sample.take(system, a)
+    emit(f"{p}_sync_s", synced)
+    emit(f"{p}_missing", n - got)
+    for name, value in system.diagnostics().items():
+        emit(f"{p}_{name}", value)
+    emit(f"{p}_wire_bytes_per_entry", (after.wire - before.wire) / n)
+    for i, side in enumerate(("active", "standby")):
+        emit(f"{p}_cpu_s_{side}", after.cpu[i] - before.cpu[i])
+        emit(f"{p}_rss_bytes_per_entry_{side}", (after.rss[i] - before.rss[i]) / n)
+    t0 = time.monotonic()
+    system.commit()
+    emit(f"{p}_commit_s", time.monotonic() - t0)
+    emit(f"{p}_commit_cpu_s_standby", Sample.take(system, a).cpu[1] - after.cpu[1])
+    emit(f"{p}_committed", kernel_count(b))
+    system.stop()
+    if system.name == "replicator" and got != n:
+        raise AssertionError(f"replicator: {n - got} of {n} entries missing on the standby")
+
+
+def percentile(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of ``values``."""
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
+
+
+def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: float) -> None:
+    """Replication lag under a steady creation rate (see the module doc)."""
+    p = f"{system.name}_lag{rate}"
+    per_batch = max(1, round(rate * BATCH_INTERVAL))
+    n = per_batch * round(seconds / BATCH_INTERVAL)
+    entries = synthetic(n)
+    system.start()
+    before = Sample.take(system, a)
+    starts: list[float] = []
+    samples: list[tuple[float, int]] = []
+    final = [0]
+
+    def poll() -> None:
+        final[0] = wait_count(system.standby_count, n, patience,
+                              lambda t, c: samples.append((t, c)))
+
+    poller = threading.Thread(target=poll)
+    poller.start()
+    starts = paced(a, entries, per_batch, BATCH_INTERVAL)
+    poller.join()
+    after = Sample.take(system, a)
+    lags = [t - starts[(c - 1) // per_batch] for t, c in samples if c > 0]
+    emit(f"{p}_achieved_rate", n / (starts[-1] - starts[0] + BATCH_INTERVAL))
+    emit(f"{p}_p50_s", percentile(lags, 0.5))
+    emit(f"{p}_p99_s", percentile(lags, 0.99))
+    emit(f"{p}_max_s", max(lags))
+    emit(f"{p}_samples", len(lags))
+    emit(f"{p}_missing", n - final[0])
+    for name, value in system.diagnostics().items():
+        emit(f"{p}_{name}", value)
+    for i, side in enumerate(("active", "standby")):
+        emit(f"{p}_cpu_s_{side}", after.cpu[i] - before.cpu[i])
+    system.stop()
+    if system.name == "replicator" and final[0] != n:
+        raise AssertionError(f"replicator: {n - final[0]} of {n} entries missing (lag run)")
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """Run every measurement for both systems (see the module doc)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", default="10000,100000")
+    parser.add_argument("--rates", default="20000,10000",
+                        help="creation rates (entries/s) of the lag runs")
+    parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--patience", type=float, default=40.0,
+                        help="give up waiting once the standby's count is still this long")
+    args = parser.parse_args(argv)
+    sizes = [int(s) for s in args.sizes.split(",") if s]
+    rates = [int(r) for r in args.rates.split(",") if r]
+    if shutil.which(ctd.BINARY) is None:
+        raise SystemExit(f"{ctd.BINARY} not found (Debian package conntrackd)")
+    with lab("bs") as the_lab, tempfile.TemporaryDirectory(prefix="rp-bench-sync-") as tmp:
+        a, b = the_lab.netns("a"), the_lab.netns("b")
+        the_lab.veth(a, SYNC_IF, b, SYNC_IF)
+        a.run(["ip", "addr", "add", f"{SYNC_A}/30", "dev", SYNC_IF])
+        b.run(["ip", "addr", "add", f"{SYNC_B}/30", "dev", SYNC_IF])
+        workdir = Path(tmp)
+        systems: list[System] = [Replicator(the_lab, a, b, workdir),
+                                 Conntrackd(the_lab, a, b, workdir)]
+        runs: list[Callable[[System], None]] = [
+            *(partial(bench_size, a=a, b=b, n=n, patience=args.patience) for n in sizes),
+            *(partial(bench_lag, a=a, rate=r, seconds=args.seconds, patience=args.patience)
+              for r in rates)]
+        for run in runs:
+            for system in systems:
+                flush(a)
+                flush(b)
+                run(system)
+
+
+if __name__ == "__main__":
+    main()
