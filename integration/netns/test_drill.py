@@ -9,6 +9,13 @@ The positive control runs the same drill with conntrackd (FTFW, wired to keepali
 conntrack-tools documents): every flow must survive, with its NAT mapping unchanged.
 That proves the harness can show survival, so a replicator drill that fails does so
 because of replicator.
+
+The replicator drills run the same scenario (planned keepalived stop, daemon SIGKILL,
+links cut, each followed by the fail-back) once per standby mode, ``cache`` and
+``hot``, with keepalived wired as docs/operations.md says (``halab/replicator.py``):
+every flow must survive with its NAT mapping unchanged and every idle connection must
+still answer. The stalls are printed against the VRRP takeover, never asserted (the
+host is shared).
 """
 
 from __future__ import annotations
@@ -23,7 +30,8 @@ from integration.netns.halab.drill import (
     flow_outcome,
 )
 from integration.netns.halab.replication import NoReplication
-from integration.netns.halab.report import format_report
+from integration.netns.halab.replicator import DRILL_CONFIG, ReplicatorReplication
+from integration.netns.halab.report import format_report, stall_summary
 from integration.netns.halab.traffic import StreamRecord
 
 # --- how a flow is judged (pure) --------------------------------------------------------
@@ -102,6 +110,29 @@ def test_with_conntrackd_every_failover_keeps_established_flows(
         results = drill.run(DEFAULT_SCENARIO)
     with capsys.disabled():
         print("\n" + format_report(f"{replication.name} (positive control)", results))
+    assert [r.new_master for r in results] == ["b", "a"] * 3
+    for result in results:
+        assert len(result.flows) == config.tcp_snat + config.udp_snat + config.tcp_dnat
+        for flow in result.flows:
+            assert flow.survived, (result.event, flow)
+            assert flow.mapping_after == flow.mapping_before, (result.event, flow)
+        assert result.idle_total == config.idle_snat + config.idle_dnat
+        assert result.idle_ok == result.idle_total, (result.event, result.idle)
+
+
+# --- replicator -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("mode", ["cache", "hot"])
+def test_with_replicator_every_failover_keeps_established_flows(
+        mode: str, capsys: pytest.CaptureFixture[str]) -> None:
+    config = DRILL_CONFIG
+    replication = ReplicatorReplication(mode)
+    with drill_lab(replication, config) as drill:
+        results = drill.run(DEFAULT_SCENARIO)
+    with capsys.disabled():
+        print("\n" + format_report(replication.name, results))
+        print(stall_summary(results))
     assert [r.new_master for r in results] == ["b", "a"] * 3
     for result in results:
         assert len(result.flows) == config.tcp_snat + config.udp_snat + config.tcp_dnat

@@ -33,11 +33,13 @@ class KeepalivedHooks:
     ``global_defs``: lines inside ``global_defs`` (e.g. ``vrrp_notify_fifo /path``).
     ``sync_group``: lines inside the ``vrrp_sync_group`` (e.g. ``notify_master "..."``,
     ``track_script { name }``). ``blocks``: extra top-level blocks (e.g. a ``vrrp_script``).
+    ``instance``: lines inside each ``vrrp_instance`` (e.g. ``track_script { name }``).
     """
 
     global_defs: tuple[str, ...] = ()
     sync_group: tuple[str, ...] = ()
     blocks: tuple[str, ...] = ()
+    instance: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -83,8 +85,9 @@ vrrp_instance {name} {{
     virtual_ipaddress {{
         {vip}/{prefix} dev {iface}
     }}
-}}
+{instance_extra}}}
 """
+    instance_extra = "".join(f"    {line}\n" for line in hooks.instance)
     global_extra = "".join(f"    {line}\n" for line in hooks.global_defs)
     group_extra = "".join(f"    {line}\n" for line in hooks.sync_group)
     blocks = "".join(f"{block}\n" for block in hooks.blocks)

@@ -72,3 +72,13 @@ def format_report(title: str, results: Sequence[PhaseResult], verbose: bool = Fa
     """A whole drill: a title line, then every phase."""
     body = "\n".join(format_phase(i, r, verbose) for i, r in enumerate(results, 1))
     return f"== failover drill: {title}\n{body}"
+
+
+def stall_summary(results: Sequence[PhaseResult]) -> str:
+    """One line per phase: the VRRP takeover, the longest stall and their difference."""
+    lines = [f"    {'event':<16} {'takeover':>9} {'max stall':>10} {'stall - takeover':>17}"]
+    for result in results:
+        lines.append(f"    {result.event!s:<16} {_ms(result.takeover):>9} "
+                     f"{_ms(result.max_stall):>10} "
+                     f"{_ms(result.max_stall - result.takeover):>17}")
+    return "\n".join(lines)
