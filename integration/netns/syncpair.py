@@ -5,7 +5,8 @@ real masquerade/DNAT/mark/label/zone, and a standby firewall with the same rules
 LAN/WAN links stay down) plus a veth ``sync0`` between ``fw`` (the active, node ``a``,
 :data:`SYNC_A`) and ``standby`` (node ``b``, :data:`SYNC_B`). A replicator daemon runs
 in each firewall; the sync link's own TCP connection is excluded from replication with
-``filters.ignore_addresses``, and from every comparison here.
+``filters.ignore_addresses``, and from every comparison here (so are loopback
+connections, e.g. a test scraping a daemon's metrics: not firewall state).
 
 Comparisons are of *normalised* entries (:func:`normalise`): what ``conntrack -L -o
 extended,labels`` shows (:func:`replicator.ctformat.text_projection`) without the
@@ -42,10 +43,14 @@ LOSS_TABLE = "replicator_sync_loss"
 Table = dict[EntryKey, Entry]
 
 
+_SYNC = {ipaddress.ip_address(SYNC_A).packed, ipaddress.ip_address(SYNC_B).packed}
+_LOOPBACK = {ipaddress.ip_address("127.0.0.1").packed, ipaddress.ip_address("::1").packed}
+
+
 def _excluded(entry: Entry) -> bool:
-    # The sync link's own connection (filtered out of replication by both daemons).
-    sync = {ipaddress.ip_address(SYNC_A).packed, ipaddress.ip_address(SYNC_B).packed}
-    return entry.orig.src in sync or entry.orig.dst in sync
+    # The sync link's own connection (filtered out of replication by both daemons) and
+    # a node's connections to itself (the tests' metrics scrapes): not firewall state.
+    return not {entry.orig.src, entry.orig.dst}.isdisjoint(_SYNC | _LOOPBACK)
 
 
 def normalise(entry: Entry) -> Entry:
@@ -238,9 +243,11 @@ table inet {LOSS_TABLE} {{
 
 
 def build_pair(lab: Lab, workdir: Path, *, mode: str, refresh: float = 5.0,
-               extra: dict[str, list[str]] | None = None) -> SyncPair:
+               extra: dict[str, list[str]] | None = None,
+               metrics_port: int | None = None) -> SyncPair:
     """Build the lab, start both daemons (``a`` MASTER, ``b`` BACKUP) and wait until
-    they are connected."""
+    they are connected. ``metrics_port``: both serve Prometheus metrics on
+    ``127.0.0.1:PORT`` inside their namespace (see :func:`metric`)."""
     topo = firewall.build(lab, standby=True)
     assert topo.standby is not None
     lab.veth(topo.fw, SYNC_IF, topo.standby, SYNC_IF)
@@ -253,7 +260,7 @@ def build_pair(lab: Lab, workdir: Path, *, mode: str, refresh: float = 5.0,
     for name, peer, here, there, ns in (("a", "b", SYNC_A, SYNC_B, topo.fw),
                                         ("b", "a", SYNC_B, SYNC_A, topo.standby)):
         spec = NodeSpec(name, peer, here, there, mode=mode, port=SYNC_PORT, extra=more,
-                        ignore_addresses=(SYNC_A, SYNC_B))
+                        ignore_addresses=(SYNC_A, SYNC_B), metrics_port=metrics_port)
         nodes.append(DaemonNode(lab, ns, spec, workdir))
     pair = SyncPair(topo, nodes[0], nodes[1], workdir, refresh)
     pair.start(pair.a, "MASTER")
@@ -276,3 +283,18 @@ def wait_connected(node: DaemonNode, timeout: float) -> float:
 def report(what: str, seconds: float) -> None:
     """Print one convergence time (shown with ``pytest -s``; kept in the captured log)."""
     print(f"converged: {what}: {seconds:.2f} s", flush=True)
+
+
+def metric(node: DaemonNode, name: str) -> float:
+    """Sum of the samples of metric ``name`` (all labels) that ``node`` serves over HTTP
+    (``NodeSpec.metrics_port``), read from inside its namespace."""
+    port = node.spec.metrics_port
+    if port is None:
+        raise ValueError(f"{node.spec.name} serves no metrics")
+    text = node.ns.run(["curl", "-sf", f"http://127.0.0.1:{port}/metrics"]).stdout
+    total = 0.0
+    for line in text.splitlines():
+        sample, _, value = line.rpartition(" ")
+        if sample == name or sample.startswith(name + "{"):
+            total += float(value)
+    return total

@@ -36,6 +36,7 @@ from integration.netns.syncpair import SyncPair, Table, report, synthetic
 from replicator.model import Status, dnat_target, snat_target
 
 OUTAGE = 10.0
+AUTH_FAILURES = "replicator_auth_failures_total"
 #: Generous: the host is shared by many jobs. The printed times are the measurement.
 CONVERGE = 60.0
 
@@ -136,12 +137,13 @@ def test_standby_copy_equals_the_active_table(netlab: Lab, tmp_path: Path, mode:
 
 
 def test_a_peer_with_an_unpinned_key_is_refused(netlab: Lab, tmp_path: Path) -> None:
-    pair = syncpair.build_pair(netlab, tmp_path, mode="hot")
+    pair = syncpair.build_pair(netlab, tmp_path, mode="hot", metrics_port=9790)
     run = Run(pair, "hot")
     syncpair.inject(pair.active, synthetic(200))
     run.settle("steady before the intruder", time.monotonic())
     external, kernel = pair.standby_external(), pair.standby_kernel()
     before = refusals(pair.b)
+    metric_before = syncpair.metric(pair.b, AUTH_FAILURES)
 
     # The intruder claims to be node "a" with a key of its own, pins the standby's real
     # certificate, holds a table of its own, and dials the standby's sync address.
@@ -164,8 +166,11 @@ def test_a_peer_with_an_unpinned_key_is_refused(netlab: Lab, tmp_path: Path) -> 
     assert pair.b.status()["peer_up"], "the real peer's link must stay up"
     assert syncpair.differences(external, pair.standby_external(), refresh=pair.refresh) == []
     assert syncpair.differences(kernel, pair.standby_kernel(), refresh=pair.refresh) == []
-    metrics_text = pair.b.cli("stats")
-    print("standby refusals:", {k: v for k, v in metrics_text.items() if "refused" in k})
+    # The exported counters follow the link's on the daemon's periodic gauge update.
+    wait_for(lambda: syncpair.metric(pair.b, AUTH_FAILURES) >= metric_before + 2, 30,
+             f"{AUTH_FAILURES} to count the refusals")
+    stats = pair.b.cli("stats")
+    print("standby refusals:", {k: v for k, v in stats.items() if "refused" in k})
 
 
 def refusals(node: DaemonNode) -> float:
