@@ -144,6 +144,8 @@ class PhaseResult:
     #: Conntrack entries on each firewall just before the event.
     conntrack: dict[str, int]
     stall_margin: float
+    #: Seconds the replication took, after ``settle``, to catch up before the event.
+    catch_up: float = 0.0
 
     def of_kind(self, prefix: str) -> list[FlowOutcome]:
         """Flows whose kind starts with ``prefix`` (``"tcp"``, ``"udp-snat"``, ...)."""
@@ -351,6 +353,7 @@ class Drill:
         drivers = self._drivers()
         try:
             time.sleep(cfg.settle)
+            catch_up = self.replication.caught_up(cfg.takeover_timeout)
             before = {f.name: firewall.counters(f) for f in self.ha.firewalls}
             conntrack = {f.name: firewall.conntrack_count(f) for f in self.ha.firewalls}
             wall_offset = time.time() - time.monotonic()
@@ -381,7 +384,7 @@ class Drill:
                                      for t in transitions if t.wall_time >= wall_event)),
             counters={name: {k: after[name][k] - before[name].get(k, 0) for k in after[name]}
                       for name in after},
-            conntrack=conntrack, stall_margin=cfg.stall_margin)
+            conntrack=conntrack, stall_margin=cfg.stall_margin, catch_up=catch_up)
 
     def run(self, events: Sequence[Event] = DEFAULT_SCENARIO) -> list[PhaseResult]:
         """Run ``events`` in order."""

@@ -6,7 +6,8 @@ The drill calls, in this order:
    keepalived runs: start the daemons on both firewalls; return when they are ready.
 2. :meth:`Replication.keepalived` for each firewall while writing its keepalived
    configuration: notify commands, a notify FIFO, track scripts...
-3. During the drill: :meth:`Replication.kill` (the "daemon killed with SIGKILL" event,
+3. During the drill: :meth:`Replication.caught_up` before each event (after the
+   phase's traffic settled), :meth:`Replication.kill` (the "daemon killed with SIGKILL" event,
    always on the current master) and :meth:`Replication.revive` (when that node is
    restored for the fail-back, before its keepalived may preempt again).
 4. :meth:`Replication.stop` at the end (the lab kills whatever is left anyway).
@@ -47,6 +48,12 @@ class Replication(ABC):
     @abstractmethod
     def stop(self) -> None:
         """Stop every daemon this system started."""
+
+    def caught_up(self, timeout: float) -> float:
+        """Wait until the standby holds the active node's current table (at most
+        ``timeout`` s); the seconds waited. By default nothing is waited for: the
+        drill's fixed ``settle`` time is all the system gets."""
+        return 0.0
 
     def diagnostics(self) -> dict[str, str]:
         """Named log excerpts worth showing when a drill fails."""

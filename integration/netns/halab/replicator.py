@@ -25,6 +25,12 @@ keepalived wiring, as ``etc/keepalived/keepalived.conf.example`` and
   with the example's timeout the fail-back flapped (master, demoted, master again)
   and broke the flows it was moving.
 
+Before each event the drill waits (:meth:`ReplicatorReplication.caught_up`) until the
+standby holds the master's whole table: entries still in flight when the master dies
+are lost by any replication, and this drill is about what happens to the ones that
+were replicated. The wait is reported next to each phase; on the shared host it is
+the replication lag of the phase's 2200 new connections.
+
 After a restart (:meth:`ReplicatorReplication.revive`) keepalived does not repeat the
 current state, so the last one it reported is told to the daemon with ``replicator
 notify`` (``docs/operations.md``, "Manual transitions and stuck roles").
@@ -49,13 +55,14 @@ CHECK_TIMEOUT = 8
 #: How long a daemon may take to be ready and in sync with its peer.
 SYNC_TIMEOUT = 30.0
 
-#: The daemons need longer than conntrackd to copy a phase's 2200 new connections on a
-#: loaded host, hence the longer ``settle``. ``kill_grace`` stays the default (1 s),
+#: ``hold``: in cache mode the VIPs move before the commit, and packets of established
+#: TCP flows dropped meanwhile are retransmitted with exponential backoff; a longer hold
+#: lets a flow that the commit did save show it. ``kill_grace`` stays the default (1 s),
 #: shorter than two failed ``check`` runs (2 s apart): the kill alone cannot move the
 #: VIPs with this wiring (the backup's ``check`` fails too once the peer is gone, so
 #: both nodes lose 60 points), and waiting longer only lets a race between the two
 #: demotions flap the VIPs; so the drill stops the master's keepalived after the kill.
-DRILL_CONFIG = DrillConfig(settle=1.5)
+DRILL_CONFIG = DrillConfig(hold=4.0)
 
 
 def node_name(fw: Firewall) -> str:
@@ -157,6 +164,27 @@ vrrp_script replicator_check {{
         if state is not None:
             node.cli("notify", "GROUP", SYNC_GROUP, state, str(fw.priority))
         self._await_in_sync(fw)
+
+    def caught_up(self, timeout: float) -> float:
+        """Wait until the standby's ``check`` passes and its copy of the master's table
+        has as many entries as the master's own (``replicator status`` on both). Nothing
+        to wait for while a daemon is down (killed, before the fail-back revives it)."""
+        start = time.monotonic()
+        if any(node.proc is None or node.proc.poll() is not None
+               for node in self.nodes.values()):
+            return 0.0
+        while True:
+            status = {name: node.try_cli("status") for name, node in self.nodes.items()}
+            masters = [s for s in status.values() if s is not None and s["role"] == "MASTER"]
+            standbys = [s for s in status.values() if s is not None and s["role"] != "MASTER"]
+            if len(masters) == 1 and len(standbys) == 1:
+                master, standby = masters[0], standbys[0]
+                if (standby["in_sync"] and standby["entries"]["external"]
+                        == master["entries"]["internal"]):
+                    return time.monotonic() - start
+            if time.monotonic() - start > timeout:
+                raise TimeoutError(f"the standby did not catch up in {timeout} s: {status}")
+            time.sleep(0.05)
 
     def stop(self) -> None:
         """SIGTERM both daemons."""

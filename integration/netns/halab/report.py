@@ -55,7 +55,9 @@ def format_phase(index: int, result: PhaseResult, verbose: bool = False) -> str:
         f"{t * 1000:+.0f} ms fw{node} {state}" for t, node, state in result.transitions)
         or "(no transitions logged)"))
     lines.append("    conntrack entries before: " + ", ".join(
-        f"fw{name} {n}" for name, n in sorted(result.conntrack.items())))
+        f"fw{name} {n}" for name, n in sorted(result.conntrack.items()))
+        + (f" (replication caught up {_ms(result.catch_up)} after the settle time)"
+           if result.catch_up else ""))
     lines.append("    dropped as invalid: " + ", ".join(
         f"fw{name} {c.get('invalid_forward', 0)} forwarded + {c.get('invalid_input', 0)} to VIP"
         for name, c in sorted(result.counters.items())))
