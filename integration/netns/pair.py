@@ -9,15 +9,16 @@ Entries are written into the active's table by a separate batched injector socke
 namespace): it stands in for traffic. The lab prefix is ignored by the daemons' filter,
 so the sync connection and any attack connection tracked by the kernel never count.
 
-Equality is checked on normalised entries (:func:`normalise`): the text projection
-(what ``conntrack -L`` shows), without id or counters, timeouts within
-:data:`TIMEOUT_SLACK`.
+Equality is checked on normalised entries: their ``conntrack -L`` text
+(:func:`replicator.ctformat.format_entry`, the text projection: no id, no counters),
+timeouts within :data:`TIMEOUT_SLACK`.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import signal
 import socket
 import threading
@@ -180,12 +181,13 @@ def kernel_table(ns: Netns) -> list[Entry]:
 
 # --- comparison ---------------------------------------------------------------------
 
-_LAB = ipaddress.ip_network(SUBNET)
+#: The lab /24 as the first three bytes of an IPv4 address (a fast membership test).
+_LAB = ipaddress.ip_network(SUBNET).network_address.packed[:3]
 
 
 def _in_lab(entry: Entry) -> bool:
-    return any(ipaddress.ip_address(a) in _LAB
-               for a in (entry.orig.src, entry.orig.dst, entry.reply.src, entry.reply.dst))
+    o, r = entry.orig, entry.reply
+    return _LAB in (o.src[:3], o.dst[:3], r.src[:3], r.dst[:3])
 
 
 def normalise(entries: Iterable[Entry]) -> dict[EntryKey, Entry]:
@@ -219,21 +221,75 @@ def differences(expected: dict[EntryKey, Entry], actual: dict[EntryKey, Entry],
     return problems
 
 
-def external_cache(node: DaemonNode) -> dict[EntryKey, Entry]:
-    """The node's external cache (``replicator dump --external``), normalised."""
-    lines = node.cli("dump", "--external")["entries"]
-    return normalise(ctformat.parse_conntrack_line(line) for line in lines)
+#: A normalised line's timeout: the number after the family and protocol columns.
+_TIMEOUT = re.compile(r"^(\S+ +\d+ \S+ +\d+) (\d+) ")
+_LAB_TEXT = "=" + SUBNET.rsplit(".", 1)[0] + "."
+
+
+def text_table(lines: Iterable[str]) -> dict[str, int]:
+    """Normalised ``conntrack -L`` lines as {line without its timeout: timeout (-1 if
+    none)}, lab traffic left out. Comparing text is what ``conntrack -L`` equality
+    means, and it is several times cheaper than parsing large tables back."""
+    out = {}
+    for line in lines:
+        if _LAB_TEXT in line:
+            continue
+        m = _TIMEOUT.match(line)
+        if m is None:
+            out[line] = -1
+        else:
+            out[m[1] + line[m.end() - 1:]] = int(m[2])
+    return out
+
+
+def entries_text(entries: Iterable[Entry]) -> dict[str, int]:
+    """:func:`text_table` of entries (e.g. a kernel dump)."""
+    return text_table(ctformat.format_entry(e) for e in entries if not _in_lab(e))
+
+
+def text_differences(expected: dict[str, int], actual: dict[str, int],
+                     limit: int = 3) -> list[str]:
+    """How ``actual`` differs from ``expected`` (empty if equal, timeouts within the
+    slack): counts and a few examples."""
+    missing = expected.keys() - actual.keys()
+    extra = actual.keys() - expected.keys()
+    problems = []
+    if missing or extra:
+        problems.append(f"{len(missing)} missing (e.g. {sorted(missing)[:limit]}), "
+                        f"{len(extra)} extra (e.g. {sorted(extra)[:limit]}) "
+                        f"of {len(expected)} expected")
+    late = [k for k in expected.keys() & actual.keys()
+            if abs(expected[k] - actual[k]) > TIMEOUT_SLACK]
+    if late:
+        problems.append(f"{len(late)} timeouts differ, e.g. {late[0]}: "
+                        f"{expected[late[0]]} != {actual[late[0]]}")
+    return problems
+
+
+def external_cache(node: DaemonNode) -> dict[str, int]:
+    """The node's external cache (``replicator dump --external``) as a text table."""
+    return text_table(node.cli("dump", "--external")["entries"])
 
 
 def pair_differences(pair: Pair, *, hot: bool = True) -> list[str]:
     """How the standby's external cache (and, in hot mode, kernel) differ from the
     active's table."""
-    truth = normalise(kernel_table(pair.active.ns))
-    problems = [f"external: {p}" for p in differences(truth, external_cache(pair.standby))]
+    truth = entries_text(kernel_table(pair.active.ns))
+    problems = [f"external: {p}" for p in text_differences(truth, external_cache(pair.standby))]
     if hot:
-        kernel = normalise(kernel_table(pair.standby.ns))
-        problems += [f"standby kernel: {p}" for p in differences(truth, kernel)]
+        kernel = entries_text(kernel_table(pair.standby.ns))
+        problems += [f"standby kernel: {p}" for p in text_differences(truth, kernel)]
     return problems
+
+
+def counts_match(pair: Pair, *, hot: bool = True) -> bool:
+    """The link is up and the standby's external cache (and, with ``hot``, its kernel)
+    has as many entries as the active's internal cache: a cheap necessary condition
+    of equality (the standby's kernel must hold nothing of its own)."""
+    act, sby = pair.active.status(), pair.standby.status()
+    want = act["entries"]["internal"]
+    return bool(act["peer_up"] and sby["peer_up"] and sby["entries"]["external"] == want
+                and (not hot or sby["entries"]["kernel"] == want))
 
 
 def converge(pair: Pair, timeout: float, what: str, *, hot: bool = True) -> float:
@@ -244,6 +300,11 @@ def converge(pair: Pair, timeout: float, what: str, *, hot: bool = True) -> floa
     start = time.monotonic()
     problems: list[str] = []
     while time.monotonic() - start < timeout:
+        # Cheap first (large tables take seconds to dump and compare): the counts.
+        if not counts_match(pair, hot=hot):
+            problems = ["entry counts differ"]
+            time.sleep(0.5)
+            continue
         problems = pair_differences(pair, hot=hot)
         if not problems:
             seconds = time.monotonic() - start
