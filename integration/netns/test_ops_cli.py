@@ -649,6 +649,8 @@ def test_hot_standby_verify_finds_and_commit_repairs_a_missing_entry(netlab: Lab
         victim = ct_list(ns_b)[0]
         ns_b.run(["conntrack", "-D", "-p", "tcp", "-s", "10.1.0.1",
                   "--sport", str(victim.orig.sport)])
+        wait_for(lambda: b.status()["entries"]["kernel"] == A_ENTRIES - 1, 10,
+                 "the daemon sees the deletion")
         proc = run_cli("verify", "-c", str(b.config))
         assert proc.returncode == 1
         head, *problems = proc.stdout.strip().splitlines()
