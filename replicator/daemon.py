@@ -533,7 +533,10 @@ class Daemon:
         s = self.session
         if self.machine.role is Role.MASTER:
             return True, ""
-        if not self.mirror.synced:
+        # Only the first dump counts: later re-dumps (every kernel.refresh_interval, or
+        # after an overrun) concern this node's own table, not the peer's copy a
+        # takeover needs, and must not make `check` fail while they run.
+        if self.mirror.stats.reconciliations == 0:
             return False, "kernel table not mirrored yet"
         if not s.established:
             return False, "peer not connected"
