@@ -83,6 +83,12 @@ def test_the_runbook_and_readme_show_commands() -> None:
 @pytest.mark.parametrize("line", sorted(set(LINES + README_LINES)))
 def test_every_documented_command_line_parses(line: str) -> None:
     argv = shlex.split(line)[1:]
+    if any(word.startswith("<") for word in argv):
+        # A template (`replicator notify GROUP VG_FW <state> <prio>`): the command
+        # before the first placeholder must exist.
+        words = argv[: next(i for i, w in enumerate(argv) if w.startswith("<"))]
+        assert command_path(words) in all_command_paths(), line
+        return
     try:
         build_parser().parse_args(argv)
     except SystemExit as exc:
