@@ -1,0 +1,119 @@
+"""Soak: a steady event load on a running pair for a long time (``make soak``).
+
+A hot-mode pair (:mod:`integration.netns.pair`) runs while the active's table churns at
+a steady rate: every second ``--rate`` entries are created, as many of the oldest are
+deleted (the table stays near ``--table`` entries) and ``--rate`` existing entries are
+updated (a new mark). Every ``--check-every`` seconds the load pauses, the standby
+must converge to the active exactly (external cache and kernel, see
+:func:`~integration.netns.pair.converge`), and both daemons' RSS is sampled.
+
+Prints ``name=value`` lines per checkpoint and a summary; exits 1 if the copies ever
+diverged (no convergence within ``--converge-timeout``) or if a daemon's RSS at the
+end exceeds its RSS at the first checkpoint by more than ``--rss-slack`` (memory must
+stay flat under a steady load).
+
+Run as root: ``.venv/bin/python bench/soak.py --duration 1800``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import signal
+import sys
+import time
+from functools import partial
+from pathlib import Path
+from tempfile import TemporaryDirectory
+
+if __package__ in (None, ""):  # run as a script: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import trio
+
+from bench.resources import rss_bytes
+from integration.netns import pair as P
+from integration.netns.lab import Netns, lab
+from replicator.kernel_linux import LinuxKernel
+
+
+async def churn(ns: Netns, first: int, *, table: int, rate: int, seconds: float) -> int:
+    """Create/update/delete at ``rate`` per second for ``seconds``; entries numbered
+    from ``first`` (the live ones are the last ``table`` created). Returns the next
+    entry number."""
+    start = time.monotonic()
+    tick = 0
+    nxt = first
+    async with LinuxKernel(ns.name) as kernel:
+        while time.monotonic() - start < seconds:
+            created = P.synthetic(nxt, rate)
+            nxt += rate
+            results = [await kernel.upsert(created)]
+            live_from = max(0, nxt - table)
+            if live_from >= rate:
+                # The batch that just left the window (``table`` a multiple of ``rate``).
+                results.append(await kernel.delete(P.synthetic(live_from - rate, rate)))
+            updated = [e._replace(mark=tick % 1000 + 1)
+                       for e in P.synthetic(max(live_from, nxt - 2 * rate), rate)]
+            results.append(await kernel.upsert(updated))
+            for result in results:
+                if result.errors:
+                    raise RuntimeError(f"load failed: {result.errors[:3]}")
+            tick += 1
+            await trio.sleep(max(0.0, start + tick - time.monotonic()))
+    return nxt
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--duration", type=float, default=1800.0, help="seconds of load")
+    parser.add_argument("--rate", type=int, default=1000,
+                        help="creates (and deletes, and updates) per second")
+    parser.add_argument("--table", type=int, default=50_000,
+                        help="steady table size (a multiple of --rate)")
+    parser.add_argument("--check-every", type=float, default=60.0)
+    parser.add_argument("--converge-timeout", type=float, default=120.0)
+    parser.add_argument("--rss-slack", type=int, default=16 << 20,
+                        help="allowed RSS growth (bytes) from the first checkpoint to the end")
+    args = parser.parse_args(argv)
+    if args.table % args.rate or args.table < 3 * args.rate:
+        parser.error("--table must be a multiple of --rate and at least 3 times it")
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    ok = True
+    with lab("sk") as the_lab, TemporaryDirectory(prefix="replicator-soak-") as tmp:
+        pair = P.make_pair(the_lab, Path(tmp))
+        first_rss: dict[str, int] = {}
+        last_rss: dict[str, int] = {}
+        nxt = 0
+        start = time.monotonic()
+        checkpoint = 0
+        while time.monotonic() - start < args.duration:
+            seconds = min(args.check_every, args.duration - (time.monotonic() - start))
+            nxt = trio.run(partial(churn, pair.active.ns, nxt, table=args.table,
+                                   rate=args.rate, seconds=seconds))
+            checkpoint += 1
+            try:
+                converged = P.converge(pair, args.converge_timeout, f"checkpoint {checkpoint}")
+            except AssertionError as exc:
+                print(f"checkpoint_{checkpoint}_diverged={exc}".splitlines()[0])
+                ok = False
+                break
+            last_rss = {n.spec.name: rss_bytes(n.proc.pid) for n in pair.nodes if n.proc}
+            first_rss = first_rss or dict(last_rss)
+            print(f"checkpoint_{checkpoint}_elapsed_seconds={time.monotonic() - start:.0f} "
+                  f"converge_seconds={converged:.2f} entries_created={nxt} "
+                  + " ".join(f"{name}_rss_bytes={rss}" for name, rss in last_rss.items()),
+                  flush=True)
+        print(f"checkpoints={checkpoint}")
+        print(f"events_per_second={3 * args.rate}")
+        print(f"divergence={'none' if ok else 'yes'}")
+        for name, rss in last_rss.items():
+            growth = rss - first_rss[name]
+            print(f"{name}_rss_growth_bytes={growth}")
+            if growth > args.rss_slack:
+                ok = False
+        print(f"result={'ok' if ok else 'FAIL'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
