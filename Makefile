@@ -62,5 +62,14 @@ fuzz: venv
 	done; \
 	if [ -n "$$failed" ]; then echo "fuzz: crashes in:$$failed"; exit 1; fi
 
+# Long runs, not part of `make test`: SOAK_SECONDS of steady churn on a running pair
+# (bench/soak.py: flat memory, zero divergence), then the fault tests' long variants.
+SOAK_SECONDS ?= 1800
+
+soak: deps venv
+	$(PY) bench/soak.py --duration $(SOAK_SECONDS)
+	REPLICATOR_PARTITION_SECONDS=60 REPLICATOR_BULK_ENTRIES=250000 \
+		$(PYTEST) -s integration/netns/test_faults.py
+
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .hypothesis
