@@ -111,6 +111,12 @@ def _seconds_or_off(lo: float, hi: float) -> Parser:
     return parse
 
 
+def _boolean(value: object) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid(f"must be a boolean, not {_type_name(value)}")
+    return value
+
+
 def _power_of_two(lo: int, hi: int) -> Parser:
     integer = _integer(lo, hi)
 
@@ -341,6 +347,9 @@ class KernelConfig:
     conntrack_events: Literal["enable", "require", "leave"] = field(
         default="enable", metadata=_leaf(_choice("enable", "require", "leave"))
     )
+    #: False (conntrackd's TCPWindowTracking default): TCP entries written from the
+    #: peer's table get the BE_LIBERAL flag, since sequence edges cannot be transferred.
+    tcp_window_tracking: bool = field(default=False, metadata=_leaf(_boolean))
     #: Seconds between re-dumps that carry refreshed timeouts to the peer (None: never,
     #: written as 0 in the file).
     refresh_interval: float | None = field(

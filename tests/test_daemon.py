@@ -20,10 +20,19 @@ import trio
 
 from replicator.config import Config, parse_config
 from replicator.control import CacheName, Command, ControlClient, Request
-from replicator.daemon import Daemon
+from replicator.daemon import Daemon, for_kernel
 from replicator.kernel_fake import FakeKernel
 from replicator.keys import generate_identity, write_identity
-from replicator.model import AF_INET, IPPROTO_TCP, IPPROTO_UDP, CtTuple, Entry, TcpInfo, invert
+from replicator.model import (
+    AF_INET,
+    IPPROTO_TCP,
+    IPPROTO_UDP,
+    CtTuple,
+    Entry,
+    TcpFlag,
+    TcpInfo,
+    invert,
+)
 
 WAN = bytes([198, 51, 100, 1])
 
@@ -169,6 +178,9 @@ async def test_cache_mode_replicates_then_commits_on_promotion(
         await b.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
         await eventually(lambda: len(b.kernel.table) == 299)
         assert kernel_view(b.kernel) == kernel_view(a.kernel)
+        # Sequence edges cannot be copied: committed TCP entries are written liberal.
+        assert all(e.tcp.flags_orig & e.tcp.flags_reply & TcpFlag.BE_LIBERAL
+                   for e in b.kernel.table.values() if e.tcp is not None)
         await a.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
         # The new master owns the entries it committed (they came back as echoes) and
         # streams them to the old one, which would need them to fail back.
@@ -245,3 +257,15 @@ async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
     sock.close()
     ready = next(m for m in seen if "READY=1" in m)
     assert "STATUS=role=INIT peer=down internal=1 external=0" in ready
+
+
+def test_entries_for_the_kernel_get_a_timeout_and_liberal_tcp_unless_tracking() -> None:
+    entry = flow(1)._replace(timeout=None)
+    liberal = for_kernel(entry)
+    assert liberal.timeout is not None and liberal.timeout > 0
+    assert liberal.tcp is not None and entry.tcp is not None
+    assert liberal.tcp.flags_orig == entry.tcp.flags_orig | TcpFlag.BE_LIBERAL
+    assert liberal.tcp.flags_reply == entry.tcp.flags_reply | TcpFlag.BE_LIBERAL
+    assert for_kernel(entry, window_tracking=True).tcp == entry.tcp
+    udp = flow(2, proto=IPPROTO_UDP)
+    assert for_kernel(udp) == udp
