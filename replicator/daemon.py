@@ -287,6 +287,8 @@ class Daemon:
         self._resync_done = trio.Event()
         self._metrics_server: MetricsServer | None = None
         self._driver_beat = 0.0
+        #: The external cache was a complete copy of the peer's table at least once.
+        self._held_copy = False
 
     # --- helpers ----------------------------------------------------------------------
 
@@ -394,6 +396,8 @@ class Daemon:
                 direction=event.direction, full=event.full, seconds=round(event.duration, 3),
                 buckets=event.buckets, entries=event.entries))
         elif isinstance(event, InSync):
+            if event.in_sync:
+                self._held_copy = True
             log.info("in sync" if event.in_sync else "out of sync",
                      extra=fields(peer=self.session.peer_node_id))
         elif isinstance(event, ProtocolViolation):
@@ -561,10 +565,16 @@ class Daemon:
         # takeover needs, and must not make `check` fail while they run.
         if self.mirror.stats.reconciliations == 0:
             return False, "kernel table not mirrored yet"
-        if not s.established:
-            return False, "peer not connected"
-        if not s.in_sync:
-            return False, "first resync from the peer not complete"
+        # Like pfsync's bulk update: a node refuses mastership until it has held a
+        # complete copy of the peer's table once since it started. After that, losing
+        # the peer (it may well be dead: that is when a takeover matters most) or a
+        # reconnection's catch-up does not make the copy worthless; refusing then
+        # would keep a dead master's VIPs where they are.
+        if not self._held_copy:
+            if not s.established:
+                return False, "peer not connected"
+            if not s.in_sync:
+                return False, "first resync from the peer not complete"
         if self.hot and len(self.writer):
             return False, f"{len(self.writer)} peer entries not yet written to the kernel"
         return True, ""

@@ -250,6 +250,8 @@ async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
     seen: list[str] = []
     async with trio.open_nursery() as nursery:
         await nursery.start(daemon.run)
+        # A standby that never held a complete copy of the peer's table refuses.
+        assert await daemon.check() == {"ok": False, "reason": "peer not connected"}
         with trio.fail_after(10):
             while not any("WATCHDOG=1" in m for m in seen):
                 seen.append((await sock.recv(4096)).decode())
