@@ -70,7 +70,8 @@ class Metrics:
         )
         self.resyncs = Counter(
             "replicator_resyncs",
-            "Resyncs by kind (kernel: re-dump after loss; peer: full table from the peer; "
+            "Resyncs by kind (kernel: re-dump of the own table, after loss or every "
+            "kernel.refresh_interval; peer: full table from the peer; "
             "digest: anti-entropy repair).",
             ["kind"],
             registry=r,
