@@ -543,6 +543,10 @@ class Daemon:
         """Cap the kernel timeout of entries this node no longer owns (``conntrackd -t``)."""
         limit = self.config.keepalived.shorten_timeout
         external = self.session.external
+        # Select from a fresh dump: cached timeouts are those of each entry's last event
+        # (the kernel reports no event when a timeout runs down or a packet refreshes
+        # it), and the echoes of earlier writes may not have been read yet.
+        await self.mirror.resync()
         targets = [
             e._replace(timeout=limit)
             for e in self.mirror.cache
