@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from ctstrategies import PROTOS, tuples, u8, u16, u32
 from hypothesis import example, given
 from hypothesis import strategies as st
 from pyroute2.netlink.nfnetlink import nfctsocket as pr
@@ -30,7 +31,6 @@ from replicator.model import (
     AF_INET,
     AF_INET6,
     ICMP_PROTOCOLS,
-    IPPROTO_DCCP,
     IPPROTO_GRE,
     IPPROTO_ICMP,
     IPPROTO_ICMPV6,
@@ -154,28 +154,6 @@ def test_event_partial_semantics() -> None:
 
 
 # --- hypothesis strategies ----------------------------------------------------------
-
-PROTOS = {
-    AF_INET: [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMP, IPPROTO_SCTP, IPPROTO_GRE,
-              IPPROTO_UDPLITE, IPPROTO_DCCP, 50],
-    AF_INET6: [IPPROTO_TCP, IPPROTO_UDP, IPPROTO_ICMPV6, IPPROTO_SCTP, IPPROTO_GRE, 50],
-}
-u8 = st.integers(0, 255)
-u16 = st.integers(0, 0xFFFF)
-u32 = st.integers(0, 0xFFFFFFFF)
-
-
-@st.composite
-def tuples(draw: st.DrawFn, family: int, proto: int) -> CtTuple:
-    size = 4 if family == AF_INET else 16
-    src = draw(st.binary(min_size=size, max_size=size))
-    dst = draw(st.binary(min_size=size, max_size=size))
-    if proto in ICMP_PROTOCOLS:
-        return CtTuple(src, dst, proto, 0, 0, draw(u8), draw(u8), draw(u16))
-    if proto in PORT_PROTOCOLS:
-        return CtTuple(src, dst, proto, draw(u16), draw(u16))
-    return CtTuple(src, dst, proto)
-
 
 @st.composite
 def entries(draw: st.DrawFn, *, nat: bool = True) -> Entry:
