@@ -711,16 +711,21 @@ class Daemon:
         if not self.session.established:
             raise ControlError("peer not connected")
         done = self._resync_done
+        self.session.last_differing_buckets = ()
         self.session.start_digest_resync(self.now())  # else: the running one answers
         self.wake()
         with trio.move_on_after(30) as scope:
             await done.wait()
         if scope.cancelled_caught:
             raise ControlError("the peer did not complete the digest comparison in 30 s")
-        record = self.last_resync
-        if record is not None and record.entries:
-            problems.append(
-                f"peer copy differed: {record.entries} entries resent to repair it")
+        # Entries of every bucket whose digest differed on the peer: the differing
+        # entries are among them (a bucket holds table size / sync.buckets entries).
+        differing: tuple[int, ...] = self.session.last_differing_buckets
+        for bucket in differing:
+            entries_of = self.session.local_bucket(bucket)
+            problems.append(f"bucket {bucket} differed on the peer ({len(entries_of)} "
+                            "entries here; resent to repair it)")
+            problems.extend("  " + ctformat.format_entry(e) for e in entries_of)
         checked = self.session.local_count
         if self.applies_peer_to_kernel:
             await self.writer.wait_idle()

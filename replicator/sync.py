@@ -390,7 +390,8 @@ class _Sent(NamedTuple):
 
 class _SendResync:
     __slots__ = (
-        "awaiting", "begin_sent", "buckets", "done_sent", "entries", "full", "id", "started_at",
+        "awaiting", "begin_sent", "buckets", "differing", "done_sent", "entries", "full", "id",
+        "started_at",
     )  # fmt: skip
 
     def __init__(self, rid: int, full: bool, now: float, awaiting: set[int]) -> None:
@@ -401,6 +402,8 @@ class _SendResync:
         self.awaiting = awaiting
         #: The RESYNC_BEGIN has left (False while it is queued, again after a go-back).
         self.begin_sent = False
+        #: Buckets whose digest on the peer differed from ours (digest resyncs only).
+        self.differing: list[int] = []
         self.done_sent = False
         self.buckets = 0
         self.entries = 0
@@ -495,6 +498,9 @@ class SyncSession:
         self.peer_node_id: str | None = None
         self._want_full_to_peer = False
         self._want_full_from_peer = False
+        #: Buckets found different on the peer by the last completed digest resync of
+        #: our table (``replicator verify`` lists their entries).
+        self.last_differing_buckets: tuple[int, ...] = ()
         #: Counts request_resync calls: a RESYNC_REQUEST carries the count when it
         #: leaves, and only the acknowledgement of one sent after the latest call
         #: satisfies the wish.
@@ -568,6 +574,10 @@ class SyncSession:
                 if s.first_change is not None and s.first_change < oldest:
                     oldest = s.first_change
         return 0.0 if oldest == _INF else max(0.0, now - oldest)
+
+    def local_bucket(self, bucket: int) -> list[Entry]:
+        """The local entries of one digest bucket."""
+        return list(self._table.bucket(bucket).values())
 
     def local_entries(self) -> Iterator[Entry]:
         """The local table as the session holds it (after filtering)."""
@@ -887,6 +897,8 @@ class SyncSession:
                 c.send_resync = None
                 if r.full:
                     self._want_full_to_peer = False
+                else:
+                    self.last_differing_buckets = tuple(r.differing)
                 self._events.append(
                     ResyncCompleted("send", r.id, r.full, now - r.started_at, r.buckets, r.entries)
                 )
@@ -1036,8 +1048,10 @@ class SyncSession:
             return  # for a superseded resync
         table, dirty = self._table, self._dirty
         for b, theirs in enumerate(unpack_digests(msg.digests), first):
-            if table.digest(b) != theirs and b not in dirty:
-                dirty[b] = now
+            if table.digest(b) != theirs:
+                r.differing.append(b)
+                if b not in dirty:
+                    dirty[b] = now
         r.awaiting.discard(first)
 
     def _on_done(self, c: _Conn, msg: wire.ResyncDone, now: float) -> None:

@@ -18,6 +18,7 @@ from pathlib import Path
 import pytest
 import trio
 
+from replicator import ctformat
 from replicator.config import Config, parse_config
 from replicator.control import CacheName, Command, ControlClient, Request
 from replicator.daemon import Daemon, for_kernel
@@ -166,6 +167,18 @@ async def test_cache_mode_replicates_then_commits_on_promotion(
         assert status["peer_up"] is True
         check = await b.call(Command.CHECK)
         assert check == {"ok": True, "reason": ""}
+
+        # verify on the active: a copy damaged on the standby is found, listed, repaired.
+        damaged = flow(7)
+        external = b.daemon.session.external
+        external.delete(external.table.bucket_of(damaged.key), damaged.key)
+        report = await a.call(Command.VERIFY)
+        assert isinstance(report, dict) and report["ok"] is False
+        line = ctformat.format_entry(next(e for e in a.daemon.session.local_entries()
+                                          if e.key == damaged.key))
+        assert "  " + line in report["problems"]
+        await eventually(lambda: external.get(damaged.key) is not None)
+        assert (await a.call(Command.VERIFY))["ok"] is True  # type: ignore[index]
 
         # Updates and deletes propagate.
         a.kernel.remove(flow(0).key)
