@@ -324,6 +324,16 @@ class Daemon:
         external = self.session.external
         return [e for e in cache if external.get(e.key) is None]
 
+    async def _reread_kernel(self) -> None:
+        """Dump the kernel, reconcile the mirror, and make the result the local table.
+
+        For the periodic refresh (timeouts), operator resyncs and promotion: the dump
+        also catches entries whose events were echoes and so never published.
+        """
+        await self.mirror.resync()
+        self.session.local_snapshot(self._own_table(), self.now())
+        self.wake()
+
     # --- inputs -----------------------------------------------------------------------
 
     def _on_local_changes(self, changes: list[Change]) -> None:
@@ -443,9 +453,7 @@ class Daemon:
             return
         while True:
             await trio.sleep(interval)
-            await self.mirror.resync()
-            self.session.local_snapshot(self._own_table(), self.now())
-            self.wake()
+            await self._reread_kernel()
 
     async def _watch(self, period: float) -> None:
         """Metrics gauges, systemd STATUS and watchdog, every ``period`` seconds."""
@@ -500,11 +508,10 @@ class Daemon:
             # and make everything in the kernel ours to send. The entries we wrote
             # (hot-mode injections, the commit just done) came back as echoes, which
             # the mirror caches but never publishes, so re-read the table and hand the
-            # whole of it to the session before the bulk send that follows.
+            # whole of it to the session before the bulk send that follows (the role
+            # is MASTER by now, so the whole table is ours).
             self.writer.discard()
-            await self.mirror.resync()
-            self.session.local_snapshot(self.mirror.cache, self.now())
-            self.wake()
+            await self._reread_kernel()
         elif action is Action.BULK_SEND:
             self.session.bulk_send(now)
             self.wake()
@@ -652,9 +659,7 @@ class Daemon:
         """``replicator flush``: empty a cache and refill it from its source."""
         if cache is CacheName.INTERNAL:
             count = self.session.local_count
-            await self.mirror.resync()
-            self.session.local_snapshot(self._own_table(), self.now())
-            self.wake()
+            await self._reread_kernel()
             return {"count": count, "detail": "internal cache re-read from the kernel"}
         count = len(self.session.external)
         self.session.external.clear()
@@ -665,9 +670,7 @@ class Daemon:
     async def resync(self, source: ResyncSource) -> CountReport:
         """``replicator resync --kernel|--peer``."""
         if source is ResyncSource.KERNEL:
-            await self.mirror.resync()
-            self.session.local_snapshot(self._own_table(), self.now())
-            self.wake()
+            await self._reread_kernel()
             return {"count": len(self.mirror.cache), "detail": "kernel table re-read"}
         if not self.session.established:
             raise ControlError("peer not connected")
