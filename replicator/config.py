@@ -27,7 +27,6 @@ from dataclasses import field
 from pathlib import Path
 from typing import Any, Literal, NamedTuple
 
-from . import keys
 from .errors import ConfigError
 from .model import TcpState
 from .wire import MAX_BUCKETS, MAX_ITEMS
@@ -229,6 +228,11 @@ def _tcp_state(value: object) -> str:
 
 
 def _fingerprint(value: object) -> str:
+    # keys imports cryptography (tens of ms): only when the file names a fingerprint or a
+    # key is checked, so that `replicator check` (keepalived runs it every second, and
+    # it reads this file for control.socket) stays cheap.
+    from . import keys
+
     try:
         return keys.normalize_fingerprint(_string(value))
     except ConfigError as exc:
@@ -653,6 +657,8 @@ def check_files(config: Config) -> None:
     the certificates readable, the control group known, and an existing notify FIFO path
     must be a FIFO.
     """
+    from . import keys  # lazily: see _fingerprint
+
     try:
         keys.check_key_file_permissions(config.tls.key)
     except ConfigError as exc:

@@ -6,6 +6,11 @@ validates a file without contacting anything). Every command takes ``-c/--config
 find the control socket (or ``--socket`` to name it directly) and ``--json`` for a
 machine-readable answer. Exit status: 0 on success, 1 on error with a one-line reason on
 stderr; ``check`` and ``verify`` exit 1 when the daemon says "not ok".
+
+keepalived runs ``check`` every second and ``notify`` on every transition, so this
+module imports only the protocol, the client and the configuration parser: no trio,
+no cryptography (``replicator.cli`` builds a parser of these commands alone when one of
+them is asked for).
 """
 
 from __future__ import annotations
@@ -17,11 +22,11 @@ from pathlib import Path
 from typing import Any
 
 from .config import DEFAULT_CONFIG_PATH, load_config
-from .control import (
+from .controlclient import ControlClient
+from .controlproto import (
     CacheName,
     CheckReport,
     CommitReport,
-    ControlClient,
     CountReport,
     DumpReport,
     NotifyReport,
