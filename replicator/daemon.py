@@ -77,7 +77,7 @@ from .kernel import InjectResult, KernelPort
 from .logs import fields, set_level, setup_logging
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .mirror import Mirror
-from .model import Entry, EntryKey, TcpFlag
+from .model import Entry, EntryKey, TcpFlag, TcpInfo
 from .notifyfifo import read_notify_fifo
 from .role import Action, Role, RoleMachine, VrrpEvent
 from .roletask import RoleRunner
@@ -104,6 +104,8 @@ log = logging.getLogger(__name__)
 #: conntrackd's fallback for an unknown remaining time is 60 s; a few minutes errs on
 #: the side of keeping a flow that is alive on the peer.
 DEFAULT_COMMIT_TIMEOUT = 180
+_LIBERAL = int(TcpFlag.BE_LIBERAL)
+_new = tuple.__new__
 #: The driver comes round at least this often (seconds); see :meth:`Daemon._watch`.
 DRIVER_BEAT = 1.0
 #: Generation-0 threshold of the cyclic garbage collector (see :func:`run_daemon`).
@@ -149,13 +151,18 @@ def for_kernel(entry: Entry, *, window_tracking: bool = False) -> Entry:
     BE_LIBERAL in both directions, as conntrackd does by default (TCPWindowTracking
     off); only out-of-window RSTs are still refused on them.
     """
-    if entry.timeout is None:
-        entry = entry._replace(timeout=DEFAULT_COMMIT_TIMEOUT)
-    tcp = entry.tcp
+    # Built with tuple.__new__ and plain ints: this runs once per entry of a commit
+    # (100 k on a promotion), where _replace() and IntFlag arithmetic cost more than
+    # encoding the netlink request itself.
+    timeout = entry[5]
+    tcp = entry[8]
     if tcp is not None and not window_tracking:
-        entry = entry._replace(tcp=tcp._replace(
-            flags_orig=tcp.flags_orig | TcpFlag.BE_LIBERAL,
-            flags_reply=tcp.flags_reply | TcpFlag.BE_LIBERAL))
+        tcp = _new(TcpInfo, (tcp[0], tcp[1], tcp[2], tcp[3] | _LIBERAL, tcp[4] | _LIBERAL))
+    elif timeout is not None:
+        return entry
+    if timeout is None:
+        timeout = DEFAULT_COMMIT_TIMEOUT
+    return _new(Entry, (*entry[:5], timeout, entry[6], entry[7], tcp, *entry[9:]))
     return entry
 
 
@@ -286,6 +293,7 @@ class Daemon:
         self._wake = trio.Event()
         self._resync_done = trio.Event()
         self._metrics_server: MetricsServer | None = None
+        self._nursery: trio.Nursery | None = None
         self._driver_beat = 0.0
         #: The external cache was a complete copy of the peer's table at least once.
         self._held_copy = False
@@ -516,6 +524,10 @@ class Daemon:
             self.session.bulk_send(now)
             self.wake()
         elif action is Action.BECOME_RECEIVER:
+            if self.mirror.stale:
+                # A commit ran (the role changed back during it): its echoes were not
+                # read, so the mirror needs the re-read promotion would have done.
+                await self._reread_kernel()
             if self.hot:
                 # Load the kernel with the peer's table as it stands; later changes
                 # follow as PeerUpserts/PeerDeletes.
@@ -538,8 +550,11 @@ class Daemon:
             have = self.mirror.cache
             entries = [e for e in entries if e.key not in have]
         tracking = self.config.kernel.tcp_window_tracking
-        result = await self.kernel.upsert(
-            [for_kernel(e, window_tracking=tracking) for e in entries])
+        # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
+        # the caller re-reads the kernel afterwards (promotion does anyway).
+        with self.mirror.echoes_ignored():
+            result = await self.kernel.upsert(
+                [for_kernel(e, window_tracking=tracking) for e in entries])
         self.writer.record(result, "commit")
         seconds = self.now() - start
         self.metrics.commit_duration.observe(seconds)
@@ -653,7 +668,12 @@ class Daemon:
 
     async def commit(self) -> CommitReport:
         """``replicator commit``."""
-        return await self.commit_external()
+        report = await self.commit_external()
+        if self.mirror.stale and self._nursery is not None:
+            # The mirror skipped the commit's echoes: re-read the kernel, but after
+            # answering (conntrackd -c also returns once the kernel has the entries).
+            self._nursery.start_soon(self._reread_kernel)
+        return report
 
     async def flush(self, cache: CacheName) -> CountReport:
         """``replicator flush``: empty a cache and refill it from its source."""
@@ -789,6 +809,7 @@ class Daemon:
         self.started_at = self.now()
         try:
             async with trio.open_nursery() as nursery:
+                self._nursery = nursery
                 # The mirror's first reconciliation publishes the whole table to the
                 # session, so the session starts with a full local table.
                 await nursery.start(self.mirror.run)

@@ -44,6 +44,13 @@ EventBatch = list[CtEvent] | Overrun
 class Subscription(Protocol):
     """A live event subscription: iterate it for batches, close it when done."""
 
+    #: Events caused by this netlink port id are dropped unread (0: none). The mirror
+    #: sets it to the injector's port id while a commit writes a whole table whose
+    #: echoes would only be decoded to be superseded by the dump that follows.
+    ignore_portid: int
+    #: How many events were dropped because of :attr:`ignore_portid`.
+    ignored: int
+
     def __aiter__(self) -> Subscription: ...
 
     async def __anext__(self) -> EventBatch: ...

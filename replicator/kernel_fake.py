@@ -47,8 +47,13 @@ class FakeSubscription:
         self._lost = 0
         self._closed = False
         self._wakeup = trio.Event()
+        self.ignore_portid = 0
+        self.ignored = 0
 
     def _push(self, event: CtEvent) -> None:
+        if self.ignore_portid and event.portid == self.ignore_portid:
+            self.ignored += 1
+            return
         if self._buffer is not None and len(self._queue) >= self._buffer:
             self._lost += 1
         else:

@@ -191,6 +191,10 @@ async def test_cache_mode_replicates_then_commits_on_promotion(
         await b.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
         await eventually(lambda: len(b.kernel.table) == 299)
         assert kernel_view(b.kernel) == kernel_view(a.kernel)
+        # The commit's echoes were not decoded; the promotion's re-read filled the mirror.
+        await eventually(lambda: b.daemon.mirror.synced)
+        assert b.daemon.mirror.stats.echoes_ignored == 299
+        assert b.daemon.mirror.cache.snapshot() == b.kernel.table
         # Sequence edges cannot be copied: committed TCP entries are written liberal.
         assert all(e.tcp.flags_orig & e.tcp.flags_reply & TcpFlag.BE_LIBERAL
                    for e in b.kernel.table.values() if e.tcp is not None)
@@ -213,6 +217,23 @@ async def test_cache_mode_replicates_then_commits_on_promotion(
         assert f'replicator_entries{{cache="external"}} {status["entries"]["external"]}.0' in text
         assert "replicator_peer_up 1.0" in text
         assert 'replicator_role{replicator_role="MASTER"} 1.0' in text
+
+
+async def test_an_operator_commit_answers_then_the_mirror_rereads_the_kernel(
+    pair_factory: Pair,
+) -> None:
+    async with pair_factory("cache") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(120))
+        await eventually(lambda: len(b.daemon.session.external) == 120)
+        result = await b.call(Command.COMMIT)
+        assert isinstance(result, dict) and result["applied"] == 120
+        assert len(b.kernel.table) == 120
+        # The commit's echoes were dropped unread; a background re-read replaces them.
+        assert b.daemon.mirror.stats.echoes_ignored == 120
+        await eventually(lambda: b.daemon.mirror.synced)
+        assert b.daemon.mirror.cache.snapshot() == b.kernel.table
 
 
 async def test_hot_mode_standby_kernel_follows_the_active(
@@ -284,3 +305,9 @@ def test_entries_for_the_kernel_get_a_timeout_and_liberal_tcp_unless_tracking() 
     assert for_kernel(entry, window_tracking=True).tcp == entry.tcp
     udp = flow(2, proto=IPPROTO_UDP)
     assert for_kernel(udp) == udp
+    # Everything else is kept, field for field (it is built by hand for speed).
+    assert liberal._replace(timeout=None, tcp=entry.tcp) == entry
+    assert type(liberal) is type(entry) and type(liberal.tcp) is type(entry.tcp)
+    timed = flow(3)
+    assert for_kernel(timed, window_tracking=True) is timed
+    assert for_kernel(timed)._replace(tcp=timed.tcp) == timed

@@ -103,6 +103,44 @@ async def test_echoes_are_cached_but_not_published() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_ignored_echoes_leave_the_mirror_stale_until_a_dump() -> None:
+    kernel = FakeKernel()
+    consumer = Consumer()
+    mirror = Mirror(kernel, consumer)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        with mirror.echoes_ignored():
+            await kernel.upsert([entry(p) for p in range(5)])
+            kernel.add(entry(99))  # traffic during the commit is still read
+        await settle(mirror)
+        assert mirror.stats.echoes_ignored == 5 and mirror.stats.echoes == 0
+        assert mirror.stale and not mirror.synced
+        assert set(mirror.cache.snapshot()) == {entry(99).key}
+        # After the block, echoes are decoded again.
+        await kernel.upsert([entry(50)])
+        await settle(mirror)
+        assert entry(50).key in mirror.cache and mirror.stats.echoes == 1
+        await mirror.resync()
+        assert not mirror.stale and mirror.synced
+        assert mirror.cache.snapshot() == kernel.table
+        # The dump found the ignored writes and published them, as any reconciliation
+        # does (the echo of entry 50 was read, cached and so not published).
+        assert set(consumer.table) == {entry(p).key for p in (*range(5), 99)}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_block_without_echoes_leaves_the_mirror_complete() -> None:
+    kernel = FakeKernel()
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        with mirror.echoes_ignored():
+            kernel.add(entry(1))
+        await settle(mirror)
+        assert not mirror.stale and mirror.synced and entry(1).key in mirror.cache
+        nursery.cancel_scope.cancel()
+
+
 async def test_overrun_is_repaired_by_a_dump() -> None:
     # A tiny buffer: a burst overflows it, as a small SO_RCVBUF does.
     kernel = FakeKernel(buffer_events=16)
