@@ -22,7 +22,7 @@ $(STAMP): pyproject.toml
 venv: $(STAMP)
 
 lint: venv
-	$(VENV)/bin/ruff check replicator tests integration bench
+	$(VENV)/bin/ruff check replicator tests integration bench fuzz
 	$(VENV)/bin/mypy
 
 unit: venv
