@@ -74,6 +74,7 @@ from .control import (
 from .errors import ControlError, KernelError, ReplicatorError
 from .filters import EntryFilter, build_filter
 from .kernel import InjectResult, KernelPort
+from .keys import NodeIdentity, load_identity
 from .logs import fields, set_level, setup_logging
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .mirror import Mirror
@@ -94,7 +95,7 @@ from .sync import (
     SyncParams,
     SyncSession,
 )
-from .tlsctx import load_credentials
+from .tlsctx import peer_credentials
 from .transport import FramedConnection, LinkSettings, PeerLink
 
 log = logging.getLogger(__name__)
@@ -294,6 +295,8 @@ class Daemon:
         self._resync_done = trio.Event()
         self._metrics_server: MetricsServer | None = None
         self._nursery: trio.Nursery | None = None
+        #: This node's key and certificate as loaded at start (a reload keeps them).
+        self.identity: NodeIdentity | None = None
         self._driver_beat = 0.0
         #: The external cache was a complete copy of the peer's table at least once.
         self._held_copy = False
@@ -780,15 +783,19 @@ class Daemon:
         if any(k.startswith("filters.") for k in diff.live):
             self.session.set_filter(build_entry_filter(new), self._own_table(), self.now())
             self.wake()
-        if any(k.startswith("tls.") for k in diff.live) and self.link is not None:
+        if (any(k.startswith("tls.") for k in diff.live) and self.link is not None
+                and self.identity is not None):
             try:
-                self.link.set_credentials(_credentials(new))
+                t = new.tls
+                self.link.set_credentials(
+                    peer_credentials(self.identity, t.peer_certs, t.peer_fingerprints))
             except ReplicatorError as exc:
                 log.error("reload: keeping the old peer credentials", extra=fields(error=exc))
         # Tables that need a restart keep their running values.
         old = self.config
         self.config = replace(new, node=old.node, sync=old.sync, kernel=old.kernel,
-                              control=old.control, metrics=old.metrics)
+                              control=old.control, metrics=old.metrics,
+                              tls=replace(new.tls, key=old.tls.key, cert=old.tls.cert))
         if diff.restart:
             log.warning("reload: these keys need a restart to take effect",
                         extra=fields(keys=",".join(diff.restart)))
@@ -807,6 +814,7 @@ class Daemon:
         """Run until cancelled. ``task_status.started()`` once ready (READY=1 too)."""
         cfg = self.config
         self.started_at = self.now()
+        self.identity = load_identity(cfg.tls.key, cfg.tls.cert)
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
@@ -824,7 +832,8 @@ class Daemon:
                         dial_source=str(cfg.sync.listen_address),
                         dead_peer_timeout=max(1.0, cfg.sync.timers.dead_interval),
                     ),
-                    _credentials(cfg),
+                    peer_credentials(self.identity, cfg.tls.peer_certs,
+                                     cfg.tls.peer_fingerprints),
                     self._serve_peer,
                 )
                 await nursery.start(self.link.run)
@@ -856,11 +865,6 @@ class Daemon:
 
         await serve_control(c.socket, self, group=c.group, mode=c.mode, on_denied=denied,
                             task_status=task_status)
-
-
-def _credentials(config: Config) -> Any:
-    t = config.tls
-    return load_credentials(t.key, t.cert, t.peer_certs, t.peer_fingerprints)
 
 
 def _endpoint(host: object, port: int) -> str:

@@ -113,7 +113,18 @@ def load_credentials(
     (:func:`~replicator.keys.load_identity`); every peer certificate must match one of
     ``peer_fingerprints`` when that is not empty. Raises ConfigError naming the file.
     """
-    identity = load_identity(key, cert)
+    return peer_credentials(load_identity(key, cert), peer_certs, peer_fingerprints)
+
+
+def peer_credentials(
+    identity: NodeIdentity, peer_certs: Sequence[Path], peer_fingerprints: Sequence[str] = ()
+) -> Credentials:
+    """Credentials for a loaded ``identity`` and the peer certificates in these files.
+
+    What SIGHUP uses: the peers' certificates and pins are live configuration, this
+    node's own key and certificate are not (a new identity needs a restart), so a
+    reload keeps the identity the daemon started with.
+    """
     pinned = frozenset(peer_fingerprints) if peer_fingerprints else None
     return credentials(identity, load_peer_certificates(list(peer_certs), pinned))
 

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -311,3 +312,38 @@ def test_entries_for_the_kernel_get_a_timeout_and_liberal_tcp_unless_tracking() 
     timed = flow(3)
     assert for_kernel(timed, window_tracking=True) is timed
     assert for_kernel(timed)._replace(tcp=timed.tcp) == timed
+
+
+async def test_sighup_takes_new_peer_certificates_but_keeps_this_nodes_key(
+    tmp_path: Path,
+) -> None:
+    now = datetime.datetime.now(datetime.UTC)
+    identities = {name: generate_identity(name, now) for name in ("fw-a", "fw-b", "fw-b2",
+                                                                  "fw-x")}
+    for name, identity in identities.items():
+        write_identity(identity, tmp_path / f"{name}.key", tmp_path / f"{name}.crt")
+    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
+                       mode="cache", metrics_port=free_port())
+    path = tmp_path / "replicator.toml"
+    path.write_text(text)
+    daemon = Daemon(parse_config(text), FakeKernel(), config_path=path, environ={})
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        assert daemon.link is not None
+        given: list[tuple[str, frozenset[str]]] = []
+        original = daemon.link.set_credentials
+
+        def record(credentials: Any) -> None:
+            given.append((credentials.own, credentials.accepted))
+            original(credentials)
+
+        daemon.link.set_credentials = record  # type: ignore[method-assign]
+        # A rotation on the peer (new certificate) and, by mistake, a new key here too:
+        # tls.key/tls.cert need a restart, so the running identity must stay.
+        path.write_text(text.replace("fw-b.crt", "fw-b2.crt")
+                        .replace("fw-a.key", "fw-x.key").replace("fw-a.crt", "fw-x.crt"))
+        daemon.reload()
+        assert given == [(identities["fw-a"].fingerprint,
+                          frozenset({identities["fw-b2"].fingerprint}))]
+        assert daemon.config.tls.key == tmp_path / "fw-a.key"
+        nursery.cancel_scope.cancel()
