@@ -13,6 +13,7 @@ Modules, one job each:
 ``keepalived``   keepalived configuration, process control and transition logs
 ``replication``  the hook a state-replication system plugs into (``NoReplication`` here)
 ``conntrackd``   ``ConntrackdReplication``: conntrack-tools FTFW as a positive control
+``replicator``   ``ReplicatorReplication``: replicator wired as docs/operations.md says
 ``agent``        standalone traffic / address-watch agent run inside the namespaces
 ``traffic``      the test-side handles of those agents
 ``drill``        failover events and their measurements

@@ -11,10 +11,15 @@ before and after.
 Events (``node`` is the firewall acted on):
 
 ``planned``      SIGTERM ``node``'s keepalived (it must be master); the peer takes over.
-``daemon-kill``  SIGKILL ``node``'s replication daemon (it must be master). If that alone
-                 does not move the VIPs within ``kill_grace`` (no keepalived tracking of
-                 the daemon), ``node``'s keepalived is stopped as in ``planned``, so the
-                 peer takes over with whatever state it got before the kill. With
+``daemon-kill``  SIGKILL ``node``'s replication daemon (it must be master). If keepalived
+                 tracks the daemon (:attr:`Replication.tracked_by_keepalived`: replicator's
+                 ``check`` track script), the drill touches nothing else: keepalived must
+                 move the VIPs by itself, the takeover is timed from the kill, and the
+                 phase fails unless ``node``'s keepalived, still running, left MASTER.
+                 Otherwise (conntrackd wired as conntrack-tools documents, no
+                 replication) the kill cannot move the VIPs: after ``kill_grace``
+                 ``node``'s keepalived is stopped as in ``planned`` (a *forced* phase),
+                 so the peer takes over with whatever state it got before the kill. With
                  :class:`NoReplication` the kill is a no-op and this is a planned failover.
 ``crash``        set ``node``'s inside and outside links down (it must be master).
 ``failback``     restore ``node`` (revive its daemon, links up, start keepalived); being
@@ -97,7 +102,8 @@ class DrillConfig:
     probe_timeout: float = 1.5
     #: No takeover within this long is a :class:`DrillError`.
     takeover_timeout: float = 10.0
-    #: ``daemon-kill``: how long to wait for a takeover caused by the kill alone.
+    #: ``daemon-kill`` of a daemon keepalived does not track: seconds between the kill
+    #: and the keepalived stop that forces the failover.
     kill_grace: float = 1.0
     #: Allowed stall beyond the takeover time (the issue's target).
     stall_margin: float = 0.2
@@ -131,9 +137,10 @@ class PhaseResult:
 
     event: Event
     new_master: str
-    #: ``daemon-kill`` only: keepalived had to be stopped because the kill moved nothing.
+    #: ``daemon-kill`` only: keepalived does not track the daemon, so the drill stopped it.
     forced: bool
-    #: Seconds from the event (the keepalived stop when forced) to both VIPs up.
+    #: Seconds from the event (for ``daemon-kill`` the kill, or the keepalived stop when
+    #: forced) to both VIPs up.
     takeover: float
     flows: tuple[FlowOutcome, ...]
     idle: tuple[ProbeResult, ...]
@@ -260,6 +267,20 @@ class Drill:
         raise DrillError(f"fw{name} did not take both VIPs within "
                          f"{self.config.takeover_timeout} s\n{self.diagnostics()}")
 
+    def _await_demoted(self, name: str, since_wall: float) -> None:
+        """Require that fw``name``'s keepalived, untouched by the drill, left MASTER by
+        itself after ``since_wall`` (its notify script logs the transition)."""
+        ka = self.keepalived[name]
+        deadline = time.monotonic() + self.config.takeover_timeout
+        while time.monotonic() < deadline:
+            if not ka.running:
+                raise DrillError(f"keepalived on fw{name} is not running\n{self.diagnostics()}")
+            if any(t.state != "MASTER" for t in ka.transitions() if t.wall_time >= since_wall):
+                return
+            time.sleep(0.02)
+        raise DrillError(f"fw{name}'s keepalived did not leave MASTER by itself\n"
+                         f"{self.diagnostics()}")
+
     def _await_state(self, name: str, state: str) -> None:
         deadline = time.monotonic() + self.config.takeover_timeout
         while time.monotonic() < deadline:
@@ -296,11 +317,10 @@ class Drill:
         elif event.kind is EventKind.DAEMON_KILL:
             if self.replication.kill(fw):
                 self._killed.add(fw.name)
-                deadline = t0 + self.config.kill_grace
-                while time.monotonic() < deadline:
-                    if self.holds_vips(self.ha.peer(fw).name):
-                        return t0, False
-                    time.sleep(0.01)
+                if self.replication.tracked_by_keepalived:
+                    # keepalived's own track script must notice: nothing else is done.
+                    return t0, False
+                time.sleep(self.config.kill_grace)
             t0 = time.monotonic()
             self.keepalived[fw.name].terminate()
             return t0, True
@@ -361,6 +381,8 @@ class Drill:
             t_start, forced = self._fire(event, fw)
             t_up = self._await_master(new_master, since=t_start)
             time.sleep(cfg.hold)
+            if event.kind is EventKind.DAEMON_KILL and not forced:
+                self._await_demoted(fw.name, since_wall=t_start + wall_offset)
             for driver in drivers:
                 driver.start_probe(cfg.probe_timeout)
             idle = tuple(driver.probe_result(cfg.probe_timeout) for driver in drivers)

@@ -28,6 +28,9 @@ class Replication(ABC):
 
     #: Short name for reports.
     name: str
+    #: Whether keepalived notices a dead daemon by itself (a ``track_script`` on it), so
+    #: that killing the master's daemon must move the VIPs with no other help.
+    tracked_by_keepalived: bool = False
 
     @abstractmethod
     def start(self, ha: HaLab, fw_a: Firewall, fw_b: Firewall) -> None:

@@ -14,16 +14,19 @@ keepalived wiring, as ``etc/keepalived/keepalived.conf.example`` and
   ``notify`` script as well (never both).
 * ``replicator check`` as a ``track_script`` of both instances with a negative weight
   and ``sync_group_tracking_weight`` in the group: a node whose daemon is dead or not
-  yet in sync loses 60 priority points, so it does not preempt a healthy master (and a
-  dead daemon on the master would let keepalived move the VIPs if the peer still
-  passed; it does not: see :data:`DRILL_CONFIG`).
-  The script's interval, ``fall``, ``rise`` and weight are the example's. Its timeout
-  is longer (``check --timeout 8``, script ``timeout 10``, where the example has 5 and
-  6): on the shared lab host ``check`` (a Python command) takes seconds to start and a
-  daemon in the middle of a resync answers late; keepalived counts a timed-out run as
-  a failure, and a keepalived that has just started demotes on the first failure, so
-  with the example's timeout the fail-back flapped (master, demoted, master again)
-  and broke the flows it was moving.
+  yet in sync loses 60 priority points, so it does not preempt a healthy master; and
+  when the master's daemon dies, the master (150 - 60) falls below the backup (100),
+  whose ``check`` keeps passing (it held a complete copy of the table), and the backup
+  preempts: keepalived moves the VIPs by itself (the drill's ``daemon-kill`` event
+  relies on nothing else, :attr:`ReplicatorReplication.tracked_by_keepalived`).
+  The script's ``interval 1``, ``fall 2``, ``rise 2`` and weight are the example's: a
+  dead daemon is noticed by the first or second run after the kill, so within 1-2 s
+  plus the run time of ``check`` (a connection refused: no daemon to wait for). Its
+  timeout is longer (``check --timeout 8``, script ``timeout 10``, where the example
+  has 5 and 6): a daemon in the middle of a resync answers late on the shared lab host;
+  keepalived counts a timed-out run as a failure, and a keepalived that has just
+  started demotes on the first failure, so with the example's timeout the fail-back
+  flapped (master, demoted, master again) and broke the flows it was moving.
 
 Before each event the drill waits (:meth:`ReplicatorReplication.caught_up`) until the
 standby holds the master's whole table: entries still in flight when the master dies
@@ -57,12 +60,14 @@ SYNC_TIMEOUT = 30.0
 
 #: ``hold``: in cache mode the VIPs move before the commit, and packets of established
 #: TCP flows dropped meanwhile are retransmitted with exponential backoff; a longer hold
-#: lets a flow that the commit did save show it. ``kill_grace`` stays the default (1 s),
-#: shorter than two failed ``check`` runs (2 s apart): the kill alone cannot move the
-#: VIPs with this wiring (the backup's ``check`` fails too once the peer is gone, so
-#: both nodes lose 60 points), and waiting longer only lets a race between the two
-#: demotions flap the VIPs; so the drill stops the master's keepalived after the kill.
+#: lets a flow that the commit did save show it.
 DRILL_CONFIG = DrillConfig(hold=4.0)
+
+#: The track script's seconds between runs, failures to demote, successes to recover
+#: (as in the shipped example).
+CHECK_INTERVAL = 1
+CHECK_FALL = 2
+CHECK_RISE = 2
 
 
 def node_name(fw: Firewall) -> str:
@@ -72,6 +77,9 @@ def node_name(fw: Firewall) -> str:
 
 class ReplicatorReplication(Replication):
     """Two replicator daemons in ``mode`` ``"cache"`` or ``"hot"``."""
+
+    #: ``replicator check`` is a track script: a dead daemon demotes its node.
+    tracked_by_keepalived = True
 
     def __init__(self, mode: str = "hot") -> None:
         if mode not in ("cache", "hot"):
@@ -144,10 +152,10 @@ class ReplicatorReplication(Replication):
             blocks=(f"""\
 vrrp_script replicator_check {{
     script "{script}"
-    interval 2
+    interval {CHECK_INTERVAL}
     timeout {CHECK_TIMEOUT + 2}
-    fall 2
-    rise 2
+    fall {CHECK_FALL}
+    rise {CHECK_RISE}
     weight {CHECK_WEIGHT}
 }}""",),
             sync_group=("sync_group_tracking_weight",),
@@ -211,12 +219,15 @@ vrrp_script replicator_check {{
 
 
 def check_script(command: str, log: Path) -> str:
-    """A track script running ``command`` and appending its exit status and output."""
+    """A track script running ``command`` and appending its exit status, how long it
+    took (keepalived notices a dead daemon only as fast as this) and its output."""
     return f"""\
 #!/bin/sh
+start=$(date +%s%N)
 out=$({command} 2>&1)
 rc=$?
-echo "$(date +%s.%N) rc=$rc $out" >> {log}
+end=$(date +%s%N)
+echo "$(date +%s.%N) rc=$rc ms=$(( (end - start) / 1000000 )) $out" >> {log}
 exit $rc
 """
 

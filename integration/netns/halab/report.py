@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from integration.netns.halab.drill import FlowOutcome, PhaseResult
+from integration.netns.halab.drill import EventKind, FlowOutcome, PhaseResult
 
 KINDS = ("tcp-snat", "udp-snat", "tcp-dnat")
 
@@ -23,11 +23,16 @@ def _mapping_line(kind: str, flows: Sequence[FlowOutcome]) -> str:
 
 def format_phase(index: int, result: PhaseResult, verbose: bool = False) -> str:
     """One phase: takeover, survival per flow kind, stalls, NAT, transitions, counters."""
-    forced = " (keepalived stopped: the kill alone moved nothing)" if result.forced else ""
+    if result.forced:
+        how = " (keepalived stopped: it does not track the daemon)"
+    elif result.event.kind is EventKind.DAEMON_KILL:
+        how = " (keepalived moved the VIPs by itself: its track script failed)"
+    else:
+        how = ""
     verdict = "within target" if result.within_target else "MISSED target"
     budget = result.takeover + result.stall_margin
     lines = [
-        f"{index}. {result.event} -> fw{result.new_master} master{forced}",
+        f"{index}. {result.event} -> fw{result.new_master} master{how}",
         f"    VRRP takeover {_ms(result.takeover)}; longest stall {_ms(result.max_stall)} "
         f"(target <= {_ms(budget)}: {verdict})",
     ]
