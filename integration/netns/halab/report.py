@@ -24,7 +24,7 @@ def _mapping_line(kind: str, flows: Sequence[FlowOutcome]) -> str:
 def format_phase(index: int, result: PhaseResult, verbose: bool = False) -> str:
     """One phase: takeover, survival per flow kind, stalls, NAT, transitions, counters."""
     if result.forced:
-        how = " (keepalived stopped: it does not track the daemon)"
+        how = " (keepalived stopped by the drill: no track script watches the daemon)"
     elif result.event.kind is EventKind.DAEMON_KILL:
         how = " (keepalived moved the VIPs by itself: its track script failed)"
     else:
