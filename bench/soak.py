@@ -20,6 +20,7 @@ Run as root: ``.venv/bin/python bench/soak.py --duration 1800``.
 from __future__ import annotations
 
 import argparse
+import math
 import signal
 import sys
 import time
@@ -78,6 +79,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.table < 2 * args.rate:
         parser.error("--table must be at least twice --rate")
+    # Each churn period of s seconds takes at most ceil(s) ticks of --rate new entries.
+    ticks = args.duration + math.ceil(args.duration / args.check_every)
+    if args.table + args.rate * ticks > P.SYNTH_LIMIT:
+        parser.error(f"--duration too long: the run would need more than {P.SYNTH_LIMIT} "
+                     "distinct entries")
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     ok = True
     with lab("sk") as the_lab, TemporaryDirectory(prefix="replicator-soak-") as tmp:

@@ -69,7 +69,7 @@ from integration.netns.halab import conntrackd as ctd
 from integration.netns.halab.topology import SYNC_IF, Firewall
 from integration.netns.lab import Lab, Netns, lab
 from integration.netns.nodes import DaemonNode, NodeSpec
-from integration.netns.syncpair import synthetic
+from integration.netns.pair import synthetic
 from replicator.control import ControlClient
 from replicator.kernel_linux import LinuxKernel
 from replicator.model import Entry
@@ -337,7 +337,7 @@ def wait_count(count: Callable[[], int], target: int, patience: float,
 def bench_size(system: System, a: Netns, b: Netns, n: int, patience: float) -> None:
     """Sync ``n`` entries, then commit them (see the module doc)."""
     p = f"{system.name}_n{n}"
-    entries = synthetic(n)
+    entries = synthetic(0, n, timeout=600)
     system.start()
     before = Sample.take(system, a)
     t0 = time.monotonic()
@@ -374,7 +374,7 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
     p = f"{system.name}_lag{rate}"
     per_batch = max(1, round(rate * BATCH_INTERVAL))
     n = per_batch * round(seconds / BATCH_INTERVAL)
-    entries = synthetic(n)
+    entries = synthetic(0, n, timeout=600)
     system.start()
     before = Sample.take(system, a)
     starts: list[float] = []

@@ -58,6 +58,21 @@ def refusal_logs(node: DaemonNode, source: str) -> list[str]:
     return P.log_lines(node, f"{LOG_NEEDLE} {source}:")
 
 
+def connect_from(ns: Netns, source: str, target: tuple[str, int],
+                 timeout: float = 10.0) -> socket.socket:
+    """A TCP connection from ``source`` in ``ns`` to ``target`` (blocking, ``timeout``)."""
+    with entered(ns.name):
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.settimeout(timeout)
+        sock.bind((source, 0))
+        sock.connect(target)
+    except OSError:
+        sock.close()
+        raise
+    return sock
+
+
 def tls_attempt(sock: socket.socket, cert: Path | None = None, key: Path | None = None) -> bool:
     """Preamble in clear, TLS 1.3 (optionally with a client certificate), preamble inside.
 
@@ -88,7 +103,7 @@ def drain(sock: socket.socket) -> bytes:
     return received
 
 
-def run_attack(pair: P.Pair, attack: Callable[[], None]) -> None:
+def run_attack(pair: P.BridgedPair, attack: Callable[[], None]) -> None:
     """Entries before, during (background) and after ``attack``; then exact convergence."""
     writer = P.Writer(pair.active.ns)
     writer.upsert(P.synthetic(pair.take_entries(300), 300))
@@ -100,7 +115,7 @@ def run_attack(pair: P.Pair, attack: Callable[[], None]) -> None:
     assert pair.standby.status()["peer_up"]
 
 
-def expect_refusal(pair: P.Pair, source: str, reason: str, attack: Callable[[], None],
+def expect_refusal(pair: P.BridgedPair, source: str, reason: str, attack: Callable[[], None],
                    count: int = 1) -> None:
     """Run ``attack`` (from ``source``) during replication; ``count`` refusals for
     ``reason`` and exactly one log line about ``source``."""
@@ -119,24 +134,24 @@ def expect_refusal(pair: P.Pair, source: str, reason: str, attack: Callable[[], 
 
 
 @pytest.fixture(scope="module")
-def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P.Pair]:
+def shared(tmp_path_factory: pytest.TempPathFactory) -> Iterator[P.BridgedPair]:
     """One pair for the attacks that need no special configuration (each attack uses
     its own source address and entry numbers, so they do not see each other's)."""
     with lab("at") as the_lab:
         yield P.make_pair(the_lab, tmp_path_factory.mktemp("shared"))
 
 
-def test_client_without_certificate(shared: P.Pair) -> None:
+def test_client_without_certificate(shared: P.BridgedPair) -> None:
     pair = shared
     (src,) = pair.new_addresses(1)
 
     def attack() -> None:
-        assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY))
+        assert not tls_attempt(connect_from(pair.attacker, src, STANDBY))
 
     expect_refusal(pair, src, "no_certificate", attack)
 
 
-def test_unpinned_self_signed_certificate(shared: P.Pair) -> None:
+def test_unpinned_self_signed_certificate(shared: P.BridgedPair) -> None:
     pair = shared
     (src,) = pair.new_addresses(1)
     key, cert = keygen(pair.standby.workdir, "mallory")
@@ -144,12 +159,12 @@ def test_unpinned_self_signed_certificate(shared: P.Pair) -> None:
     def attack() -> None:
         # Three tries from one host: three refusals counted, one log line.
         for _ in range(3):
-            assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY), cert, key)
+            assert not tls_attempt(connect_from(pair.attacker, src, STANDBY), cert, key)
 
     expect_refusal(pair, src, "untrusted_certificate", attack, count=3)
 
 
-def test_expired_certificate_refused_even_when_pinned(shared: P.Pair) -> None:
+def test_expired_certificate_refused_even_when_pinned(shared: P.BridgedPair) -> None:
     # The strongest form: the standby pins the expired certificate next to the active's
     # valid one (live reload), and the client holds its private key. Expiry alone must
     # refuse it.
@@ -164,7 +179,7 @@ def test_expired_certificate_refused_even_when_pinned(shared: P.Pair) -> None:
     (src,) = pair.new_addresses(1)
 
     def attack() -> None:
-        assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY), cert, key)
+        assert not tls_attempt(connect_from(pair.attacker, src, STANDBY), cert, key)
 
     expect_refusal(pair, src, "untrusted_certificate", attack)
     assert "expired" in refusal_logs(pair.standby, src)[0]
@@ -186,7 +201,7 @@ def test_old_key_refused_after_rotation(netlab: Lab, tmp_path: Path) -> None:
         # 2. The active switches to its new key (tls.key/cert need a restart).
         P.set_config(act, "key", f'"{new_key}"')
         P.set_config(act, "cert", f'"{new_cert}"')
-        P.restart(act, "MASTER")
+        pair.restart(act)
         wait_for(lambda: sby.status()["peer_up"], 30, "the link with the new key")
         # 3. The old certificate is revoked: the standby pins only the new one.
         P.set_config(sby, "peer_certs", P.toml_paths([new_cert]))
@@ -200,7 +215,7 @@ def test_old_key_refused_after_rotation(netlab: Lab, tmp_path: Path) -> None:
     (src,) = pair.new_addresses(1)
 
     def attack() -> None:
-        assert not tls_attempt(P.connect_from(pair.attacker, src, STANDBY), old_cert, old_key)
+        assert not tls_attempt(connect_from(pair.attacker, src, STANDBY), old_cert, old_key)
 
     expect_refusal(pair, src, "untrusted_certificate", attack)
 
@@ -234,7 +249,7 @@ class RecordingProxy:
                 continue
             with client:
                 try:
-                    upstream = P.connect_from(self._ns, P.ATTACKER_IP, self._target)
+                    upstream = connect_from(self._ns, P.ATTACKER_IP, self._target)
                 except OSError:
                     continue  # the target is not listening yet: the dialer retries
                 with upstream:
@@ -270,7 +285,7 @@ def test_replayed_session_refused(netlab: Lab, tmp_path: Path) -> None:
     P.set_config(pair.standby, "peer_port", "1")
     proxy = RecordingProxy(pair.attacker, (P.ATTACKER_IP, P.PORT), STANDBY)
     try:
-        P.start_pair(pair)
+        pair.start()
         P.Writer(pair.active.ns).upsert(P.synthetic(10_000, 500))
         P.converge(pair, 60, "replication through the proxy")
         captured = bytes(proxy.client_bytes)
@@ -279,7 +294,7 @@ def test_replayed_session_refused(netlab: Lab, tmp_path: Path) -> None:
         (src,) = pair.new_addresses(1)
 
         def attack() -> None:
-            sock = P.connect_from(pair.attacker, src, STANDBY)
+            sock = connect_from(pair.attacker, src, STANDBY)
             # Refused before all of it was even read: a reset or broken pipe.
             with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                 sock.sendall(captured)
@@ -292,7 +307,7 @@ def test_replayed_session_refused(netlab: Lab, tmp_path: Path) -> None:
         proxy.stop()
 
 
-def test_unauthenticated_malformed_bytes(shared: P.Pair) -> None:
+def test_unauthenticated_malformed_bytes(shared: P.BridgedPair) -> None:
     """What an attacker who cannot authenticate can send: a truncated preamble, an
     oversized length prefix instead of a preamble, garbage after a valid preamble."""
     pair = shared
@@ -304,7 +319,7 @@ def test_unauthenticated_malformed_bytes(shared: P.Pair) -> None:
     ]
     for source, data, reason in cases:
         def attack(source: str = source, data: bytes = data) -> None:
-            sock = P.connect_from(pair.attacker, source, STANDBY)
+            sock = connect_from(pair.attacker, source, STANDBY)
             with contextlib.suppress(ConnectionResetError, BrokenPipeError):
                 sock.sendall(data)
                 sock.shutdown(socket.SHUT_WR)
@@ -314,12 +329,12 @@ def test_unauthenticated_malformed_bytes(shared: P.Pair) -> None:
         expect_refusal(pair, source, reason, attack)
 
 
-def test_silent_client_dropped_after_handshake_timeout(shared: P.Pair) -> None:
+def test_silent_client_dropped_after_handshake_timeout(shared: P.BridgedPair) -> None:
     pair = shared
     (src,) = pair.new_addresses(1)
 
     def attack() -> None:
-        sock = P.connect_from(pair.attacker, src, STANDBY, timeout=4 * HANDSHAKE_TIMEOUT)
+        sock = connect_from(pair.attacker, src, STANDBY, timeout=4 * HANDSHAKE_TIMEOUT)
         start = time.monotonic()
         assert drain(sock) == b""
         held = time.monotonic() - start
@@ -371,7 +386,7 @@ def flood(ns: Netns, source: str, target: tuple[str, int], rate: int,
                 return sent
 
 
-def test_connection_flood(shared: P.Pair) -> None:
+def test_connection_flood(shared: P.BridgedPair) -> None:
     pair = shared
     (src,) = pair.new_addresses(1)
     connections = P.stats(pair.standby)["sync_connections"]

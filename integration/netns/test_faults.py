@@ -3,8 +3,9 @@
 Each test runs a real active/standby pair in hot mode (:mod:`integration.netns.pair`),
 creates (and deletes) entries on the active with a separate batched injector socket
 while the fault happens, then waits until the standby's external cache and kernel
-table equal the active's table exactly (normalised entries, timeouts within a slack)
-and prints how long that took.
+table equal the active's table exactly (:func:`~integration.netns.pair.converge`:
+``conntrack -L`` fields, timeouts within the protocol's bounds) and prints how long
+that took.
 
 CI durations are shortened where the real figure would dominate the suite: the
 partition lasts ``REPLICATOR_PARTITION_SECONDS`` (20 s by default, 60 s under
@@ -26,6 +27,7 @@ import trio
 from integration.netns import pair as P
 from integration.netns.lab import Lab, Netns
 from integration.netns.nodes import DaemonNode, wait_for
+from replicator.control import ControlClient
 from replicator.kernel_linux import LinuxKernel
 from replicator.model import AF_INET, IPPROTO_TCP, CtTuple, Entry, invert
 
@@ -84,10 +86,7 @@ def test_lossy_link_and_stopped_receiver(netlab: Lab, tmp_path: Path) -> None:
     pair = P.make_pair(netlab, tmp_path)
     sby = pair.standby
     # 20 % of everything the standby receives on the sync network is lost (no netem).
-    sby.ns.nft("""table inet lossy {
-  chain input { type filter hook input priority -10; policy accept;
-    iifname "eth0" numgen random mod 100 < 20 drop; }
-}""")
+    pair.sync_loss(sby.ns, 20)
     writer = P.Writer(pair.active.ns)
     writer.upsert(P.synthetic(0, 2000))
     assert sby.proc is not None
@@ -102,22 +101,72 @@ def test_lossy_link_and_stopped_receiver(netlab: Lab, tmp_path: Path) -> None:
     P.converge(pair, 120, "20 % loss and a stopped receiver")
 
 
+def received_resyncs(node: DaemonNode, event: str) -> int:
+    """How many resyncs of the peer's table (digest or full) ``node`` logged as
+    ``event`` (``started`` or ``completed``) so far."""
+    return len([line for line in P.log_lines(node, f'msg="resync {event}"')
+                if "direction=receive" in line])
+
+
+def partial_copy(node: DaemonNode, total: int, timeout: float = 60) -> int:
+    """Poll ``node``'s external cache size (control socket, no CLI start-up) until it
+    holds some but not all of ``total`` entries; return that count."""
+    client = ControlClient(node.workdir / f"{node.spec.name}.sock", timeout=10)
+    deadline = time.monotonic() + timeout
+    seen: list[int] = []
+    while time.monotonic() < deadline:
+        held = client.status()["entries"]["external"]
+        if 0 < held < total:
+            return held
+        if held >= total:
+            raise AssertionError(f"the transfer completed between two polls: {seen[-5:]}")
+        seen.append(held)
+        time.sleep(0.005)
+    raise AssertionError(f"no partial copy within {timeout} s: last counts {seen[-5:]}")
+
+
 @pytest.mark.parametrize("victim", ["active", "standby"])
 def test_killed_during_bulk_resync(netlab: Lab, tmp_path: Path, victim: str) -> None:
+    """A standby rejoins with an empty table (its daemon stopped, its kernel table
+    flushed, as after a reboot) and receives the whole table in a resync (the bulk
+    transfer: a digest resync in which every bucket differs, then the full one its
+    BACKUP role asks for). Once the standby is seen holding part of the table,
+    ``victim`` is SIGKILLed; the standby's log then proves that a resync of the table
+    had started and none had completed. The table changes while the victim is down;
+    after its restart the standby must equal the active exactly."""
     pair = P.make_pair(netlab, tmp_path)
+    sby = pair.standby
     writer = P.Writer(pair.active.ns)
     writer.upsert(P.synthetic(0, BULK_ENTRIES))
     P.converge(pair, 120, f"loading {BULK_ENTRIES} entries")
+    sby.stop()
+    sby.ns.run(["conntrack", "-F"])
+    started, completed = (received_resyncs(sby, e) for e in ("started", "completed"))
+    pair.start_node(sby)
+    held = partial_copy(sby, BULK_ENTRIES)
     node: DaemonNode = getattr(pair, victim)
-    pair.active.cli("bulk-send")
-    time.sleep(0.3)
     node.kill(signal.SIGKILL)
+    killed = time.monotonic()
+    print(f"{victim} killed with the standby holding {held} of {BULK_ENTRIES} entries")
+    assert 0 < held < BULK_ENTRIES
+    if victim == "active":
+        # The standby lives on with the part it received: a frozen, partial copy.
+        time.sleep(1)
+        after = sby.status()["entries"]["external"]
+        print(f"standby's copy 1 s after the kill: {after} entries")
+        assert held <= after < BULK_ENTRIES
+    # The standby's log since its restart: a resync of the active's table began, and
+    # none completed before the kill.
+    assert received_resyncs(sby, "started") > started, sby.log_tail(20)
+    assert received_resyncs(sby, "completed") == completed, sby.log_tail(20)
     # The table moves on while the victim is down.
     writer.upsert(P.synthetic(BULK_ENTRIES, 2000))
     writer.delete(P.synthetic(0, 1000))
-    node.start()
-    node.notify("MASTER" if victim == "active" else "BACKUP")
-    P.converge(pair, 180, f"the {victim} killed during a bulk resync")
+    restart = time.monotonic()
+    pair.start_node(node)
+    print(f"{victim} restarted {restart - killed:.1f} s after the kill")
+    P.converge(pair, 180, f"the {victim} killed during a bulk resync (from its restart)",
+               since=restart)
 
 
 def filler(count: int) -> list[Entry]:
@@ -153,17 +202,16 @@ def test_standby_kernel_table_full(netlab: Lab, tmp_path: Path) -> None:
     P.Writer(sby.ns).upsert(fill)
     writer.upsert(P.synthetic(300, 2000))
     # Everything reaches the external cache: the error is only the kernel's.
-    P.converge(pair, 60, "creates into a full table", hot=False)
+    P.converge(pair, 60, "creates into a full table", kernel=False)
 
     def kernel_done() -> bool:
         return bool(P.stats(sby)["kernel_writes_pending"] == 0)
 
     wait_for(kernel_done, 60, "the standby's kernel writes")
-    truth = P.entries_text(P.kernel_table(act.ns))
-    kernel = P.entries_text(P.kernel_table(sby.ns))
+    truth, kernel = pair.kernel(act), pair.kernel(sby)
     missing = truth.keys() - kernel.keys()
     # What the kernel holds is exactly the active's; it only lacks what it refused.
-    assert not P.text_differences({k: truth[k] for k in kernel.keys() & truth.keys()}, kernel)
+    assert not pair.differences({k: truth[k] for k in kernel.keys() & truth.keys()}, kernel)
     stats = P.stats(sby)
     print(f"table full: {len(missing)} entries refused, stats "
           f"{ {k: v for k, v in stats.items() if k.startswith('kernel_errors_')} }")
@@ -234,5 +282,5 @@ def test_update_burst_coalesced(netlab: Lab, tmp_path: Path) -> None:
     # entries kept it between 54 and 63 MiB), while 180k queued updates, uncoalesced,
     # would hold 180k entry objects of >= 300 B each (>= 50 MB).
     assert after - before <= entries * 16384
-    marks = {e.mark for e in P.normalise(P.kernel_table(pair.standby.ns)).values()}
+    marks = {e.mark for e in pair.kernel(pair.standby).values()}
     assert marks == {rounds}, marks
