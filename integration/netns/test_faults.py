@@ -279,8 +279,9 @@ def test_update_burst_coalesced(netlab: Lab, tmp_path: Path) -> None:
     assert max(pending) <= entries
     # Memory bounded by the entry count, generously: the allocator and receive
     # batches move RSS in steps of a few MiB (measured: 1M updates to these 1000
-    # entries kept it between 54 and 63 MiB), while 180k queued updates, uncoalesced,
-    # would hold 180k entry objects of >= 300 B each (>= 50 MB).
-    assert after - before <= entries * 16384
+    # entries kept it between 54 and 63 MiB; this test's growth ranged from -1 to
+    # +16.5 MB on the shared host), while 180k queued updates, uncoalesced, would hold
+    # 180k entry objects of >= 300 B each (>= 50 MB).
+    assert after - before <= entries * 24576
     marks = {e.mark for e in pair.kernel(pair.standby).values()}
     assert marks == {rounds}, marks
