@@ -400,9 +400,9 @@ def test_undecodable_frames_are_counted() -> None:
 
 def test_a_changed_hello_is_a_violation_and_a_repeated_one_is_not() -> None:
     _, b = synced()
-    b.session.receive(wire.encode(wire.Hello(1, "a", 1, 64, 0)), 1.0)
+    b.session.receive(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "a", 1, 64, 0)), 1.0)
     assert b.drain() == []
-    b.session.receive(wire.encode(wire.Hello(1, "a", 9, 64, 0)), 1.0)
+    b.session.receive(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "a", 9, 64, 0)), 1.0)
     assert of_type(b.drain(), ProtocolViolation)
 
 
