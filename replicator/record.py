@@ -7,8 +7,9 @@ table, the external cache) store instead one ``bytes`` *record* per entry, keyed
 one ``bytes`` *key*, about 100 + 50 bytes for an IPv4 TCP entry. ``Entry`` remains the
 type at the boundaries (ctnetlink, the wire, the injector, the control socket):
 records are unpacked on demand. ``bytes`` are not tracked by the cyclic garbage
-collector either, so a large table no longer makes every full collection walk
-millions of objects (gen-2 pauses of 170-190 ms were measured with entries as tuples).
+collector, nor is a dict that holds only ``bytes``, so a large table no longer makes
+the collector walk millions of objects (generation-1 collections of 170-190 ms were
+measured with entries as tuples, ``docs/performance.md``).
 
 Layout
 ------
