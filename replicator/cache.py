@@ -111,7 +111,7 @@ class InternalCache:
             full, told = entry, _NEVER
         else:
             full, told = merge(R.unpack(cached), entry), R.timing(cached)[1]
-        rec = R.pack(full, R.deadline_of(full[5], now), told)
+        rec = R.pack(full, R.deadline_of(full[5], now), told, key)
         records[key] = rec
         return Change(key, rec, full)
 
@@ -147,7 +147,7 @@ class InternalCache:
             else:
                 continue  # deleted by an event during the dump: it stays deleted
             told = _NEVER if before is None else R.timing(before)[1]
-            rec = pack(full, deadline_of(full[5], now), told)
+            rec = pack(full, deadline_of(full[5], now), told, key)
             new[key] = rec
             if before is None or not R.same_state(before, rec):
                 changes.append(Change(key, rec, full))

@@ -95,7 +95,7 @@ class ExternalCache:
             if deadline <= now:
                 table.pop(bucket_of(key), key)
                 expired.append(R.unpack(rec))
-            elif math.floor(deadline) <= now:
+            elif deadline < math.floor(now) + 1:
                 wheel.add(key, now + 1)  # later within this second (refreshed otherwise)
         return expired
 

@@ -49,7 +49,17 @@ import math
 import struct
 from hashlib import blake2b
 
-from .model import AF_INET, AF_INET6, CtTuple, Entry, EntryKey, SctpInfo, TcpInfo, invert
+from .model import (
+    AF_INET,
+    AF_INET6,
+    ICMP_PROTOCOLS,
+    CtTuple,
+    Entry,
+    EntryKey,
+    SctpInfo,
+    TcpInfo,
+    invert,
+)
 
 #: Timing and id, in front of the body (native order: never leaves this process).
 HEADER = struct.Struct("<ddIIB")
@@ -65,6 +75,7 @@ _FZ = struct.Struct(">BH")
 _FLAGS_STATUS = struct.Struct(">BI")
 _PORTS = "BHHBBH"
 _TUPLE = {AF_INET: struct.Struct(">4s4s" + _PORTS), AF_INET6: struct.Struct(">16s16s" + _PORTS)}
+_KEY = {f: struct.Struct(">BH" + t.format[1:]) for f, t in _TUPLE.items()}
 _ALEN = {AF_INET: 4, AF_INET6: 16}
 _U32 = struct.Struct(">I")
 _TCP_S = struct.Struct(">5B")
@@ -94,9 +105,14 @@ def _pack_tuple(t: struct.Struct, alen: int, ct: CtTuple) -> bytes:
 def pack_key(key: EntryKey) -> bytes:
     """The packed form of ``(family, zone, orig)``: what every table is keyed by."""
     family, zone, orig = key
-    t = _tuple_struct(family)
+    ks = _KEY.get(family)
+    if ks is None:
+        raise ValueError(f"family {family} is neither AF_INET nor AF_INET6")
+    alen = _ALEN[family]
+    if len(orig[0]) != alen or len(orig[1]) != alen:
+        raise ValueError(f"tuple addresses are not {alen} bytes")
     try:
-        return _FZ.pack(family, zone) + _pack_tuple(t, _ALEN[family], orig)
+        return ks.pack(family, zone, *orig)
     except struct.error as exc:
         raise ValueError(f"key field out of range: {exc}") from None
 
@@ -117,8 +133,10 @@ def key_size(family: int) -> int:
     return 3 + _tuple_struct(family).size
 
 
-def pack(entry: Entry, deadline: float, told: float = -_INF) -> bytes:
-    """The record of ``entry`` with the given timing (see the module doc).
+def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None = None
+         ) -> bytes:
+    """The record of ``entry`` with the given timing (see the module doc); ``key``: its
+    packed key, if the caller has it already.
 
     Raises ValueError for an entry no kernel or peer could have produced (a field out
     of its range, an address of the wrong length, an unknown family): callers pass
@@ -127,21 +145,22 @@ def pack(entry: Entry, deadline: float, told: float = -_INF) -> bytes:
     family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, cid = (
         entry
     )
-    t = _tuple_struct(family)
+    if key is None:
+        key = pack_key((family, zone, orig))
+    t = _TUPLE[family]  # pack_key checked the family
     alen = _ALEN[family]
     try:
         parts = [
             HEADER.pack(deadline, told, 0 if timeout is None else timeout,
                         0 if cid is None else cid,
                         (timeout is not None) | (cid is not None) << 1),
-            _FZ.pack(family, zone),
-            _pack_tuple(t, alen, orig),
+            key,
             b"",  # flags and status, below
         ]  # fmt: skip
-        flags = 0
-        if reply == invert(orig):
+        if _is_inverse(orig, reply):
             flags = _REPLY
         else:
+            flags = 0
             parts.append(_pack_tuple(t, alen, reply))
         if mark is not None:
             flags |= _MARK
@@ -166,10 +185,22 @@ def pack(entry: Entry, deadline: float, told: float = -_INF) -> bytes:
         if master is not None:
             flags |= _MASTER
             parts.append(_pack_tuple(t, alen, master))
-        parts[3] = _FLAGS_STATUS.pack(flags, status)
+        parts[2] = _FLAGS_STATUS.pack(flags, status)
     except (struct.error, UnicodeEncodeError) as exc:
         raise ValueError(f"entry field out of range: {exc}") from None
     return b"".join(parts)
+
+
+def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
+    """``reply == invert(orig)``, without building the inverse for the usual case."""
+    p = orig[2]
+    if p in ICMP_PROTOCOLS:
+        return reply == invert(orig)
+    return (
+        reply[0] == orig[1] and reply[1] == orig[0] and reply[2] == p
+        and reply[3] == orig[4] and reply[4] == orig[3]
+        and not (reply[5] or reply[6] or reply[7])
+    )  # fmt: skip
 
 
 def unpack(record: bytes) -> Entry:
@@ -184,7 +215,11 @@ def unpack(record: bytes) -> Entry:
     flags, status = _FLAGS_STATUS.unpack_from(record, pos)
     pos += 5
     if flags & _REPLY:
-        reply = invert(orig)
+        p = orig[2]
+        reply = (
+            invert(orig) if p in ICMP_PROTOCOLS
+            else _new(CtTuple, (orig[1], orig[0], p, orig[4], orig[3], 0, 0, 0))
+        )  # fmt: skip
     else:
         reply = _new(CtTuple, t.unpack_from(record, pos))
         pos += tsize

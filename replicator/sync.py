@@ -594,12 +594,15 @@ class SyncSession:
 
     def local_update(self, entry: Entry, now: float) -> None:
         """This node's table holds ``entry`` (a full entry) as of ``now``."""
-        self.local_record(R.key(entry), R.pack(entry, R.deadline_of(entry[5], now)), entry, now)
+        self._local(R.key(entry), None, entry, now)
 
     def local_record(self, key: bytes, record: bytes, entry: Entry, now: float) -> None:
         """:meth:`local_update` with the packed forms at hand: ``record`` (whose
         deadline is the observation time plus the observed timeout) is stored as is,
         so a cache holding it shares the object (see ``restamped``)."""
+        self._local(key, record, entry, now)
+
+    def _local(self, key: bytes, record: bytes | None, entry: Entry, now: float) -> None:
         if self._accept is not None and not self._accept(entry):
             self.local_delete(key, now)
             return
@@ -607,10 +610,14 @@ class SyncSession:
         b = table.bucket_of(key)
         old = table.bucket(b).get(key)
         if old is None:
+            if record is None:
+                record = R.pack(entry, R.deadline_of(entry[5], now), key=key)
             table.put(b, key, record)
             self._mark(key, now)
             return
         old_deadline, told = R.timing(old)
+        if record is None:
+            record = R.pack(entry, R.deadline_of(entry[5], now), told, key)
         deadline, carried = R.timing(record)
         if carried != told:
             new = R.with_told(record, told)
@@ -641,9 +648,14 @@ class SyncSession:
     def local_snapshot(self, entries: Iterable[Entry], now: float) -> None:
         """This node's whole table as of ``now`` (after a dump or a reconciliation):
         entries not in it are deleted, the others updated."""
-        self.local_snapshot_records(
-            ((R.key(e), R.pack(e, R.deadline_of(e[5], now))) for e in entries), now
-        )
+        seen = set()
+        accept = self._accept
+        for e in entries:
+            if accept is None or accept(e):
+                key = R.key(e)
+                seen.add(key)
+                self._local(key, None, e, now)
+        self._delete_unseen(seen, now)
 
     def local_snapshot_records(self, records: Iterable[tuple[bytes, bytes]], now: float) -> None:
         """:meth:`local_snapshot` from ``(packed key, record)`` pairs (e.g. a cache's,
@@ -655,7 +667,10 @@ class SyncSession:
             entry = unpack(rec)
             if accept is None or accept(entry):
                 seen.add(key)
-                self.local_record(key, rec, entry, now)
+                self._local(key, rec, entry, now)
+        self._delete_unseen(seen, now)
+
+    def _delete_unseen(self, seen: set[bytes], now: float) -> None:
         for key in [k for k, _ in self._table.items() if k not in seen]:
             self.local_delete(key, now)
 
@@ -697,7 +712,7 @@ class SyncSession:
                 due = 2 * told - deadline
                 if due <= now:
                     self._mark(key, now)
-                elif math.floor(due) <= now:
+                elif due < math.floor(now) + 1:
                     wheel.add(key, now + 1)  # later within this second
 
     # --- operator requests ----------------------------------------------------------
@@ -973,7 +988,7 @@ class SyncSession:
         for e in ups:
             key = key_of(e)
             b = bucket_of(key)
-            upsert(b, key, pack(e, deadline_of(e[5], now)))
+            upsert(b, key, pack(e, deadline_of(e[5], now), key=key))
             if replacing:
                 unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
@@ -1017,7 +1032,7 @@ class SyncSession:
                     key = R.key(e)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")
-                    new = R.pack(e, R.deadline_of(e[5], now))
+                    new = R.pack(e, R.deadline_of(e[5], now), key=key)
                     old = ext.upsert(b, key, new)
                     unconfirmed.discard(key)
                     if old is None or not R.same_state(old, new):

@@ -118,3 +118,14 @@ def test_many_refreshes_keep_expiry_exact() -> None:
     assert c.expire(3008.0) == []
     assert c.next_expiry() == 3009.0
     assert len(c.expire(3009.0)) == 3
+
+
+def test_polling_at_next_expiry_expires_within_a_second_of_the_deadline() -> None:
+    c = ExternalCache(4)
+    e = make_entry(1, timeout=3)
+    put(c, e, 0.25)  # deadline 3.25
+    assert c.next_expiry() == 3.0  # never later than the deadline
+    assert c.expire(3.0) == []
+    assert c.next_expiry() == 4.0  # put back into the next second, not polled in a loop
+    assert c.expire(4.0) == [e]
+    assert c.next_expiry() is None

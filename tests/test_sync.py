@@ -374,7 +374,7 @@ def hello(version: int = wire.PROTOCOL_VERSION, node: str = "a", buckets: int = 
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (hello(version=2), "version"),
+        (hello(version=wire.PROTOCOL_VERSION + 1), "version"),
         (hello(buckets=128), "buckets"),
         (hello(node="b"), "own id"),
         (b"\xc1garbage", "msgpack"),
