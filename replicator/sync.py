@@ -1294,6 +1294,10 @@ class SyncSession:
                 ups.append((R.unpack(rec), self._remaining(bucket, key, rec, now)))
             keys.append(key)
             first = min(first, t)
+        if not pending:
+            # A dict keeps the capacity of its largest size when emptied by pops: after
+            # a burst of N keys that would be some 40 bytes per key for good.
+            self._pending = {}
         if not keys:
             return
         data = wire.encode_changes(c.stream, c.next_seq, ups, dels)
