@@ -893,9 +893,10 @@ async def run_daemon(config_path: Path, *, netns: str | None = None) -> None:
     config = load_config(config_path)
     check_files(config)
     setup_logging(config.log.level)
-    # The daemon holds hundreds of thousands of small tuples that live for minutes: with
-    # the default thresholds the cyclic collector rescans them every few hundred
-    # allocations, which halved the sync receive rate (bench/sync_core.py: ~60 k/s vs
+    # Decoding allocates several tuples per entry (the tables themselves hold only
+    # bytes, which the collector does not track: record.py): with the default
+    # thresholds the collector ran every few hundred allocations, which halved the sync
+    # receive rate when the tables were tuples (bench/sync_core.py: ~60 k/s vs
     # 117-143 k/s). The dump path additionally freezes what it built (kernel_linux).
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     kernel_netns = netns if netns is not None else config.kernel.netns

@@ -15,7 +15,7 @@ Layout
 ------
 A record is a fixed-size *header* followed by the *body*::
 
-    header  <ddIIB   deadline, told, timeout, id, flags (bit 0: timeout, bit 1: id)
+    header  >ddIIB   deadline, told, timeout, id, flags (bit 0: timeout, bit 1: id)
     body    >BH      family, zone
             tuple    the original tuple (the body starts with the key)
             >BI      flags (_MARK, _LABELS, _TCP, _SCTP, _HELPER, _MASTER, _REPLY), status
@@ -61,14 +61,15 @@ from .model import (
     invert,
 )
 
-#: Timing and id, in front of the body (native order: never leaves this process).
-HEADER = struct.Struct("<ddIIB")
+#: Timing and id, in front of the body (never leaves this process; big endian like the
+#: body, so that one struct reads the header and the fixed start of the body).
+HEADER = struct.Struct(">ddIIB")
 HEADER_SIZE = HEADER.size
 _HAS_TIMEOUT = 1
 _HAS_ID = 2
-_DEADLINE = struct.Struct("<d")
-_TWO = struct.Struct("<dd")
-_TIMEOUT = struct.Struct("<I")
+_DEADLINE = struct.Struct(">d")
+_TWO = struct.Struct(">dd")
+_TIMEOUT = struct.Struct(">I")
 
 _MARK, _LABELS, _TCP, _SCTP, _HELPER, _MASTER, _REPLY = (1 << i for i in range(7))
 _FZ = struct.Struct(">BH")
@@ -76,6 +77,8 @@ _FLAGS_STATUS = struct.Struct(">BI")
 _PORTS = "BHHBBH"
 _TUPLE = {AF_INET: struct.Struct(">4s4s" + _PORTS), AF_INET6: struct.Struct(">16s16s" + _PORTS)}
 _KEY = {f: struct.Struct(">BH" + t.format[1:]) for f, t in _TUPLE.items()}
+#: Header, family, zone, original tuple, flags and status: the fixed start of a record.
+_FIXED = {f: struct.Struct(HEADER.format + k.format[1:] + "BI") for f, k in _KEY.items()}
 _ALEN = {AF_INET: 4, AF_INET6: 16}
 _U32 = struct.Struct(">I")
 _TCP_S = struct.Struct(">5B")
@@ -205,15 +208,14 @@ def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
 
 def unpack(record: bytes) -> Entry:
     """The entry a record holds (``timeout`` and ``id`` from its header)."""
-    _, _, timeout, cid, hflags = HEADER.unpack_from(record)
     family = record[HEADER_SIZE]
+    fixed = _FIXED[family]
+    v = fixed.unpack_from(record)
+    hflags, zone, flags, status = v[4], v[6], v[15], v[16]
+    orig = _new(CtTuple, v[7:15])
     t = _TUPLE[family]
     tsize = t.size
-    pos = HEADER_SIZE + 3
-    orig = _new(CtTuple, t.unpack_from(record, pos))
-    pos += tsize
-    flags, status = _FLAGS_STATUS.unpack_from(record, pos)
-    pos += 5
+    pos = fixed.size
     if flags & _REPLY:
         p = orig[2]
         reply = (
@@ -242,11 +244,10 @@ def unpack(record: bytes) -> Entry:
         pos += 1 + n
     if flags & _MASTER:
         master = _new(CtTuple, t.unpack_from(record, pos))
-    zone = (record[HEADER_SIZE + 1] << 8) | record[HEADER_SIZE + 2]
     return _new(Entry, (
         family, orig, reply, zone, status,
-        timeout if hflags & _HAS_TIMEOUT else None, mark, labels, tcp, sctp, helper, master,
-        cid if hflags & _HAS_ID else None,
+        v[2] if hflags & _HAS_TIMEOUT else None, mark, labels, tcp, sctp, helper, master,
+        v[3] if hflags & _HAS_ID else None,
     ))  # fmt: skip
 
 
