@@ -602,8 +602,11 @@ class SyncSession:
         so a cache holding it shares the object (see ``restamped``)."""
         self._local(key, record, entry, now)
 
-    def _local(self, key: bytes, record: bytes | None, entry: Entry, now: float) -> None:
-        if self._accept is not None and not self._accept(entry):
+    def _local(self, key: bytes, record: bytes | None, entry: Entry | None, now: float
+               ) -> None:
+        """Store an entry given as ``record``, or as ``entry`` (packed here); ``entry``
+        None: the caller knows that the filter accepts ``record``."""
+        if entry is not None and self._accept is not None and not self._accept(entry):
             self.local_delete(key, now)
             return
         table = self._table
@@ -611,12 +614,14 @@ class SyncSession:
         old = table.bucket(b).get(key)
         if old is None:
             if record is None:
+                assert entry is not None
                 record = R.pack(entry, R.deadline_of(entry[5], now), key=key)
             table.put(b, key, record)
             self._mark(key, now)
             return
         old_deadline, told = R.timing(old)
         if record is None:
+            assert entry is not None
             record = R.pack(entry, R.deadline_of(entry[5], now), told, key)
         deadline, carried = R.timing(record)
         if carried != told:
@@ -657,17 +662,26 @@ class SyncSession:
                 self._local(key, None, e, now)
         self._delete_unseen(seen, now)
 
-    def local_snapshot_records(self, records: Iterable[tuple[bytes, bytes]], now: float) -> None:
+    def local_snapshot_records(
+        self, records: Iterable[tuple[bytes, bytes]], now: float, *, refilter: bool = False
+    ) -> None:
         """:meth:`local_snapshot` from ``(packed key, record)`` pairs (e.g. a cache's,
-        shared as in :meth:`local_record`)."""
+        shared as in :meth:`local_record`).
+
+        The filter only sees the replicated state, so a record whose state equals the
+        one held is known to pass it and is not unpacked (a periodic re-dump changes
+        little but the timeouts); ``refilter``: evaluate every record (a new filter).
+        """
         seen = set()
         accept = self._accept
-        unpack = R.unpack
+        unpack, same_state, get = R.unpack, R.same_state, self._table.get
         for key, rec in records:
-            entry = unpack(rec)
-            if accept is None or accept(entry):
-                seen.add(key)
-                self._local(key, rec, entry, now)
+            if accept is not None:
+                old = None if refilter else get(key)
+                if (old is None or not same_state(old, rec)) and not accept(unpack(rec)):
+                    continue
+            seen.add(key)
+            self._local(key, rec, None, now)
         self._delete_unseen(seen, now)
 
     def _delete_unseen(self, seen: set[bytes], now: float) -> None:
@@ -762,7 +776,7 @@ class SyncSession:
         Entries that stop matching are deleted on the peer, entries that start matching
         are sent."""
         self._accept = accept
-        self.local_snapshot_records(records, now)
+        self.local_snapshot_records(records, now, refilter=True)
 
     # --- connection -----------------------------------------------------------------
 

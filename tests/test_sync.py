@@ -24,7 +24,7 @@ from synclink import (
 from replicator import record, wire
 from replicator.digest import BucketTable
 from replicator.filters import build_filter
-from replicator.model import TcpInfo
+from replicator.model import Entry, TcpInfo
 from replicator.sync import (
     ConnectionTerminated,
     Event,
@@ -621,3 +621,30 @@ def test_a_request_after_a_resync_began_starts_a_new_one() -> None:
     assert b.external() == a.table()
     full = [e.resync_id for e in of_type(a.events, ResyncStarted) if e.full]
     assert len(full) == 2
+
+
+def test_a_snapshot_filters_only_records_whose_state_changed() -> None:
+    seen: list[Entry] = []
+
+    def accept(e: Entry) -> bool:
+        seen.append(e)
+        return e.orig.sport % 2 == 0
+
+    a, b = synced(10)
+    table = [e for e, _ in a.kernel.values()]
+    records = [(pk(e), record.pack(e, record.deadline_of(e.timeout, 1.0))) for e in table]
+    a.session.set_filter(accept, records, 1.0)
+    assert len(seen) == 10  # a new filter sees everything
+    transfer(a, b, 1.0)
+    seen.clear()
+    changed = table[0]._replace(mark=42)
+    later = [(k, record.with_deadline(r, 500.0)) for k, r in records[1:]]
+    later.append((pk(changed), record.pack(changed, 500.0)))
+    a.session.local_snapshot_records(later, 2.0)
+    # Timeouts alone do not change what the filter decides: only the changed entry
+    # and the entries the filter refused (not held) are unpacked and filtered again.
+    assert changed in seen
+    assert len(seen) == 1 + sum(1 for e in table[1:] if e.orig.sport % 2)
+    transfer(a, b, 2.0)
+    expected = {e.key for e in table if e.orig.sport % 2 == 0}
+    assert set(b.external()) == expected
