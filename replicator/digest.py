@@ -23,8 +23,9 @@ with an explicit byte order. The sum makes a digest independent of insertion ord
 The table stores records (``bytes``) under packed keys (``bytes``): no per-entry
 Python objects beyond those two and the dict slot.
 
-Digests are recomputed lazily: a change only marks its bucket stale (one CRC on the
-hot path); a stale bucket's digest is recomputed when someone asks for it.
+Digests are recomputed lazily: a change of an entry's state only marks its bucket
+stale (a timeout alone does not); a stale bucket's digest is recomputed when someone
+asks for it.
 """
 
 from __future__ import annotations
