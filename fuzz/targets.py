@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import contextlib
 
-from replicator import config, control, ctformat, digest, netlink, wire
+from replicator import config, control, ctformat, netlink, record, wire
 from replicator import ctnetlink as ct
 from replicator.errors import (
     ConfigError,
@@ -103,12 +103,19 @@ def wire_message(data: bytes) -> None:
         peer_entry(entry)
 
 
+def _stored(entry: Entry) -> None:
+    """Store the entry as the tables do (a record) and digest it."""
+    rec = record.pack(entry, 0.0)
+    _check(record.unpack(rec) == entry, "unpack(pack(entry)) != entry")
+    record.fingerprint(rec)
+
+
 def peer_entry(entry: Entry) -> None:
     """What the daemon does with an entry a peer sent: inject it, digest it, show it."""
     ct.encode_create(entry, 1)
     ct.encode_update(entry, 2)
     ct.encode_delete(entry, 3)
-    digest.fingerprint(entry)
+    _stored(entry)
     ctformat.format_entry(entry)
 
 
@@ -228,7 +235,7 @@ def ctnetlink_datagram(data: bytes) -> None:
 def kernel_entry(entry: Entry) -> None:
     """What the daemon does with a full entry from the kernel: send it to the peer,
     digest it, show it (and the peer injects what it receives)."""
-    digest.fingerprint(entry)
+    _stored(entry)
     ctformat.format_entry(entry)
     msg = wire.decode(wire.encode_changes(0, 0, [(entry, entry.timeout)], [entry.key]))
     _check(isinstance(msg, wire.Changes), "CHANGES decoded as another message")

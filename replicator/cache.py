@@ -25,110 +25,136 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
+from . import record as R
 from .model import CtEvent, Entry, EntryKey, EventKind, merge
+
+_NEVER = -float("inf")
 
 
 class Change(NamedTuple):
     """One change of the cache, as published to its consumer (the sync layer).
 
-    ``entry`` is the full cached entry after the change, or ``None`` when the entry is
-    gone.
+    ``key`` is the packed key (:mod:`replicator.record`); ``record`` the cached record
+    after the change and ``entry`` the same as an :class:`Entry` (both ``None`` when
+    the entry is gone). A consumer that stores ``record`` shares the cache's object.
     """
 
-    key: EntryKey
+    key: bytes
+    record: bytes | None
     entry: Entry | None
 
 
-def _same_state(a: Entry, b: Entry) -> bool:
-    """Equal in everything but the remaining timeout and the kernel's id.
-
-    Timeouts tick down between any two reads and the id is local to the kernel, so a
-    difference in those alone is not a change worth publishing after a resync.
-    """
-    return a._replace(timeout=None, id=None) == b._replace(timeout=None, id=None)
-
-
 class InternalCache:
-    """Full entries keyed by (family, zone, orig tuple); see the module doc."""
+    """Full entries as records (:mod:`replicator.record`) by packed key; see the module doc.
+
+    A record's deadline is the time the cache was told about the entry plus its
+    timeout then; its ``told`` belongs to the sync session sharing the records
+    (:meth:`restamp`) and is carried over unchanged when the entry changes.
+    """
 
     def __init__(self) -> None:
-        self._entries: dict[EntryKey, Entry] = {}
+        self._records: dict[bytes, bytes] = {}
         # Keys touched by events since begin_resync(); None when no resync is running.
-        self._touched: set[EntryKey] | None = None
+        self._touched: set[bytes] | None = None
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._records)
 
     def __contains__(self, key: object) -> bool:
-        return key in self._entries
+        return key in self._records
 
     def __iter__(self) -> Iterator[Entry]:
-        return iter(self._entries.values())
+        return map(R.unpack, self._records.values())
 
-    def get(self, key: EntryKey) -> Entry | None:
-        """The cached entry for ``key``, or ``None``."""
-        return self._entries.get(key)
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (packed key, record)."""
+        return iter(self._records.items())
+
+    def get(self, key: bytes) -> Entry | None:
+        """The cached entry under a packed key, or ``None``."""
+        rec = self._records.get(key)
+        return None if rec is None else R.unpack(rec)
 
     def snapshot(self) -> dict[EntryKey, Entry]:
-        """A copy of the whole cache."""
-        return dict(self._entries)
+        """A copy of the whole cache, as entries by :attr:`Entry.key`."""
+        return {(e[0], e[3], e[1]): e for e in map(R.unpack, self._records.values())}
+
+    def restamp(self, key: bytes, old: bytes, new: bytes) -> None:
+        """Replace ``old`` by ``new`` under ``key`` if ``old`` is still the cached record.
+
+        For the sync session, which changes the ``told`` of the records it shares with
+        this cache: one object per entry, not two.
+        """
+        records = self._records
+        if records.get(key) is old:
+            records[key] = new
 
     @property
     def resyncing(self) -> bool:
         """Whether :meth:`begin_resync` was called and :meth:`finish_resync` not yet."""
         return self._touched is not None
 
-    def apply(self, event: CtEvent) -> Change:
-        """Fold one event into the cache; the resulting change."""
+    def apply(self, event: CtEvent, now: float) -> Change:
+        """Fold one event, read at ``now``, into the cache; the resulting change."""
         entry = event.entry
-        key = (entry.family, entry.zone, entry.orig)
+        key = R.key(entry)
         if self._touched is not None:
             self._touched.add(key)
+        records = self._records
         if event.kind is EventKind.DESTROY:
-            self._entries.pop(key, None)
-            return Change(key, None)
-        cached = self._entries.get(key)
+            records.pop(key, None)
+            return Change(key, None, None)
+        cached = records.get(key)
         # A NEW event for a known key happens after a DESTROY was lost: it is a new
         # connection, but merging is still right since a NEW event is complete.
-        full = entry if cached is None else merge(cached, entry)
-        self._entries[key] = full
-        return Change(key, full)
+        if cached is None:
+            full, told = entry, _NEVER
+        else:
+            full, told = merge(R.unpack(cached), entry), R.timing(cached)[1]
+        rec = R.pack(full, R.deadline_of(full[5], now), told, key)
+        records[key] = rec
+        return Change(key, rec, full)
 
-    def apply_all(self, events: Iterable[CtEvent]) -> list[Change]:
+    def apply_all(self, events: Iterable[CtEvent], now: float) -> list[Change]:
         """:meth:`apply` for each event, in order."""
-        return [self.apply(event) for event in events]
+        return [self.apply(event, now) for event in events]
 
     def begin_resync(self) -> None:
         """Start recording which keys events touch; call just before requesting a dump."""
         self._touched = set()
 
-    def finish_resync(self, dump: Iterable[Entry]) -> list[Change]:
-        """Reconcile with a dump requested after :meth:`begin_resync`; the changes made.
+    def finish_resync(self, dump: Iterable[Entry], now: float) -> list[Change]:
+        """Reconcile with a dump requested after :meth:`begin_resync` and read by
+        ``now``; the changes made.
 
         Changes that only move the timeout or the id are applied but not reported.
         Without :meth:`begin_resync` no key counts as touched: the dump replaces the cache.
         """
         touched = self._touched if self._touched is not None else set()
         self._touched = None
-        old = self._entries
-        dumped = {(e.family, e.zone, e.orig): e for e in dump}
-        new: dict[EntryKey, Entry] = {}
-        for key, entry in dumped.items():
+        old = self._records
+        new: dict[bytes, bytes] = {}
+        changes: list[Change] = []
+        pack, unpack, deadline_of, key_of = R.pack, R.unpack, R.deadline_of, R.key
+        for entry in dump:
+            key = key_of(entry)
+            before = old.get(key)
             if key not in touched:
-                new[key] = entry
-            elif (cached := old.get(key)) is not None:
+                full = entry
+            elif before is not None:
                 # The event's state wins; fields no event carried come from the dump.
-                new[key] = merge(entry, cached)
-            # else: deleted by an event during the dump, so it stays deleted.
-        for key in touched - dumped.keys():
+                full = merge(entry, unpack(before))
+            else:
+                continue  # deleted by an event during the dump: it stays deleted
+            told = _NEVER if before is None else R.timing(before)[1]
+            rec = pack(full, deadline_of(full[5], now), told, key)
+            new[key] = rec
+            if before is None or not R.same_state(before, rec):
+                changes.append(Change(key, rec, full))
+        for key in touched - new.keys():
             cached = old.get(key)
             if cached is not None:
                 new[key] = cached  # created (or re-created) during the dump
-        changes: list[Change] = []
-        for key, entry in new.items():
-            before = old.get(key)
-            if before is None or not _same_state(before, entry):
-                changes.append(Change(key, entry))
-        changes.extend(Change(key, None) for key in old.keys() - new.keys())
-        self._entries = new
+        changes.extend(Change(key, None, None) for key in old.keys() - new.keys())
+        self._records = new
         return changes

@@ -55,6 +55,7 @@ from typing import Any
 import trio
 
 from . import ctformat
+from . import record as R
 from .cache import Change
 from .config import Config, diff_reloadable, load_config
 from .control import (
@@ -274,11 +275,12 @@ class Daemon:
         self.hot = config.sync.mode == "hot"
         self.epoch = secrets.randbits(64)
         self.metrics = Metrics()
+        self.mirror = Mirror(kernel, publish=self._on_local_changes)
+        # The session stores the mirror's records (one object per entry, not two).
         self.session = SyncSession(
             config.node.name, self.epoch, params=sync_params(config),
-            accept=build_entry_filter(config),
+            accept=build_entry_filter(config), restamped=self.mirror.cache.restamp,
         )
-        self.mirror = Mirror(kernel, publish=self._on_local_changes)
         self.writer = KernelWriter(kernel, self.metrics,
                                    window_tracking=config.kernel.tcp_window_tracking)
         self.machine = RoleMachine(hot=False, follow=config.keepalived.vrrp_name)
@@ -322,18 +324,19 @@ class Daemon:
         node must not write the peer's state over a table it might own)."""
         return self.hot and self.machine.role in (Role.BACKUP, Role.FAULT, Role.STOPPED)
 
-    def _own_table(self) -> Iterable[Entry]:
-        """This node's own entries in its kernel table, for a re-read of the kernel.
+    def _own_table(self) -> Iterable[tuple[bytes, bytes]]:
+        """This node's own entries in its kernel table, for a re-read of the kernel, as
+        the mirror's (packed key, record) pairs.
 
         Everything, except on a hot standby: there the entries the peer holds were
         written by this daemon on the peer's behalf (their events are echoes and never
         published), and a re-dump must not make them ours and stream them back.
         """
-        cache = self.mirror.cache
+        items = self.mirror.cache.items()
         if not self.applies_peer_to_kernel:
-            return cache
+            return items
         external = self.session.external
-        return [e for e in cache if external.get(e.key) is None]
+        return [(k, r) for k, r in items if k not in external]
 
     async def _reread_kernel(self) -> None:
         """Dump the kernel, reconcile the mirror, and make the result the local table.
@@ -342,7 +345,7 @@ class Daemon:
         also catches entries whose events were echoes and so never published.
         """
         await self.mirror.resync()
-        self.session.local_snapshot(self._own_table(), self.now())
+        self.session.local_snapshot_records(self._own_table(), self.now())
         self.wake()
 
     # --- inputs -----------------------------------------------------------------------
@@ -350,11 +353,11 @@ class Daemon:
     def _on_local_changes(self, changes: list[Change]) -> None:
         now = self.now()
         session = self.session
-        for key, entry in changes:
-            if entry is None:
+        for key, record, entry in changes:
+            if record is None or entry is None:
                 session.local_delete(key, now)
             else:
-                session.local_update(entry, now)
+                session.local_record(key, record, entry, now)
         self.wake()
 
     # --- the driver -------------------------------------------------------------------
@@ -551,7 +554,7 @@ class Daemon:
             # missing (normally nothing) after the queued writes have landed.
             await self.writer.wait_idle()
             have = self.mirror.cache
-            entries = [e for e in entries if e.key not in have]
+            entries = [e for e in entries if R.key(e) not in have]
         tracking = self.config.kernel.tcp_window_tracking
         # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
         # the caller re-reads the kernel afterwards (promotion does anyway).
@@ -576,7 +579,7 @@ class Daemon:
             e._replace(timeout=limit)
             for e in self.mirror.cache
             if (e.timeout is None or e.timeout > limit)
-            and not (self.hot and external.get(e.key) is not None)
+            and not (self.hot and R.key(e) in external)
         ]
         if targets:
             self.writer.record(await self.kernel.upsert(targets), "shorten")
@@ -758,8 +761,7 @@ class Daemon:
             kernel = self.mirror.cache
             for entry in self.session.external.entries():
                 checked += 1
-                have = kernel.get(entry.key)
-                if have is None:
+                if R.key(entry) not in kernel:
                     problems.append("missing in kernel: " + ctformat.format_entry(entry))
         return {"ok": not problems, "checked": checked, "problems": problems[:1000]}
 
@@ -916,9 +918,10 @@ async def run_daemon(config_path: Path, *, netns: str | None = None) -> None:
     config = load_config(config_path)
     check_files(config)
     setup_logging(config.log.level)
-    # The daemon holds hundreds of thousands of small tuples that live for minutes: with
-    # the default thresholds the cyclic collector rescans them every few hundred
-    # allocations, which halved the sync receive rate (bench/sync_core.py: ~60 k/s vs
+    # Decoding allocates several tuples per entry (the tables themselves hold only
+    # bytes, which the collector does not track: record.py): with the default
+    # thresholds the collector ran every few hundred allocations, which halved the sync
+    # receive rate when the tables were tuples (bench/sync_core.py: ~60 k/s vs
     # 117-143 k/s). The dump path additionally freezes what it built (kernel_linux).
     gc.set_threshold(GC_THRESHOLD, 20, 20)
     kernel_netns = netns if netns is not None else config.kernel.netns

@@ -9,34 +9,36 @@ costs in proportion to what changed, not to the table's size.
 What the fingerprint covers
 ---------------------------
 Every field the receiver would install: family, both tuples, zone, status, mark,
-labels, TCP and SCTP info, helper and master. Not the timeout: it decays every second
-and the two copies read it at different moments, so it can never match; keeping the
-copies' lifetimes close is the refresh logic's job (:mod:`replicator.sync`). Not the
-conntrack id: it differs on every copy.
+labels, TCP and SCTP info, helper and master, i.e. the *body* of the entry's record
+(:mod:`replicator.record`). Not the timeout: it decays every second and the two copies
+read it at different moments, so it can never match; keeping the copies' lifetimes
+close is the refresh logic's job (:mod:`replicator.sync`). Not the conntrack id: it
+differs on every copy.
 
 Hashes must agree between processes and hosts, so nothing here uses Python's
-``hash()`` (randomised per process): bucket placement is CRC-32 of the msgpack form of
-the key and the fingerprint an unkeyed 8-byte BLAKE2b of the msgpack form of the
-covered fields. The sum makes a digest independent of insertion order.
+``hash()`` (randomised per process): bucket placement is CRC-32 of the packed key and
+the fingerprint an unkeyed 8-byte BLAKE2b of the record's body, both byte strings
+with an explicit byte order. The sum makes a digest independent of insertion order.
 
-Digests are recomputed lazily: a change only marks its bucket stale (one CRC on the
-hot path); a stale bucket's digest is recomputed when someone asks for it.
+The table stores records (``bytes``) under packed keys (``bytes``): no per-entry
+Python objects beyond those two and the dict slot.
+
+Digests are recomputed lazily: a change of an entry's state only marks its bucket
+stale (a timeout alone does not); a stale bucket's digest is recomputed when someone
+asks for it.
 """
 
 from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from hashlib import blake2b
 from zlib import crc32
 
-import msgpack
-
-from .model import Entry, EntryKey
+from .record import HEADER_SIZE as _H
+from .record import fingerprint
 from .wire import DIGEST_SIZE, MAX_BUCKETS
 
 _MASK64 = (1 << 64) - 1
-_packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
 def check_bucket_count(buckets: int) -> int:
@@ -44,17 +46,6 @@ def check_bucket_count(buckets: int) -> int:
     if not 1 <= buckets <= MAX_BUCKETS or buckets & (buckets - 1):
         raise ValueError(f"bucket count must be a power of two in 1..{MAX_BUCKETS}")
     return buckets
-
-
-def fingerprint(entry: Entry) -> int:
-    """64-bit fingerprint of every field of ``entry`` except timeout and id."""
-    covered = entry[:5] + entry[6:12]
-    return int.from_bytes(blake2b(_packb(covered), digest_size=DIGEST_SIZE).digest(), "big")
-
-
-def same_state(a: Entry, b: Entry) -> bool:
-    """True if ``a`` and ``b`` agree on every fingerprinted field (timeout, id aside)."""
-    return a[:5] == b[:5] and a[6:12] == b[6:12]
 
 
 def pack_digests(digests: list[int]) -> bytes:
@@ -67,15 +58,20 @@ def unpack_digests(blob: bytes) -> tuple[int, ...]:
     return struct.unpack(f">{len(blob) // DIGEST_SIZE}Q", blob)
 
 
+def bucket_of(key: bytes, buckets: int) -> int:
+    """The bucket of a packed key among ``buckets`` (a power of two)."""
+    return crc32(key) & (buckets - 1)
+
+
 class BucketTable:
-    """Entries by key, grouped by bucket, with lazily recomputed bucket digests."""
+    """Records by packed key, grouped by bucket, with lazily recomputed digests."""
 
     __slots__ = ("_buckets", "_digests", "_mask", "_size")
 
     def __init__(self, buckets: int) -> None:
         check_bucket_count(buckets)
         self._mask = buckets - 1
-        self._buckets: list[dict[EntryKey, Entry]] = [{} for _ in range(buckets)]
+        self._buckets: list[dict[bytes, bytes]] = [{} for _ in range(buckets)]
         #: Cached digest per bucket; None when stale.
         self._digests: list[int | None] = [0] * buckets
         self._size = 0
@@ -88,34 +84,39 @@ class BucketTable:
     def __len__(self) -> int:
         return self._size
 
-    def bucket_of(self, key: EntryKey) -> int:
-        """The bucket ``key`` belongs to."""
-        return crc32(_packb(key)) & self._mask
+    def bucket_of(self, key: bytes) -> int:
+        """The bucket a packed key belongs to."""
+        return crc32(key) & self._mask
 
-    def get(self, key: EntryKey) -> Entry | None:
-        """The entry stored under ``key``, or None."""
-        return self._buckets[crc32(_packb(key)) & self._mask].get(key)
+    def get(self, key: bytes) -> bytes | None:
+        """The record stored under ``key``, or None."""
+        return self._buckets[crc32(key) & self._mask].get(key)
 
-    def put(self, bucket: int, key: EntryKey, entry: Entry) -> Entry | None:
-        """Store ``entry`` under ``key`` (in ``bucket``, its bucket); returns the old one."""
+    def put(self, bucket: int, key: bytes, record: bytes) -> bytes | None:
+        """Store ``record`` under ``key`` (in ``bucket``, its bucket); returns the old one.
+
+        The bucket's digest goes stale only if the replicated state changed.
+        """
         b = self._buckets[bucket]
         old = b.get(key)
-        b[key] = entry
+        b[key] = record
         if old is None:
             self._size += 1
-        self._digests[bucket] = None
+            self._digests[bucket] = None
+        elif old[_H:] != record[_H:]:
+            self._digests[bucket] = None
         return old
 
-    def pop(self, bucket: int, key: EntryKey) -> Entry | None:
-        """Remove ``key`` (in ``bucket``); returns the removed entry or None."""
+    def pop(self, bucket: int, key: bytes) -> bytes | None:
+        """Remove ``key`` (in ``bucket``); returns the removed record or None."""
         old = self._buckets[bucket].pop(key, None)
         if old is not None:
             self._size -= 1
             self._digests[bucket] = None
         return old
 
-    def bucket(self, bucket: int) -> dict[EntryKey, Entry]:
-        """The entries of one bucket (a live view: do not modify it)."""
+    def bucket(self, bucket: int) -> dict[bytes, bytes]:
+        """The records of one bucket by key (a live view: do not modify it)."""
         return self._buckets[bucket]
 
     def digest(self, bucket: int) -> int:
@@ -130,10 +131,15 @@ class BucketTable:
         """Digests of buckets ``first .. first + count - 1``."""
         return [self.digest(b) for b in range(first, first + count)]
 
-    def values(self) -> Iterator[Entry]:
-        """Every entry, bucket by bucket."""
+    def values(self) -> Iterator[bytes]:
+        """Every record, bucket by bucket."""
         for b in self._buckets:
             yield from b.values()
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """Every (key, record), bucket by bucket."""
+        for b in self._buckets:
+            yield from b.items()
 
     def clear(self) -> None:
         """Remove everything."""

@@ -13,33 +13,36 @@ the kernel: every entry with its timeout recomputed as the time left until its
 deadline.
 
 The cache is bucketed like the peer's table (:mod:`replicator.digest`) so the sync
-layer can compare and replace it bucket by bucket.
+layer can compare and replace it bucket by bucket. It stores one record per entry
+(:mod:`replicator.record`: the deadline in its header, the timeout as received) under
+its packed key, and schedules expiry in a :class:`~replicator.wheel.TimerWheel`, so an
+entry costs two ``bytes`` objects, a dict slot and a list slot.
 """
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections.abc import Iterator
 
+from . import record as R
 from .digest import BucketTable
-from .model import Entry, EntryKey
+from .model import Entry
+from .wheel import TimerWheel
 
 _INF = math.inf
-#: Rebuild the expiry heap when it holds this many more items than there are deadlines
-#: (refreshes leave superseded items behind; they are skipped lazily until then).
-_HEAP_SLACK = 1024
+#: Rebuild the expiry wheel when it holds this many more keys than the cache (refreshes
+#: leave superseded keys behind; they are skipped lazily until then).
+_WHEEL_SLACK = 1024
 
 
 class ExternalCache:
     """The peer's entries with absolute expiry, grouped in digest buckets."""
 
-    __slots__ = ("_deadlines", "_heap", "_table")
+    __slots__ = ("_table", "_wheel")
 
     def __init__(self, buckets: int) -> None:
         self._table = BucketTable(buckets)
-        self._deadlines: dict[EntryKey, float] = {}
-        self._heap: list[tuple[float, EntryKey]] = []
+        self._wheel = TimerWheel()
 
     def __len__(self) -> int:
         return len(self._table)
@@ -49,55 +52,68 @@ class ExternalCache:
         """The underlying bucketed table (read it; change it only through this class)."""
         return self._table
 
-    def get(self, key: EntryKey) -> Entry | None:
-        """The entry stored under ``key`` (with the timeout it arrived with), or None."""
-        return self._table.get(key)
+    def __contains__(self, key: bytes) -> bool:
+        return self._table.get(key) is not None
 
-    def deadline(self, key: EntryKey) -> float | None:
+    def get(self, key: bytes) -> Entry | None:
+        """The entry stored under a packed key (with the timeout it arrived with), or None."""
+        rec = self._table.get(key)
+        return None if rec is None else R.unpack(rec)
+
+    def deadline(self, key: bytes) -> float | None:
         """When ``key`` expires (``math.inf``: never), or None if it is not cached."""
-        return self._deadlines.get(key)
+        rec = self._table.get(key)
+        return None if rec is None else R.deadline(rec)
 
-    def upsert(self, bucket: int, entry: Entry, now: float) -> Entry | None:
-        """Store ``entry`` (in ``bucket``, its key's bucket); returns the entry it replaced.
+    def upsert(self, bucket: int, key: bytes, record: bytes) -> bytes | None:
+        """Store ``record`` under its packed ``key`` (in ``bucket``); returns the record it
+        replaced. ``record``'s deadline is the arrival time plus the remaining timeout
+        received (``inf``: none), the timeout in its header the one received."""
+        deadline = R.deadline(record)
+        old = self._table.put(bucket, key, record)
+        if deadline != _INF and (old is None or R.deadline(old) != deadline):
+            wheel = self._wheel
+            wheel.add(key, deadline)
+            if wheel.items > 2 * len(self._table) + _WHEEL_SLACK:
+                self._rebuild_wheel()
+        return old
 
-        Its deadline becomes ``now + entry.timeout`` (never, if the timeout is None).
-        """
-        key = (entry[0], entry[3], entry[1])
-        timeout = entry[5]
-        deadline = _INF if timeout is None else now + timeout
-        if self._deadlines.get(key) != deadline:
-            self._deadlines[key] = deadline
-            if deadline != _INF:
-                heapq.heappush(self._heap, (deadline, key))
-                if len(self._heap) > 2 * len(self._deadlines) + _HEAP_SLACK:
-                    self._rebuild_heap()
-        return self._table.put(bucket, key, entry)
-
-    def delete(self, bucket: int, key: EntryKey) -> Entry | None:
-        """Remove ``key`` (in ``bucket``); returns the removed entry or None."""
-        self._deadlines.pop(key, None)
+    def delete(self, bucket: int, key: bytes) -> bytes | None:
+        """Remove ``key`` (in ``bucket``); returns the removed record or None."""
         return self._table.pop(bucket, key)
 
     def expire(self, now: float) -> list[Entry]:
         """Remove and return every entry whose deadline is at or before ``now``."""
         expired = []
-        heap, deadlines = self._heap, self._deadlines
-        while heap and heap[0][0] <= now:
-            deadline, key = heapq.heappop(heap)
-            if deadlines.get(key) == deadline:  # not refreshed or deleted since
-                del deadlines[key]
-                old = self._table.pop(self._table.bucket_of(key), key)
-                if old is not None:
-                    expired.append(old)
+        table, wheel = self._table, self._wheel
+        bucket_of, get = table.bucket_of, table.get
+        for key in wheel.pop_due(now):
+            rec = get(key)
+            if rec is None:
+                continue  # deleted since
+            deadline = R.deadline(rec)
+            if deadline <= now:
+                table.pop(bucket_of(key), key)
+                expired.append(R.unpack(rec))
+            elif deadline < math.floor(now) + 1:
+                wheel.add(key, now + 1)  # later within this second (refreshed otherwise)
         return expired
 
     def next_expiry(self) -> float | None:
-        """The earliest deadline still pending (may be a superseded one), or None."""
-        return self._heap[0][0] if self._heap else None
+        """When to call :meth:`expire` next (None: nothing can expire).
+
+        Never later than the earliest deadline; an entry expires at most a second
+        after its deadline if ``expire`` is only called at these times.
+        """
+        return self._wheel.next_time()
+
+    def records(self) -> Iterator[bytes]:
+        """Every record, bucket by bucket."""
+        return self._table.values()
 
     def entries(self) -> Iterator[Entry]:
         """Every entry, as received (timeout = remaining seconds when the peer sent it)."""
-        return self._table.values()
+        return map(R.unpack, self._table.values())
 
     def commit_set(self, now: float) -> list[Entry]:
         """Every entry with ``timeout`` = whole seconds left until its deadline (>= 1).
@@ -105,9 +121,9 @@ class ExternalCache:
         What to install in the kernel on takeover. Entries without a timeout keep None.
         """
         out = []
-        deadlines = self._deadlines
-        for entry in self._table.values():
-            deadline = deadlines[(entry[0], entry[3], entry[1])]
+        for rec in self._table.values():
+            entry = R.unpack(rec)
+            deadline = R.deadline(rec)
             out.append(
                 entry if deadline == _INF
                 else entry._replace(timeout=max(1, math.ceil(deadline - now)))
@@ -117,9 +133,12 @@ class ExternalCache:
     def clear(self) -> None:
         """Forget everything (conntrackd ``-f external``)."""
         self._table.clear()
-        self._deadlines.clear()
-        self._heap.clear()
+        self._wheel.clear()
 
-    def _rebuild_heap(self) -> None:
-        self._heap = [(d, k) for k, d in self._deadlines.items() if d != _INF]
-        heapq.heapify(self._heap)
+    def _rebuild_wheel(self) -> None:
+        wheel = self._wheel
+        wheel.clear()
+        for key, rec in self._table.items():
+            deadline = R.deadline(rec)
+            if deadline != _INF:
+                wheel.add(key, deadline)

@@ -17,7 +17,7 @@ Theory of operation
    starts once overruns have stopped for a moment (:meth:`Mirror._quiet`): during a
    burst, every dump would be invalidated by the next overrun anyway.
 4. Publish every change to the consumer (the sync layer) as
-   :class:`~replicator.cache.Change` ``(key, entry | None)`` batches, except the echoes
+   :class:`~replicator.cache.Change` ``(key, record, entry)`` batches, except the echoes
    of our own injector (events carrying the port's ``injector_portid``): those are cached
    but not published, so the standby never sends the active's own state back. Changes
    found by a reconciliation are published whatever caused them.
@@ -174,10 +174,11 @@ class Mirror:
     def _apply(self, batch: list[CtEvent]) -> None:
         own = self._kernel.injector_portid
         apply = self.cache.apply
+        now = trio.current_time()
         changes: list[Change] = []
         echoes = 0
         for event in batch:
-            change = apply(event)
+            change = apply(event, now)
             if own and event.portid == own:
                 echoes += 1
             else:
@@ -206,7 +207,7 @@ class Mirror:
             # Whatever was dropped unread before this point is in this dump.
             self._stale = False
             dump = await self._kernel.dump()
-            changes = self.cache.finish_resync(dump)
+            changes = self.cache.finish_resync(dump, trio.current_time())
             self.stats.reconciliations += 1
             self._emit(changes)
             if not self._resync_again:

@@ -175,7 +175,6 @@ replication silently stops.
 
 from __future__ import annotations
 
-import heapq
 import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -183,11 +182,13 @@ from dataclasses import dataclass
 from itertools import islice
 from typing import Literal, NamedTuple
 
+from . import record as R
 from . import wire
-from .digest import BucketTable, check_bucket_count, pack_digests, same_state, unpack_digests
+from .digest import BucketTable, check_bucket_count, pack_digests, unpack_digests
 from .errors import WireDecodeError, WireVersionError
 from .external import ExternalCache
 from .model import Entry, EntryKey
+from .wheel import TimerWheel
 
 _INF = math.inf
 _U64 = (1 << 64) - 1
@@ -195,7 +196,11 @@ _U64 = (1 << 64) - 1
 SUMMARY_CHUNK = wire.MAX_SUMMARY_DIGESTS
 #: The go-back timeout doubles on every repetition, up to this multiple of ack_timeout.
 _MAX_BACKOFF = 8
-_HEAP_SLACK = 1024
+#: Rebuild the refresh wheel when it holds this many more keys than the local table.
+_WHEEL_SLACK = 1024
+#: Called with (key, old record, new record) when the session re-stamps a record's
+#: ``told``: the owner of a store sharing the records replaces its copy.
+Restamped = Callable[[bytes, bytes, bytes], None]
 
 
 @dataclass(frozen=True)
@@ -352,20 +357,6 @@ class SyncStats:
 # --- internal records ---------------------------------------------------------------
 
 
-class _Local:
-    """One entry of the local table with its timing."""
-
-    __slots__ = ("bucket", "deadline", "entry", "told")
-
-    def __init__(self, entry: Entry, deadline: float, bucket: int) -> None:
-        self.entry = entry
-        #: Local deadline: observation time + observed timeout (inf: none).
-        self.deadline = deadline
-        #: Deadline the peer was last told (-inf: never told).
-        self.told = -_INF
-        self.bucket = bucket
-
-
 _BEGIN, _SUMMARY, _DONE, _REQUEST = range(4)
 
 
@@ -383,7 +374,7 @@ class _Sent(NamedTuple):
     seq: int
     weight: int
     first_change: float | None
-    keys: tuple[EntryKey, ...]
+    keys: tuple[bytes, ...]
     buckets: tuple[int, ...]
     control: _Ctl | None
 
@@ -442,7 +433,7 @@ class _Conn:
         self.control: deque[_Ctl] = deque()
         #: Bucket being sent in parts: (bucket, its keys when the first part left,
         #: how many of them are sent, when it became dirty).
-        self.sending_bucket: tuple[int, list[EntryKey], int, float] | None = None
+        self.sending_bucket: tuple[int, list[bytes], int, float] | None = None
         self.send_resync: _SendResync | None = None
         self.buckets_turn = False
         self.next_anti_entropy: float | None = None
@@ -454,7 +445,7 @@ class _Conn:
         self.nacked: tuple[int, int] | None = None
         self.recv_resync: _RecvResync | None = None
         #: Buckets being replaced: keys not confirmed since the first part.
-        self.replacing: dict[int, set[EntryKey]] = {}
+        self.replacing: dict[int, set[bytes]] = {}
         self.synced = False
 
 
@@ -472,6 +463,7 @@ class SyncSession:
         *,
         params: SyncParams | None = None,
         accept: Callable[[Entry], bool] | None = None,
+        restamped: Restamped | None = None,
     ) -> None:
         _check_node_id(node_id)
         if not 0 <= epoch <= _U64:
@@ -480,15 +472,19 @@ class SyncSession:
         self.epoch = epoch
         self.params = params if params is not None else SyncParams()
         self._accept = accept
+        self._restamped = restamped
         self._buckets = self.params.buckets
         #: The peer's table as last heard (read it; the session maintains it).
         self.external = ExternalCache(self._buckets)
         self.stats = SyncStats()
-        self._records: dict[EntryKey, _Local] = {}
-        #: The local table, bucketed like the peer's copy of it.
+        #: The local table, bucketed like the peer's copy of it: one record per entry
+        #: (:mod:`replicator.record`), whose header holds the local deadline
+        #: (observation time + observed timeout) and ``told``, the deadline the peer
+        #: was last told (-inf: never).
         self._table = BucketTable(self._buckets)
-        self._refresh: list[tuple[float, EntryKey]] = []
-        self._pending: dict[EntryKey, float] = {}
+        #: Keys whose timeout-only refresh is due (checked against their record).
+        self._refresh = TimerWheel()
+        self._pending: dict[bytes, float] = {}
         self._dirty: dict[int, float] = {}
         self._events: deque[Event] = deque()
         self._conn: _Conn | None = None
@@ -533,7 +529,7 @@ class SyncSession:
     @property
     def local_count(self) -> int:
         """Entries in the local table (after filtering)."""
-        return len(self._records)
+        return len(self._table)
 
     @property
     def pending_count(self) -> int:
@@ -577,11 +573,11 @@ class SyncSession:
 
     def local_bucket(self, bucket: int) -> list[Entry]:
         """The local entries of one digest bucket."""
-        return list(self._table.bucket(bucket).values())
+        return list(map(R.unpack, self._table.bucket(bucket).values()))
 
     def local_entries(self) -> Iterator[Entry]:
         """The local table as the session holds it (after filtering)."""
-        return (r.entry for r in self._records.values())
+        return map(R.unpack, self._table.values())
 
     # --- events -----------------------------------------------------------------------
 
@@ -598,41 +594,60 @@ class SyncSession:
 
     def local_update(self, entry: Entry, now: float) -> None:
         """This node's table holds ``entry`` (a full entry) as of ``now``."""
-        if self._accept is not None and not self._accept(entry):
-            self.local_delete((entry[0], entry[3], entry[1]), now)
+        self._local(R.key(entry), None, entry, now)
+
+    def local_record(self, key: bytes, record: bytes, entry: Entry, now: float) -> None:
+        """:meth:`local_update` with the packed forms at hand: ``record`` (whose
+        deadline is the observation time plus the observed timeout) is stored as is,
+        so a cache holding it shares the object (see ``restamped``)."""
+        self._local(key, record, entry, now)
+
+    def _local(self, key: bytes, record: bytes | None, entry: Entry | None, now: float
+               ) -> None:
+        """Store an entry given as ``record``, or as ``entry`` (packed here); ``entry``
+        None: the caller knows that the filter accepts ``record``."""
+        if entry is not None and self._accept is not None and not self._accept(entry):
+            self.local_delete(key, now)
             return
-        key = (entry[0], entry[3], entry[1])
-        timeout = entry[5]
-        deadline = _INF if timeout is None else now + timeout
-        rec = self._records.get(key)
-        if rec is None:
-            b = self._table.bucket_of(key)
-            self._records[key] = _Local(entry, deadline, b)
-            self._table.put(b, key, entry)
+        table = self._table
+        b = table.bucket_of(key)
+        old = table.bucket(b).get(key)
+        if old is None:
+            if record is None:
+                assert entry is not None
+                record = R.pack(entry, R.deadline_of(entry[5], now), key=key)
+            table.put(b, key, record)
             self._mark(key, now)
             return
-        old = rec.entry
-        rec.entry = entry
-        rec.deadline = deadline
-        self._table.put(rec.bucket, key, entry)
-        if not same_state(old, entry):
+        old_deadline, told = R.timing(old)
+        if record is None:
+            assert entry is not None
+            record = R.pack(entry, R.deadline_of(entry[5], now), told, key)
+        deadline, carried = R.timing(record)
+        if carried != told:
+            new = R.with_told(record, told)
+            if self._restamped is not None:
+                self._restamped(key, record, new)
+            record = new
+        table.put(b, key, record)
+        if not R.same_state(old, record):
             self._mark(key, now)
-        elif deadline > rec.told:
+        elif deadline > told:
             # Only the timeout moved: refresh the peer's copy once it has less than
             # half of the remaining lifetime left, i.e. from 2 * told - deadline on.
-            due = 2 * rec.told - deadline
+            due = 2 * told - deadline
             if due <= now:
                 self._mark(key, now)
-            else:
-                self._push_refresh(due, key)
+            elif old_deadline <= told or math.floor(due) != math.floor(2 * told - old_deadline):
+                self._schedule_refresh(key, due)
 
-    def local_delete(self, key: EntryKey | Entry, now: float) -> None:
-        """The entry with this key (or this entry's key) left this node's table."""
-        if isinstance(key, Entry):
-            key = key.key
-        rec = self._records.pop(key, None)
-        if rec is not None:
-            self._table.pop(rec.bucket, key)
+    def local_delete(self, key: bytes | EntryKey | Entry, now: float) -> None:
+        """The entry with this key (packed or not, or this entry's key) left this
+        node's table."""
+        if not isinstance(key, bytes):
+            key = R.key(key) if isinstance(key, Entry) else R.pack_key(key)
+        table = self._table
+        if table.pop(table.bucket_of(key), key) is not None:
             self._mark(key, now)
 
     def local_snapshot(self, entries: Iterable[Entry], now: float) -> None:
@@ -642,12 +657,38 @@ class SyncSession:
         accept = self._accept
         for e in entries:
             if accept is None or accept(e):
-                seen.add((e[0], e[3], e[1]))
-                self.local_update(e, now)
-        for key in [k for k in self._records if k not in seen]:
+                key = R.key(e)
+                seen.add(key)
+                self._local(key, None, e, now)
+        self._delete_unseen(seen, now)
+
+    def local_snapshot_records(
+        self, records: Iterable[tuple[bytes, bytes]], now: float, *, refilter: bool = False
+    ) -> None:
+        """:meth:`local_snapshot` from ``(packed key, record)`` pairs (e.g. a cache's,
+        shared as in :meth:`local_record`).
+
+        The filter only sees the replicated state, so a record whose state equals the
+        one held is known to pass it and is not unpacked (a periodic re-dump changes
+        little but the timeouts); ``refilter``: evaluate every record (a new filter).
+        """
+        seen = set()
+        accept = self._accept
+        unpack, same_state, get = R.unpack, R.same_state, self._table.get
+        for key, rec in records:
+            if accept is not None:
+                old = None if refilter else get(key)
+                if (old is None or not same_state(old, rec)) and not accept(unpack(rec)):
+                    continue
+            seen.add(key)
+            self._local(key, rec, None, now)
+        self._delete_unseen(seen, now)
+
+    def _delete_unseen(self, seen: set[bytes], now: float) -> None:
+        for key in [k for k, _ in self._table.items() if k not in seen]:
             self.local_delete(key, now)
 
-    def _mark(self, key: EntryKey, now: float) -> None:
+    def _mark(self, key: bytes, now: float) -> None:
         pending = self._pending
         if key not in pending:
             pending[key] = now
@@ -656,33 +697,37 @@ class SyncSession:
 
     def _fold(self) -> None:
         # Bounded memory without loss: the pending keys become dirty buckets.
-        records, dirty = self._records, self._dirty
+        bucket_of, dirty = self._table.bucket_of, self._dirty
         for key, t in self._pending.items():
-            rec = records.get(key)
-            b = rec.bucket if rec is not None else self._table.bucket_of(key)
+            b = bucket_of(key)
             if dirty.get(b, _INF) > t:
                 dirty[b] = t
         self._pending.clear()
         self.stats.folds += 1
 
-    def _push_refresh(self, due: float, key: EntryKey) -> None:
-        heapq.heappush(self._refresh, (due, key))
-        if len(self._refresh) > 2 * len(self._records) + _HEAP_SLACK:
-            self._refresh = [
-                (2 * r.told - r.deadline, k)
-                for k, r in self._records.items()
-                if r.deadline > r.told
-            ]
-            heapq.heapify(self._refresh)
+    def _schedule_refresh(self, key: bytes, due: float) -> None:
+        wheel = self._refresh
+        wheel.add(key, due)
+        if wheel.items > 2 * len(self._table) + _WHEEL_SLACK:
+            wheel.clear()
+            for k, rec in self._table.items():
+                deadline, told = R.timing(rec)
+                if told != -_INF and deadline > told:
+                    wheel.add(k, 2 * told - deadline)
 
     def _run_refresh(self, now: float) -> None:
-        heap, records = self._refresh, self._records
-        while heap and heap[0][0] <= now:
-            _, key = heapq.heappop(heap)
-            rec = records.get(key)
-            # Skip superseded items: a still-due refresh satisfies the condition now.
-            if rec is not None and rec.deadline > rec.told and 2 * rec.told - rec.deadline <= now:
-                self._mark(key, now)
+        wheel, get = self._refresh, self._table.get
+        for key in wheel.pop_due(now):
+            rec = get(key)
+            if rec is None:
+                continue
+            deadline, told = R.timing(rec)
+            if deadline > told:
+                due = 2 * told - deadline
+                if due <= now:
+                    self._mark(key, now)
+                elif due < math.floor(now) + 1:
+                    wheel.add(key, now + 1)  # later within this second
 
     # --- operator requests ----------------------------------------------------------
 
@@ -723,13 +768,15 @@ class SyncSession:
         return True
 
     def set_filter(
-        self, accept: Callable[[Entry], bool] | None, entries: Iterable[Entry], now: float
+        self, accept: Callable[[Entry], bool] | None, records: Iterable[tuple[bytes, bytes]],
+        now: float,
     ) -> None:
         """Replace the filter (SIGHUP) and re-evaluate the local table against it:
-        ``entries`` is the whole unfiltered local table. Entries that stop matching are
-        deleted on the peer, entries that start matching are sent."""
+        ``records`` is the whole unfiltered local table as (packed key, record) pairs.
+        Entries that stop matching are deleted on the peer, entries that start matching
+        are sent."""
         self._accept = accept
-        self.local_snapshot(entries, now)
+        self.local_snapshot_records(records, now, refilter=True)
 
     # --- connection -----------------------------------------------------------------
 
@@ -949,12 +996,13 @@ class SyncSession:
         ext = self.external
         bucket_of = ext.table.bucket_of
         upsert = ext.upsert
+        pack, key_of, deadline_of = R.pack, R.key, R.deadline_of
         replacing = c.replacing
         ups = msg.upserts
         for e in ups:
-            key = (e[0], e[3], e[1])
+            key = key_of(e)
             b = bucket_of(key)
-            upsert(b, e, now)
+            upsert(b, key, pack(e, deadline_of(e[5], now), key=key))
             if replacing:
                 unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
@@ -966,10 +1014,11 @@ class SyncSession:
         if msg.deletes:
             st.deletes_received += len(msg.deletes)
             deleted = []
-            for key in msg.deletes:
+            for k in msg.deletes:
+                key = R.pack_key(k)
                 old = ext.delete(bucket_of(key), key)
                 if old is not None:
-                    deleted.append(old)
+                    deleted.append(R.unpack(old))
             if deleted:
                 self._events.append(PeerDeletes(tuple(deleted), expired=False))
 
@@ -994,12 +1043,13 @@ class SyncSession:
                         raise _Violation(f"part of bucket {b} without its first part")
                     unconfirmed = found
                 for e in rec.entries:
-                    key = (e[0], e[3], e[1])
+                    key = R.key(e)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")
-                    old = ext.upsert(b, e, now)
+                    new = R.pack(e, R.deadline_of(e[5], now), key=key)
+                    old = ext.upsert(b, key, new)
                     unconfirmed.discard(key)
-                    if old is None or not same_state(old, e):
+                    if old is None or not R.same_state(old, new):
                         changed.append(e)
                 self.stats.entries_received += len(rec.entries)
                 if r is not None:
@@ -1009,7 +1059,7 @@ class SyncSession:
                     for key in unconfirmed:
                         old = ext.delete(b, key)
                         if old is not None:
-                            deleted.append(old)
+                            deleted.append(R.unpack(old))
                     if r is not None:
                         r.buckets += 1
         finally:
@@ -1095,7 +1145,8 @@ class SyncSession:
 
     def next_timer(self) -> float | None:
         """When :meth:`handle_timer` must be called next (None: no timer pending)."""
-        times = [self._refresh[0][0]] if self._refresh else []
+        refresh = self._refresh.next_time()
+        times = [] if refresh is None else [refresh]
         expiry = self.external.next_expiry()
         if expiry is not None:
             times.append(expiry)
@@ -1200,7 +1251,7 @@ class SyncSession:
         *,
         weight: int = 1,
         first_change: float | None = None,
-        keys: tuple[EntryKey, ...] = (),
+        keys: tuple[bytes, ...] = (),
         buckets: tuple[int, ...] = (),
         control: _Ctl | None = None,
     ) -> None:
@@ -1211,20 +1262,28 @@ class SyncSession:
             c.ack_deadline = now + c.rto
         out.append(data)
 
-    def _remaining(self, rec: _Local, now: float) -> int | None:
-        """The timeout to send for ``rec`` now; notes that the peer was told it."""
-        if rec.deadline == _INF:
-            rec.told = _INF
-            return None
-        # At least 1 s: an entry still in the local table is alive (a kernel drops it
-        # and reports DESTROY at 0), and a copy installed with timeout 0 would die at
-        # once.
-        remaining = max(1, math.ceil(rec.deadline - now))
-        rec.told = now + remaining
+    def _remaining(self, bucket: dict[bytes, bytes], key: bytes, rec: bytes, now: float
+                   ) -> int | None:
+        """The timeout to send for ``rec`` (in ``bucket``) now; notes in the record that
+        the peer was told it."""
+        deadline, told = R.timing(rec)
+        if deadline == _INF:
+            remaining, new_told = None, _INF
+        else:
+            # At least 1 s: an entry still in the local table is alive (a kernel drops
+            # it and reports DESTROY at 0), and a copy installed with timeout 0 would
+            # die at once.
+            remaining = max(1, math.ceil(deadline - now))
+            new_told = now + remaining
+        if new_told != told:
+            new = R.with_told(rec, new_told)
+            bucket[key] = new  # the same state: the bucket's digest stands
+            if self._restamped is not None:
+                self._restamped(key, rec, new)
         return remaining
 
     def _send_changes(self, c: _Conn, now: float, out: list[bytes]) -> None:
-        pending, records, dirty = self._pending, self._records, self._dirty
+        pending, table, dirty = self._pending, self._table, self._dirty
         sb = c.sending_bucket
         # Keys of the bucket being sent in parts that its next parts will carry.
         coming = frozenset(sb[1][sb[2] :]) if sb is not None else frozenset()
@@ -1234,19 +1293,25 @@ class SyncSession:
         first = _INF
         for key in tuple(islice(pending, self.params.batch)):
             t = pending.pop(key)
-            rec = records.get(key)
+            b = table.bucket_of(key)
+            bucket = table.bucket(b)
+            rec = bucket.get(key)
             if rec is None:
-                dels.append(key)
-            elif rec.bucket in dirty:
+                dels.append(R.unpack_key(key))
+            elif b in dirty:
                 # Its bucket will be sent whole, with this key's state at that time.
-                dirty[rec.bucket] = min(dirty[rec.bucket], t)
+                dirty[b] = min(dirty[b], t)
                 continue
             elif key in coming:
                 continue
             else:
-                ups.append((rec.entry, self._remaining(rec, now)))
+                ups.append((R.unpack(rec), self._remaining(bucket, key, rec, now)))
             keys.append(key)
             first = min(first, t)
+        if not pending:
+            # A dict keeps the capacity of its largest size when emptied by pops: after
+            # a burst of N keys that would be some 40 bytes per key for good.
+            self._pending = {}
         if not keys:
             return
         data = wire.encode_changes(c.stream, c.next_seq, ups, dels)
@@ -1256,7 +1321,7 @@ class SyncSession:
 
     def _send_buckets(self, c: _Conn, now: float, out: list[bytes]) -> None:
         budget = self.params.batch
-        records, dirty, pending = self._records, self._dirty, self._pending
+        dirty, pending = self._dirty, self._pending
         parts: list[tuple[int, bool, bool, list[wire.TimedEntry]]] = []
         first_change = _INF
         n_entries = 0
@@ -1272,10 +1337,11 @@ class SyncSession:
             done += len(chunk)
             last = done >= len(keys)
             entries: list[wire.TimedEntry] = []
+            bucket = self._table.bucket(b)
             for key in chunk:
-                rec = records.get(key)
+                rec = bucket.get(key)
                 if rec is not None:
-                    entries.append((rec.entry, self._remaining(rec, now)))
+                    entries.append((R.unpack(rec), self._remaining(bucket, key, rec, now)))
                     # The bucket carries this key's current state: no need to send
                     # it again as a change.
                     first_change = min(first_change, pending.pop(key, _INF))

@@ -60,8 +60,11 @@ import msgpack
 from .errors import WireDecodeError, WireVersionError
 from .model import AF_INET, AF_INET6, CtTuple, Entry, EntryKey, SctpInfo, TcpInfo
 
-#: The sync protocol version this node speaks (checked in HELLO).
-PROTOCOL_VERSION = 1
+#: The sync protocol version this node speaks (checked in HELLO). 2: bucket placement
+#: and fingerprints are computed over the packed key and record body of
+#: :mod:`replicator.record` (1: over msgpack forms), so digests of version 1 nodes
+#: would never match.
+PROTOCOL_VERSION = 2
 
 HELLO = 1
 CLOSE = 2

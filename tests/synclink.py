@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable
 
+from replicator import record
+from replicator.external import ExternalCache
 from replicator.model import AF_INET, IPPROTO_TCP, CtTuple, Entry, EntryKey, TcpInfo, invert
 from replicator.sync import Event, SyncParams, SyncSession
 
@@ -23,6 +25,25 @@ def make_entry(i: int, *, variant: int = 0, timeout: int | None = 3600, zone: in
         AF_INET, orig, invert(orig), zone=zone, status=0x18E, timeout=timeout,
         mark=variant, tcp=TcpInfo(3, 7, 7, 0x23, 0x23),
     )  # fmt: skip
+
+
+def pk(entry: Entry) -> bytes:
+    """The packed key of ``entry`` (what the tables are keyed by)."""
+    return record.key(entry)
+
+
+def ext_put(ext: ExternalCache, entry: Entry, now: float, bucket: int | None = None) -> None:
+    """Store ``entry`` in an external cache as if it arrived at ``now`` (in ``bucket``,
+    by default its own)."""
+    key = record.key(entry)
+    b = ext.table.bucket_of(key) if bucket is None else bucket
+    ext.upsert(b, key, record.pack(entry, record.deadline_of(entry.timeout, now)))
+
+
+def ext_delete(ext: ExternalCache, entry: Entry) -> None:
+    """Remove ``entry``'s key from an external cache."""
+    key = record.key(entry)
+    ext.delete(ext.table.bucket_of(key), key)
 
 
 def strip(entry: Entry) -> Entry:

@@ -7,6 +7,7 @@ from typing import Any
 from hypothesis import given
 from hypothesis import strategies as st
 
+from replicator import record
 from replicator.cache import Change, InternalCache
 from replicator.model import (
     AF_INET,
@@ -14,6 +15,7 @@ from replicator.model import (
     CtEvent,
     CtTuple,
     Entry,
+    EntryKey,
     EventKind,
     TcpInfo,
     invert,
@@ -31,6 +33,19 @@ def entry(port: int, **fields: Any) -> Entry:
     return base._replace(**fields)
 
 
+def pk(e: Entry) -> bytes:
+    return record.key(e)
+
+
+def view(change: Change) -> tuple[EntryKey, Entry | None]:
+    """A change as (key, entry), after checking that its record holds its entry."""
+    if change.record is None:
+        assert change.entry is None
+    else:
+        assert record.unpack(change.record) == change.entry
+    return record.unpack_key(change.key), change.entry
+
+
 def new(e: Entry, portid: int = 0) -> CtEvent:
     return CtEvent(EventKind.NEW, e, portid)
 
@@ -46,58 +61,58 @@ def destroy(e: Entry) -> CtEvent:
 def test_new_update_destroy() -> None:
     cache = InternalCache()
     full = entry(1000, mark=7, labels=b"\x01" * 16)
-    assert cache.apply(new(full)) == Change(full.key, full)
+    assert view(cache.apply(new(full), 0.0)) == (full.key, full)
     # An UPDATE without labels or mark keeps them; its timeout and state win.
     partial = entry(1000, mark=None, timeout=120, tcp=TcpInfo(4))
-    change = cache.apply(update(partial))
+    change = cache.apply(update(partial), 0.0)
     assert change.entry == full._replace(timeout=120, tcp=TcpInfo(4))
-    assert cache.get(full.key) == change.entry
-    assert len(cache) == 1 and full.key in cache
-    assert cache.apply(destroy(full)) == Change(full.key, None)
-    assert len(cache) == 0 and cache.get(full.key) is None
+    assert cache.get(pk(full)) == change.entry
+    assert len(cache) == 1 and pk(full) in cache
+    assert view(cache.apply(destroy(full), 0.0)) == (full.key, None)
+    assert len(cache) == 0 and cache.get(pk(full)) is None
 
 
 def test_destroy_of_unknown_entry_still_reports_deletion() -> None:
     cache = InternalCache()
-    assert cache.apply(destroy(entry(1))) == Change(entry(1).key, None)
+    assert view(cache.apply(destroy(entry(1)), 0.0)) == (entry(1).key, None)
     assert len(cache) == 0
 
 
 def test_resync_takes_the_dump_for_untouched_entries_and_drops_absent_ones() -> None:
     cache = InternalCache()
-    cache.apply_all([new(entry(1)), new(entry(2)), new(entry(3, mark=5))])
+    cache.apply_all([new(entry(1)), new(entry(2)), new(entry(3, mark=5))], 0.0)
     cache.begin_resync()
     assert cache.resyncing
     dump = [entry(2), entry(3, mark=6), entry(4)]
-    changes = cache.finish_resync(dump)
+    changes = cache.finish_resync(dump, 0.0)
     assert not cache.resyncing
-    assert sorted(changes, key=lambda c: c.key[2].sport) == [
-        Change(entry(1).key, None),
-        Change(entry(3).key, entry(3, mark=6)),
-        Change(entry(4).key, entry(4)),
+    assert sorted(map(view, changes), key=lambda c: c[0][2].sport) == [
+        (entry(1).key, None),
+        (entry(3).key, entry(3, mark=6)),
+        (entry(4).key, entry(4)),
     ]
     assert cache.snapshot() == {e.key: e for e in dump}
 
 
 def test_resync_does_not_report_timeout_or_id_only_differences() -> None:
     cache = InternalCache()
-    cache.apply(new(entry(1, timeout=300, id=1)))
+    cache.apply(new(entry(1, timeout=300, id=1)), 0.0)
     cache.begin_resync()
-    assert cache.finish_resync([entry(1, timeout=250, id=2)]) == []
-    assert cache.get(entry(1).key) == entry(1, timeout=250, id=2)
+    assert cache.finish_resync([entry(1, timeout=250, id=2)], 0.0) == []
+    assert cache.get(pk(entry(1))) == entry(1, timeout=250, id=2)
 
 
 def test_events_during_the_dump_win() -> None:
     cache = InternalCache()
-    cache.apply_all([new(entry(1)), new(entry(2)), new(entry(3))])
+    cache.apply_all([new(entry(1)), new(entry(2)), new(entry(3))], 0.0)
     cache.begin_resync()
     # While the dump runs: 1 moves on (partial update), 2 is destroyed, 5 is created.
-    cache.apply(update(entry(1, mark=None, labels=None, tcp=TcpInfo(4), timeout=60)))
-    cache.apply(destroy(entry(2)))
-    cache.apply(new(entry(5)))
+    cache.apply(update(entry(1, mark=None, labels=None, tcp=TcpInfo(4), timeout=60)), 0.0)
+    cache.apply(destroy(entry(2)), 0.0)
+    cache.apply(new(entry(5)), 0.0)
     # The dump saw 1 and 2 before the events; 5 after its creation; 3 is gone.
     dump = [entry(1, labels=b"\x02" * 16), entry(2), entry(5, mark=9)]
-    cache.finish_resync(dump)
+    cache.finish_resync(dump, 0.0)
     assert cache.snapshot() == {
         # event state, plus a field the dump knew and the cache did not
         entry(1).key: entry(1, tcp=TcpInfo(4), timeout=60, labels=b"\x02" * 16),
@@ -108,16 +123,16 @@ def test_events_during_the_dump_win() -> None:
 def test_entry_first_seen_as_partial_update_is_completed_by_the_dump() -> None:
     cache = InternalCache()
     cache.begin_resync()
-    cache.apply(update(entry(1, mark=None, tcp=TcpInfo(4))))
-    assert cache.get(entry(1).key) == entry(1, mark=None, tcp=TcpInfo(4))
-    cache.finish_resync([entry(1, mark=3)])
-    assert cache.get(entry(1).key) == entry(1, mark=3, tcp=TcpInfo(4))
+    cache.apply(update(entry(1, mark=None, tcp=TcpInfo(4))), 0.0)
+    assert cache.get(pk(entry(1))) == entry(1, mark=None, tcp=TcpInfo(4))
+    cache.finish_resync([entry(1, mark=3)], 0.0)
+    assert cache.get(pk(entry(1))) == entry(1, mark=3, tcp=TcpInfo(4))
 
 
 def test_finish_without_begin_replaces_the_cache() -> None:
     cache = InternalCache()
-    cache.apply(new(entry(1)))
-    cache.finish_resync([entry(2)])
+    cache.apply(new(entry(1)), 0.0)
+    cache.finish_resync([entry(2)], 0.0)
     assert list(cache) == [entry(2)]
 
 
@@ -130,14 +145,14 @@ def test_untouched_resync_makes_the_cache_equal_the_dump(
     before: dict[int, int], after: dict[int, int]
 ) -> None:
     cache = InternalCache()
-    cache.apply_all(new(entry(p, mark=m)) for p, m in before.items())
+    cache.apply_all((new(entry(p, mark=m)) for p, m in before.items()), 0.0)
     cache.begin_resync()
     dump = [entry(p, mark=m) for p, m in after.items()]
-    changes = cache.finish_resync(dump)
+    changes = cache.finish_resync(dump, 0.0)
     assert cache.snapshot() == {e.key: e for e in dump}
     # The changes replay the difference exactly.
     replay = {entry(p).key: entry(p, mark=m) for p, m in before.items()}
-    for key, value in changes:
+    for key, value in map(view, changes):
         if value is None:
             del replay[key]
         else:
@@ -153,10 +168,10 @@ def test_events_replay_a_table_history(ops: list[tuple[str, int, int]]) -> None:
     for op, port, mark in ops:
         if op == "new":
             table[port] = entry(port, mark=mark)
-            cache.apply(new(table[port]))
+            cache.apply(new(table[port]), 0.0)
         elif op == "mark" and port in table:
             table[port] = table[port]._replace(mark=mark, timeout=100)
-            cache.apply(update(table[port]._replace(labels=None)))
+            cache.apply(update(table[port]._replace(labels=None)), 0.0)
         elif op == "del" and port in table:
-            cache.apply(destroy(table.pop(port)))
+            cache.apply(destroy(table.pop(port)), 0.0)
     assert cache.snapshot() == {e.key: e for e in table.values()}

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import trio
 
-from replicator import ctformat
+from replicator import ctformat, record
 from replicator.config import Config, parse_config
 from replicator.control import CacheName, Command, ControlClient, Request
 from replicator.daemon import Daemon, for_kernel
@@ -172,20 +172,22 @@ async def test_cache_mode_replicates_then_commits_on_promotion(
         # verify on the active: a copy damaged on the standby is found, listed, repaired.
         damaged = flow(7)
         external = b.daemon.session.external
-        external.delete(external.table.bucket_of(damaged.key), damaged.key)
+        damaged_key = record.key(damaged)
+        external.delete(external.table.bucket_of(damaged_key), damaged_key)
         report = await a.call(Command.VERIFY)
         assert isinstance(report, dict) and report["ok"] is False
         line = ctformat.format_entry(next(e for e in a.daemon.session.local_entries()
                                           if e.key == damaged.key))
         assert "  " + line in report["problems"]
-        await eventually(lambda: external.get(damaged.key) is not None)
+        await eventually(lambda: damaged_key in external)
         assert (await a.call(Command.VERIFY))["ok"] is True  # type: ignore[index]
 
         # Updates and deletes propagate.
         a.kernel.remove(flow(0).key)
         a.kernel.modify(flow(1).key, mark=77)
         await eventually(lambda: len(b.daemon.session.external) == 299)
-        await eventually(lambda: (e := b.daemon.session.external.get(flow(1).key)) is not None
+        ext = b.daemon.session.external
+        await eventually(lambda: (e := ext.get(record.key(flow(1)))) is not None
                          and e.mark == 77)
 
         # Failover: B becomes MASTER and commits; A becomes BACKUP.

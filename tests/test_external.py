@@ -6,25 +6,35 @@ import math
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from synclink import make_entry
+from synclink import make_entry, pk
 
+from replicator import record
 from replicator.external import ExternalCache
 from replicator.model import Entry
 
 
 def put(cache: ExternalCache, entry: Entry, now: float) -> Entry | None:
-    return cache.upsert(cache.table.bucket_of(entry.key), entry, now)
+    key = pk(entry)
+    old = cache.upsert(cache.table.bucket_of(key), key,
+                       record.pack(entry, record.deadline_of(entry.timeout, now)))
+    return None if old is None else record.unpack(old)
+
+
+def delete(cache: ExternalCache, entry: Entry) -> Entry | None:
+    key = pk(entry)
+    old = cache.delete(cache.table.bucket_of(key), key)
+    return None if old is None else record.unpack(old)
 
 
 def test_deadline_is_arrival_plus_remaining_timeout() -> None:
     c = ExternalCache(16)
     e = make_entry(1, timeout=30)
     assert put(c, e, 100.0) is None
-    assert c.deadline(e.key) == 130.0
-    assert c.get(e.key) == e
+    assert c.deadline(pk(e)) == 130.0
+    assert c.get(pk(e)) == e
     assert c.expire(129.9) == []
     assert c.expire(130.0) == [e]
-    assert c.get(e.key) is None and c.deadline(e.key) is None and len(c) == 0
+    assert c.get(pk(e)) is None and c.deadline(pk(e)) is None and len(c) == 0
 
 
 def test_refresh_moves_the_deadline_and_the_old_one_is_ignored() -> None:
@@ -42,10 +52,10 @@ def test_deleted_and_timeless_entries_do_not_expire() -> None:
     gone, forever = make_entry(1, timeout=5), make_entry(2, timeout=None)
     put(c, gone, 0.0)
     put(c, forever, 0.0)
-    assert c.delete(c.table.bucket_of(gone.key), gone.key) == gone
-    assert c.delete(c.table.bucket_of(gone.key), gone.key) is None
+    assert delete(c, gone) == gone
+    assert delete(c, gone) is None
     assert c.expire(1e12) == []
-    assert c.deadline(forever.key) == math.inf
+    assert c.deadline(pk(forever)) == math.inf
     assert list(c.entries()) == [forever]
 
 
@@ -85,7 +95,7 @@ def test_matches_a_naive_model(ops: list[tuple[str, int, int | None]]) -> None:
             put(c, e, now)
             model[i] = (e, math.inf if timeout is None else now + timeout)
         elif op == "delete":
-            c.delete(c.table.bucket_of(e.key), e.key)
+            delete(c, e)
             model.pop(i, None)
         else:
             now += (timeout or 0) / 4
@@ -95,7 +105,7 @@ def test_matches_a_naive_model(ops: list[tuple[str, int, int | None]]) -> None:
             for k in due:
                 del model[k]
         assert {x.key: x for x in c.entries()} == {e.key: e for e, _ in model.values()}
-        assert all(c.deadline(e.key) == d for e, d in model.values())
+        assert all(c.deadline(pk(e)) == d for e, d in model.values())
 
 
 def test_many_refreshes_keep_expiry_exact() -> None:
@@ -108,3 +118,14 @@ def test_many_refreshes_keep_expiry_exact() -> None:
     assert c.expire(3008.0) == []
     assert c.next_expiry() == 3009.0
     assert len(c.expire(3009.0)) == 3
+
+
+def test_polling_at_next_expiry_expires_within_a_second_of_the_deadline() -> None:
+    c = ExternalCache(4)
+    e = make_entry(1, timeout=3)
+    put(c, e, 0.25)  # deadline 3.25
+    assert c.next_expiry() == 3.0  # never later than the deadline
+    assert c.expire(3.0) == []
+    assert c.next_expiry() == 4.0  # put back into the next second, not polled in a loop
+    assert c.expire(4.0) == [e]
+    assert c.next_expiry() is None

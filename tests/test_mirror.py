@@ -7,6 +7,7 @@ from typing import Any
 import trio
 import trio.testing
 
+from replicator import record
 from replicator.cache import Change
 from replicator.kernel_fake import FakeKernel
 from replicator.mirror import Mirror
@@ -30,11 +31,13 @@ class Consumer:
 
     def __call__(self, changes: list[Change]) -> None:
         self.batches += 1
-        for key, value in changes:
+        for key, rec, value in changes:
+            k = record.unpack_key(key)
             if value is None:
-                self.table.pop(key, None)
+                self.table.pop(k, None)
             else:
-                self.table[key] = value
+                assert rec is not None and record.unpack(rec) == value
+                self.table[k] = value
 
 
 async def settle(mirror: Mirror) -> None:
@@ -98,7 +101,7 @@ async def test_echoes_are_cached_but_not_published() -> None:
         assert mirror.stats.echoes == 2
         await kernel.delete([entry(1)])
         await settle(mirror)
-        assert entry(1).key not in mirror.cache
+        assert record.key(entry(1)) not in mirror.cache
         assert mirror.stats.echoes == 3 and mirror.stats.published == 1
         nursery.cancel_scope.cancel()
 

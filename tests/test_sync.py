@@ -7,12 +7,24 @@ from typing import TypeVar
 
 import msgpack
 import pytest
-from synclink import Node, connect, disconnect, fill, make_entry, run, strip, transfer
+from synclink import (
+    Node,
+    connect,
+    disconnect,
+    ext_delete,
+    ext_put,
+    fill,
+    make_entry,
+    pk,
+    run,
+    strip,
+    transfer,
+)
 
-from replicator import wire
+from replicator import record, wire
 from replicator.digest import BucketTable
 from replicator.filters import build_filter
-from replicator.model import TcpInfo
+from replicator.model import Entry, TcpInfo
 from replicator.sync import (
     ConnectionTerminated,
     Event,
@@ -134,7 +146,7 @@ def test_reconnect_resync_is_proportional_to_the_changes() -> None:
     sent = a.session.stats.entries_sent - before.entries_sent
     buckets = BucketTable(1024)
     for e in a.kernel_entries(3.0):
-        buckets.put(buckets.bucket_of(e.key), e.key, e)
+        buckets.put(buckets.bucket_of(pk(e)), pk(e), record.pack(e, 0.0))
     biggest_bucket = max(len(buckets.bucket(x)) for x in range(1024))
     assert sent <= k * biggest_bucket + k
     assert sent < n // 50
@@ -185,7 +197,7 @@ def test_stale_entries_of_the_peer_are_removed_by_a_resync() -> None:
     a, b = synced(10)
     ghost = make_entry(999)
     ext = b.session.external
-    ext.upsert(ext.table.bucket_of(ghost.key), ghost, 0.0)  # e.g. a delete lost long ago
+    ext_put(ext, ghost, 0.0)  # e.g. a delete lost long ago
     disconnect(a, b, 1.0)
     connect(a, b, 1.0)
     transfer(a, b, 1.0)
@@ -198,7 +210,7 @@ def test_a_bucket_larger_than_a_message_is_replaced_in_parts() -> None:
     a, b = synced(100, params=params)
     ext = b.session.external
     ghost = make_entry(999)
-    ext.upsert(0, ghost, 0.0)
+    ext_put(ext, ghost, 0.0, bucket=0)
     b.session.request_resync(1.0)
     # Deliver the first parts, then change entries while the replacement runs.
     for _ in range(4):
@@ -243,7 +255,7 @@ def test_expiry_in_the_external_cache() -> None:
     a, b = synced()
     a.put(make_entry(1, timeout=10), 100.0)
     transfer(a, b, 100.0)
-    assert b.session.external.deadline(make_entry(1).key) == 110.0
+    assert b.session.external.deadline(pk(make_entry(1))) == 110.0
     timer = b.session.next_timer()
     assert timer is not None and timer <= 110.0
     b.session.handle_timer(109.0)
@@ -257,8 +269,8 @@ def test_queued_time_is_taken_off_the_timeout() -> None:
     a, b = synced()
     a.put(make_entry(1, timeout=100), 0.0)
     transfer(a, b, 30.0)  # sent 30 s after the change was observed
-    assert b.session.external.get(make_entry(1).key).timeout == 70  # type: ignore[union-attr]
-    assert b.session.external.deadline(make_entry(1).key) == 100.0
+    assert b.session.external.get(pk(make_entry(1))).timeout == 70  # type: ignore[union-attr]
+    assert b.session.external.deadline(pk(make_entry(1))) == 100.0
 
 
 def test_refreshes_are_sent_at_half_life_only() -> None:
@@ -274,7 +286,7 @@ def test_refreshes_are_sent_at_half_life_only() -> None:
     assert a.session.stats.entries_sent == sent
     run(a, b, 89.5, until=90.0, step=0.5)  # the peer is down to half: 20 s of 110 - 90
     assert a.session.stats.entries_sent == sent + 1
-    assert b.session.external.deadline(make_entry(1).key) == 110.0
+    assert b.session.external.deadline(pk(make_entry(1))) == 110.0
     run(a, b, 90.0, until=95.0, step=0.5)
     a.put(make_entry(1, timeout=100), 95.0)  # peer has 15 s left of 100: at once
     transfer(a, b, 95.0)
@@ -362,7 +374,7 @@ def hello(version: int = wire.PROTOCOL_VERSION, node: str = "a", buckets: int = 
 @pytest.mark.parametrize(
     ("payload", "reason"),
     [
-        (hello(version=2), "version"),
+        (hello(version=wire.PROTOCOL_VERSION + 1), "version"),
         (hello(buckets=128), "buckets"),
         (hello(node="b"), "own id"),
         (b"\xc1garbage", "msgpack"),
@@ -388,9 +400,9 @@ def test_undecodable_frames_are_counted() -> None:
 
 def test_a_changed_hello_is_a_violation_and_a_repeated_one_is_not() -> None:
     _, b = synced()
-    b.session.receive(wire.encode(wire.Hello(1, "a", 1, 64, 0)), 1.0)
+    b.session.receive(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "a", 1, 64, 0)), 1.0)
     assert b.drain() == []
-    b.session.receive(wire.encode(wire.Hello(1, "a", 9, 64, 0)), 1.0)
+    b.session.receive(wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "a", 9, 64, 0)), 1.0)
     assert of_type(b.drain(), ProtocolViolation)
 
 
@@ -416,7 +428,7 @@ def test_anti_entropy_repairs_silent_divergence() -> None:
     a, b = synced(40, params=params)
     ext = b.session.external
     victim = make_entry(7)
-    ext.delete(ext.table.bucket_of(victim.key), victim.key)  # diverged somehow
+    ext_delete(ext, victim)  # diverged somehow
     assert b.external() != a.table()
     run(a, b, 0.0, until=30.0, step=5.0)
     assert b.external() == a.table()
@@ -468,7 +480,7 @@ def test_a_key_recreated_during_a_bucket_replacement_survives_it() -> None:
     a.remove(ghost.key, 1.0)
     transfer(a, b, 1.0)
     ext = b.session.external
-    ext.upsert(0, ghost, 1.0)  # b still holds the deleted entry (a lost delete)
+    ext_put(ext, ghost, 1.0, bucket=0)  # b still holds the deleted entry (a lost delete)
     a.session.bulk_send(1.0)
     first = a.session.frames_to_send(1.0)
     assert kinds(first) == ["ResyncBegin", "Buckets"]  # the first part, then the window
@@ -507,7 +519,7 @@ def test_an_entry_in_the_wrong_bucket_is_a_violation() -> None:
     b.session.connection_made(0.0)
     b.session.receive(hello(), 0.0)
     e = make_entry(1)
-    wrong = (b.session.external.table.bucket_of(e.key) + 1) % P.buckets
+    wrong = (b.session.external.table.bucket_of(pk(e)) + 1) % P.buckets
     b.session.receive(wire.encode_buckets(0, 0, [(wrong, True, True, [(e, 10)])]), 0.0)
     (v,) = of_type(b.drain(), ProtocolViolation)
     assert "not its own" in v.reason
@@ -526,7 +538,7 @@ def test_start_digest_resync_repairs_at_once_and_refuses_when_it_cannot() -> Non
     a, b = synced(40)
     ext = b.session.external
     victim = make_entry(7)
-    ext.delete(ext.table.bucket_of(victim.key), victim.key)
+    ext_delete(ext, victim)
     assert a.session.start_digest_resync(1.0)
     assert not a.session.start_digest_resync(1.0)  # one is running already
     transfer(a, b, 1.0)
@@ -538,10 +550,11 @@ def test_start_digest_resync_repairs_at_once_and_refuses_when_it_cannot() -> Non
 def test_set_filter_reevaluates_the_local_table() -> None:
     a, b = synced(10)
     table = [e for e, _ in a.kernel.values()]
-    a.session.set_filter(lambda e: e.orig.sport % 2 == 0, table, 1.0)
+    records = [(pk(e), record.pack(e, record.deadline_of(e.timeout, 1.0))) for e in table]
+    a.session.set_filter(lambda e: e.orig.sport % 2 == 0, records, 1.0)
     transfer(a, b, 1.0)
     assert set(b.external()) == {e.key for e in table if e.orig.sport % 2 == 0}
-    a.session.set_filter(None, table, 2.0)
+    a.session.set_filter(None, records, 2.0)
     transfer(a, b, 2.0)
     assert b.external() == a.table()
 
@@ -608,3 +621,30 @@ def test_a_request_after_a_resync_began_starts_a_new_one() -> None:
     assert b.external() == a.table()
     full = [e.resync_id for e in of_type(a.events, ResyncStarted) if e.full]
     assert len(full) == 2
+
+
+def test_a_snapshot_filters_only_records_whose_state_changed() -> None:
+    seen: list[Entry] = []
+
+    def accept(e: Entry) -> bool:
+        seen.append(e)
+        return e.orig.sport % 2 == 0
+
+    a, b = synced(10)
+    table = [e for e, _ in a.kernel.values()]
+    records = [(pk(e), record.pack(e, record.deadline_of(e.timeout, 1.0))) for e in table]
+    a.session.set_filter(accept, records, 1.0)
+    assert len(seen) == 10  # a new filter sees everything
+    transfer(a, b, 1.0)
+    seen.clear()
+    changed = table[0]._replace(mark=42)
+    later = [(k, record.with_deadline(r, 500.0)) for k, r in records[1:]]
+    later.append((pk(changed), record.pack(changed, 500.0)))
+    a.session.local_snapshot_records(later, 2.0)
+    # Timeouts alone do not change what the filter decides: only the changed entry
+    # and the entries the filter refused (not held) are unpacked and filtered again.
+    assert changed in seen
+    assert len(seen) == 1 + sum(1 for e in table[1:] if e.orig.sport % 2)
+    transfer(a, b, 2.0)
+    expected = {e.key for e in table if e.orig.sport % 2 == 0}
+    assert set(b.external()) == expected

@@ -34,6 +34,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 from synclink import Node, make_entry
 
+from replicator import record
 from replicator.sync import ConnectionTerminated, ProtocolViolation, SyncParams
 
 KEYS = 14
@@ -240,7 +241,7 @@ class LossyLink(RuleBasedStateMachine):
         for here, there in ((a, b), (b, a)):
             assert here.external() == there.table()
             for key, (_, deadline) in there.kernel.items():
-                copy = here.session.external.deadline(key)
+                copy = here.session.external.deadline(record.pack_key(key))
                 assert copy is not None
                 if deadline == math.inf:
                     assert copy == math.inf

@@ -50,6 +50,8 @@ from replicator.model import (
     invert,
     snat_target,
 )
+from replicator.record import key as packed_key
+from replicator.record import unpack_key
 
 TOLERANCE = 2
 REPO = Path(__file__).resolve().parents[2]
@@ -113,8 +115,8 @@ async def test_event_source_and_dump_match_conntrack(netlab: Lab) -> None:
 
     def record(changes: list[Change]) -> None:
         now = trio.current_time()
-        for key, _ in changes:
-            arrived[key] = now
+        for key, _, _ in changes:
+            arrived[unpack_key(key)] = now
 
     async with LinuxKernel(topo.fw.name) as port:
         mirror = Mirror(port, record)
@@ -221,12 +223,12 @@ async def test_own_injections_are_cached_as_echoes(netlab: Lab) -> None:
             result = await port.upsert([entry])
             assert result.errors == []
             for _ in range(200):
-                if entry.key in mirror.cache:
+                if packed_key(entry) in mirror.cache:
                     break
                 await trio.sleep(0.05)
             assert mirror.stats.echoes >= 1
             assert published == []  # never sent back to the peer
-            cached = mirror.cache.get(entry.key)
+            cached = mirror.cache.get(packed_key(entry))
             assert cached is not None and cached.reply == entry.reply
             nursery.cancel_scope.cancel()
 

@@ -1,0 +1,307 @@
+"""Compact records: one immutable ``bytes`` per entry in every long-lived table (pure).
+
+An :class:`~replicator.model.Entry` as Python objects costs about 750 bytes (a named
+tuple, two tuple objects, four address ``bytes``, a ``TcpInfo``, ints). The tables
+that hold the whole conntrack table (the internal cache, the sync session's local
+table, the external cache) store instead one ``bytes`` *record* per entry, keyed by
+one ``bytes`` *key*, about 100 + 50 bytes for an IPv4 TCP entry. ``Entry`` remains the
+type at the boundaries (ctnetlink, the wire, the injector, the control socket):
+records are unpacked on demand. ``bytes`` are not tracked by the cyclic garbage
+collector, nor is a dict that holds only ``bytes``, so a large table no longer makes
+the collector walk millions of objects (generation-1 collections of 170-190 ms were
+measured with entries as tuples, ``docs/performance.md``).
+
+Layout
+------
+A record is a fixed-size *header* followed by the *body*::
+
+    header  >ddIIB   deadline, told, timeout, id, flags (bit 0: timeout, bit 1: id)
+    body    >BH      family, zone
+            tuple    the original tuple (the body starts with the key)
+            >BI      flags (_MARK, _LABELS, _TCP, _SCTP, _HELPER, _MASTER, _REPLY), status
+            tuple    the reply tuple, unless it is the plain inverse of the original
+            >I       mark        (if _MARK)
+            16s      labels      (if _LABELS)
+            >5B      tcp info    (if _TCP)
+            >BII     sctp info   (if _SCTP)
+            B + str  helper      (if _HELPER: length, then ASCII)
+            tuple    master      (if _MASTER)
+
+where a *tuple* is ``src, dst`` (4 or 16 bytes, by family) then ``>BHHBBH`` (proto,
+sport, dport, icmp type, icmp code, icmp id). The header holds what changes without
+the entry's state changing (the timing and the kernel's id): ``deadline`` is the
+absolute time on this node's monotonic clock at which the entry runs out
+(observation time + timeout; ``inf`` without a timeout), ``told`` the deadline the
+peer was last told (sync session bookkeeping, ``-inf``: never), ``timeout`` the
+timeout as observed (or as received). The body is every field the digests cover and
+nothing else, so two records describe the same state exactly when their bodies are
+equal, and the fingerprint of an entry is a hash of its body
+(:func:`fingerprint`). The body is the same on every host (explicit byte order), which
+the digest comparison between nodes requires.
+
+The *key* of a record is the first bytes of its body: family, zone and original tuple
+(:func:`key_of`), i.e. :attr:`Entry.key` packed.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from hashlib import blake2b
+
+from .model import (
+    AF_INET,
+    AF_INET6,
+    ICMP_PROTOCOLS,
+    CtTuple,
+    Entry,
+    EntryKey,
+    SctpInfo,
+    TcpInfo,
+    invert,
+)
+
+#: Timing and id, in front of the body (never leaves this process; big endian like the
+#: body, so that one struct reads the header and the fixed start of the body).
+HEADER = struct.Struct(">ddIIB")
+HEADER_SIZE = HEADER.size
+_HAS_TIMEOUT = 1
+_HAS_ID = 2
+_DEADLINE = struct.Struct(">d")
+_TWO = struct.Struct(">dd")
+_TIMEOUT = struct.Struct(">I")
+
+_MARK, _LABELS, _TCP, _SCTP, _HELPER, _MASTER, _REPLY = (1 << i for i in range(7))
+_FZ = struct.Struct(">BH")
+_FLAGS_STATUS = struct.Struct(">BI")
+_PORTS = "BHHBBH"
+_TUPLE = {AF_INET: struct.Struct(">4s4s" + _PORTS), AF_INET6: struct.Struct(">16s16s" + _PORTS)}
+_KEY = {f: struct.Struct(">BH" + t.format[1:]) for f, t in _TUPLE.items()}
+#: Header, family, zone, original tuple, flags and status: the fixed start of a record.
+_FIXED = {f: struct.Struct(HEADER.format + k.format[1:] + "BI") for f, k in _KEY.items()}
+_ALEN = {AF_INET: 4, AF_INET6: 16}
+_U32 = struct.Struct(">I")
+_TCP_S = struct.Struct(">5B")
+_SCTP_S = struct.Struct(">BII")
+LABELS_SIZE = 16
+#: Bytes of the digest fingerprint (the digests' width).
+FINGERPRINT_SIZE = 8
+
+_INF = math.inf
+_new = tuple.__new__
+
+
+def _tuple_struct(family: int) -> struct.Struct:
+    t = _TUPLE.get(family)
+    if t is None:
+        raise ValueError(f"family {family} is neither AF_INET nor AF_INET6")
+    return t
+
+
+def _pack_tuple(t: struct.Struct, alen: int, ct: CtTuple) -> bytes:
+    # struct's "4s" would silently pad or truncate an address of the wrong length.
+    if len(ct[0]) != alen or len(ct[1]) != alen:
+        raise ValueError(f"tuple addresses are not {alen} bytes")
+    return t.pack(*ct)
+
+
+def pack_key(key: EntryKey) -> bytes:
+    """The packed form of ``(family, zone, orig)``: what every table is keyed by."""
+    family, zone, orig = key
+    ks = _KEY.get(family)
+    if ks is None:
+        raise ValueError(f"family {family} is neither AF_INET nor AF_INET6")
+    alen = _ALEN[family]
+    if len(orig[0]) != alen or len(orig[1]) != alen:
+        raise ValueError(f"tuple addresses are not {alen} bytes")
+    try:
+        return ks.pack(family, zone, *orig)
+    except struct.error as exc:
+        raise ValueError(f"key field out of range: {exc}") from None
+
+
+def key(entry: Entry) -> bytes:
+    """The packed key of ``entry`` (:func:`pack_key` of :attr:`Entry.key`)."""
+    return pack_key((entry[0], entry[3], entry[1]))
+
+
+def unpack_key(packed: bytes) -> EntryKey:
+    """Inverse of :func:`pack_key`."""
+    family, zone = _FZ.unpack_from(packed)
+    return (family, zone, _new(CtTuple, _tuple_struct(family).unpack_from(packed, 3)))
+
+
+def key_size(family: int) -> int:
+    """Length of a packed key of ``family``."""
+    return 3 + _tuple_struct(family).size
+
+
+def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None = None
+         ) -> bytes:
+    """The record of ``entry`` with the given timing (see the module doc); ``key``: its
+    packed key, if the caller has it already.
+
+    Raises ValueError for an entry no kernel or peer could have produced (a field out
+    of its range, an address of the wrong length, an unknown family): callers pass
+    entries that were validated when they were decoded.
+    """
+    family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, cid = (
+        entry
+    )
+    if key is None:
+        key = pack_key((family, zone, orig))
+    t = _TUPLE[family]  # pack_key checked the family
+    alen = _ALEN[family]
+    try:
+        parts = [
+            HEADER.pack(deadline, told, 0 if timeout is None else timeout,
+                        0 if cid is None else cid,
+                        (timeout is not None) | (cid is not None) << 1),
+            key,
+            b"",  # flags and status, below
+        ]  # fmt: skip
+        if _is_inverse(orig, reply):
+            flags = _REPLY
+        else:
+            flags = 0
+            parts.append(_pack_tuple(t, alen, reply))
+        if mark is not None:
+            flags |= _MARK
+            parts.append(_U32.pack(mark))
+        if labels is not None:
+            if len(labels) != LABELS_SIZE:
+                raise ValueError(f"labels are not {LABELS_SIZE} bytes")
+            flags |= _LABELS
+            parts.append(labels)
+        if tcp is not None:
+            flags |= _TCP
+            parts.append(_TCP_S.pack(*tcp))
+        if sctp is not None:
+            flags |= _SCTP
+            parts.append(_SCTP_S.pack(*sctp))
+        if helper is not None:
+            name = helper.encode("ascii")
+            if not 1 <= len(name) <= 255:
+                raise ValueError("helper name is not 1..255 characters")
+            flags |= _HELPER
+            parts.append(bytes((len(name),)) + name)
+        if master is not None:
+            flags |= _MASTER
+            parts.append(_pack_tuple(t, alen, master))
+        parts[2] = _FLAGS_STATUS.pack(flags, status)
+    except (struct.error, UnicodeEncodeError) as exc:
+        raise ValueError(f"entry field out of range: {exc}") from None
+    return b"".join(parts)
+
+
+def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
+    """``reply == invert(orig)``, without building the inverse for the usual case."""
+    p = orig[2]
+    if p in ICMP_PROTOCOLS:
+        return reply == invert(orig)
+    return (
+        reply[0] == orig[1] and reply[1] == orig[0] and reply[2] == p
+        and reply[3] == orig[4] and reply[4] == orig[3]
+        and not (reply[5] or reply[6] or reply[7])
+    )  # fmt: skip
+
+
+def unpack(record: bytes) -> Entry:
+    """The entry a record holds (``timeout`` and ``id`` from its header)."""
+    family = record[HEADER_SIZE]
+    fixed = _FIXED[family]
+    v = fixed.unpack_from(record)
+    hflags, zone, flags, status = v[4], v[6], v[15], v[16]
+    orig = _new(CtTuple, v[7:15])
+    t = _TUPLE[family]
+    tsize = t.size
+    pos = fixed.size
+    if flags & _REPLY:
+        p = orig[2]
+        reply = (
+            invert(orig) if p in ICMP_PROTOCOLS
+            else _new(CtTuple, (orig[1], orig[0], p, orig[4], orig[3], 0, 0, 0))
+        )  # fmt: skip
+    else:
+        reply = _new(CtTuple, t.unpack_from(record, pos))
+        pos += tsize
+    mark = labels = tcp = sctp = helper = master = None
+    if flags & _MARK:
+        (mark,) = _U32.unpack_from(record, pos)
+        pos += 4
+    if flags & _LABELS:
+        labels = record[pos : pos + LABELS_SIZE]
+        pos += LABELS_SIZE
+    if flags & _TCP:
+        tcp = _new(TcpInfo, _TCP_S.unpack_from(record, pos))
+        pos += 5
+    if flags & _SCTP:
+        sctp = _new(SctpInfo, _SCTP_S.unpack_from(record, pos))
+        pos += 9
+    if flags & _HELPER:
+        n = record[pos]
+        helper = record[pos + 1 : pos + 1 + n].decode("ascii")
+        pos += 1 + n
+    if flags & _MASTER:
+        master = _new(CtTuple, t.unpack_from(record, pos))
+    return _new(Entry, (
+        family, orig, reply, zone, status,
+        v[2] if hflags & _HAS_TIMEOUT else None, mark, labels, tcp, sctp, helper, master,
+        v[3] if hflags & _HAS_ID else None,
+    ))  # fmt: skip
+
+
+def key_of(record: bytes) -> bytes:
+    """The packed key of the entry in ``record``."""
+    start = HEADER_SIZE
+    return record[start : start + 3 + _TUPLE[record[start]].size]
+
+
+def body(record: bytes) -> bytes:
+    """The replicated state of ``record``: everything but its header."""
+    return record[HEADER_SIZE:]
+
+
+def fingerprint(record: bytes) -> int:
+    """64-bit fingerprint of the replicated state (unkeyed BLAKE2b of the body)."""
+    digest = blake2b(memoryview(record)[HEADER_SIZE:], digest_size=FINGERPRINT_SIZE).digest()
+    return int.from_bytes(digest, "big")
+
+
+def same_state(a: bytes, b: bytes) -> bool:
+    """Whether two records hold the same replicated state (timing and id aside)."""
+    return a[HEADER_SIZE:] == b[HEADER_SIZE:]
+
+
+def deadline(record: bytes) -> float:
+    """When the entry runs out on this node's clock (``inf``: it has no timeout)."""
+    value: float = _DEADLINE.unpack_from(record)[0]
+    return value
+
+
+def timing(record: bytes) -> tuple[float, float]:
+    """``(deadline, told)`` of a record."""
+    return _TWO.unpack_from(record)
+
+
+def timeout(record: bytes) -> int | None:
+    """The timeout as observed or received (None: the entry has none)."""
+    if record[HEADER_SIZE - 1] & _HAS_TIMEOUT:
+        value: int = _TIMEOUT.unpack_from(record, 16)[0]
+        return value
+    return None
+
+
+def with_told(record: bytes, told: float) -> bytes:
+    """``record`` with its ``told`` replaced."""
+    return record[:8] + _DEADLINE.pack(told) + record[16:]
+
+
+def with_deadline(record: bytes, deadline: float) -> bytes:
+    """``record`` with its ``deadline`` replaced."""
+    return _DEADLINE.pack(deadline) + record[8:]
+
+
+def deadline_of(timeout: int | None, now: float) -> float:
+    """The deadline of an entry observed at ``now`` with ``timeout`` seconds left."""
+    return _INF if timeout is None else now + timeout
