@@ -204,7 +204,7 @@ def _parse_tuple(tokens: _Tokens, family: int, proto: int) -> CtTuple:
     try:
         src = socket.inet_pton(af, tokens.value("src"))
         dst = socket.inet_pton(af, tokens.value("dst"))
-    except OSError:
+    except (OSError, ValueError):  # ValueError: an embedded NUL character
         raise _bad(tokens.line, "bad address") from None
     line = tokens.line
     if proto in _PORT_PRINTED:

@@ -16,7 +16,8 @@ from fuzz.seeds import EXAMPLE_CONFIG
 from fuzz.targets import SYNC_PARAMS
 from replicator import config, wire
 from replicator import ctnetlink as ct
-from replicator.errors import ConfigError, NetlinkDecodeError, WireDecodeError
+from replicator.ctformat import parse_conntrack_line
+from replicator.errors import ConfigError, NetlinkDecodeError, ReplicatorError, WireDecodeError
 from replicator.model import AF_INET, IPPROTO_TCP, IPPROTO_UDP
 from replicator.netlink import NFGENMSG, NLA_F_NESTED, NLMSG_HDR
 from replicator.sync import SyncSession
@@ -146,3 +147,10 @@ def test_a_peer_repeating_resync_messages_cannot_grow_our_memory(kind: str) -> N
         tracemalloc.stop()
     assert session.stats.protocol_violations == 0
     assert later - settled < 64 * 1024, f"{later - settled} bytes more after 4000 messages"
+
+
+def test_an_address_with_a_nul_character_is_a_decode_error() -> None:
+    line = ("ipv4     2 tcp      6 118 TIME_WAIT src=10.0.1.2\x00 dst=10.0.2.2 sport=1 dport=80 "
+            "src=10.0.2.2 dst=10.0.2.1 sport=80 dport=1 [ASSURED] mark=0 use=1")
+    with pytest.raises(ReplicatorError):
+        parse_conntrack_line(line)
