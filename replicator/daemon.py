@@ -106,6 +106,8 @@ log = logging.getLogger(__name__)
 #: conntrackd's fallback for an unknown remaining time is 60 s; a few minutes errs on
 #: the side of keeping a flow that is alive on the peer.
 DEFAULT_COMMIT_TIMEOUT = 180
+#: Expiry hold when periodic re-reads of the kernel are off (``refresh_interval = 0``).
+EXPIRY_HOLD_DEFAULT = 30.0
 _LIBERAL = int(TcpFlag.BE_LIBERAL)
 _new = tuple.__new__
 #: The driver comes round at least this often (seconds); see :meth:`Daemon._watch`.
@@ -139,7 +141,21 @@ def sync_params(config: Config) -> SyncParams:
         dead_interval=t.dead_interval,
         anti_entropy_interval=t.anti_entropy_interval,
         peer_node_id=s.peer_name,
+        # The peer link is TLS over TCP.
+        ordered_link=True,
+        expiry_hold=expiry_hold(config.kernel.refresh_interval),
     )
+
+
+def expiry_hold(refresh_interval: float | None) -> float:
+    """How long a connected standby keeps a copy past its deadline (see SyncParams).
+
+    The peer learns a refreshed timeout at its next re-dump of the kernel (every
+    ``kernel.refresh_interval``, assumed the same on both nodes) and sends it at once,
+    so two intervals cover it with room for a slow dump; 30 s when refreshes are off
+    (``None`` or 0).
+    """
+    return 2 * refresh_interval if refresh_interval else EXPIRY_HOLD_DEFAULT
 
 
 def for_kernel(entry: Entry, *, window_tracking: bool = False) -> Entry:

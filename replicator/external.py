@@ -99,6 +99,27 @@ class ExternalCache:
                 wheel.add(key, now + 1)  # later within this second (refreshed otherwise)
         return expired
 
+    def hold(self, now: float, until: float) -> list[Entry]:
+        """Move every deadline at or before ``now`` to ``until`` (instead of expiring);
+        the entries so extended, each with ``timeout`` = whole seconds until ``until``.
+        """
+        held = []
+        table, wheel = self._table, self._wheel
+        bucket_of, get = table.bucket_of, table.get
+        seconds = max(1, math.ceil(until - now))
+        for key in wheel.pop_due(now):
+            rec = get(key)
+            if rec is None:
+                continue  # deleted since
+            deadline = R.deadline(rec)
+            if deadline <= now:
+                table.put(bucket_of(key), key, R.with_deadline(rec, until))
+                wheel.add(key, until)
+                held.append(R.unpack(rec)._replace(timeout=seconds))
+            elif deadline < math.floor(now) + 1:
+                wheel.add(key, now + 1)  # later within this second (refreshed otherwise)
+        return held
+
     def next_expiry(self) -> float | None:
         """When to call :meth:`expire` next (None: nothing can expire).
 

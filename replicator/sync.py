@@ -225,6 +225,19 @@ class SyncParams:
     anti_entropy_interval: float | None = 300.0
     #: The node id the peer must announce (None: any id but ours).
     peer_node_id: str | None = None
+    #: The transport delivers every payload, in order, while a connection lives (TCP).
+    #: A missing ACK then means a slow peer, not a lost message: the ack timeout only
+    #: backs off and counts (``slow_acks``) instead of resending everything in flight,
+    #: which on a busy peer multiplied the work exactly when it was behind. Resends
+    #: still follow a NACK or a new connection. False for lossy links (the tests').
+    ordered_link: bool = False
+    #: While the peer is connected, an external entry whose deadline passes is kept
+    #: this many seconds more instead of expiring (0: expire at the deadline). The
+    #: peer reports every delete while connected, and the kernel reports no event
+    #: when packets refresh a timeout, so a copy past its deadline is most likely of a
+    #: connection the peer refreshed and has not re-read yet. Without the peer,
+    #: entries expire at their deadline as always.
+    expiry_hold: float = 0.0
 
     def __post_init__(self) -> None:
         check_bucket_count(self.buckets)
@@ -236,6 +249,8 @@ class SyncParams:
             raise ValueError("need 0 < keepalive_interval < dead_interval")
         if self.ack_timeout <= 0:
             raise ValueError("ack_timeout must be positive")
+        if self.expiry_hold < 0:
+            raise ValueError("expiry_hold must not be negative")
         if self.anti_entropy_interval is not None and self.anti_entropy_interval <= 0:
             raise ValueError("anti_entropy_interval must be positive or None")
         if self.peer_node_id is not None:
@@ -335,6 +350,9 @@ class SyncStats:
     entries_received: int = 0
     deletes_received: int = 0
     expired: int = 0
+    #: External entries past their deadline kept while the peer is connected
+    #: (``SyncParams.expiry_hold``), counted each time.
+    held: int = 0
     decode_errors: int = 0
     protocol_violations: int = 0
     #: Messages received out of order / twice / from an abandoned stream (ignored).
@@ -342,6 +360,8 @@ class SyncStats:
     duplicates: int = 0
     #: Go-backs: unacknowledged messages requeued and resent.
     retransmits: int = 0
+    #: Ack timeouts on an ordered link (``SyncParams.ordered_link``): nothing resent.
+    slow_acks: int = 0
     #: Times pending keys were folded into dirty buckets (max_pending reached).
     folds: int = 0
     resyncs_sent: int = 0
@@ -1167,10 +1187,19 @@ class SyncSession:
     def handle_timer(self, now: float) -> None:
         """Run whatever is due at ``now``: expiry, refreshes, keepalive, resends,
         dead-peer detection, anti-entropy."""
-        expired = self.external.expire(now)
-        if expired:
-            self.stats.expired += len(expired)
-            self._events.append(PeerDeletes(tuple(expired), expired=True))
+        hold = self.params.expiry_hold
+        if hold and self.established:
+            held = self.external.hold(now, now + hold)
+            if held:
+                # Upserts with the extended timeout: a hot standby's kernel copy
+                # (written with the old one) is extended too.
+                self.stats.held += len(held)
+                self._events.append(PeerUpserts(tuple(held)))
+        else:
+            expired = self.external.expire(now)
+            if expired:
+                self.stats.expired += len(expired)
+                self._events.append(PeerDeletes(tuple(expired), expired=True))
         self._run_refresh(now)
         c = self._conn
         if c is None or c.terminated:
@@ -1180,7 +1209,11 @@ class SyncSession:
             self._terminate(c, f"nothing received from the peer for {p.dead_interval:g} s")
             return
         if c.ack_deadline is not None and now >= c.ack_deadline:
-            self._go_back(c)
+            if p.ordered_link:
+                self.stats.slow_acks += 1
+                c.ack_deadline = now + c.rto
+            else:
+                self._go_back(c)
             c.rto = min(2 * c.rto, _MAX_BACKOFF * p.ack_timeout)
         if c.peer is not None and now >= c.last_sent + p.keepalive_interval:
             c.ack_owed = True

@@ -265,6 +265,53 @@ def test_expiry_in_the_external_cache() -> None:
     assert b.session.stats.expired == 1
 
 
+def test_a_connected_standby_holds_entries_past_their_deadline() -> None:
+    params = dataclasses.replace(P, expiry_hold=30.0)
+    a, b = synced(params=params)
+    a.put(make_entry(1, timeout=10), 100.0)
+    a.put(make_entry(2, timeout=10), 100.0)
+    transfer(a, b, 100.0)
+    b.drain()
+    # The active's kernel refreshed entry 1 with packets (no event), entry 2 died.
+    a.remove(make_entry(2).key, 105.0)
+    transfer(a, b, 105.0)
+    b.session.handle_timer(110.0)
+    events = b.drain()
+    # Not expired: held for 30 s more, and reported as an upsert with that timeout
+    # (a hot standby's kernel copy is extended with it).
+    assert PeerUpserts((make_entry(1, timeout=30),)) in events
+    assert not of_type(events, PeerDeletes)
+    assert b.session.external.deadline(pk(make_entry(1))) == 140.0
+    assert pk(make_entry(2)) not in b.session.external  # deleted by the active
+    assert b.session.stats.held == 1 and b.session.stats.expired == 0
+    assert b.external() == a.table()
+    # Without the peer, entries expire at their deadline again.
+    disconnect(a, b, 120.0)
+    b.session.handle_timer(140.0)
+    assert PeerDeletes((make_entry(1, timeout=10),), expired=True) in b.drain()
+    assert b.session.stats.expired == 1
+
+
+def test_on_an_ordered_link_a_late_ack_resends_nothing() -> None:
+    params = dataclasses.replace(P, ordered_link=True)
+    a, b = synced(10, params=params)
+    for i in range(10):
+        a.put(make_entry(i, variant=7), 1.0)
+    in_flight = a.session.frames_to_send(1.0)  # the peer is slow: no ACK for a while
+    assert in_flight
+    later = 1.0 + 3 * P.ack_timeout
+    a.session.handle_timer(1.0 + P.ack_timeout)
+    resent = [m for m in map(wire.decode, a.session.frames_to_send(later))
+              if not isinstance(m, wire.Ack)]
+    assert resent == []
+    assert a.session.stats.retransmits == 0 and a.session.stats.slow_acks == 1
+    for payload in in_flight:  # TCP delivers them after all
+        b.session.receive(payload, later)
+    transfer(a, b, later)
+    assert b.external() == a.table()
+    assert a.session.inflight == 0 and a.session.stats.retransmits == 0
+
+
 def test_queued_time_is_taken_off_the_timeout() -> None:
     a, b = synced()
     a.put(make_entry(1, timeout=100), 0.0)

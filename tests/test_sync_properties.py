@@ -56,6 +56,8 @@ class LossyLink(RuleBasedStateMachine):
         anti_entropy_interval=None,
     )
     breaks = False
+    #: Messages arrive in order and are lost only with the connection (TCP).
+    ordered = False
 
     def __init__(self) -> None:
         super().__init__()
@@ -100,7 +102,7 @@ class LossyLink(RuleBasedStateMachine):
     def _deliver(self, src: str, index: int) -> None:
         queue = self.link[src]
         if queue:
-            payload = queue.pop(index % len(queue))
+            payload = queue.pop(0 if self.ordered else index % len(queue))
             self.nodes["b" if src == "a" else "a"].session.receive(payload, self.now)
 
     def _tick(self, dt: float) -> None:
@@ -160,12 +162,14 @@ class LossyLink(RuleBasedStateMachine):
             index = 0
         self._output()
 
+    @precondition(lambda self: not self.ordered)
     @rule(name=nodes, index=indexes)
     def drop(self, name: str, index: int) -> None:
         queue = self.link[name]
         if queue:
             queue.pop(index % len(queue))
 
+    @precondition(lambda self: not self.ordered)
     @rule(name=nodes, index=indexes, at=indexes)
     def duplicate(self, name: str, index: int, at: int) -> None:
         queue = self.link[name]
@@ -256,6 +260,14 @@ class BreakingLink(LossyLink):
     breaks = True
 
 
+class OrderedLink(BreakingLink):
+    """The daemon's settings over what TLS/TCP gives: in order, lost only on a reset;
+    a late ACK resends nothing, and connected standbys hold entries past deadlines."""
+
+    params = dataclasses.replace(BreakingLink.params, ordered_link=True, expiry_hold=5.0)
+    ordered = True
+
+
 _SETTINGS = settings(
     max_examples=250,
     stateful_step_count=60,
@@ -264,5 +276,7 @@ _SETTINGS = settings(
 )
 LossyLink.TestCase.settings = _SETTINGS
 BreakingLink.TestCase.settings = _SETTINGS
+OrderedLink.TestCase.settings = _SETTINGS
 test_stream_converges_over_a_lossy_link = LossyLink.TestCase
 test_resync_converges_over_a_breaking_link = BreakingLink.TestCase
+test_stream_converges_over_an_ordered_link = OrderedLink.TestCase
