@@ -313,6 +313,11 @@ class Daemon:
         self._resync_done = trio.Event()
         self._metrics_server: MetricsServer | None = None
         self._nursery: trio.Nursery | None = None
+        #: Hot standby: keys of the copies this daemon had written into the kernel for
+        #: the peer when the external cache was flushed. Until the peer's full resync
+        #: completes they are neither ours nor known to be the peer's; then those the
+        #: peer no longer has are deleted (a delete sent meanwhile found no copy).
+        self._flushed_copies: set[bytes] = set()
         #: This node's key and certificate as loaded at start (a reload keeps them).
         self.identity: NodeIdentity | None = None
         self._driver_beat = 0.0
@@ -351,8 +356,8 @@ class Daemon:
         items = self.mirror.cache.items()
         if not self.applies_peer_to_kernel:
             return items
-        external = self.session.external
-        return [(k, r) for k, r in items if k not in external]
+        external, flushed = self.session.external, self._flushed_copies
+        return [(k, r) for k, r in items if k not in external and k not in flushed]
 
     async def _reread_kernel(self) -> None:
         """Dump the kernel, reconcile the mirror, and make the result the local table.
@@ -375,6 +380,17 @@ class Daemon:
             else:
                 session.local_record(key, record, entry, now)
         self.wake()
+
+    def _drop_stale_copies(self) -> None:
+        """After the peer's full resync: delete the flushed copies it no longer has."""
+        flushed, self._flushed_copies = self._flushed_copies, set()
+        if not self.applies_peer_to_kernel:
+            return
+        external, cache = self.session.external, self.mirror.cache
+        stale = [e for k in flushed if k not in external and (e := cache.get(k)) is not None]
+        if stale:
+            self.writer.put(stale, delete=True)
+            log.info("stale copies removed", extra=fields(entries=len(stale)))
 
     # --- the driver -------------------------------------------------------------------
 
@@ -432,6 +448,8 @@ class Daemon:
             if event.direction == "send":
                 self._resync_done.set()
                 self._resync_done = trio.Event()
+            elif event.full and self._flushed_copies:
+                self._drop_stale_copies()
             log.info("resync completed", extra=fields(
                 direction=event.direction, full=event.full, seconds=round(event.duration, 3),
                 buckets=event.buckets, entries=event.entries))
@@ -541,6 +559,7 @@ class Daemon:
             # whole of it to the session before the bulk send that follows (the role
             # is MASTER by now, so the whole table is ours).
             self.writer.discard()
+            self._flushed_copies.clear()
             await self._reread_kernel()
         elif action is Action.BULK_SEND:
             self.session.bulk_send(now)
@@ -704,6 +723,8 @@ class Daemon:
             await self._reread_kernel()
             return {"count": count, "detail": "internal cache re-read from the kernel"}
         count = len(self.session.external)
+        if self.applies_peer_to_kernel:
+            self._flushed_copies.update(k for k, _ in self.session.external.table.items())
         self.session.external.clear()
         self.session.request_resync(self.now())
         self.wake()

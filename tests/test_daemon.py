@@ -270,6 +270,30 @@ async def test_hot_mode_standby_kernel_follows_the_active(
         assert len(dump["entries"]) == 249
 
 
+async def test_flushing_a_hot_standbys_cache_leaves_no_stale_copy_in_its_kernel(
+    pair_factory: Pair,
+) -> None:
+    async with pair_factory("hot") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(60))
+        await eventually(lambda: len(b.kernel.table) == 60)
+        # Called directly so that nothing runs between the flush and the deletes on the
+        # active: they reach the standby before the resync it asked for, when its
+        # external cache holds no copy they could remove from the kernel.
+        report = await b.daemon.flush(CacheName.EXTERNAL)
+        for i in range(10):
+            a.kernel.remove(flow(i).key)
+        assert report["count"] == 60
+        await eventually(lambda: len(b.daemon.session.external) == 50
+                         and len(b.kernel.table) == 50)
+        assert set(b.kernel.table) == set(a.kernel.table)
+        # None of the copies became the standby's own entries (streamed back to A).
+        await trio.sleep(0.3)
+        assert b.daemon.session.local_count == 0
+        assert len(a.daemon.session.external) == 0
+
+
 async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
     """READY=1 once started, STATUS= with role/peer/entries, WATCHDOG=1 while healthy."""
     now = datetime.datetime.now(datetime.UTC)
