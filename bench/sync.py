@@ -2,24 +2,39 @@
 same run.
 
 ``.venv/bin/python bench/sync.py [--sizes 10000,100000] [--rates 20000,10000]
-[--seconds 5] [--patience 40]`` (root; ``make bench-sync``) builds two namespaces joined
-by a veth ``sync0`` and, for each system in turn (fresh daemons, both tables flushed in
-between), prints ``name=value`` lines prefixed ``replicator_`` or ``conntrackd_``.
-replicator runs in ``cache`` mode with the daemon's default protocol timers; conntrackd
-in FTFW mode over UDP with its external cache, configured by the HA lab's generator.
+[--seconds 5] [--patience 40] [--modes cache,hot]`` (root; ``make bench-sync``) builds
+two namespaces joined by a veth ``sync0`` and, for each system in turn (fresh daemons,
+both tables flushed in between), prints ``name=value`` lines prefixed ``replicator_`` or
+``conntrackd_``. Both systems run in two modes, with the daemon's default protocol
+timers (replicator) and the HA lab's generator (conntrackd, FTFW over UDP):
+
+* ``cache``: the standby keeps the peer's table in user space (replicator ``cache``
+  mode, conntrackd's external cache, its default);
+* ``hot``: the standby writes each received entry straight into its kernel (replicator
+  ``hot`` mode, conntrackd ``DisableExternalCache on``). Its figures carry ``_hot``
+  after the size or rate (``replicator_n100000_hot_sync_s``), and "the standby's copy"
+  below is then its kernel table: the namespace's ``nf_conntrack_count`` (read from
+  inside it, no process spawned) minus ``_baseline``, its value right after the daemons
+  started on the flushed tables (0 here: without a ruleset nothing in these namespaces
+  is tracked, so the sync connection is not in the table). The counter includes entries
+  being created or freed, so after the sync ``_listed`` (the lines of ``conntrack -L``)
+  checks it; there is no commit.
+
+Figures:
 
 * ``n<N>_sync_s``: *N* NAT'd TCP entries are created in the active's kernel with the
   batched injector (from a socket of its own, so both daemons see ordinary kernel
-  events); seconds from the start of the injection until the standby holds all of them
-  in its external cache (replicator: ``status`` ``entries.external``; conntrackd: the
-  external cache's ``current active connections`` of ``conntrackd -s``), polled every
-  10 ms. ``n<N>_missing`` is how many were still absent when the count stopped moving
-  for ``--patience`` seconds (replicator: asserted 0). ``entries_sent`` /
-  ``retransmits`` (replicator, the active's counters) and ``lost_msgs`` (conntrackd,
-  the standby's) explain losses and resends.
-* ``n<N>_commit_s``: seconds to write the external cache into the standby's kernel
-  (``replicator commit`` vs ``conntrackd -c``, both blocking until done),
-  ``n<N>_commit_cpu_s_standby`` the standby daemon's CPU seconds meanwhile, and
+  events); seconds from the start of the injection until the standby's copy holds all
+  of them (``cache``: its external cache, replicator ``status`` ``entries.external``,
+  conntrackd the external cache's ``current active connections`` of ``conntrackd -s``;
+  ``hot``: its kernel table, as above), polled every 10 ms. ``n<N>_missing`` is how
+  many were still absent when the count stopped moving for ``--patience`` seconds
+  (replicator: asserted 0). ``entries_sent`` / ``retransmits`` (replicator, the
+  active's counters) and ``lost_msgs`` (conntrackd, the standby's) explain losses and
+  resends.
+* ``n<N>_commit_s`` (``cache`` only): seconds to write the external cache into the
+  standby's kernel (``replicator commit`` vs ``conntrackd -c``, both blocking until
+  done), ``n<N>_commit_cpu_s_standby`` the standby daemon's CPU seconds meanwhile, and
   ``n<N>_committed`` the standby kernel's entry count afterwards.
 * ``n<N>_wire_bytes_per_entry``: bytes through the sync interface in both directions
   (``ip -s link`` counters of the active's ``sync0``: frames including Ethernet, IP,
@@ -30,14 +45,15 @@ in FTFW mode over UDP with its external cache, configured by the HA lab's genera
   ``n<N>_rss_bytes_per_entry_*``: growth of each daemon's ``VmRSS`` over that span per
   entry.
 * ``lag<R>_*``: new entries are created on the active at *R* per second for
-  ``--seconds`` (a batch every 10 ms); a poller samples the standby's external count
-  every 10 ms. Entries are created and replicated in order, so at a sample (time *t*,
-  count *c*) the *c*-th entry has arrived and its lag is at most *t* minus the start
-  of the write of its batch: each sample gives one upper bound, and ``p50_s`` /
-  ``p99_s`` / ``max_s`` are taken over the samples (resolution: the 10 ms sampling and
-  batching interval plus one control-socket or ``conntrackd -s`` round trip, a few
-  ms). ``achieved_rate`` is the creation rate actually reached, and ``missing`` how
-  many never arrived.
+  ``--seconds`` (a batch every 10 ms); a poller samples the standby's count (external
+  cache or, ``hot``, kernel) every 10 ms. Entries are created and replicated in order,
+  so at a sample (time *t*, count *c*) the *c*-th entry has arrived and its lag is at
+  most *t* minus the start of the write of its batch: each sample gives one upper
+  bound, and ``p50_s`` / ``p99_s`` / ``max_s`` are taken over the samples (resolution:
+  the 10 ms sampling and batching interval plus one control-socket or ``conntrackd -s``
+  round trip, a few ms, or in ``hot`` mode one read of the kernel counter).
+  ``achieved_rate`` is the creation rate actually reached, and ``missing`` how many
+  never arrived.
 
 The machine is small and shared: wall times move with the neighbours' load, CPU
 seconds less so. Run it more than once and compare ranges.
@@ -73,9 +89,12 @@ from integration.netns.pair import synthetic
 from replicator.control import ControlClient
 from replicator.kernel_linux import LinuxKernel
 from replicator.model import Entry
+from replicator.netns import entered
 
 SYNC_A, SYNC_B = "10.99.3.1", "10.99.3.2"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+#: The kernel's count of conntrack entries; read inside a namespace, that namespace's.
+CT_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
 #: The [sync.timers] lines the test harness writes (bench/sync.py runs the defaults).
 TEST_TIMERS = ("ack_timeout =", "keepalive_interval =", "dead_interval =")
 POLL = 0.01
@@ -113,6 +132,19 @@ def kernel_count(ns: Netns) -> int:
     return int(ns.run(["conntrack", "-C"]).stdout.strip())
 
 
+def listed(ns: Netns) -> int:
+    """Entries ``conntrack -L`` lists in ``ns`` (a count that, unlike :func:`ct_count`,
+    leaves out entries not in the table: unconfirmed ones, ones being freed)."""
+    return len(ns.run(["conntrack", "-L"]).stdout.splitlines())
+
+
+def ct_count(ns: Netns) -> int:
+    """``ns``'s :data:`CT_COUNT`, read by this thread from inside ``ns`` (no process
+    spawned: cheap enough to poll every 10 ms)."""
+    with entered(ns.name):
+        return int(Path(CT_COUNT).read_text())
+
+
 def flush(ns: Netns) -> None:
     """Empty ``ns``'s conntrack table."""
     ns.run(["conntrack", "-F"], check=False)
@@ -148,9 +180,34 @@ def paced(ns: Netns, entries: Sequence[Entry], per_batch: int, interval: float) 
 
 
 class System(ABC):
-    """A replication system on the pair: start, count the standby's copy, commit, stop."""
+    """A replication system on the pair: start, count the standby's copy, commit, stop.
+
+    ``hot``: the standby writes received entries straight into its kernel (replicator
+    ``hot`` mode, conntrackd ``DisableExternalCache on``), so its copy is counted in its
+    kernel table, from the baseline :meth:`zero` took, instead of its external cache.
+    """
 
     name: str
+
+    def __init__(self, standby: Netns, *, hot: bool) -> None:
+        self.standby, self.hot = standby, hot
+        self.baseline = 0
+
+    @property
+    def suffix(self) -> str:
+        """Inserted into the figures' names after the size or rate."""
+        return "_hot" if self.hot else ""
+
+    def zero(self) -> int:
+        """Take the standby kernel's current count as the baseline (hot mode); return it."""
+        self.baseline = ct_count(self.standby)
+        return self.baseline
+
+    def standby_count(self) -> int:
+        """Entries in the standby's copy: its external cache, or (hot) its kernel."""
+        if self.hot:
+            return ct_count(self.standby) - self.baseline
+        return self.external_count()
 
     @abstractmethod
     def start(self) -> None:
@@ -161,7 +218,7 @@ class System(ABC):
         """(active, standby) daemon pids."""
 
     @abstractmethod
-    def standby_count(self) -> int:
+    def external_count(self) -> int:
         """Entries in the standby's external cache."""
 
     @abstractmethod
@@ -178,13 +235,19 @@ class System(ABC):
 
 
 class Replicator(System):
-    """replicator in ``cache`` mode (the standby holds the peer's table in user space)."""
+    """replicator in ``cache`` mode (the standby holds the peer's table in user space) or
+    ``hot`` mode (the standby writes it into its kernel as it arrives)."""
 
     name = "replicator"
 
-    def __init__(self, the_lab: Lab, a: Netns, b: Netns, workdir: Path) -> None:
+    def __init__(self, the_lab: Lab, a: Netns, b: Netns, workdir: Path, *,
+                 hot: bool) -> None:
+        super().__init__(b, hot=hot)
+        mode = "hot" if hot else "cache"
+        workdir = workdir / f"replicator-{mode}"
+        workdir.mkdir()
         self.nodes = [
-            DaemonNode(the_lab, ns, NodeSpec(name, peer, here, there,
+            DaemonNode(the_lab, ns, NodeSpec(name, peer, here, there, mode=mode,
                                              ignore_addresses=(SYNC_A, SYNC_B)), workdir)
             for name, peer, here, there, ns in (("a", "b", SYNC_A, SYNC_B, a),
                                                 ("b", "a", SYNC_B, SYNC_A, b))]
@@ -211,7 +274,7 @@ class Replicator(System):
         assert a is not None and b is not None
         return a.pid, b.pid
 
-    def standby_count(self) -> int:
+    def external_count(self) -> int:
         return self.control[1].status()["entries"]["external"]
 
     def commit(self) -> None:
@@ -230,20 +293,23 @@ class Replicator(System):
 
 
 class Conntrackd(System):
-    """conntrackd FTFW over UDP on ``sync0``, external cache on (its default), configured
-    by the HA lab's generator (:func:`integration.netns.halab.conntrackd.config`)."""
+    """conntrackd FTFW over UDP on ``sync0``, configured by the HA lab's generator
+    (:func:`integration.netns.halab.conntrackd.config`): external cache on (its default)
+    or, ``hot``, off (``DisableExternalCache on``: direct injection into the kernel)."""
 
     name = "conntrackd"
 
-    def __init__(self, the_lab: Lab, a: Netns, b: Netns, workdir: Path) -> None:
+    def __init__(self, the_lab: Lab, a: Netns, b: Netns, workdir: Path, *,
+                 hot: bool) -> None:
+        super().__init__(b, hot=hot)
         self.lab = the_lab
         self.fws = []
         for name, ns, here, there in (("a", a, SYNC_A, SYNC_B), ("b", b, SYNC_B, SYNC_A)):
-            wd = workdir / f"conntrackd-{name}"
+            wd = workdir / f"conntrackd-{'direct' if hot else 'cache'}-{name}"
             wd.mkdir()
             fw = Firewall(name, ns, 100, "", "", here, there, wd)
             (wd / "conntrackd.conf").write_text(
-                ctd.config(fw, ["127.0.0.1", SYNC_A, SYNC_B], external_cache=True))
+                ctd.config(fw, ["127.0.0.1", SYNC_A, SYNC_B], external_cache=not hot))
             self.fws.append(fw)
         self.procs: list[subprocess.Popen[bytes]] = []
 
@@ -268,7 +334,7 @@ class Conntrackd(System):
     def pids(self) -> tuple[int, int]:
         return self.procs[0].pid, self.procs[1].pid
 
-    def standby_count(self) -> int:
+    def external_count(self) -> int:
         return external_active(self._ctl(self.fws[1], "-s"))
 
     def commit(self) -> None:
@@ -334,11 +400,18 @@ def wait_count(count: Callable[[], int], target: int, patience: float,
         time.sleep(POLL)
 
 
-def bench_size(system: System, a: Netns, b: Netns, n: int, patience: float) -> None:
-    """Sync ``n`` entries, then commit them (see the module doc)."""
-    p = f"{system.name}_n{n}"
-    entries = synthetic(0, n, timeout=600)
+def start(system: System, prefix: str) -> None:
+    """Start ``system``; in hot mode, take (and print) the standby kernel's baseline."""
     system.start()
+    if system.hot:
+        emit(f"{prefix}_baseline", system.zero())
+
+
+def bench_size(system: System, a: Netns, b: Netns, n: int, patience: float) -> None:
+    """Sync ``n`` entries, then (external cache) commit them (see the module doc)."""
+    p = f"{system.name}_n{n}{system.suffix}"
+    entries = synthetic(0, n, timeout=600)
+    start(system, p)
     before = Sample.take(system, a)
     t0 = time.monotonic()
     inject(a, entries)
@@ -353,14 +426,22 @@ def bench_size(system: System, a: Netns, b: Netns, n: int, patience: float) -> N
     for i, side in enumerate(("active", "standby")):
         emit(f"{p}_cpu_s_{side}", after.cpu[i] - before.cpu[i])
         emit(f"{p}_rss_bytes_per_entry_{side}", (after.rss[i] - before.rss[i]) / n)
-    t0 = time.monotonic()
-    system.commit()
-    emit(f"{p}_commit_s", time.monotonic() - t0)
-    emit(f"{p}_commit_cpu_s_standby", Sample.take(system, a).cpu[1] - after.cpu[1])
-    emit(f"{p}_committed", kernel_count(b))
+    if system.hot:
+        emit(f"{p}_listed", listed(b))
+    else:
+        commit(system, a, b, p, after)
     system.stop()
     if system.name == "replicator" and got != n:
         raise AssertionError(f"replicator: {n - got} of {n} entries missing on the standby")
+
+
+def commit(system: System, a: Netns, b: Netns, prefix: str, synced: Sample) -> None:
+    """Commit the standby's external cache; its time, the standby's CPU, the result."""
+    t0 = time.monotonic()
+    system.commit()
+    emit(f"{prefix}_commit_s", time.monotonic() - t0)
+    emit(f"{prefix}_commit_cpu_s_standby", Sample.take(system, a).cpu[1] - synced.cpu[1])
+    emit(f"{prefix}_committed", kernel_count(b))
 
 
 def percentile(values: Sequence[float], q: float) -> float:
@@ -371,11 +452,11 @@ def percentile(values: Sequence[float], q: float) -> float:
 
 def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: float) -> None:
     """Replication lag under a steady creation rate (see the module doc)."""
-    p = f"{system.name}_lag{rate}"
+    p = f"{system.name}_lag{rate}{system.suffix}"
     per_batch = max(1, round(rate * BATCH_INTERVAL))
     n = per_batch * round(seconds / BATCH_INTERVAL)
     entries = synthetic(0, n, timeout=600)
-    system.start()
+    start(system, p)
     before = Sample.take(system, a)
     starts: list[float] = []
     samples: list[tuple[float, int]] = []
@@ -407,7 +488,7 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    """Run every measurement for both systems (see the module doc)."""
+    """Run every measurement for both systems in each mode (see the module doc)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--sizes", default="10000,100000")
     parser.add_argument("--rates", default="20000,10000",
@@ -415,9 +496,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--patience", type=float, default=40.0,
                         help="give up waiting once the standby's count is still this long")
+    parser.add_argument("--modes", default="cache,hot",
+                        help="cache: standby external caches; hot: standby kernels")
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",") if s]
     rates = [int(r) for r in args.rates.split(",") if r]
+    modes = [m for m in args.modes.split(",") if m]
+    if not set(modes) <= {"cache", "hot"}:
+        parser.error(f"--modes: cache and/or hot, not {args.modes!r}")
     if shutil.which(ctd.BINARY) is None:
         raise SystemExit(f"{ctd.BINARY} not found (Debian package conntrackd)")
     with lab("bs") as the_lab, tempfile.TemporaryDirectory(prefix="rp-bench-sync-") as tmp:
@@ -426,8 +512,9 @@ def main(argv: Sequence[str] | None = None) -> None:
         a.run(["ip", "addr", "add", f"{SYNC_A}/30", "dev", SYNC_IF])
         b.run(["ip", "addr", "add", f"{SYNC_B}/30", "dev", SYNC_IF])
         workdir = Path(tmp)
-        systems: list[System] = [Replicator(the_lab, a, b, workdir),
-                                 Conntrackd(the_lab, a, b, workdir)]
+        systems: list[System] = [
+            kind(the_lab, a, b, workdir, hot=mode == "hot")
+            for mode in modes for kind in (Replicator, Conntrackd)]
         runs: list[Callable[[System], None]] = [
             *(partial(bench_size, a=a, b=b, n=n, patience=args.patience) for n in sizes),
             *(partial(bench_lag, a=a, rate=r, seconds=args.seconds, patience=args.patience)
