@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from . import record as R
 from .errors import WireDecodeError, WireVersionError
 from .model import AF_INET, AF_INET6, CtTuple, Entry, EntryKey, SctpInfo, TcpInfo
 
@@ -201,6 +202,8 @@ Message = Hello | Close | Ack | Sequenced
 
 #: An entry to encode with the remaining timeout to put on the wire (``None``: none).
 TimedEntry = tuple[Entry, int | None]
+#: The same with the entry as a record of :mod:`replicator.record` (its header aside).
+TimedRecord = tuple[bytes, int | None]
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -208,7 +211,7 @@ TimedEntry = tuple[Entry, int | None]
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
-def _wire_tuple(t: CtTuple) -> tuple[Any, ...]:
+def _wire_tuple(t: tuple[Any, ...]) -> tuple[Any, ...]:
     # Trailing zero ICMP fields are implied (decode pads them back).
     return t[:5] if not (t[5] or t[6] or t[7]) else t
 
@@ -218,6 +221,21 @@ def _wire_entry(e: Entry, timeout: int | None) -> list[Any]:
     fields = [
         e[0], _wire_tuple(e[1]), _wire_tuple(e[2]), e[3], e[4], timeout,
         e[6], e[7], e[8], e[9], e[10], None if master is None else _wire_tuple(master),
+    ]  # fmt: skip
+    while fields[-1] is None:
+        fields.pop()
+    return fields
+
+
+def _record_entry(rec: bytes, timeout: int | None) -> list[Any]:
+    # _wire_entry of unpack(rec), without building the named tuples (the sender's hot
+    # path; a test checks that both encode to the same bytes).
+    family, orig, reply, zone, status, mark, labels, tcp, sctp, helper, master = R.fields(rec)
+    fields = [
+        family, orig[:5] if not (orig[5] or orig[6] or orig[7]) else orig,
+        reply[:5] if not (reply[5] or reply[6] or reply[7]) else reply, zone, status,
+        timeout, mark, labels, tcp, sctp, helper,
+        None if master is None else _wire_tuple(master),
     ]  # fmt: skip
     while fields[-1] is None:
         fields.pop()
@@ -262,6 +280,42 @@ def encode_buckets(
             [
                 (b, (FLAG_FIRST if first else 0) | (FLAG_LAST if last else 0),
                  [_wire_entry(e, t) for e, t in entries])
+                for b, first, last, entries in records
+            ],
+        )
+    )  # fmt: skip
+
+
+def encode_changes_records(
+    stream: int, seq: int, upserts: Sequence[TimedRecord], deletes: Sequence[bytes]
+) -> bytes:
+    """:func:`encode_changes` of records and packed keys (:mod:`replicator.record`):
+    the same bytes, without unpacking them to entries first."""
+    _check_items(len(upserts) + len(deletes))
+    return _packb(
+        (
+            CHANGES,
+            stream,
+            seq,
+            [_record_entry(r, t) for r, t in upserts],
+            [_wire_key(R.unpack_key(k)) for k in deletes],
+        )
+    )
+
+
+def encode_buckets_records(
+    stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedRecord]]]
+) -> bytes:
+    """:func:`encode_buckets` of records: ``(bucket, first, last, [(record, timeout)...])``."""
+    _check_items(sum(len(r[3]) for r in records) + len(records))
+    return _packb(
+        (
+            BUCKETS,
+            stream,
+            seq,
+            [
+                (b, (FLAG_FIRST if first else 0) | (FLAG_LAST if last else 0),
+                 [_record_entry(r, t) for r, t in entries])
                 for b, first, last, entries in records
             ],
         )
