@@ -98,13 +98,6 @@ def _tuple_struct(family: int) -> struct.Struct:
     return t
 
 
-def _pack_tuple(t: struct.Struct, alen: int, ct: CtTuple) -> bytes:
-    # struct's "4s" would silently pad or truncate an address of the wrong length.
-    if len(ct[0]) != alen or len(ct[1]) != alen:
-        raise ValueError(f"tuple addresses are not {alen} bytes")
-    return t.pack(*ct)
-
-
 def pack_key(key: EntryKey) -> bytes:
     """The packed form of ``(family, zone, orig)``: what every table is keyed by."""
     family, zone, orig = key
@@ -150,48 +143,80 @@ def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None =
     )
     if key is None:
         key = pack_key((family, zone, orig))
-    t = _TUPLE[family]  # pack_key checked the family
-    alen = _ALEN[family]
-    try:
-        parts = [
-            HEADER.pack(deadline, told, 0 if timeout is None else timeout,
-                        0 if cid is None else cid,
-                        (timeout is not None) | (cid is not None) << 1),
-            key,
-            b"",  # flags and status, below
-        ]  # fmt: skip
-        if _is_inverse(orig, reply):
-            flags = _REPLY
-        else:
-            flags = 0
-            parts.append(_pack_tuple(t, alen, reply))
-        if mark is not None:
-            flags |= _MARK
-            parts.append(_U32.pack(mark))
-        if labels is not None:
-            if len(labels) != LABELS_SIZE:
-                raise ValueError(f"labels are not {LABELS_SIZE} bytes")
-            flags |= _LABELS
-            parts.append(labels)
-        if tcp is not None:
-            flags |= _TCP
-            parts.append(_TCP_S.pack(*tcp))
-        if sctp is not None:
-            flags |= _SCTP
-            parts.append(_SCTP_S.pack(*sctp))
-        if helper is not None:
+    alen = _ALEN[family]  # pack_key checked the family
+    # One struct.pack of every field (the struct is chosen by the layout) costs a third
+    # of packing the parts one by one; it also checks every integer's range.
+    args: list[object] = [
+        deadline, told, 0 if timeout is None else timeout, 0 if cid is None else cid,
+        (timeout is not None) | (cid is not None) << 1, key, 0, status,
+    ]  # fmt: skip
+    if _is_inverse(orig, reply):
+        flags = _REPLY
+    else:
+        flags = 0
+        if len(reply[0]) != alen or len(reply[1]) != alen:
+            raise ValueError(f"tuple addresses are not {alen} bytes")
+        args += reply
+    if mark is not None:
+        flags |= _MARK
+        args.append(mark)
+    if labels is not None:
+        if len(labels) != LABELS_SIZE:
+            raise ValueError(f"labels are not {LABELS_SIZE} bytes")
+        flags |= _LABELS
+        args.append(labels)
+    if tcp is not None:
+        flags |= _TCP
+        args += tcp
+    if sctp is not None:
+        flags |= _SCTP
+        args += sctp
+    hlen = 0
+    if helper is not None:
+        try:
             name = helper.encode("ascii")
-            if not 1 <= len(name) <= 255:
-                raise ValueError("helper name is not 1..255 characters")
-            flags |= _HELPER
-            parts.append(bytes((len(name),)) + name)
-        if master is not None:
-            flags |= _MASTER
-            parts.append(_pack_tuple(t, alen, master))
-        parts[2] = _FLAGS_STATUS.pack(flags, status)
-    except (struct.error, UnicodeEncodeError) as exc:
+        except UnicodeEncodeError:
+            raise ValueError("helper name is not ASCII") from None
+        hlen = len(name)
+        if not 1 <= hlen <= 255:
+            raise ValueError("helper name is not 1..255 characters")
+        flags |= _HELPER
+        args += (hlen, name)
+    if master is not None:
+        if len(master[0]) != alen or len(master[1]) != alen:
+            raise ValueError(f"tuple addresses are not {alen} bytes")
+        flags |= _MASTER
+        args += master
+    args[6] = flags
+    layout = (family, flags, hlen)
+    st = _LAYOUTS.get(layout)
+    if st is None:
+        st = _LAYOUTS[layout] = _layout(family, flags, hlen)
+    try:
+        return st.pack(*args)
+    except struct.error as exc:
         raise ValueError(f"entry field out of range: {exc}") from None
-    return b"".join(parts)
+
+
+#: Record structs by (family, flags, helper length): at most 2 * 128 * 256 of them.
+_LAYOUTS: dict[tuple[int, int, int], struct.Struct] = {}
+
+
+def _layout(family: int, flags: int, hlen: int) -> struct.Struct:
+    """The struct of a whole record of this family, body flags and helper length."""
+    tup = _TUPLE[family].format[1:]
+    fmt = [HEADER.format, f"{key_size(family)}s", _FLAGS_STATUS.format[1:]]
+    if not flags & _REPLY:
+        fmt.append(tup)
+    for bit, part in ((_MARK, "I"), (_LABELS, f"{LABELS_SIZE}s"), (_TCP, "5B"),
+                      (_SCTP, "BII")):  # fmt: skip
+        if flags & bit:
+            fmt.append(part)
+    if flags & _HELPER:
+        fmt.append(f"B{hlen}s")
+    if flags & _MASTER:
+        fmt.append(tup)
+    return struct.Struct("".join(fmt))
 
 
 def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
