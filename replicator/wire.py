@@ -394,7 +394,10 @@ _TCP_SIG = (int,) * 5
 _TCP_RANGES = struct.Struct(">5B")
 _SCTP_SIG = (int,) * 3
 _SCTP_RANGES = struct.Struct(">BII")
-_ZONE_STATUS = struct.Struct(">HI")
+_TWO_TUPLES_SIG = _TUPLE_SIG * 2
+# Orig proto, ports and ICMP fields, reply ports and ICMP fields (its proto equals the
+# original's), zone, status, timeout, mark.
+_FIXED_RANGES = struct.Struct(">BHHBBH" "HHBBH" "HIII")
 _NONE = type(None)
 _ENTRY_PAD = {n: (None,) * (_ENTRY_FIELDS - n) for n in range(_MIN_ENTRY_FIELDS, _ENTRY_FIELDS + 1)}
 # (family, orig, reply, zone, status) then the optional fields, each its type or None.
@@ -434,18 +437,28 @@ def _entry(e: Any) -> Entry:
     alen = _ADDR_LEN.get(family)
     if alen is None:
         raise _bad("entry family is not AF_INET or AF_INET6")
-    o = _ct_tuple(orig, alen)
-    r = _ct_tuple(reply, alen)
+    # The two tuples are checked together (one type signature, one struct for every
+    # integer of the entry's fixed part): the decoder's hot path.
+    po = _TUPLE_PAD.get(len(orig))
+    pr = _TUPLE_PAD.get(len(reply))
+    if po is None or pr is None:
+        raise _bad("tuple is not an array of 3..8 fields")
+    o = orig + po if po else orig
+    r = reply + pr if pr else reply
+    if (
+        tuple(map(type, o + r)) != _TWO_TUPLES_SIG
+        or len(o[0]) != alen or len(o[1]) != alen or len(r[0]) != alen or len(r[1]) != alen
+    ):  # fmt: skip
+        raise _bad(f"tuple is not two {alen}-byte addresses and integers")
     if r[2] != o[2]:
         raise _bad("reply tuple protocol differs from the original's")
     try:
-        _ZONE_STATUS.pack(zone, status)
+        _FIXED_RANGES.pack(
+            o[2], o[3], o[4], o[5], o[6], o[7], r[3], r[4], r[5], r[6], r[7], zone, status,
+            0 if timeout is None else timeout, 0 if mark is None else mark,
+        )  # fmt: skip
     except struct.error:
-        raise _bad("entry zone or status out of range") from None
-    if timeout is not None and not 0 <= timeout <= _U32:
-        raise _bad("entry timeout out of range")
-    if mark is not None and not 0 <= mark <= _U32:
-        raise _bad("entry mark out of range")
+        raise _bad("entry tuple, zone, status, timeout or mark out of range") from None
     if labels is not None and len(labels) != LABELS_SIZE:
         raise _bad(f"entry labels are not {LABELS_SIZE} bytes")
     if tcp is not None:
@@ -468,8 +481,8 @@ def _entry(e: Any) -> Entry:
         raise _bad(f"entry helper is not an ASCII name of 1..{MAX_HELPER} characters")
     if master is not None:
         master = _ct_tuple(master, alen)
-    return _new(Entry, (family, o, r, zone, status, timeout, mark, labels, tcp, sctp, helper,
-                        master, None))  # fmt: skip
+    return _new(Entry, (family, _new(CtTuple, o), _new(CtTuple, r), zone, status, timeout,
+                        mark, labels, tcp, sctp, helper, master, None))  # fmt: skip
 
 
 def _key(k: object) -> EntryKey:
