@@ -132,7 +132,8 @@ def key_size(family: int) -> int:
 def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None = None
          ) -> bytes:
     """The record of ``entry`` with the given timing (see the module doc); ``key``: its
-    packed key, if the caller has it already.
+    packed key, if the caller has it already (without it, packing is about as fast:
+    :func:`key_of` of the record then gives the key).
 
     Raises ValueError for an entry no kernel or peer could have produced (a field out
     of its range, an address of the wrong length, an unknown family): callers pass
@@ -141,15 +142,23 @@ def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None =
     family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, cid = (
         entry
     )
-    if key is None:
-        key = pack_key((family, zone, orig))
-    alen = _ALEN[family]  # pack_key checked the family
+    alen = _ALEN.get(family)
+    if alen is None:
+        raise ValueError(f"family {family} is neither AF_INET nor AF_INET6")
     # One struct.pack of every field (the struct is chosen by the layout) costs a third
     # of packing the parts one by one; it also checks every integer's range.
     args: list[object] = [
         deadline, told, 0 if timeout is None else timeout, 0 if cid is None else cid,
-        (timeout is not None) | (cid is not None) << 1, key, 0, status,
+        (timeout is not None) | (cid is not None) << 1,
     ]  # fmt: skip
+    if key is None:
+        if len(orig[0]) != alen or len(orig[1]) != alen:
+            raise ValueError(f"tuple addresses are not {alen} bytes")
+        args += (family, zone, *orig)
+    else:
+        args.append(key)
+    flags_at = len(args)
+    args += (0, status)
     if _is_inverse(orig, reply):
         flags = _REPLY
     else:
@@ -187,25 +196,28 @@ def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None =
             raise ValueError(f"tuple addresses are not {alen} bytes")
         flags |= _MASTER
         args += master
-    args[6] = flags
-    layout = (family, flags, hlen)
+    args[flags_at] = flags
+    layout = (family, flags, hlen, key is None)
     st = _LAYOUTS.get(layout)
     if st is None:
-        st = _LAYOUTS[layout] = _layout(family, flags, hlen)
+        st = _LAYOUTS[layout] = _layout(family, flags, hlen, key is None)
     try:
         return st.pack(*args)
     except struct.error as exc:
         raise ValueError(f"entry field out of range: {exc}") from None
 
 
-#: Record structs by (family, flags, helper length): at most 2 * 128 * 256 of them.
-_LAYOUTS: dict[tuple[int, int, int], struct.Struct] = {}
+#: Record structs by (family, flags, helper length, key as fields): at most
+#: 2 * 128 * 256 * 2 of them.
+_LAYOUTS: dict[tuple[int, int, int, bool], struct.Struct] = {}
 
 
-def _layout(family: int, flags: int, hlen: int) -> struct.Struct:
-    """The struct of a whole record of this family, body flags and helper length."""
+def _layout(family: int, flags: int, hlen: int, key_fields: bool) -> struct.Struct:
+    """The struct of a whole record of this family, body flags and helper length, with
+    the key as its fields (``key_fields``) or as one packed ``bytes``."""
     tup = _TUPLE[family].format[1:]
-    fmt = [HEADER.format, f"{key_size(family)}s", _FLAGS_STATUS.format[1:]]
+    key = _KEY[family].format[1:] if key_fields else f"{key_size(family)}s"
+    fmt = [HEADER.format, key, _FLAGS_STATUS.format[1:]]
     if not flags & _REPLY:
         fmt.append(tup)
     for bit, part in ((_MARK, "I"), (_LABELS, f"{LABELS_SIZE}s"), (_TCP, "5B"),

@@ -1016,13 +1016,14 @@ class SyncSession:
         ext = self.external
         bucket_of = ext.table.bucket_of
         upsert = ext.upsert
-        pack, key_of, deadline_of = R.pack, R.key, R.deadline_of
+        pack, key_of, deadline_of = R.pack, R.key_of, R.deadline_of
         replacing = c.replacing
         ups = msg.upserts
         for e in ups:
-            key = key_of(e)
+            rec = pack(e, deadline_of(e[5], now))
+            key = key_of(rec)
             b = bucket_of(key)
-            upsert(b, key, pack(e, deadline_of(e[5], now), key=key))
+            upsert(b, key, rec)
             if replacing:
                 unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
@@ -1063,10 +1064,10 @@ class SyncSession:
                         raise _Violation(f"part of bucket {b} without its first part")
                     unconfirmed = found
                 for e in rec.entries:
-                    key = R.key(e)
+                    new = R.pack(e, R.deadline_of(e[5], now))
+                    key = R.key_of(new)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")
-                    new = R.pack(e, R.deadline_of(e[5], now), key=key)
                     old = ext.upsert(b, key, new)
                     unconfirmed.discard(key)
                     if old is None or not R.same_state(old, new):

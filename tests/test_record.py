@@ -31,6 +31,7 @@ times = st.one_of(st.floats(allow_nan=False), st.just(math.inf), st.just(-math.i
 def test_unpack_inverts_pack(entry: Entry, cid: int | None, deadline: float, told: float) -> None:
     entry = entry._replace(id=cid)
     rec = R.pack(entry, deadline, told)
+    assert R.pack(entry, deadline, told, R.key(entry)) == rec
     assert R.unpack(rec) == entry
     assert R.timing(rec) == (deadline, told)
     assert R.deadline(rec) == deadline
