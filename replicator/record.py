@@ -98,13 +98,6 @@ def _tuple_struct(family: int) -> struct.Struct:
     return t
 
 
-def _pack_tuple(t: struct.Struct, alen: int, ct: CtTuple) -> bytes:
-    # struct's "4s" would silently pad or truncate an address of the wrong length.
-    if len(ct[0]) != alen or len(ct[1]) != alen:
-        raise ValueError(f"tuple addresses are not {alen} bytes")
-    return t.pack(*ct)
-
-
 def pack_key(key: EntryKey) -> bytes:
     """The packed form of ``(family, zone, orig)``: what every table is keyed by."""
     family, zone, orig = key
@@ -139,7 +132,8 @@ def key_size(family: int) -> int:
 def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None = None
          ) -> bytes:
     """The record of ``entry`` with the given timing (see the module doc); ``key``: its
-    packed key, if the caller has it already.
+    packed key, if the caller has it already (without it, packing is about as fast:
+    :func:`key_of` of the record then gives the key).
 
     Raises ValueError for an entry no kernel or peer could have produced (a field out
     of its range, an address of the wrong length, an unknown family): callers pass
@@ -148,50 +142,93 @@ def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None =
     family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, cid = (
         entry
     )
+    alen = _ALEN.get(family)
+    if alen is None:
+        raise ValueError(f"family {family} is neither AF_INET nor AF_INET6")
+    # One struct.pack of every field (the struct is chosen by the layout) costs a third
+    # of packing the parts one by one; it also checks every integer's range.
+    args: list[object] = [
+        deadline, told, 0 if timeout is None else timeout, 0 if cid is None else cid,
+        (timeout is not None) | (cid is not None) << 1,
+    ]  # fmt: skip
     if key is None:
-        key = pack_key((family, zone, orig))
-    t = _TUPLE[family]  # pack_key checked the family
-    alen = _ALEN[family]
-    try:
-        parts = [
-            HEADER.pack(deadline, told, 0 if timeout is None else timeout,
-                        0 if cid is None else cid,
-                        (timeout is not None) | (cid is not None) << 1),
-            key,
-            b"",  # flags and status, below
-        ]  # fmt: skip
-        if _is_inverse(orig, reply):
-            flags = _REPLY
-        else:
-            flags = 0
-            parts.append(_pack_tuple(t, alen, reply))
-        if mark is not None:
-            flags |= _MARK
-            parts.append(_U32.pack(mark))
-        if labels is not None:
-            if len(labels) != LABELS_SIZE:
-                raise ValueError(f"labels are not {LABELS_SIZE} bytes")
-            flags |= _LABELS
-            parts.append(labels)
-        if tcp is not None:
-            flags |= _TCP
-            parts.append(_TCP_S.pack(*tcp))
-        if sctp is not None:
-            flags |= _SCTP
-            parts.append(_SCTP_S.pack(*sctp))
-        if helper is not None:
+        if len(orig[0]) != alen or len(orig[1]) != alen:
+            raise ValueError(f"tuple addresses are not {alen} bytes")
+        args += (family, zone, *orig)
+    else:
+        args.append(key)
+    flags_at = len(args)
+    args += (0, status)
+    if _is_inverse(orig, reply):
+        flags = _REPLY
+    else:
+        flags = 0
+        if len(reply[0]) != alen or len(reply[1]) != alen:
+            raise ValueError(f"tuple addresses are not {alen} bytes")
+        args += reply
+    if mark is not None:
+        flags |= _MARK
+        args.append(mark)
+    if labels is not None:
+        if len(labels) != LABELS_SIZE:
+            raise ValueError(f"labels are not {LABELS_SIZE} bytes")
+        flags |= _LABELS
+        args.append(labels)
+    if tcp is not None:
+        flags |= _TCP
+        args += tcp
+    if sctp is not None:
+        flags |= _SCTP
+        args += sctp
+    hlen = 0
+    if helper is not None:
+        try:
             name = helper.encode("ascii")
-            if not 1 <= len(name) <= 255:
-                raise ValueError("helper name is not 1..255 characters")
-            flags |= _HELPER
-            parts.append(bytes((len(name),)) + name)
-        if master is not None:
-            flags |= _MASTER
-            parts.append(_pack_tuple(t, alen, master))
-        parts[2] = _FLAGS_STATUS.pack(flags, status)
-    except (struct.error, UnicodeEncodeError) as exc:
+        except UnicodeEncodeError:
+            raise ValueError("helper name is not ASCII") from None
+        hlen = len(name)
+        if not 1 <= hlen <= 255:
+            raise ValueError("helper name is not 1..255 characters")
+        flags |= _HELPER
+        args += (hlen, name)
+    if master is not None:
+        if len(master[0]) != alen or len(master[1]) != alen:
+            raise ValueError(f"tuple addresses are not {alen} bytes")
+        flags |= _MASTER
+        args += master
+    args[flags_at] = flags
+    layout = (family, flags, hlen, key is None)
+    st = _LAYOUTS.get(layout)
+    if st is None:
+        st = _LAYOUTS[layout] = _layout(family, flags, hlen, key is None)
+    try:
+        return st.pack(*args)
+    except struct.error as exc:
         raise ValueError(f"entry field out of range: {exc}") from None
-    return b"".join(parts)
+
+
+#: Record structs by (family, flags, helper length, key as fields): at most
+#: 2 * 128 * 256 * 2 of them.
+_LAYOUTS: dict[tuple[int, int, int, bool], struct.Struct] = {}
+
+
+def _layout(family: int, flags: int, hlen: int, key_fields: bool) -> struct.Struct:
+    """The struct of a whole record of this family, body flags and helper length, with
+    the key as its fields (``key_fields``) or as one packed ``bytes``."""
+    tup = _TUPLE[family].format[1:]
+    key = _KEY[family].format[1:] if key_fields else f"{key_size(family)}s"
+    fmt = [HEADER.format, key, _FLAGS_STATUS.format[1:]]
+    if not flags & _REPLY:
+        fmt.append(tup)
+    for bit, part in ((_MARK, "I"), (_LABELS, f"{LABELS_SIZE}s"), (_TCP, "5B"),
+                      (_SCTP, "BII")):  # fmt: skip
+        if flags & bit:
+            fmt.append(part)
+    if flags & _HELPER:
+        fmt.append(f"B{hlen}s")
+    if flags & _MASTER:
+        fmt.append(tup)
+    return struct.Struct("".join(fmt))
 
 
 def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
@@ -249,6 +286,58 @@ def unpack(record: bytes) -> Entry:
         v[2] if hflags & _HAS_TIMEOUT else None, mark, labels, tcp, sctp, helper, master,
         v[3] if hflags & _HAS_ID else None,
     ))  # fmt: skip
+
+
+#: :func:`fields` of a record: family, orig, reply, zone, status, mark, labels, tcp,
+#: sctp, helper, master, with every tuple a plain ``tuple`` of its fields.
+Fields = tuple[
+    int, tuple[int | bytes, ...], tuple[int | bytes, ...], int, int, int | None,
+    bytes | None, tuple[int, ...] | None, tuple[int, ...] | None, str | None,
+    tuple[int | bytes, ...] | None,
+]  # fmt: skip
+
+
+def fields(record: bytes) -> Fields:
+    """The replicated fields of the entry in ``record``, as :func:`unpack` reads them
+    but as plain tuples: for encoders that need no :class:`Entry` (building the named
+    tuples is most of the cost of :func:`unpack`)."""
+    family = record[HEADER_SIZE]
+    fixed = _FIXED[family]
+    v = fixed.unpack_from(record)
+    flags = v[15]
+    orig = v[7:15]
+    pos = fixed.size
+    reply: tuple[int | bytes, ...]
+    if flags & _REPLY:
+        p = v[9]
+        reply = (
+            tuple(invert(_new(CtTuple, orig))) if p in ICMP_PROTOCOLS
+            else (v[8], v[7], p, v[11], v[10], 0, 0, 0)
+        )  # fmt: skip
+    else:
+        t = _TUPLE[family]
+        reply = t.unpack_from(record, pos)
+        pos += t.size
+    mark = labels = tcp = sctp = helper = master = None
+    if flags & _MARK:
+        (mark,) = _U32.unpack_from(record, pos)
+        pos += 4
+    if flags & _LABELS:
+        labels = record[pos : pos + LABELS_SIZE]
+        pos += LABELS_SIZE
+    if flags & _TCP:
+        tcp = _TCP_S.unpack_from(record, pos)
+        pos += 5
+    if flags & _SCTP:
+        sctp = _SCTP_S.unpack_from(record, pos)
+        pos += 9
+    if flags & _HELPER:
+        n = record[pos]
+        helper = record[pos + 1 : pos + 1 + n].decode("ascii")
+        pos += 1 + n
+    if flags & _MASTER:
+        master = _TUPLE[family].unpack_from(record, pos)
+    return (family, orig, reply, v[6], v[16], mark, labels, tcp, sctp, helper, master)
 
 
 def key_of(record: bytes) -> bytes:

@@ -1016,13 +1016,14 @@ class SyncSession:
         ext = self.external
         bucket_of = ext.table.bucket_of
         upsert = ext.upsert
-        pack, key_of, deadline_of = R.pack, R.key, R.deadline_of
+        pack, key_of, deadline_of = R.pack, R.key_of, R.deadline_of
         replacing = c.replacing
         ups = msg.upserts
         for e in ups:
-            key = key_of(e)
+            rec = pack(e, deadline_of(e[5], now))
+            key = key_of(rec)
             b = bucket_of(key)
-            upsert(b, key, pack(e, deadline_of(e[5], now), key=key))
+            upsert(b, key, rec)
             if replacing:
                 unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
@@ -1063,10 +1064,10 @@ class SyncSession:
                         raise _Violation(f"part of bucket {b} without its first part")
                     unconfirmed = found
                 for e in rec.entries:
-                    key = R.key(e)
+                    new = R.pack(e, R.deadline_of(e[5], now))
+                    key = R.key_of(new)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")
-                    new = R.pack(e, R.deadline_of(e[5], now), key=key)
                     old = ext.upsert(b, key, new)
                     unconfirmed.discard(key)
                     if old is None or not R.same_state(old, new):
@@ -1321,8 +1322,8 @@ class SyncSession:
         # Keys of the bucket being sent in parts that its next parts will carry.
         coming = frozenset(sb[1][sb[2] :]) if sb is not None else frozenset()
         keys = []
-        ups: list[wire.TimedEntry] = []
-        dels: list[EntryKey] = []
+        ups: list[wire.TimedRecord] = []
+        dels: list[bytes] = []
         first = _INF
         for key in tuple(islice(pending, self.params.batch)):
             t = pending.pop(key)
@@ -1330,7 +1331,7 @@ class SyncSession:
             bucket = table.bucket(b)
             rec = bucket.get(key)
             if rec is None:
-                dels.append(R.unpack_key(key))
+                dels.append(key)
             elif b in dirty:
                 # Its bucket will be sent whole, with this key's state at that time.
                 dirty[b] = min(dirty[b], t)
@@ -1338,7 +1339,7 @@ class SyncSession:
             elif key in coming:
                 continue
             else:
-                ups.append((R.unpack(rec), self._remaining(bucket, key, rec, now)))
+                ups.append((rec, self._remaining(bucket, key, rec, now)))
             keys.append(key)
             first = min(first, t)
         if not pending:
@@ -1347,7 +1348,7 @@ class SyncSession:
             self._pending = {}
         if not keys:
             return
-        data = wire.encode_changes(c.stream, c.next_seq, ups, dels)
+        data = wire.encode_changes_records(c.stream, c.next_seq, ups, dels)
         self.stats.entries_sent += len(ups)
         self.stats.deletes_sent += len(dels)
         self._sent(c, out, data, now, weight=len(keys), first_change=first, keys=tuple(keys))
@@ -1355,7 +1356,7 @@ class SyncSession:
     def _send_buckets(self, c: _Conn, now: float, out: list[bytes]) -> None:
         budget = self.params.batch
         dirty, pending = self._dirty, self._pending
-        parts: list[tuple[int, bool, bool, list[wire.TimedEntry]]] = []
+        parts: list[tuple[int, bool, bool, list[wire.TimedRecord]]] = []
         first_change = _INF
         n_entries = 0
         while budget >= 2 and (dirty or c.sending_bucket is not None):
@@ -1369,12 +1370,12 @@ class SyncSession:
             chunk = keys[done : done + budget - 1]
             done += len(chunk)
             last = done >= len(keys)
-            entries: list[wire.TimedEntry] = []
+            entries: list[wire.TimedRecord] = []
             bucket = self._table.bucket(b)
             for key in chunk:
                 rec = bucket.get(key)
                 if rec is not None:
-                    entries.append((R.unpack(rec), self._remaining(bucket, key, rec, now)))
+                    entries.append((rec, self._remaining(bucket, key, rec, now)))
                     # The bucket carries this key's current state: no need to send
                     # it again as a change.
                     first_change = min(first_change, pending.pop(key, _INF))
@@ -1390,7 +1391,7 @@ class SyncSession:
             r.entries += n_entries
             r.buckets += sum(1 for p in parts if p[2])
         self.stats.entries_sent += n_entries
-        data = wire.encode_buckets(c.stream, c.next_seq, parts)
+        data = wire.encode_buckets_records(c.stream, c.next_seq, parts)
         self._sent(c, out, data, now, weight=max(1, n_entries),
                    first_change=None if first_change == _INF else first_change,
                    buckets=tuple(p[0] for p in parts))  # fmt: skip

@@ -57,6 +57,7 @@ from typing import Any, NamedTuple
 
 import msgpack
 
+from . import record as R
 from .errors import WireDecodeError, WireVersionError
 from .model import AF_INET, AF_INET6, CtTuple, Entry, EntryKey, SctpInfo, TcpInfo
 
@@ -201,6 +202,8 @@ Message = Hello | Close | Ack | Sequenced
 
 #: An entry to encode with the remaining timeout to put on the wire (``None``: none).
 TimedEntry = tuple[Entry, int | None]
+#: The same with the entry as a record of :mod:`replicator.record` (its header aside).
+TimedRecord = tuple[bytes, int | None]
 
 
 # --- encoding -----------------------------------------------------------------------
@@ -208,7 +211,7 @@ TimedEntry = tuple[Entry, int | None]
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
-def _wire_tuple(t: CtTuple) -> tuple[Any, ...]:
+def _wire_tuple(t: tuple[Any, ...]) -> tuple[Any, ...]:
     # Trailing zero ICMP fields are implied (decode pads them back).
     return t[:5] if not (t[5] or t[6] or t[7]) else t
 
@@ -218,6 +221,21 @@ def _wire_entry(e: Entry, timeout: int | None) -> list[Any]:
     fields = [
         e[0], _wire_tuple(e[1]), _wire_tuple(e[2]), e[3], e[4], timeout,
         e[6], e[7], e[8], e[9], e[10], None if master is None else _wire_tuple(master),
+    ]  # fmt: skip
+    while fields[-1] is None:
+        fields.pop()
+    return fields
+
+
+def _record_entry(rec: bytes, timeout: int | None) -> list[Any]:
+    # _wire_entry of unpack(rec), without building the named tuples (the sender's hot
+    # path; a test checks that both encode to the same bytes).
+    family, orig, reply, zone, status, mark, labels, tcp, sctp, helper, master = R.fields(rec)
+    fields = [
+        family, orig[:5] if not (orig[5] or orig[6] or orig[7]) else orig,
+        reply[:5] if not (reply[5] or reply[6] or reply[7]) else reply, zone, status,
+        timeout, mark, labels, tcp, sctp, helper,
+        None if master is None else _wire_tuple(master),
     ]  # fmt: skip
     while fields[-1] is None:
         fields.pop()
@@ -262,6 +280,42 @@ def encode_buckets(
             [
                 (b, (FLAG_FIRST if first else 0) | (FLAG_LAST if last else 0),
                  [_wire_entry(e, t) for e, t in entries])
+                for b, first, last, entries in records
+            ],
+        )
+    )  # fmt: skip
+
+
+def encode_changes_records(
+    stream: int, seq: int, upserts: Sequence[TimedRecord], deletes: Sequence[bytes]
+) -> bytes:
+    """:func:`encode_changes` of records and packed keys (:mod:`replicator.record`):
+    the same bytes, without unpacking them to entries first."""
+    _check_items(len(upserts) + len(deletes))
+    return _packb(
+        (
+            CHANGES,
+            stream,
+            seq,
+            [_record_entry(r, t) for r, t in upserts],
+            [_wire_key(R.unpack_key(k)) for k in deletes],
+        )
+    )
+
+
+def encode_buckets_records(
+    stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedRecord]]]
+) -> bytes:
+    """:func:`encode_buckets` of records: ``(bucket, first, last, [(record, timeout)...])``."""
+    _check_items(sum(len(r[3]) for r in records) + len(records))
+    return _packb(
+        (
+            BUCKETS,
+            stream,
+            seq,
+            [
+                (b, (FLAG_FIRST if first else 0) | (FLAG_LAST if last else 0),
+                 [_record_entry(r, t) for r, t in entries])
                 for b, first, last, entries in records
             ],
         )
@@ -340,7 +394,10 @@ _TCP_SIG = (int,) * 5
 _TCP_RANGES = struct.Struct(">5B")
 _SCTP_SIG = (int,) * 3
 _SCTP_RANGES = struct.Struct(">BII")
-_ZONE_STATUS = struct.Struct(">HI")
+_TWO_TUPLES_SIG = _TUPLE_SIG * 2
+# Orig proto, ports and ICMP fields, reply ports and ICMP fields (its proto equals the
+# original's), zone, status, timeout, mark.
+_FIXED_RANGES = struct.Struct(">BHHBBH" "HHBBH" "HIII")
 _NONE = type(None)
 _ENTRY_PAD = {n: (None,) * (_ENTRY_FIELDS - n) for n in range(_MIN_ENTRY_FIELDS, _ENTRY_FIELDS + 1)}
 # (family, orig, reply, zone, status) then the optional fields, each its type or None.
@@ -380,18 +437,28 @@ def _entry(e: Any) -> Entry:
     alen = _ADDR_LEN.get(family)
     if alen is None:
         raise _bad("entry family is not AF_INET or AF_INET6")
-    o = _ct_tuple(orig, alen)
-    r = _ct_tuple(reply, alen)
+    # The two tuples are checked together (one type signature, one struct for every
+    # integer of the entry's fixed part): the decoder's hot path.
+    po = _TUPLE_PAD.get(len(orig))
+    pr = _TUPLE_PAD.get(len(reply))
+    if po is None or pr is None:
+        raise _bad("tuple is not an array of 3..8 fields")
+    o = orig + po if po else orig
+    r = reply + pr if pr else reply
+    if (
+        tuple(map(type, o + r)) != _TWO_TUPLES_SIG
+        or len(o[0]) != alen or len(o[1]) != alen or len(r[0]) != alen or len(r[1]) != alen
+    ):  # fmt: skip
+        raise _bad(f"tuple is not two {alen}-byte addresses and integers")
     if r[2] != o[2]:
         raise _bad("reply tuple protocol differs from the original's")
     try:
-        _ZONE_STATUS.pack(zone, status)
+        _FIXED_RANGES.pack(
+            o[2], o[3], o[4], o[5], o[6], o[7], r[3], r[4], r[5], r[6], r[7], zone, status,
+            0 if timeout is None else timeout, 0 if mark is None else mark,
+        )  # fmt: skip
     except struct.error:
-        raise _bad("entry zone or status out of range") from None
-    if timeout is not None and not 0 <= timeout <= _U32:
-        raise _bad("entry timeout out of range")
-    if mark is not None and not 0 <= mark <= _U32:
-        raise _bad("entry mark out of range")
+        raise _bad("entry tuple, zone, status, timeout or mark out of range") from None
     if labels is not None and len(labels) != LABELS_SIZE:
         raise _bad(f"entry labels are not {LABELS_SIZE} bytes")
     if tcp is not None:
@@ -414,8 +481,8 @@ def _entry(e: Any) -> Entry:
         raise _bad(f"entry helper is not an ASCII name of 1..{MAX_HELPER} characters")
     if master is not None:
         master = _ct_tuple(master, alen)
-    return _new(Entry, (family, o, r, zone, status, timeout, mark, labels, tcp, sctp, helper,
-                        master, None))  # fmt: skip
+    return _new(Entry, (family, _new(CtTuple, o), _new(CtTuple, r), zone, status, timeout,
+                        mark, labels, tcp, sctp, helper, master, None))  # fmt: skip
 
 
 def _key(k: object) -> EntryKey:

@@ -31,6 +31,7 @@ times = st.one_of(st.floats(allow_nan=False), st.just(math.inf), st.just(-math.i
 def test_unpack_inverts_pack(entry: Entry, cid: int | None, deadline: float, told: float) -> None:
     entry = entry._replace(id=cid)
     rec = R.pack(entry, deadline, told)
+    assert R.pack(entry, deadline, told, R.key(entry)) == rec
     assert R.unpack(rec) == entry
     assert R.timing(rec) == (deadline, told)
     assert R.deadline(rec) == deadline
@@ -39,6 +40,15 @@ def test_unpack_inverts_pack(entry: Entry, cid: int | None, deadline: float, tol
     assert R.unpack_key(R.key(entry)) == entry.key
     assert R.pack_key(entry.key) == R.key(entry)
     assert len(R.key(entry)) == R.key_size(entry.family)
+
+
+@given(entries(), times)
+def test_fields_are_the_unpacked_fields_as_plain_tuples(entry: Entry, deadline: float) -> None:
+    e = R.unpack(R.pack(entry, deadline))
+    fields = R.fields(R.pack(entry, deadline))
+    assert fields == (e.family, e.orig, e.reply, e.zone, e.status, e.mark, e.labels, e.tcp,
+                      e.sctp, e.helper, e.master)  # fmt: skip
+    assert all(type(f) is tuple for f in fields if isinstance(f, tuple))
 
 
 @given(entries(), times, times)

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from replicator import record as R
 from replicator import wire
 from replicator.errors import WireDecodeError, WireVersionError
 from replicator.model import (
@@ -117,6 +118,33 @@ def test_every_message_round_trips(msg: wire.Message) -> None:
     if isinstance(msg, wire.Changes):
         expected = msg._replace(upserts=tuple(e._replace(id=None) for e in msg.upserts))
     assert wire.decode(wire.encode(msg)) == expected
+
+
+timeouts = st.one_of(st.none(), st.integers(0, U32))
+
+
+@given(st.lists(st.tuples(entries(), timeouts), max_size=4), st.lists(keys(), max_size=3),
+       st.integers(0, U64), st.integers(0, U64))  # fmt: skip
+def test_records_encode_to_the_same_bytes_as_their_entries(
+    timed: list[tuple[Entry, int | None]], dels: list[Any], stream: int, seq: int
+) -> None:
+    recs = [(R.pack(e, 0.0), t) for e, t in timed]
+    assert wire.encode_changes_records(stream, seq, recs, [R.pack_key(k) for k in dels]) == (
+        wire.encode_changes(stream, seq, timed, dels)
+    )
+    parts = [(7, True, False, timed[:2]), (9, False, True, timed[2:])]
+    rparts = [(b, f, la, [(R.pack(e, 1.0), t) for e, t in es]) for b, f, la, es in parts]
+    assert wire.encode_buckets_records(stream, seq, rparts) == (
+        wire.encode_buckets(stream, seq, parts)
+    )
+
+
+def test_record_encoders_refuse_oversized_batches() -> None:
+    rec = R.pack(tcp_entry(), 0.0)
+    with pytest.raises(ValueError):
+        wire.encode_changes_records(0, 0, [(rec, 1)] * wire.MAX_ITEMS, [R.key_of(rec)])
+    with pytest.raises(ValueError):
+        wire.encode_buckets_records(0, 0, [(1, True, True, [(rec, 1)] * wire.MAX_ITEMS)])
 
 
 def test_the_id_is_not_sent_and_the_timeout_is_the_one_given() -> None:
