@@ -74,6 +74,7 @@ from .control import (
 )
 from .errors import ControlError, KernelError, ReplicatorError
 from .filters import EntryFilter, build_filter
+from .gcpause import COLLECTOR_PAUSE
 from .kernel import InjectResult, KernelPort
 from .keys import NodeIdentity, load_identity
 from .logs import fields, set_level, setup_logging
@@ -582,6 +583,10 @@ class Daemon:
 
     async def commit_external(self) -> CommitReport:
         """Write the external cache into the kernel (``conntrackd -c``)."""
+        with COLLECTOR_PAUSE:
+            return await self._commit_external()
+
+    async def _commit_external(self) -> CommitReport:
         start = self.now()
         entries = self.session.external.commit_set(start)
         if self.hot:

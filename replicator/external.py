@@ -30,6 +30,7 @@ from .model import Entry
 from .wheel import TimerWheel
 
 _INF = math.inf
+_new = tuple.__new__
 #: Rebuild the expiry wheel when it holds this many more keys than the cache (refreshes
 #: leave superseded keys behind; they are skipped lazily until then).
 _WHEEL_SLACK = 1024
@@ -141,14 +142,16 @@ class ExternalCache:
 
         What to install in the kernel on takeover. Entries without a timeout keep None.
         """
-        out = []
+        out: list[Entry] = []
+        append, unpack, deadline_of, ceil = out.append, R.unpack, R.deadline, math.ceil
+        # A takeover commits the whole cache: built with tuple.__new__, not _replace()
+        # (which costs as much as the unpacking itself).
         for rec in self._table.values():
-            entry = R.unpack(rec)
-            deadline = R.deadline(rec)
-            out.append(
-                entry if deadline == _INF
-                else entry._replace(timeout=max(1, math.ceil(deadline - now)))
-            )  # fmt: skip
+            entry = unpack(rec)
+            deadline = deadline_of(rec)
+            if deadline != _INF:
+                entry = _new(Entry, (*entry[:5], max(1, ceil(deadline - now)), *entry[6:]))
+            append(entry)
         return out
 
     def clear(self) -> None:

@@ -47,6 +47,7 @@ import trio
 
 from . import ctnetlink, inject
 from .errors import KernelError, NetlinkDecodeError
+from .gcpause import COLLECTOR_PAUSE
 from .kernel import EventBatch, InjectResult, Overrun
 from .model import CtEvent, Entry
 from .netlink import NETLINK_NETFILTER, NLMSG_HDR, NLMSG_HDRLEN
@@ -189,28 +190,6 @@ class EventSubscription:
         await trio.lowlevel.checkpoint()
 
 
-class _CollectorPause:
-    """Keeps the cyclic collector off while any dump is running (dumps may overlap),
-    then restores it as it was before the first one."""
-
-    def __init__(self) -> None:
-        self._depth = 0
-        self._resume = False
-
-    def __enter__(self) -> None:
-        if self._depth == 0:
-            self._resume = gc.isenabled()
-            gc.disable()
-        self._depth += 1
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
-        self._depth -= 1
-        if self._depth == 0 and self._resume:
-            gc.enable()
-
-
-_COLLECTOR_PAUSE = _CollectorPause()
 
 
 async def dump(netns: str | None = None, *, family: int = 0) -> list[Entry]:
@@ -220,7 +199,7 @@ async def dump(netns: str | None = None, *, family: int = 0) -> list[Entry]:
     reach (``gc.freeze()``, see the module doc). Raises
     :class:`~replicator.errors.KernelError` if the kernel answers with an error.
     """
-    with _COLLECTOR_PAUSE:
+    with COLLECTOR_PAUSE:
         entries = await _read_dump(netns, family)
         gc.freeze()
     return entries

@@ -236,8 +236,9 @@ async def test_an_operator_commit_answers_then_the_mirror_rereads_the_kernel(
         assert len(b.kernel.table) == 120
         # The commit's echoes were dropped unread; a background re-read replaces them.
         assert b.daemon.mirror.stats.echoes_ignored == 120
-        await eventually(lambda: b.daemon.mirror.synced)
-        assert b.daemon.mirror.cache.snapshot() == b.kernel.table
+        assert b.daemon.mirror.stale
+        await eventually(lambda: b.daemon.mirror.synced
+                         and b.daemon.mirror.cache.snapshot() == b.kernel.table)
 
 
 async def test_hot_mode_standby_kernel_follows_the_active(
