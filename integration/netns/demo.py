@@ -64,7 +64,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     print()
     print(format_report(replication.name, results, verbose=args.verbose))
     print()
-    print("stalls (longest time without a reply, any flow) against the VRRP takeover:")
+    print("stalls (longest time without a reply, any flow) against the VRRP takeover; for\n"
+          "the worst TCP flow: when the path came back (VIPs up, and the commit if any),\n"
+          "how long after that it resumed, and which retransmission got through, sent how\n"
+          "long after the path came back:")
     print(stall_summary(results))
     print()
     print(summary(results))

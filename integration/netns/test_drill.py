@@ -18,24 +18,33 @@ still answer. The daemon SIGKILL is not helped along: keepalived's ``replicator 
 track script must notice the dead daemon and move the VIPs by itself (the controls'
 daemons are not tracked by keepalived, so there the drill stops the master's
 keepalived after the kill). The stalls are printed against the VRRP takeover, never
-asserted (the host is shared).
+asserted (the host is shared), with what explains the worst ones (``halab.stalls``):
+retransmissions of both endpoints, drops on both firewalls, ARP and commit times.
 """
 
 from __future__ import annotations
 
 import pytest
 
+from integration.netns.halab import stalls, tcpstats
 from integration.netns.halab.conntrackd import ConntrackdReplication
 from integration.netns.halab.drill import (
     DEFAULT_SCENARIO,
     DrillConfig,
+    Event,
+    EventKind,
+    PhaseResult,
     drill_lab,
     flow_outcome,
 )
 from integration.netns.halab.replication import NoReplication
-from integration.netns.halab.replicator import DRILL_CONFIG, ReplicatorReplication
+from integration.netns.halab.replicator import (
+    DRILL_CONFIG,
+    ReplicatorReplication,
+    commit_lines,
+)
 from integration.netns.halab.report import format_report, stall_summary
-from integration.netns.halab.traffic import StreamRecord
+from integration.netns.halab.traffic import Retrans, StreamRecord
 
 # --- how a flow is judged (pure) --------------------------------------------------------
 # Event at t=10, both VIPs up on the new master at t=10.3, report at t=13.
@@ -73,6 +82,102 @@ def test_a_flow_with_an_error_did_not_survive() -> None:
 def test_mappings_before_and_after_the_event_are_told_apart() -> None:
     moved = ((1.0, "10.0.0.1:5"), (10.5, "10.0.0.1:6"))
     assert _judge(_record(12.99, 0.5, mappings=moved))[2:] == ("10.0.0.1:5", "10.0.0.1:6")
+
+
+def test_the_longest_gap_and_the_retransmissions_are_timed_from_the_origin() -> None:
+    record = StreamRecord("tcp-snat", "10.0.0.9:7", "10.0.0.2:5", sent=100, oks=90,
+                          last_ok=12.98, max_gap=0.9, mappings=((1.0, "10.0.0.1:5"),),
+                          error=None, gap_start=10.1, gap_end=11.0,
+                          retrans=(Retrans(10.4, 1, 0, 204),))
+    outcome = flow_outcome(record, t_event=9.0, t_up=10.3, t_report=13.0, alive_window=0.5,
+                           echo=(Retrans(10.6, 3, 1, 408),), origin=10.0)
+    assert outcome.gap is not None
+    assert [round(t, 3) for t in outcome.gap if t is not None] == [0.1, 1.0]
+    assert [round(r.t, 3) for r in outcome.retrans + outcome.echo_retrans] == [0.4, 0.6]
+
+
+def test_a_final_silence_is_a_gap_that_never_ended() -> None:
+    outcome = flow_outcome(_record(11.0, 0.9), t_event=10.0, t_up=10.3, t_report=13.0,
+                           alive_window=0.5)
+    assert outcome.gap == (1.0, None)
+
+
+# --- what explains a stall (pure) ---------------------------------------------------------
+# Failover started at 0; VIPs up at +0.3; the flow's last reply at +0.01.
+
+
+def _phase(retrans: tuple[Retrans, ...], echo: tuple[Retrans, ...], resumed: float | None,
+           commits: tuple[tuple[float, float], ...] = ()) -> PhaseResult:
+    record = StreamRecord("tcp-snat", "10.0.0.9:7", "10.0.0.2:5", sent=100, oks=90,
+                          last_ok=resumed if resumed is not None else 0.01,
+                          max_gap=(resumed or 0.01) - 0.01, mappings=((-1.0, "10.0.0.1:5"),),
+                          error=None, gap_start=0.01, gap_end=resumed, retrans=retrans)
+    flow = flow_outcome(record, t_event=0.0, t_up=0.3, t_report=resumed or 0.02,
+                        alive_window=0.5, echo=echo)
+    return PhaseResult(event=Event(EventKind.PLANNED), new_master="b", forced=False,
+                       takeover=0.3, flows=(flow,), idle=(), transitions=(), counters={},
+                       conntrack={}, stall_margin=0.2, commits=commits)
+
+
+def _explained(result: PhaseResult) -> stalls.Stall:
+    stall = stalls.worst(result)
+    assert stall is not None
+    return stall
+
+
+def test_a_flow_resumes_with_the_first_retransmission_after_the_path_is_back() -> None:
+    # Loss probe +0.24, RTO +0.45 (path still down), RTO +0.87 seen 3 ms after the
+    # resume (the poll is late): that one got through, sent 0.57 s after the VIPs.
+    result = _phase((Retrans(0.24, 1, 0, 204), Retrans(0.45, 2, 1, 408),
+                     Retrans(0.873, 3, 0, 204)), (), resumed=0.87)
+    stall = _explained(result)
+    assert stall.through is not None and stall.through[:2] == ("requester", 3)
+    assert stall.waited is not None and round(stall.waited, 3) == 0.573
+    text = "\n".join(stalls.describe(stall))
+    assert "with the requester's 3rd retransmission" in text
+    assert "860 ms after the loss, 570 ms after the path came back" in text
+
+
+def test_the_path_is_back_only_once_the_commit_finished() -> None:
+    result = _phase((Retrans(0.45, 1, 1, 408),), (Retrans(0.9, 1, 1, 408),), resumed=0.91,
+                    commits=((0.6, 0.25),))
+    stall = _explained(result)
+    assert stall.path_back == 0.6
+    assert stall.through is not None and stall.through[:2] == ("echo", 1)
+    # The requester's retransmission came before the commit: it was lost.
+    assert [r.t for r in stall.requester] == [0.45]
+
+
+def test_a_resume_without_retransmission_and_a_flow_that_never_resumed() -> None:
+    stall = _explained(_phase((), (), resumed=0.35))
+    assert stall.through is None and stall.waited is None
+    assert "with no retransmission in the gap" in stalls.describe(stall)[-1]
+    never = _explained(_phase((Retrans(0.24, 1, 0, 204),), (), resumed=None))
+    assert never.resumed is None and stalls.describe(never)[-1] == "  never resumed"
+
+
+def test_stall_summary_names_the_retransmission_that_got_through() -> None:
+    result = _phase((Retrans(0.45, 1, 1, 408),), (), resumed=0.46)
+    assert "requester #1" in stall_summary([result]).splitlines()[1]
+
+
+# --- parsers (pure) -----------------------------------------------------------------------
+
+
+def test_tcp_counters_are_named_as_nstat_names_them() -> None:
+    text = ("Tcp: RtoAlgorithm RetransSegs\nTcp: 1 17\n"
+            "TcpExt: TCPTimeouts TCPLossProbes\nTcpExt: 3 5\n")
+    assert tcpstats.parse(text) == {"TcpRtoAlgorithm": 1, "TcpRetransSegs": 17,
+                                    "TcpExtTCPTimeouts": 3, "TcpExtTCPLossProbes": 5}
+    assert tcpstats.delta({"TcpRetransSegs": 17}, {"TcpRetransSegs": 20}) == \
+        {"TcpRetransSegs": 3}
+
+
+def test_commit_times_come_from_the_daemon_log() -> None:
+    log = ('ts=2026-11-26T09:32:56.038+00:00 level=info logger=replicator.daemon '
+           'msg="commit done" applied=12 failed=0 seconds=0.25\n'
+           'ts=2026-11-26T09:32:57.000+00:00 level=info logger=x msg="other" seconds=1\n')
+    assert commit_lines(log) == [(1795685576.038, 0.25)]
 
 
 # --- drills -------------------------------------------------------------------------------

@@ -17,5 +17,7 @@ Modules, one job each:
 ``agent``        standalone traffic / address-watch agent run inside the namespaces
 ``traffic``      the test-side handles of those agents
 ``drill``        failover events and their measurements
+``tcpstats``     the endpoints' TCP counters (retransmissions, RTO expiries) per event
+``stalls``       why a flow stalled: its longest gap against the path's return
 ``report``       plain-text rendering of drill results
 """

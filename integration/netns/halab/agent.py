@@ -21,6 +21,17 @@ Output is one JSON object per line on stdout.
 ``addrwatch``
     Prints ``{"t": ..., "op": "add"|"del", "addr": ..., "ifindex": ...}`` for every IPv4
     address change in the namespace (rtnetlink), after ``{"ready": true}``.
+
+``neighwatch``
+    Prints ``{"t": ..., "op": "add"|"del", "dst": ..., "lladdr": ...}`` for every IPv4
+    neighbour (ARP) entry change in the namespace (rtnetlink), after ``{"ready": true}``.
+
+Retransmissions: every TCP stream's socket (the requesting side, in ``drive``) and every
+streaming connection of the echo server (one that echoed ``STREAMING_LINES`` lines;
+idle connections echo fewer) is polled with ``TCP_INFO`` every ``RETRANS_POLL`` s; each
+change of its retransmission count is recorded as ``[t, total_retrans, backoff, rto_ms]``
+(in the stream's record, or printed by ``serve`` as ``{"retrans": {...}}``). The time is
+when the poll saw it: up to one poll interval (plus scheduling delay) late.
 """
 
 from __future__ import annotations
@@ -43,6 +54,17 @@ UDP_REPLY_TIMEOUT = 0.2
 OPEN_TIMEOUT = 5.0
 #: How many idle connections are opened at once.
 OPEN_BATCH = 200
+#: Seconds between two TCP_INFO polls of the streaming sockets.
+RETRANS_POLL = 0.01
+#: An echo-server connection that echoed this many lines is a stream (idle ones echo
+#: their opening request and at most one probe).
+STREAMING_LINES = 3
+#: struct tcp_info up to tcpi_total_retrans: 8 one-byte fields, then 24 u32 (rto first,
+#: total_retrans last).
+TCP_INFO = struct.Struct("=8B24I")
+TCPI_BACKOFF = 4
+TCPI_RTO = 8
+TCPI_TOTAL_RETRANS = 8 + 23
 
 
 def emit(obj: object) -> None:
@@ -58,15 +80,80 @@ def raise_fd_limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
 
 
+# --- retransmissions ------------------------------------------------------------------------
+
+def tcp_retrans(sock: Any) -> tuple[int, int, int] | None:
+    """``(total_retrans, backoff, rto_ms)`` of a TCP socket (None once it is closed).
+
+    ``sock`` is a :class:`socket.socket` or the ``TransportSocket`` asyncio hands out.
+    """
+    try:
+        raw = sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, TCP_INFO.size)
+    except OSError:
+        return None
+    if len(raw) < TCP_INFO.size:
+        return None
+    info = TCP_INFO.unpack(raw)
+    return info[TCPI_TOTAL_RETRANS], info[TCPI_BACKOFF], info[TCPI_RTO] // 1000
+
+
+class RetransWatch:
+    """Polls registered TCP sockets; calls ``on_change`` when one's retransmission count
+    changes, with the key it was registered under and ``[t, total, backoff, rto_ms]``."""
+
+    def __init__(self, on_change: Any) -> None:
+        self.on_change = on_change
+        self._socks: dict[Any, tuple[Any, int]] = {}
+
+    def add(self, key: object, sock: Any) -> None:
+        """Watch ``sock`` from its current count on."""
+        now = tcp_retrans(sock)
+        if now is not None:
+            self._socks[key] = (sock, now[0])
+
+    def discard(self, key: object) -> None:
+        """Stop watching ``key``'s socket."""
+        self._socks.pop(key, None)
+
+    async def run(self) -> None:
+        """Poll until cancelled."""
+        while True:
+            await asyncio.sleep(RETRANS_POLL)
+            t = time.monotonic()
+            for key, (sock, seen) in list(self._socks.items()):
+                now = tcp_retrans(sock)
+                if now is None:
+                    self.discard(key)
+                elif now[0] != seen:
+                    self._socks[key] = (sock, now[0])
+                    self.on_change(key, [t, *now])
+
+
 # --- serve -------------------------------------------------------------------------------
+
+def _emit_retrans(key: object, change: list[float]) -> None:
+    local, peer = cast(tuple[str, str], key)
+    emit({"retrans": {"local": local, "peer": peer, "t": change[0], "total": change[1],
+                      "backoff": change[2], "rto_ms": change[3]}})
+
+
+_ECHO_WATCH = RetransWatch(_emit_retrans)
+
 
 async def _echo_tcp(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
     peer = writer.get_extra_info("peername")
+    local = writer.get_extra_info("sockname")
+    key = (f"{local[0]}:{local[1]}", f"{peer[0]}:{peer[1]}")
     tag = f" {peer[0]}:{peer[1]}\n".encode()
+    lines = 0
     with contextlib.suppress(OSError):
         while line := await reader.readline():
             writer.write(line.rstrip(b"\n") + tag)
             await writer.drain()
+            lines += 1
+            if lines == STREAMING_LINES:
+                _ECHO_WATCH.add(key, writer.get_extra_info("socket"))
+    _ECHO_WATCH.discard(key)
     writer.close()
 
 
@@ -86,8 +173,10 @@ async def serve(bind: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
                for port in tcp_ports]
     for port in udp_ports:
         await loop.create_datagram_endpoint(_EchoUdp, local_addr=(bind, port))
+    watch = asyncio.create_task(_ECHO_WATCH.run())
     emit({"ready": True})
     await loop.run_in_executor(None, sys.stdin.read)
+    watch.cancel()
     for server in servers:
         server.close()
 
@@ -105,8 +194,12 @@ class Stream:
     oks: int = 0
     first_ok: float | None = None
     last_ok: float | None = None
-    #: Longest time between two successful round trips.
+    #: Longest time between two successful round trips, and the round trips around it.
     max_gap: float = 0.0
+    gap_start: float | None = None
+    gap_end: float | None = None
+    #: TCP only: ``[t, total_retrans, backoff, rto_ms]`` at each change of the count.
+    retrans: list[list[float]] = field(default_factory=list)
     #: ``[time, "ip:port"]`` whenever the address the server saw changed.
     mappings: list[tuple[float, str]] = field(default_factory=list)
     error: str | None = None
@@ -115,7 +208,9 @@ class Stream:
         """Record one successful round trip answered with ``mapping``."""
         now = time.monotonic()
         if self.last_ok is not None:
-            self.max_gap = max(self.max_gap, now - self.last_ok)
+            if now - self.last_ok > self.max_gap:
+                self.max_gap = now - self.last_ok
+                self.gap_start, self.gap_end = self.last_ok, now
         else:
             self.first_ok = now
         self.last_ok = now
@@ -128,7 +223,8 @@ class Stream:
         return {"kind": self.kind, "target": self.target, "local": self.local,
                 "sent": self.sent, "oks": self.oks, "first_ok": self.first_ok,
                 "last_ok": self.last_ok, "max_gap": self.max_gap,
-                "mappings": self.mappings, "error": self.error}
+                "gap_start": self.gap_start, "gap_end": self.gap_end,
+                "retrans": self.retrans, "mappings": self.mappings, "error": self.error}
 
 
 def _parse_reply(line: bytes, seq: int) -> str:
@@ -242,7 +338,9 @@ async def drive(streams: list[str], idles: list[str], interval: float) -> None:
     """Open the flows, keep the streams going and answer commands from stdin."""
     loop = asyncio.get_running_loop()
     records: list[Stream] = []
-    tasks: list[asyncio.Task[None]] = []
+    # Keyed by index: a Stream (a mutable dataclass) is not hashable.
+    watch = RetransWatch(lambda i, change: records[i].retrans.append(change))
+    tasks: list[asyncio.Task[None]] = [asyncio.create_task(watch.run())]
     for spec in streams:
         kind, host, port, count = _spec(spec, 4)
         for _ in range(int(count)):
@@ -251,6 +349,7 @@ async def drive(streams: list[str], idles: list[str], interval: float) -> None:
             if kind == "tcp":
                 reader, writer, stream.local, mapping = await _open_tcp(host, int(port))
                 stream.ok(mapping)
+                watch.add(len(records) - 1, writer.get_extra_info("socket"))
                 tasks.append(asyncio.create_task(
                     _run_tcp_stream(stream, reader, writer, interval)))
             elif kind == "udp":
@@ -340,6 +439,53 @@ def addrwatch() -> None:
             pos += (length + 3) & ~3
 
 
+RTMGRP_NEIGH = 0x4
+RTM_NEWNEIGH = 28
+RTM_DELNEIGH = 29
+NDA_DST = 1
+NDA_LLADDR = 2
+NDMSG = struct.Struct("=BBHiHBB")
+
+
+def _neighbour(msg: bytes) -> tuple[str | None, str | None]:
+    """NDA_DST (IPv4 only) and NDA_LLADDR of one RTM_NEWNEIGH/DELNEIGH payload."""
+    family = NDMSG.unpack_from(msg)[0]
+    dst = lladdr = None
+    pos = NDMSG.size
+    while pos + RTATTR.size <= len(msg):
+        length, kind = RTATTR.unpack_from(msg, pos)
+        if length < RTATTR.size:
+            break
+        value = msg[pos + RTATTR.size:pos + length]
+        if kind == NDA_DST and family == socket.AF_INET and len(value) == 4:
+            dst = socket.inet_ntoa(value)
+        elif kind == NDA_LLADDR:
+            lladdr = value.hex(":")
+        pos += (length + 3) & ~3
+    return dst, lladdr
+
+
+def neighwatch() -> None:
+    """Print every IPv4 neighbour entry change until killed."""
+    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
+    sock.bind((0, RTMGRP_NEIGH))
+    emit({"ready": True})
+    while True:
+        data = sock.recv(65536)
+        now = time.monotonic()
+        pos = 0
+        while pos + NLMSG_HDR.size <= len(data):
+            length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, pos)
+            if length < NLMSG_HDR.size:
+                break
+            if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+                dst, lladdr = _neighbour(data[pos + NLMSG_HDR.size:pos + length])
+                if dst is not None:
+                    emit({"t": now, "op": "add" if kind == RTM_NEWNEIGH else "del",
+                          "dst": dst, "lladdr": lladdr})
+            pos += (length + 3) & ~3
+
+
 def main() -> None:
     """Parse the mode and run it."""
     parser = argparse.ArgumentParser(description=__doc__,
@@ -354,12 +500,15 @@ def main() -> None:
     p_drive.add_argument("--idle", action="append", default=[])
     p_drive.add_argument("--interval", type=float, default=0.03)
     sub.add_parser("addrwatch")
+    sub.add_parser("neighwatch")
     args = parser.parse_args()
     raise_fd_limit()
     if args.mode == "serve":
         asyncio.run(serve(args.bind, args.tcp, args.udp))
     elif args.mode == "drive":
         asyncio.run(drive(args.stream, args.idle, args.interval))
+    elif args.mode == "neighwatch":
+        neighwatch()
     else:
         addrwatch()
 

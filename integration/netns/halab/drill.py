@@ -24,6 +24,15 @@ Events (``node`` is the firewall acted on):
 ``crash``        set ``node``'s inside and outside links down (it must be master).
 ``failback``     restore ``node`` (revive its daemon, links up, start keepalived); being
                  the preferred node it preempts and takes the VIPs back.
+
+What explains a stall (reported, never judged): per flow, the round trips around its
+longest gap and every retransmission of its two sockets (requester and echo side, from
+the agents' ``TCP_INFO`` polls); per phase, the endpoints' TCP counters over the event
+window (event to the end of ``hold``: ``tcpstats``), the firewalls' drop counters since
+the event, read at the takeover, ``drop_sample`` s later and at the end of ``hold``, when
+each endpoint's ARP
+entry for its VIP turned to the new master's MAC, and the new master's commits of the
+peer's entries (``Replication.commits``; cache mode). :mod:`stalls` puts them together.
 """
 
 from __future__ import annotations
@@ -32,9 +41,9 @@ import enum
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
-from integration.netns.halab import firewall
+from integration.netns.halab import firewall, tcpstats
 from integration.netns.halab.keepalived import Keepalived, Timing, Transition
 from integration.netns.halab.replication import Replication
 from integration.netns.halab.topology import LAN_IF, WAN_IF, Firewall, HaLab, ha_lab
@@ -42,8 +51,11 @@ from integration.netns.halab.traffic import (
     AddressWatch,
     Agent,
     Driver,
+    NeighbourWatch,
     ProbeResult,
+    Retrans,
     StreamRecord,
+    echo_retrans,
     start_servers,
 )
 
@@ -107,6 +119,8 @@ class DrillConfig:
     kill_grace: float = 1.0
     #: Allowed stall beyond the takeover time (the issue's target).
     stall_margin: float = 0.2
+    #: The firewalls' drop counters are also read this long after the takeover.
+    drop_sample: float = 0.5
 
     @property
     def alive_window(self) -> float:
@@ -129,6 +143,13 @@ class FlowOutcome:
     mapping_before: str | None
     mapping_after: str | None
     error: str | None
+    #: Seconds after the failover started of the round trips around the longest stall
+    #: (the end is None if the stall is the final silence).
+    gap: tuple[float, float | None] | None = None
+    #: TCP: changes of the retransmission count of the requesting socket and of the
+    #: echo server's socket, seconds after the failover started.
+    retrans: tuple[Retrans, ...] = ()
+    echo_retrans: tuple[Retrans, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -153,6 +174,18 @@ class PhaseResult:
     stall_margin: float
     #: Seconds the replication took, after ``settle``, to catch up before the event.
     catch_up: float = 0.0
+    #: The endpoints' TCP counter increases ("client", "server") from the event to the
+    #: end of the hold (see ``tcpstats.COUNTERS``).
+    tcp_stats: dict[str, dict[str, int]] = field(default_factory=dict)
+    #: Firewall counter increases since the event, read at several moments: (seconds
+    #: after the failover started, {firewall: {counter: increase}}).
+    drop_samples: tuple[tuple[float, dict[str, dict[str, int]]], ...] = ()
+    #: Seconds after the failover started when each endpoint's ARP entry for its VIP
+    #: first pointed at the new master (None: not seen before the end of the hold).
+    arp: dict[str, float | None] = field(default_factory=dict)
+    #: The new master's commits of the peer's entries after the failover started:
+    #: (seconds after that when it finished, seconds it took).
+    commits: tuple[tuple[float, float], ...] = ()
 
     def of_kind(self, prefix: str) -> list[FlowOutcome]:
         """Flows whose kind starts with ``prefix`` (``"tcp"``, ``"udp-snat"``, ...)."""
@@ -181,20 +214,34 @@ class PhaseResult:
 
 
 def flow_outcome(record: StreamRecord, *, t_event: float, t_up: float, t_report: float,
-                 alive_window: float) -> FlowOutcome:
+                 alive_window: float, echo: Sequence[Retrans] = (),
+                 origin: float | None = None) -> FlowOutcome:
     """Judge one flow: survived = no error, a reply after the takeover (``t_up``) and
-    one within ``alive_window`` before the report; stall includes the final silence."""
+    one within ``alive_window`` before the report; stall includes the final silence.
+    ``echo``: the echo server's retransmissions on this flow. Times in the outcome are
+    seconds after ``origin`` (default ``t_event``; the drill passes the moment the
+    failover started)."""
+    origin = t_event if origin is None else origin
     before = [m for t, m in record.mappings if t <= t_event]
     # Replies between the event and the takeover still came through the old master.
     replied_after = record.last_ok > t_up
     trailing = t_report - record.last_ok
+    gap: tuple[float, float | None] | None
+    if trailing > record.max_gap:
+        gap = (record.last_ok - origin, None)
+    elif record.gap_start is not None and record.gap_end is not None:
+        gap = (record.gap_start - origin, record.gap_end - origin)
+    else:
+        gap = None
     return FlowOutcome(
         kind=record.kind, local=record.local, target=record.target,
         survived=record.error is None and replied_after and trailing <= alive_window,
         stall=max(record.max_gap, trailing),
         mapping_before=before[-1] if before else None,
         mapping_after=record.mappings[-1][1] if replied_after else None,
-        error=record.error)
+        error=record.error, gap=gap,
+        retrans=tuple(r.shifted(origin) for r in record.retrans),
+        echo_retrans=tuple(r.shifted(origin) for r in echo))
 
 
 class Drill:
@@ -208,6 +255,11 @@ class Drill:
         self.timing = timing
         self.keepalived: dict[str, Keepalived] = {}
         self.watch: dict[str, AddressWatch] = {}
+        #: ARP entries of the endpoints ("client", "server"), and the VIP each one uses.
+        self.neighbours: dict[str, NeighbourWatch] = {}
+        self.endpoint_vip = {"client": ha.plan.inside_vip, "server": ha.plan.outside_vip}
+        #: Each firewall's MAC address on the client's and the server's side.
+        self.macs: dict[str, dict[str, str]] = {}
         self._servers: list[Agent] = []
         self._killed: set[str] = set()
         self._cut: set[str] = set()
@@ -227,6 +279,11 @@ class Drill:
             self.watch[fw.name] = AddressWatch(self.ha, fw.ns, fw.workdir / "addrwatch.log")
             self.keepalived[fw.name] = Keepalived(self.ha, fw, self.timing,
                                                   self.replication.keepalived(fw))
+        for fw in self.ha.firewalls:
+            self.macs[fw.name] = {"client": _mac(fw, LAN_IF), "server": _mac(fw, WAN_IF)}
+        for name, ns in (("client", self.ha.client), ("server", self.ha.server)):
+            self.neighbours[name] = NeighbourWatch(self.ha, ns,
+                                                   self.ha.workdir / f"{name}-neigh.log")
         self._servers = start_servers(self.ha)
         self.keepalived["a"].start()
         self._await_master("a", since=0.0)
@@ -239,6 +296,8 @@ class Drill:
             agent.stop()
         for watch in self.watch.values():
             watch.stop()
+        for neighbours in self.neighbours.values():
+            neighbours.stop()
 
     # --- state ---------------------------------------------------------------------------
 
@@ -301,6 +360,28 @@ class Drill:
         return "\n".join(parts)
 
     # --- events ----------------------------------------------------------------------------
+
+    def _endpoints_tcp(self) -> dict[str, dict[str, int]]:
+        return {"client": tcpstats.read(self.ha.client),
+                "server": tcpstats.read(self.ha.server)}
+
+    def _counters_since(self, before: dict[str, dict[str, int]], origin: float
+                        ) -> tuple[float, dict[str, dict[str, int]]]:
+        now = {f.name: firewall.counters(f) for f in self.ha.firewalls}
+        return (time.monotonic() - origin,
+                {name: {k: now[name][k] - before[name].get(k, 0) for k in now[name]}
+                 for name in now})
+
+    def _arp_moved(self, new_master: str, origin: float) -> dict[str, float | None]:
+        """When (after ``origin``) each endpoint's ARP entry for its VIP first named
+        ``new_master``'s MAC."""
+        found: dict[str, float | None] = {}
+        for name, watch in self.neighbours.items():
+            mac = self.macs[new_master][name]
+            found[name] = next((ev.t - origin for ev in watch.events()
+                                if ev.t >= origin and ev.dst == self.endpoint_vip[name]
+                                and ev.lladdr == mac and ev.op == "add"), None)
+        return found
 
     def _set_links(self, fw: Firewall, up: bool) -> None:
         for iface in (LAN_IF, WAN_IF):
@@ -376,21 +457,32 @@ class Drill:
             catch_up = self.replication.caught_up(cfg.takeover_timeout)
             before = {f.name: firewall.counters(f) for f in self.ha.firewalls}
             conntrack = {f.name: firewall.conntrack_count(f) for f in self.ha.firewalls}
+            tcp_before = self._endpoints_tcp()
+            echo_retrans(self._servers)  # forget the retransmissions of earlier phases
             wall_offset = time.time() - time.monotonic()
             t_event = time.monotonic()
             t_start, forced = self._fire(event, fw)
             t_up = self._await_master(new_master, since=t_start)
-            time.sleep(cfg.hold)
+            samples = [self._counters_since(before, t_start)]
+            time.sleep(max(0.0, t_up + cfg.drop_sample - time.monotonic()))
+            samples.append(self._counters_since(before, t_start))
+            time.sleep(max(0.0, t_up + cfg.hold - time.monotonic()))
+            tcp_after = self._endpoints_tcp()
+            samples.append(self._counters_since(before, t_start))
             if event.kind is EventKind.DAEMON_KILL and not forced:
                 self._await_demoted(fw.name, since_wall=t_start + wall_offset)
             for driver in drivers:
                 driver.start_probe(cfg.probe_timeout)
             idle = tuple(driver.probe_result(cfg.probe_timeout) for driver in drivers)
+            echo = echo_retrans(self._servers)
             flows = []
             for driver in drivers:
                 t_report, records = driver.report()
                 flows += [flow_outcome(r, t_event=t_event, t_up=t_up, t_report=t_report,
-                                       alive_window=cfg.alive_window) for r in records]
+                                       alive_window=cfg.alive_window,
+                                       echo=echo.get(r.mappings[-1][1], ()),
+                                       origin=t_start)
+                          for r in records]
         finally:
             for driver in drivers:
                 driver.stop()
@@ -399,6 +491,7 @@ class Drill:
         for ka in self.keepalived.values():
             transitions += ka.transitions()
         wall_event = t_event + wall_offset
+        wall_start = t_start + wall_offset
         return PhaseResult(
             event=event, new_master=new_master, forced=forced, takeover=t_up - t_start,
             flows=tuple(flows), idle=idle,
@@ -406,11 +499,22 @@ class Drill:
                                      for t in transitions if t.wall_time >= wall_event)),
             counters={name: {k: after[name][k] - before[name].get(k, 0) for k in after[name]}
                       for name in after},
-            conntrack=conntrack, stall_margin=cfg.stall_margin, catch_up=catch_up)
+            conntrack=conntrack, stall_margin=cfg.stall_margin, catch_up=catch_up,
+            tcp_stats={name: tcpstats.delta(tcp_before[name], tcp_after[name])
+                       for name in tcp_after},
+            drop_samples=tuple(samples), arp=self._arp_moved(new_master, t_start),
+            commits=tuple((t - wall_start, seconds) for t, seconds
+                          in self.replication.commits(self.ha.firewall(new_master))
+                          if t >= wall_start))
 
     def run(self, events: Sequence[Event] = DEFAULT_SCENARIO) -> list[PhaseResult]:
         """Run ``events`` in order."""
         return [self.phase(event) for event in events]
+
+
+def _mac(fw: Firewall, iface: str) -> str:
+    out = fw.ns.run(["cat", f"/sys/class/net/{iface}/address"]).stdout
+    return out.strip()
 
 
 @contextmanager

@@ -9,7 +9,8 @@ The drill calls, in this order:
 3. During the drill: :meth:`Replication.caught_up` before each event (after the
    phase's traffic settled), :meth:`Replication.kill` (the "daemon killed with SIGKILL" event,
    always on the current master) and :meth:`Replication.revive` (when that node is
-   restored for the fail-back, before its keepalived may preempt again).
+   restored for the fail-back, before its keepalived may preempt again); after each
+   event :meth:`Replication.commits` (when the new master's commit finished, if any).
 4. :meth:`Replication.stop` at the end (the lab kills whatever is left anyway).
 
 :meth:`Replication.diagnostics` supplies log excerpts for a failing drill's report.
@@ -61,6 +62,12 @@ class Replication(ABC):
     def diagnostics(self) -> dict[str, str]:
         """Named log excerpts worth showing when a drill fails."""
         return {}
+
+    def commits(self, fw: Firewall) -> list[tuple[float, float]]:
+        """The commits of the peer's entries into ``fw``'s kernel (a standby that keeps
+        them outside the kernel writes them when it becomes master), as (wall-clock time
+        it finished, seconds it took). By default none are known."""
+        return []
 
 
 class NoReplication(Replication):

@@ -41,6 +41,7 @@ notify`` (``docs/operations.md``, "Manual transitions and stuck roles").
 
 from __future__ import annotations
 
+import datetime
 import time
 from pathlib import Path
 
@@ -205,6 +206,14 @@ vrrp_script replicator_check {{
         for node in self.nodes.values():
             node.stop()
 
+    def commits(self, fw: Firewall) -> list[tuple[float, float]]:
+        """``fw``'s daemon's ``commit done`` log lines (the log line's time stamp has
+        millisecond resolution)."""
+        node = self.nodes.get(fw.name)
+        if node is None or not node.log.exists():
+            return []
+        return commit_lines(node.log.read_text(errors="replace"))
+
     def diagnostics(self) -> dict[str, str]:
         """The end of both daemons' logs."""
         found = {}
@@ -216,6 +225,19 @@ vrrp_script replicator_check {{
                 log = self._check_log(fw)
                 found[f"fw{fw.name} check.log"] = log.read_text() if log.exists() else ""
         return found
+
+
+def commit_lines(log: str) -> list[tuple[float, float]]:
+    """Every ``commit done`` line of a daemon's key=value log as (wall-clock time of the
+    line, its ``seconds`` field)."""
+    found = []
+    for line in log.splitlines():
+        if 'msg="commit done"' not in line:
+            continue
+        values = dict(part.split("=", 1) for part in line.split() if "=" in part)
+        when = datetime.datetime.fromisoformat(values["ts"]).timestamp()
+        found.append((when, float(values["seconds"])))
+    return found
 
 
 def check_script(command: str, log: Path) -> str:

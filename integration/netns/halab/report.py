@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from integration.netns.halab import stalls
 from integration.netns.halab.drill import EventKind, FlowOutcome, PhaseResult
+from integration.netns.halab.tcpstats import COUNTERS as TCP_COUNTERS
 
 KINDS = ("tcp-snat", "udp-snat", "tcp-dnat")
 
@@ -66,6 +68,7 @@ def format_phase(index: int, result: PhaseResult, verbose: bool = False) -> str:
     lines.append("    dropped as invalid: " + ", ".join(
         f"fw{name} {c.get('invalid_forward', 0)} forwarded + {c.get('invalid_input', 0)} to VIP"
         for name, c in sorted(result.counters.items())))
+    lines += _why_lines(result)
     if verbose:
         for flow in result.flows:
             state = "survived" if flow.survived else "BROKEN"
@@ -75,17 +78,78 @@ def format_phase(index: int, result: PhaseResult, verbose: bool = False) -> str:
     return "\n".join(lines)
 
 
+def _drops(counters: dict[str, int]) -> str:
+    invalid = counters.get("invalid_forward", 0) + counters.get("invalid_input", 0)
+    return f"{invalid}/{counters.get('refused_forward', 0)}"
+
+
+def _when(seconds: float | None) -> str:
+    return "not seen" if seconds is None else f"{seconds * 1000:+.0f} ms"
+
+
+def _why_lines(result: PhaseResult) -> list[str]:
+    """What explains the stalls: endpoints' TCP counters, drops and ARP over time, the
+    commit, and the worst TCP flow's timeline (times after the failover started)."""
+    short = {name: name.removeprefix("TcpExt").removeprefix("Tcp") for name in TCP_COUNTERS}
+    lines = ["    endpoint TCP counters over the event window: " + "; ".join(
+        f"{ns} " + ", ".join(f"{short[k]} {v}" for k, v in stats.items())
+        for ns, stats in sorted(result.tcp_stats.items()))]
+    lines.append("    dropped since the event, invalid/refused: " + ", ".join(
+        f"by {t * 1000:+.0f} ms " + " ".join(f"fw{name} {_drops(c)}"
+                                             for name, c in sorted(by_fw.items()))
+        for t, by_fw in result.drop_samples))
+    path = (f"    path: VIPs up on fw{result.new_master} {_when(result.takeover)}; ARP entry "
+            "for the VIP turned to it: " + ", ".join(
+                f"{ns} {_when(t)}" for ns, t in sorted(result.arp.items())))
+    if result.commits:
+        path += "; commit done " + ", ".join(
+            f"{_when(t)} (took {seconds * 1000:.0f} ms)" for t, seconds in result.commits)
+    lines.append(path)
+    # The worst TCP flow, and the worst flow of all if that is not a TCP one.
+    explained = [stalls.worst(result, "tcp")]
+    if not result.flows or not max(result.flows, key=lambda f: f.stall).kind.startswith("tcp"):
+        explained.append(stalls.worst(result, ""))
+    for stall in explained:
+        if stall is not None:
+            first, *rest = stalls.describe(stall)
+            lines.append("    worst: " + first)
+            lines += ["    " + line for line in rest]
+    return lines
+
+
 def format_report(title: str, results: Sequence[PhaseResult], verbose: bool = False) -> str:
     """A whole drill: a title line, then every phase."""
     body = "\n".join(format_phase(i, r, verbose) for i, r in enumerate(results, 1))
     return f"== failover drill: {title}\n{body}"
 
 
+def _through(stall: stalls.Stall | None) -> tuple[str, str, str]:
+    """The worst TCP flow's resume after the path came back, the retransmission that
+    got through and how long the path had been back when it was sent."""
+    if stall is None or stall.resumed is None:
+        return "-", "-", "-"
+    after = _ms(stall.resumed - stall.path_back)
+    if stall.through is None:
+        return after, "none", "-"
+    side, n, _ = stall.through
+    waited = "-" if stall.waited is None else _ms(stall.waited)
+    return after, f"{side} #{n}", waited
+
+
 def stall_summary(results: Sequence[PhaseResult]) -> str:
-    """One line per phase: the VRRP takeover, the longest stall and their difference."""
-    lines = [f"    {'event':<16} {'takeover':>9} {'max stall':>10} {'stall - takeover':>17}"]
+    """One line per phase: the VRRP takeover, the longest stall and their difference,
+    then for the worst TCP flow: when the path came back, how long after that it
+    resumed, the retransmission that got through (its backoff) and how long after the
+    path came back that retransmission was sent."""
+    lines = [f"    {'event':<16} {'takeover':>9} {'max stall':>10} {'stall - takeover':>17}"
+             f" {'path back':>10} {'resumed after':>14} {'got through':>13}"
+             f" {'sent after':>11}"]
     for result in results:
+        stall = stalls.worst(result)
+        after, through, waited = _through(stall)
+        back = "-" if stall is None else _ms(stall.path_back)
         lines.append(f"    {result.event!s:<16} {_ms(result.takeover):>9} "
                      f"{_ms(result.max_stall):>10} "
-                     f"{_ms(result.max_stall - result.takeover):>17}")
+                     f"{_ms(result.max_stall - result.takeover):>17} {back:>10} "
+                     f"{after:>14} {through:>13} {waited:>11}")
     return "\n".join(lines)

@@ -7,14 +7,18 @@ import queue
 import subprocess
 import sys
 import threading
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, Generic, TypeVar
 
 from integration.netns.halab.topology import HaLab
 from integration.netns.lab import Netns
 
 AGENT = Path(__file__).with_name("agent.py")
+
+E = TypeVar("E")
 
 
 class AgentError(RuntimeError):
@@ -81,6 +85,27 @@ class Agent:
 
 
 @dataclass(frozen=True)
+class Retrans:
+    """A TCP socket's retransmission count changed (seen by the agent's TCP_INFO poll)."""
+
+    t: float
+    #: tcpi_total_retrans, tcpi_backoff and tcpi_rto after the change.
+    total: int
+    backoff: int
+    rto_ms: int
+
+    @classmethod
+    def from_json(cls, obj: Sequence[float]) -> Retrans:
+        """From the agent's ``[t, total, backoff, rto_ms]``."""
+        t, total, backoff, rto_ms = obj
+        return cls(float(t), int(total), int(backoff), int(rto_ms))
+
+    def shifted(self, origin: float) -> Retrans:
+        """The same change with its time relative to ``origin``."""
+        return Retrans(self.t - origin, self.total, self.backoff, self.rto_ms)
+
+
+@dataclass(frozen=True)
 class StreamRecord:
     """What a driver agent recorded for one streaming flow."""
 
@@ -94,13 +119,20 @@ class StreamRecord:
     max_gap: float
     mappings: tuple[tuple[float, str], ...]
     error: str | None
+    #: The successful round trips before and after the longest gap (None: no gap yet).
+    gap_start: float | None = None
+    gap_end: float | None = None
+    #: TCP only: each change of the requesting socket's retransmission count.
+    retrans: tuple[Retrans, ...] = ()
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], direction: str) -> StreamRecord:
         """Build from the agent's report; ``direction`` qualifies ``kind`` (e.g. ``snat``)."""
         return cls(f"{obj['kind']}-{direction}", obj["target"], obj["local"], obj["sent"],
                    obj["oks"], float(obj["last_ok"]), obj["max_gap"],
-                   tuple((float(t), str(m)) for t, m in obj["mappings"]), obj["error"])
+                   tuple((float(t), str(m)) for t, m in obj["mappings"]), obj["error"],
+                   obj["gap_start"], obj["gap_end"],
+                   tuple(Retrans.from_json(r) for r in obj["retrans"]))
 
 
 @dataclass(frozen=True)
@@ -160,7 +192,11 @@ class Driver:
 
 
 def start_servers(ha: HaLab) -> list[Agent]:
-    """Echo servers: on the server (SNAT target) and on the client (DNAT target)."""
+    """Echo servers: on the server (SNAT target) and on the client (DNAT target).
+
+    Each reports its streaming connections' retransmissions as they happen: collect
+    them with :func:`echo_retrans`.
+    """
     plan = ha.plan
     agents = [
         Agent(ha, ha.server, ["serve", "--bind", plan.server,
@@ -177,6 +213,27 @@ def start_servers(ha: HaLab) -> list[Agent]:
     return agents
 
 
+def echo_retrans(servers: Sequence[Agent]) -> dict[str, list[Retrans]]:
+    """The retransmissions the echo servers reported since the last call, by the peer
+    address each connection saw (a flow's NAT mapping)."""
+    found: dict[str, list[Retrans]] = {}
+    for agent in servers:
+        while True:
+            try:
+                line = agent.lines.get_nowait()
+            except queue.Empty:
+                break
+            if line is None:
+                # The server died: put the end mark back for read() to report it.
+                agent.lines.put(None)
+                break
+            if "retrans" in line:
+                r = line["retrans"]
+                found.setdefault(r["peer"], []).append(
+                    Retrans(float(r["t"]), r["total"], r["backoff"], r["rto_ms"]))
+    return found
+
+
 @dataclass(frozen=True)
 class AddressEvent:
     """An IPv4 address added to or removed from a firewall (monotonic time)."""
@@ -186,23 +243,37 @@ class AddressEvent:
     addr: str
 
 
-class AddressWatch:
-    """Collects a namespace's IPv4 address changes (to time VIP moves precisely)."""
+@dataclass(frozen=True)
+class NeighbourEvent:
+    """A neighbour (ARP) entry of an endpoint changed (monotonic time)."""
 
-    def __init__(self, ha: HaLab, ns: Netns, log: Path) -> None:
-        self.agent = Agent(ha, ns, ["addrwatch"], log)
+    t: float
+    op: str
+    dst: str
+    lladdr: str | None
+
+
+class _Watch(ABC, Generic[E]):
+    """Collects the events an ``addrwatch``/``neighwatch`` agent prints."""
+
+    def __init__(self, ha: HaLab, ns: Netns, mode: str, log: Path) -> None:
+        self.agent = Agent(ha, ns, [mode], log)
         if "ready" not in self.agent.read(timeout=30):
-            raise AgentError("address watch did not start")
-        self._events: list[AddressEvent] = []
+            raise AgentError(f"{mode} did not start")
+        self._events: list[E] = []
         self._lock = threading.Lock()
         threading.Thread(target=self._collect, daemon=True).start()
+
+    @abstractmethod
+    def _parse(self, line: dict[str, Any]) -> E:
+        """One event from one of the agent's lines."""
 
     def _collect(self) -> None:
         while (line := self.agent.lines.get()) is not None:
             with self._lock:
-                self._events.append(AddressEvent(line["t"], line["op"], line["addr"]))
+                self._events.append(self._parse(line))
 
-    def events(self) -> list[AddressEvent]:
+    def events(self) -> list[E]:
         """Every change seen so far, oldest first."""
         with self._lock:
             return list(self._events)
@@ -210,3 +281,23 @@ class AddressWatch:
     def stop(self) -> None:
         """End the watch."""
         self.agent.stop(grace=0)
+
+
+class AddressWatch(_Watch[AddressEvent]):
+    """Collects a namespace's IPv4 address changes (to time VIP moves precisely)."""
+
+    def __init__(self, ha: HaLab, ns: Netns, log: Path) -> None:
+        super().__init__(ha, ns, "addrwatch", log)
+
+    def _parse(self, line: dict[str, Any]) -> AddressEvent:
+        return AddressEvent(line["t"], line["op"], line["addr"])
+
+
+class NeighbourWatch(_Watch[NeighbourEvent]):
+    """Collects an endpoint's ARP entry changes (to time when it follows a moved VIP)."""
+
+    def __init__(self, ha: HaLab, ns: Netns, log: Path) -> None:
+        super().__init__(ha, ns, "neighwatch", log)
+
+    def _parse(self, line: dict[str, Any]) -> NeighbourEvent:
+        return NeighbourEvent(line["t"], line["op"], line["dst"], line["lladdr"])
