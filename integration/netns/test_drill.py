@@ -107,16 +107,24 @@ def test_a_final_silence_is_a_gap_that_never_ended() -> None:
 
 
 def _phase(retrans: tuple[Retrans, ...], echo: tuple[Retrans, ...], resumed: float | None,
-           commits: tuple[tuple[float, float], ...] = ()) -> PhaseResult:
+           commits: tuple[tuple[float, float, int], ...] = (),
+           probe_gap: float = 0.0) -> PhaseResult:
+    """One flow with a gap from +0.01 to ``resumed``, and optionally, once the idle
+    connections were probed at +4, a gap of ``probe_gap``."""
+    gaps: tuple[tuple[float, float], ...] = () if resumed is None else ((0.01, resumed),)
+    if probe_gap:
+        gaps += ((4.1, 4.1 + probe_gap),)
+    longest = max(gaps, key=lambda g: g[1] - g[0], default=(0.01, 0.01))
+    last_ok = 4.5 if probe_gap else resumed if resumed is not None else 0.01
     record = StreamRecord("tcp-snat", "10.0.0.9:7", "10.0.0.2:5", sent=100, oks=90,
-                          last_ok=resumed if resumed is not None else 0.01,
-                          max_gap=(resumed or 0.01) - 0.01, mappings=((-1.0, "10.0.0.1:5"),),
-                          error=None, gap_start=0.01, gap_end=resumed, retrans=retrans)
-    flow = flow_outcome(record, t_event=0.0, t_up=0.3, t_report=resumed or 0.02,
+                          last_ok=last_ok, max_gap=longest[1] - longest[0],
+                          mappings=((-1.0, "10.0.0.1:5"),), error=None,
+                          gap_start=longest[0], gap_end=longest[1], retrans=retrans, gaps=gaps)
+    flow = flow_outcome(record, t_event=0.0, t_up=0.3, t_report=last_ok + 0.01,
                         alive_window=0.5, echo=echo)
     return PhaseResult(event=Event(EventKind.PLANNED), new_master="b", forced=False,
                        takeover=0.3, flows=(flow,), idle=(), transitions=(), counters={},
-                       conntrack={}, stall_margin=0.2, commits=commits)
+                       conntrack={}, stall_margin=0.2, commits=commits, probe_at=4.0)
 
 
 def _explained(result: PhaseResult) -> stalls.Stall:
@@ -140,12 +148,26 @@ def test_a_flow_resumes_with_the_first_retransmission_after_the_path_is_back() -
 
 def test_the_path_is_back_only_once_the_commit_finished() -> None:
     result = _phase((Retrans(0.45, 1, 1, 408),), (Retrans(0.9, 1, 1, 408),), resumed=0.91,
-                    commits=((0.6, 0.25),))
+                    commits=((0.6, 0.25, 2200),))
     stall = _explained(result)
     assert stall.path_back == 0.6
     assert stall.through is not None and stall.through[:2] == ("echo", 1)
     # The requester's retransmission came before the commit: it was lost.
     assert [r.t for r in stall.requester] == [0.45]
+
+
+def test_a_commit_that_applied_nothing_does_not_hold_the_path_back() -> None:
+    # Hot mode: the entries were in the kernel already.
+    assert _explained(_phase((), (), resumed=0.35, commits=((0.6, 0.02, 0),))).path_back == 0.3
+
+
+def test_a_longer_gap_during_the_idle_probe_is_not_the_failovers() -> None:
+    result = _phase((), (), resumed=0.15, probe_gap=0.25)
+    assert round(_explained(result).length, 3) == 0.14
+    overall = stalls.worst(result, failover=False)
+    assert overall is not None and round(overall.lost, 3) == 4.1
+    report = format_report("t", [result])
+    assert "longest stall overall 250 ms" in report and "during the idle probe" in report
 
 
 def test_a_resume_without_retransmission_and_a_flow_that_never_resumed() -> None:
@@ -177,7 +199,7 @@ def test_commit_times_come_from_the_daemon_log() -> None:
     log = ('ts=2026-11-26T09:32:56.038+00:00 level=info logger=replicator.daemon '
            'msg="commit done" applied=12 failed=0 seconds=0.25\n'
            'ts=2026-11-26T09:32:57.000+00:00 level=info logger=x msg="other" seconds=1\n')
-    assert commit_lines(log) == [(1795685576.038, 0.25)]
+    assert commit_lines(log) == [(1795685576.038, 0.25, 12)]
 
 
 # --- drills -------------------------------------------------------------------------------

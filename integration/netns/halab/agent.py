@@ -54,6 +54,8 @@ UDP_REPLY_TIMEOUT = 0.2
 OPEN_TIMEOUT = 5.0
 #: How many idle connections are opened at once.
 OPEN_BATCH = 200
+#: A stream records every gap between two round trips longer than this (seconds).
+GAP_RECORD = 0.1
 #: Seconds between two TCP_INFO polls of the streaming sockets.
 RETRANS_POLL = 0.01
 #: An echo-server connection that echoed this many lines is a stream (idle ones echo
@@ -198,6 +200,8 @@ class Stream:
     max_gap: float = 0.0
     gap_start: float | None = None
     gap_end: float | None = None
+    #: Every gap longer than GAP_RECORD, as ``[last round trip, next round trip]``.
+    gaps: list[tuple[float, float]] = field(default_factory=list)
     #: TCP only: ``[t, total_retrans, backoff, rto_ms]`` at each change of the count.
     retrans: list[list[float]] = field(default_factory=list)
     #: ``[time, "ip:port"]`` whenever the address the server saw changed.
@@ -208,6 +212,8 @@ class Stream:
         """Record one successful round trip answered with ``mapping``."""
         now = time.monotonic()
         if self.last_ok is not None:
+            if now - self.last_ok > GAP_RECORD:
+                self.gaps.append((self.last_ok, now))
             if now - self.last_ok > self.max_gap:
                 self.max_gap = now - self.last_ok
                 self.gap_start, self.gap_end = self.last_ok, now
@@ -223,7 +229,7 @@ class Stream:
         return {"kind": self.kind, "target": self.target, "local": self.local,
                 "sent": self.sent, "oks": self.oks, "first_ok": self.first_ok,
                 "last_ok": self.last_ok, "max_gap": self.max_gap,
-                "gap_start": self.gap_start, "gap_end": self.gap_end,
+                "gap_start": self.gap_start, "gap_end": self.gap_end, "gaps": self.gaps,
                 "retrans": self.retrans, "mappings": self.mappings, "error": self.error}
 
 

@@ -150,6 +150,8 @@ class FlowOutcome:
     #: echo server's socket, seconds after the failover started.
     retrans: tuple[Retrans, ...] = ()
     echo_retrans: tuple[Retrans, ...] = ()
+    #: Every gap longer than 0.1 s (the final silence not included), same times.
+    gaps: tuple[tuple[float, float], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -184,8 +186,12 @@ class PhaseResult:
     #: first pointed at the new master (None: not seen before the end of the hold).
     arp: dict[str, float | None] = field(default_factory=dict)
     #: The new master's commits of the peer's entries after the failover started:
-    #: (seconds after that when it finished, seconds it took).
-    commits: tuple[tuple[float, float], ...] = ()
+    #: (seconds after that when it finished, seconds it took, entries applied).
+    commits: tuple[tuple[float, float, int], ...] = ()
+    #: Seconds after the failover started when the idle connections were probed (their
+    #: thousands of round trips at once load the shared host: gaps from then on are not
+    #: the failover's).
+    probe_at: float | None = None
 
     def of_kind(self, prefix: str) -> list[FlowOutcome]:
         """Flows whose kind starts with ``prefix`` (``"tcp"``, ``"udp-snat"``, ...)."""
@@ -241,7 +247,8 @@ def flow_outcome(record: StreamRecord, *, t_event: float, t_up: float, t_report:
         mapping_after=record.mappings[-1][1] if replied_after else None,
         error=record.error, gap=gap,
         retrans=tuple(r.shifted(origin) for r in record.retrans),
-        echo_retrans=tuple(r.shifted(origin) for r in echo))
+        echo_retrans=tuple(r.shifted(origin) for r in echo),
+        gaps=tuple((a - origin, b - origin) for a, b in record.gaps))
 
 
 class Drill:
@@ -471,6 +478,7 @@ class Drill:
             samples.append(self._counters_since(before, t_start))
             if event.kind is EventKind.DAEMON_KILL and not forced:
                 self._await_demoted(fw.name, since_wall=t_start + wall_offset)
+            t_probe = time.monotonic()
             for driver in drivers:
                 driver.start_probe(cfg.probe_timeout)
             idle = tuple(driver.probe_result(cfg.probe_timeout) for driver in drivers)
@@ -503,9 +511,10 @@ class Drill:
             tcp_stats={name: tcpstats.delta(tcp_before[name], tcp_after[name])
                        for name in tcp_after},
             drop_samples=tuple(samples), arp=self._arp_moved(new_master, t_start),
-            commits=tuple((t - wall_start, seconds) for t, seconds
+            commits=tuple((t - wall_start, seconds, applied) for t, seconds, applied
                           in self.replication.commits(self.ha.firewall(new_master))
-                          if t >= wall_start))
+                          if t >= wall_start),
+            probe_at=t_probe - t_start)
 
     def run(self, events: Sequence[Event] = DEFAULT_SCENARIO) -> list[PhaseResult]:
         """Run ``events`` in order."""

@@ -63,10 +63,10 @@ class Replication(ABC):
         """Named log excerpts worth showing when a drill fails."""
         return {}
 
-    def commits(self, fw: Firewall) -> list[tuple[float, float]]:
+    def commits(self, fw: Firewall) -> list[tuple[float, float, int]]:
         """The commits of the peer's entries into ``fw``'s kernel (a standby that keeps
         them outside the kernel writes them when it becomes master), as (wall-clock time
-        it finished, seconds it took). By default none are known."""
+        it finished, seconds it took, entries applied). By default none are known."""
         return []
 
 

@@ -206,7 +206,7 @@ vrrp_script replicator_check {{
         for node in self.nodes.values():
             node.stop()
 
-    def commits(self, fw: Firewall) -> list[tuple[float, float]]:
+    def commits(self, fw: Firewall) -> list[tuple[float, float, int]]:
         """``fw``'s daemon's ``commit done`` log lines (the log line's time stamp has
         millisecond resolution)."""
         node = self.nodes.get(fw.name)
@@ -227,16 +227,16 @@ vrrp_script replicator_check {{
         return found
 
 
-def commit_lines(log: str) -> list[tuple[float, float]]:
+def commit_lines(log: str) -> list[tuple[float, float, int]]:
     """Every ``commit done`` line of a daemon's key=value log as (wall-clock time of the
-    line, its ``seconds`` field)."""
+    line, its ``seconds`` and ``applied`` fields)."""
     found = []
     for line in log.splitlines():
         if 'msg="commit done"' not in line:
             continue
         values = dict(part.split("=", 1) for part in line.split() if "=" in part)
         when = datetime.datetime.fromisoformat(values["ts"]).timestamp()
-        found.append((when, float(values["seconds"])))
+        found.append((when, float(values["seconds"]), int(values["applied"])))
     return found
 
 

@@ -103,18 +103,32 @@ def _why_lines(result: PhaseResult) -> list[str]:
                 f"{ns} {_when(t)}" for ns, t in sorted(result.arp.items())))
     if result.commits:
         path += "; commit done " + ", ".join(
-            f"{_when(t)} (took {seconds * 1000:.0f} ms)" for t, seconds in result.commits)
+            f"{_when(t)} (applied {applied}, took {seconds * 1000:.0f} ms)"
+            for t, seconds, applied in result.commits)
+    if result.probe_at is not None:
+        path += f"; idle connections probed {_when(result.probe_at)}"
     lines.append(path)
-    # The worst TCP flow, and the worst flow of all if that is not a TCP one.
-    explained = [stalls.worst(result, "tcp")]
-    if not result.flows or not max(result.flows, key=lambda f: f.stall).kind.startswith("tcp"):
-        explained.append(stalls.worst(result, ""))
-    for stall in explained:
+    # Around the failover (gaps that began before the idle probe): the worst TCP flow,
+    # and the worst flow of all if that is not a TCP one.
+    tcp, every = stalls.worst(result, "tcp"), stalls.worst(result, "")
+    for stall in (tcp, every if every is not None and every.flow is not _flow(tcp)
+                  else None):
         if stall is not None:
             first, *rest = stalls.describe(stall)
-            lines.append("    worst: " + first)
+            lines.append("    worst around the failover: " + first)
             lines += ["    " + line for line in rest]
+    overall = stalls.worst(result, "", failover=False)
+    if every is not None and overall is not None and overall.length > every.length:
+        lines.append(f"    longest stall overall {overall.length * 1000:.0f} ms "
+                     f"({overall.flow.kind} {overall.flow.local}, last reply "
+                     f"{_when(overall.lost)}"
+                     + (", during the idle probe)" if result.probe_at is not None
+                        and overall.lost >= result.probe_at else ")"))
     return lines
+
+
+def _flow(stall: stalls.Stall | None) -> FlowOutcome | None:
+    return None if stall is None else stall.flow
 
 
 def format_report(title: str, results: Sequence[PhaseResult], verbose: bool = False) -> str:
@@ -138,18 +152,21 @@ def _through(stall: stalls.Stall | None) -> tuple[str, str, str]:
 
 def stall_summary(results: Sequence[PhaseResult]) -> str:
     """One line per phase: the VRRP takeover, the longest stall and their difference,
-    then for the worst TCP flow: when the path came back, how long after that it
-    resumed, the retransmission that got through (its backoff) and how long after the
+    the longest stall of any flow that began before the idle probe (the failover's),
+    then for the worst TCP flow around the failover: when the path came back, how long
+    after that it resumed, the retransmission that got through and how long after the
     path came back that retransmission was sent."""
     lines = [f"    {'event':<16} {'takeover':>9} {'max stall':>10} {'stall - takeover':>17}"
-             f" {'path back':>10} {'resumed after':>14} {'got through':>13}"
-             f" {'sent after':>11}"]
+             f" {'failover stall':>15} {'path back':>10} {'resumed after':>14}"
+             f" {'got through':>13} {'sent after':>11}"]
     for result in results:
         stall = stalls.worst(result)
+        every = stalls.worst(result, "")
         after, through, waited = _through(stall)
         back = "-" if stall is None else _ms(stall.path_back)
+        near = "-" if every is None else _ms(every.length)
         lines.append(f"    {result.event!s:<16} {_ms(result.takeover):>9} "
                      f"{_ms(result.max_stall):>10} "
-                     f"{_ms(result.max_stall - result.takeover):>17} {back:>10} "
+                     f"{_ms(result.max_stall - result.takeover):>17} {near:>15} {back:>10} "
                      f"{after:>14} {through:>13} {waited:>11}")
     return "\n".join(lines)

@@ -20,9 +20,27 @@ from integration.netns.halab.traffic import Retrans
 
 def path_back(result: PhaseResult) -> float:
     """When the path through the new master was back: VIPs up, and its first commit
-    after the event finished (if any)."""
-    commits = [t for t, _ in result.commits]
+    after the event that applied entries finished (if any; in hot mode the entries are
+    in the kernel already and the commit applies none)."""
+    commits = [t for t, _, applied in result.commits if applied > 0]
     return max(result.takeover, min(commits, default=0.0))
+
+
+def failover_gap(flow: FlowOutcome, result: PhaseResult) -> tuple[float, float | None] | None:
+    """The flow's longest gap (over 0.1 s) that began before the idle probe, i.e. the
+    one the failover can have caused (None: no such gap)."""
+    gaps: list[tuple[float, float | None]] = list(flow.gaps)
+    if flow.gap is not None and flow.gap[1] is None:
+        gaps.append(flow.gap)
+    if result.probe_at is not None:
+        probe_at = result.probe_at
+        gaps = [g for g in gaps if g[0] < probe_at]
+    return max(gaps, key=lambda g: _length(g, flow), default=None)
+
+
+def _length(gap: tuple[float, float | None], flow: FlowOutcome) -> float:
+    # A final silence lasted until the report: the flow's stall.
+    return (gap[1] - gap[0]) if gap[1] is not None else flow.stall
 
 
 @dataclass(frozen=True)
@@ -30,6 +48,8 @@ class Stall:
     """One flow's longest gap, explained."""
 
     flow: FlowOutcome
+    #: The gap's length.
+    length: float
     #: Last round trip before the gap, first one after it (None: never resumed).
     lost: float
     resumed: float | None
@@ -60,27 +80,32 @@ def _in_gap(retrans: tuple[Retrans, ...], start: float, end: float | None) -> tu
     return tuple(r for r in retrans if r.t > start and (end is None or r.t <= end + POLL_SLACK))
 
 
-def explain(flow: FlowOutcome, result: PhaseResult) -> Stall | None:
-    """``flow``'s longest gap against the path's return (None: the flow had no gap)."""
-    if flow.gap is None:
+def explain(flow: FlowOutcome, result: PhaseResult,
+            gap: tuple[float, float | None] | None) -> Stall | None:
+    """``flow``'s ``gap`` against the path's return (None: no gap)."""
+    if gap is None:
         return None
-    lost, resumed = flow.gap
+    lost, resumed = gap
     requester = _in_gap(flow.retrans, lost, resumed)
     echo = _in_gap(flow.echo_retrans, lost, resumed)
     candidates = [("requester", i, r) for i, r in enumerate(requester, 1)]
     candidates += [("echo", i, r) for i, r in enumerate(echo, 1)]
     through = max(candidates, key=lambda c: c[2].t) if candidates and resumed is not None \
         else None
-    return Stall(flow, lost, resumed, path_back(result), requester, echo, through)
+    return Stall(flow, _length(gap, flow), lost, resumed, path_back(result), requester,
+                 echo, through)
 
 
-def worst(result: PhaseResult, prefix: str = "tcp") -> Stall | None:
+def worst(result: PhaseResult, prefix: str = "tcp", *, failover: bool = True) -> Stall | None:
     """The explained stall of the phase's worst-stalled flow of kind ``prefix`` (``""``:
-    of any kind)."""
-    flows = result.of_kind(prefix)
-    if not flows:
-        return None
-    return explain(max(flows, key=lambda f: f.stall), result)
+    of any kind): with ``failover``, of the gaps that began before the idle probe, else
+    of the whole phase (the flow's ``stall``)."""
+    stalls = []
+    for flow in result.of_kind(prefix):
+        stall = explain(flow, result, failover_gap(flow, result) if failover else flow.gap)
+        if stall is not None:
+            stalls.append(stall)
+    return max(stalls, key=lambda s: s.length, default=None)
 
 
 def _ms(seconds: float) -> str:
@@ -102,7 +127,7 @@ def _retrans(side: str, retrans: tuple[Retrans, ...]) -> str:
 def describe(stall: Stall) -> list[str]:
     """Lines saying when the flow lost its path, what retransmitted, and when it resumed."""
     flow = stall.flow
-    lines = [f"{flow.kind} {flow.local}: stall {flow.stall * 1000:.0f} ms, last reply "
+    lines = [f"{flow.kind} {flow.local}: stall {stall.length * 1000:.0f} ms, last reply "
              f"{_ms(stall.lost)} ms, path back {_ms(stall.path_back)} ms",
              "  retransmitted (ms): " + "; ".join((_retrans("requester", stall.requester),
                                                    _retrans("echo side", stall.echo)))]

@@ -124,6 +124,8 @@ class StreamRecord:
     gap_end: float | None = None
     #: TCP only: each change of the requesting socket's retransmission count.
     retrans: tuple[Retrans, ...] = ()
+    #: Every gap between round trips longer than the agent's ``GAP_RECORD`` (0.1 s).
+    gaps: tuple[tuple[float, float], ...] = ()
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], direction: str) -> StreamRecord:
@@ -132,7 +134,8 @@ class StreamRecord:
                    obj["oks"], float(obj["last_ok"]), obj["max_gap"],
                    tuple((float(t), str(m)) for t, m in obj["mappings"]), obj["error"],
                    obj["gap_start"], obj["gap_end"],
-                   tuple(Retrans.from_json(r) for r in obj["retrans"]))
+                   tuple(Retrans.from_json(r) for r in obj["retrans"]),
+                   tuple((float(a), float(b)) for a, b in obj["gaps"]))
 
 
 @dataclass(frozen=True)
