@@ -170,6 +170,12 @@ def test_a_longer_gap_during_the_idle_probe_is_not_the_failovers() -> None:
     assert "longest stall overall 250 ms" in report and "during the idle probe" in report
 
 
+def test_a_gap_long_after_the_path_came_back_is_not_the_failovers() -> None:
+    result = _phase((), (), resumed=None, probe_gap=0.25)
+    assert stalls.worst(result) is None
+    assert "no flow went 100 ms without a round trip" in format_report("t", [result])
+
+
 def test_a_resume_without_retransmission_and_a_flow_that_never_resumed() -> None:
     stall = _explained(_phase((), (), resumed=0.35))
     assert stall.through is None and stall.waited is None

@@ -111,6 +111,8 @@ def _why_lines(result: PhaseResult) -> list[str]:
     # Around the failover (gaps that began before the idle probe): the worst TCP flow,
     # and the worst flow of all if that is not a TCP one.
     tcp, every = stalls.worst(result, "tcp"), stalls.worst(result, "")
+    if every is None:
+        lines.append("    around the failover: no flow went 100 ms without a round trip")
     for stall in (tcp, every if every is not None and every.flow is not _flow(tcp)
                   else None):
         if stall is not None:
@@ -118,7 +120,7 @@ def _why_lines(result: PhaseResult) -> list[str]:
             lines.append("    worst around the failover: " + first)
             lines += ["    " + line for line in rest]
     overall = stalls.worst(result, "", failover=False)
-    if every is not None and overall is not None and overall.length > every.length:
+    if overall is not None and (every is None or overall.length > every.length):
         lines.append(f"    longest stall overall {overall.length * 1000:.0f} ms "
                      f"({overall.flow.kind} {overall.flow.local}, last reply "
                      f"{_when(overall.lost)}"
@@ -164,7 +166,7 @@ def stall_summary(results: Sequence[PhaseResult]) -> str:
         every = stalls.worst(result, "")
         after, through, waited = _through(stall)
         back = "-" if stall is None else _ms(stall.path_back)
-        near = "-" if every is None else _ms(every.length)
+        near = "< 100 ms" if every is None else _ms(every.length)
         lines.append(f"    {result.event!s:<16} {_ms(result.takeover):>9} "
                      f"{_ms(result.max_stall):>10} "
                      f"{_ms(result.max_stall - result.takeover):>17} {near:>15} {back:>10} "

@@ -26,15 +26,21 @@ def path_back(result: PhaseResult) -> float:
     return max(result.takeover, min(commits, default=0.0))
 
 
+#: A gap is the failover's if it ended after the failover started and began before the
+#: path was back or at most this long after (a packet lost just before is retried later).
+FAILOVER_SLACK = 0.5
+
+
 def failover_gap(flow: FlowOutcome, result: PhaseResult) -> tuple[float, float | None] | None:
-    """The flow's longest gap (over 0.1 s) that began before the idle probe, i.e. the
-    one the failover can have caused (None: no such gap)."""
+    """The flow's longest gap (over 0.1 s) around the failover, i.e. one the failover
+    can have caused, never one from the idle probe on (None: no such gap)."""
     gaps: list[tuple[float, float | None]] = list(flow.gaps)
     if flow.gap is not None and flow.gap[1] is None:
         gaps.append(flow.gap)
+    last_start = path_back(result) + FAILOVER_SLACK
     if result.probe_at is not None:
-        probe_at = result.probe_at
-        gaps = [g for g in gaps if g[0] < probe_at]
+        last_start = min(last_start, result.probe_at)
+    gaps = [g for g in gaps if g[0] < last_start and (g[1] is None or g[1] > 0)]
     return max(gaps, key=lambda g: _length(g, flow), default=None)
 
 
