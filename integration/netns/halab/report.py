@@ -124,8 +124,9 @@ def _why_lines(result: PhaseResult) -> list[str]:
         lines.append(f"    longest stall overall {overall.length * 1000:.0f} ms "
                      f"({overall.flow.kind} {overall.flow.local}, last reply "
                      f"{_when(overall.lost)}"
-                     + (", during the idle probe)" if result.probe_at is not None
-                        and overall.lost >= result.probe_at else ")"))
+                     + (f", resumed {_when(overall.resumed)}, during the idle probe)"
+                        if result.probe_at is not None and overall.resumed is not None
+                        and overall.resumed >= result.probe_at else ")"))
     return lines
 
 
