@@ -196,6 +196,14 @@ class ResyncRecord:
     entries: int
 
 
+def _aged(entry: Entry, waited: float) -> Entry:
+    """``entry`` with ``waited`` whole seconds taken off its timeout (at least 1 left)."""
+    timeout = entry[5]
+    if timeout is None or waited < 1:
+        return entry
+    return _new(Entry, (*entry[:5], max(1, timeout - int(waited)), *entry[6:]))
+
+
 class KernelWriter:
     """Hot mode: the peer's changes waiting to be written to this node's kernel.
 
@@ -209,7 +217,8 @@ class KernelWriter:
         self._kernel = kernel
         self._metrics = metrics
         self._window_tracking = window_tracking
-        self._pending: dict[EntryKey, Entry | None] = {}
+        #: key -> (entry, when it was queued) or None (delete).
+        self._pending: dict[EntryKey, tuple[Entry, float] | None] = {}
         self._wake = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -221,10 +230,12 @@ class KernelWriter:
         return len(self._pending)
 
     def put(self, entries: Iterable[Entry], *, delete: bool = False) -> None:
-        """Queue upserts (or deletes) of ``entries``."""
+        """Queue upserts (or deletes) of ``entries``; an upsert's ``timeout`` is the
+        time left now (it is shortened by the time spent in the queue when written)."""
         pending = self._pending
+        queued = trio.current_time()
         for entry in entries:
-            pending[entry.key] = None if delete else entry
+            pending[entry.key] = None if delete else (entry, queued)
         if pending:
             self._idle = trio.Event() if self._idle.is_set() else self._idle
             self._wake.set()
@@ -248,8 +259,11 @@ class KernelWriter:
                 continue
             batch, self._pending = self._pending, {}
             tracking = self._window_tracking
-            upserts = [for_kernel(e, window_tracking=tracking)
-                       for e in batch.values() if e is not None]
+            now = trio.current_time()
+            # A copy must not outlive the original: take the time the entry waited
+            # here (a busy or refusing kernel, a burst) off its remaining timeout.
+            upserts = [for_kernel(_aged(e, now - queued), window_tracking=tracking)
+                       for e, queued in (v for v in batch.values() if v is not None)]
             deletes = [
                 Entry(k[0], k[2], k[2], zone=k[1]) for k, e in batch.items() if e is None
             ]

@@ -18,13 +18,15 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 
 from replicator import ctformat, record
 from replicator.config import Config, parse_config
 from replicator.control import CacheName, Command, ControlClient, Request
-from replicator.daemon import Daemon, for_kernel
+from replicator.daemon import Daemon, KernelWriter, for_kernel
 from replicator.kernel_fake import FakeKernel
 from replicator.keys import generate_identity, write_identity
+from replicator.metrics import Metrics
 from replicator.model import (
     AF_INET,
     IPPROTO_TCP,
@@ -375,3 +377,19 @@ async def test_sighup_takes_new_peer_certificates_but_keeps_this_nodes_key(
                           frozenset({identities["fw-b2"].fingerprint}))]
         assert daemon.config.tls.key == tmp_path / "fw-a.key"
         nursery.cancel_scope.cancel()
+
+
+async def test_hot_writes_take_the_time_spent_queued_off_the_timeout(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    kernel = FakeKernel()
+    writer = KernelWriter(kernel, Metrics())
+    writer.put([flow(1)._replace(timeout=100), flow(2)._replace(timeout=3)])
+    await trio.sleep(5)  # e.g. a kernel refusing writes, or a long burst ahead of them
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.wait_idle()
+        nursery.cancel_scope.cancel()
+    # A copy never outlives the original (and what is still alive keeps a second).
+    assert kernel.table[flow(1).key].timeout == 95
+    assert kernel.table[flow(2).key].timeout == 1
