@@ -191,6 +191,9 @@ from .model import Entry, EntryKey
 from .wheel import TimerWheel
 
 _INF = math.inf
+#: Seconds by which the deadline the peer was told may exceed the entry's before it is
+#: corrected (whole-second rounding and the jitter between two reads of a timeout).
+_OVERTOLD = 2.0
 _U64 = (1 << 64) - 1
 #: Buckets whose digests travel in one SUMMARY message.
 SUMMARY_CHUNK = wire.MAX_SUMMARY_DIGESTS
@@ -660,6 +663,12 @@ class SyncSession:
                 self._mark(key, now)
             elif old_deadline <= told or math.floor(due) != math.floor(2 * told - old_deadline):
                 self._schedule_refresh(key, due)
+        elif deadline < told - _OVERTOLD:
+            # The peer was told a later deadline than the entry has: an event read late
+            # (a busy host) dates its timeout from the read, not from the kernel's
+            # writing it; a re-dump shows the truth. A copy must not outlive the
+            # original, so send the correction now.
+            self._mark(key, now)
 
     def local_delete(self, key: bytes | EntryKey | Entry, now: float) -> None:
         """The entry with this key (packed or not, or this entry's key) left this

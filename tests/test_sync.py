@@ -312,6 +312,23 @@ def test_on_an_ordered_link_a_late_ack_resends_nothing() -> None:
     assert a.session.inflight == 0 and a.session.stats.retransmits == 0
 
 
+def test_a_deadline_overstated_to_the_peer_is_corrected() -> None:
+    a, b = synced()
+    # An event read 5 s late dated the entry's 100 s from the read: the peer was told
+    # 105 s; the next re-dump shows 95 s left at t=5, i.e. the real deadline is 100.
+    a.put(make_entry(1, timeout=100), 5.0)
+    transfer(a, b, 5.0)
+    assert b.session.external.deadline(pk(make_entry(1))) == 105.0
+    a.put(make_entry(1, timeout=95), 5.0)
+    transfer(a, b, 5.0)
+    assert b.session.external.deadline(pk(make_entry(1))) == 100.0
+    # Within the rounding tolerance nothing is sent.
+    sent = a.session.stats.entries_sent
+    a.put(make_entry(1, timeout=89), 10.0)  # deadline 99: 1 s earlier than told
+    transfer(a, b, 10.0)
+    assert a.session.stats.entries_sent == sent
+
+
 def test_queued_time_is_taken_off_the_timeout() -> None:
     a, b = synced()
     a.put(make_entry(1, timeout=100), 0.0)
