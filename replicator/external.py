@@ -85,41 +85,42 @@ class ExternalCache:
 
     def expire(self, now: float) -> list[Entry]:
         """Remove and return every entry whose deadline is at or before ``now``."""
+        table = self._table
         expired = []
-        table, wheel = self._table, self._wheel
-        bucket_of, get = table.bucket_of, table.get
-        for key in wheel.pop_due(now):
-            rec = get(key)
-            if rec is None:
-                continue  # deleted since
-            deadline = R.deadline(rec)
-            if deadline <= now:
-                table.pop(bucket_of(key), key)
-                expired.append(R.unpack(rec))
-            elif deadline < math.floor(now) + 1:
-                wheel.add(key, now + 1)  # later within this second (refreshed otherwise)
+        for key, rec in self._due(now):
+            table.pop(table.bucket_of(key), key)
+            expired.append(R.unpack(rec))
         return expired
 
     def hold(self, now: float, until: float) -> list[Entry]:
         """Move every deadline at or before ``now`` to ``until`` (instead of expiring);
         the entries so extended, each with ``timeout`` = whole seconds until ``until``.
         """
-        held = []
         table, wheel = self._table, self._wheel
-        bucket_of, get = table.bucket_of, table.get
         seconds = max(1, math.ceil(until - now))
+        held = []
+        for key, rec in self._due(now):
+            table.put(table.bucket_of(key), key, R.with_deadline(rec, until))
+            wheel.add(key, until)
+            held.append(R.unpack(rec)._replace(timeout=seconds))
+        return held
+
+    def _due(self, now: float) -> list[tuple[bytes, bytes]]:
+        """``(key, record)`` of every entry whose deadline is at or before ``now``; keys
+        the wheel held for a record refreshed or deleted since are skipped (or put back
+        if still due later within this second)."""
+        due = []
+        get, wheel = self._table.get, self._wheel
         for key in wheel.pop_due(now):
             rec = get(key)
             if rec is None:
                 continue  # deleted since
             deadline = R.deadline(rec)
             if deadline <= now:
-                table.put(bucket_of(key), key, R.with_deadline(rec, until))
-                wheel.add(key, until)
-                held.append(R.unpack(rec)._replace(timeout=seconds))
+                due.append((key, rec))
             elif deadline < math.floor(now) + 1:
                 wheel.add(key, now + 1)  # later within this second (refreshed otherwise)
-        return held
+        return due
 
     def next_expiry(self) -> float | None:
         """When to call :meth:`expire` next (None: nothing can expire).
