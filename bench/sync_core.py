@@ -101,7 +101,7 @@ def main(argv: list[str]) -> None:
     rounds = max(1, n // 2048)
     t0 = time.perf_counter()
     for _ in range(rounds):
-        data = wire.encode_changes(0, 0, timed, [])
+        data = wire.encode_changes(0, 0, timed, [], sent=0)
     t1 = time.perf_counter()
     for _ in range(rounds):
         wire.decode(data)

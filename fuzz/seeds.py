@@ -96,7 +96,7 @@ def wire_seeds() -> list[bytes]:
     seeds = [
         wire.encode(wire.Hello(wire.PROTOCOL_VERSION, SYNC_PEER, 7, 4096, 3)),
         wire.encode(wire.Close("resync failed: peer went away")),
-        wire.encode(wire.Ack(3, 12, False)),
+        wire.encode(wire.Ack(3, 12, False, 1_764_000_000)),
         wire.encode(wire.Ack(3, 12, True)),
         wire.encode(wire.ResyncBegin(3, 0, 1, False)),
         wire.encode(wire.Summary(3, 1, 1, 0, bytes(range(8)) * 16)),
@@ -105,10 +105,12 @@ def wire_seeds() -> list[bytes]:
     ]
     for start in range(0, len(entries), 6):
         batch = entries[start : start + 6]
-        seeds.append(wire.encode_changes(3, 4 + start, _timed(batch), [e.key for e in batch[:2]]))
+        seeds.append(wire.encode_changes(3, 4 + start, _timed(batch), [e.key for e in batch[:2]],
+                                          sent=1_764_000_000 + start))
         seeds.append(wire.encode_buckets(
             3, 5 + start, [(start % 16, True, False, _timed(batch[:3])),
-                           (start % 16 + 1, False, True, _timed(batch[3:]))]))  # fmt: skip
+                           (start % 16 + 1, False, True, _timed(batch[3:]))],
+            sent=start))  # fmt: skip
     return seeds
 
 

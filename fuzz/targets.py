@@ -237,7 +237,7 @@ def kernel_entry(entry: Entry) -> None:
     digest it, show it (and the peer injects what it receives)."""
     _stored(entry)
     ctformat.format_entry(entry)
-    msg = wire.decode(wire.encode_changes(0, 0, [(entry, entry.timeout)], [entry.key]))
+    msg = wire.decode(wire.encode_changes(0, 0, [(entry, entry.timeout)], [entry.key], sent=0))
     _check(isinstance(msg, wire.Changes), "CHANGES decoded as another message")
 
 

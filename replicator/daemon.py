@@ -229,11 +229,13 @@ class KernelWriter:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, entries: Iterable[Entry], *, delete: bool = False) -> None:
+    def put(self, entries: Iterable[Entry], *, delete: bool = False,
+            since: float | None = None) -> None:
         """Queue upserts (or deletes) of ``entries``; an upsert's ``timeout`` is the
-        time left now (it is shortened by the time spent in the queue when written)."""
+        time left at ``since`` (default: now; it is shortened by the time since then
+        when written)."""
         pending = self._pending
-        queued = trio.current_time()
+        queued = trio.current_time() if since is None else since
         for entry in entries:
             pending[entry.key] = None if delete else (entry, queued)
         if pending:
@@ -445,7 +447,7 @@ class Daemon:
         m = self.metrics
         if isinstance(event, PeerUpserts):
             if self.applies_peer_to_kernel:
-                self.writer.put(event.entries)
+                self.writer.put(event.entries, since=event.since)
         elif isinstance(event, PeerDeletes):
             if self.applies_peer_to_kernel:
                 self.writer.put(event.entries, delete=True)

@@ -188,6 +188,7 @@ from .digest import BucketTable, check_bucket_count, pack_digests, unpack_digest
 from .errors import WireDecodeError, WireVersionError
 from .external import ExternalCache
 from .model import Entry, EntryKey
+from .peerclock import PeerClock
 from .wheel import TimerWheel
 
 _INF = math.inf
@@ -204,6 +205,12 @@ _WHEEL_SLACK = 1024
 #: Called with (key, old record, new record) when the session re-stamps a record's
 #: ``told``: the owner of a store sharing the records replaces its copy.
 Restamped = Callable[[bytes, bytes, bytes], None]
+
+
+def _clock(now: float) -> int:
+    """``now`` as the ``sent`` field of a message (whole ms; a clock never reads
+    below 0 in the daemon, and the wire field is unsigned)."""
+    return max(0, int(now * 1000.0))
 
 
 @dataclass(frozen=True)
@@ -280,9 +287,14 @@ class PeerHello(NamedTuple):
 
 
 class PeerUpserts(NamedTuple):
-    """Entries the peer created or changed (``timeout``: remaining seconds on arrival)."""
+    """Entries the peer created or changed (``timeout``: remaining seconds at
+    ``since``)."""
 
     entries: tuple[Entry, ...]
+    #: This node's clock when the timeouts were current: the peer built the message
+    #: then, as far as this node can tell (:mod:`replicator.peerclock`); a message read
+    #: late does not make copies outlive the originals.
+    since: float
 
 
 class PeerDeletes(NamedTuple):
@@ -375,6 +387,11 @@ class SyncStats:
     #: Seconds from a local change to the ack of the message carrying it.
     ack_lag_last: float = 0.0
     ack_lag_max: float = 0.0
+    #: Seconds the latest (and the slowest since start) CHANGES or BUCKETS message
+    #: from the peer waited before this node read it, as estimated from the peer's
+    #: clock (:mod:`replicator.peerclock`): a busy receiver.
+    receive_lag_last: float = 0.0
+    receive_lag_max: float = 0.0
 
 
 # --- internal records ---------------------------------------------------------------
@@ -470,6 +487,7 @@ class _Conn:
         #: Buckets being replaced: keys not confirmed since the first part.
         self.replacing: dict[int, set[bytes]] = {}
         self.synced = False
+        self.clock = PeerClock()
 
 
 class _Violation(Exception):
@@ -886,6 +904,7 @@ class SyncSession:
             return
         try:
             if isinstance(msg, wire.Ack):
+                c.clock.lag(msg.sent, now)  # a sample while the link idles
                 self._on_ack(c, msg, now)
             elif isinstance(msg, wire.Hello):
                 self._on_hello(c, msg, now)
@@ -1007,10 +1026,15 @@ class SyncSession:
                     c.nack_owed = True
             return
         c.rnext += 1
-        if isinstance(msg, wire.Changes):
-            self._apply_changes(c, msg, now)
-        elif isinstance(msg, wire.Buckets):
-            self._apply_buckets(c, msg, now)
+        if isinstance(msg, (wire.Changes, wire.Buckets)):
+            # Remaining timeouts count from when the peer built the message.
+            lag = c.clock.lag(msg.sent, now)
+            st.receive_lag_last = lag
+            st.receive_lag_max = max(st.receive_lag_max, lag)
+            if isinstance(msg, wire.Changes):
+                self._apply_changes(c, msg, now - lag)
+            else:
+                self._apply_buckets(c, msg, now - lag)
         elif isinstance(msg, wire.ResyncBegin):
             self._on_begin(c, msg, now)
         elif isinstance(msg, wire.Summary):
@@ -1021,7 +1045,7 @@ class SyncSession:
             self._resync_wanted(c, now, full=msg.full)
             self._want_full_to_peer = self._want_full_to_peer or msg.full
 
-    def _apply_changes(self, c: _Conn, msg: wire.Changes, now: float) -> None:
+    def _apply_changes(self, c: _Conn, msg: wire.Changes, since: float) -> None:
         ext = self.external
         bucket_of = ext.table.bucket_of
         upsert = ext.upsert
@@ -1029,7 +1053,7 @@ class SyncSession:
         replacing = c.replacing
         ups = msg.upserts
         for e in ups:
-            rec = pack(e, deadline_of(e[5], now))
+            rec = pack(e, deadline_of(e[5], since))
             key = key_of(rec)
             b = bucket_of(key)
             upsert(b, key, rec)
@@ -1040,7 +1064,7 @@ class SyncSession:
         st = self.stats
         if ups:
             st.entries_received += len(ups)
-            self._events.append(PeerUpserts(ups))
+            self._events.append(PeerUpserts(ups, since))
         if msg.deletes:
             st.deletes_received += len(msg.deletes)
             deleted = []
@@ -1052,7 +1076,7 @@ class SyncSession:
             if deleted:
                 self._events.append(PeerDeletes(tuple(deleted), expired=False))
 
-    def _apply_buckets(self, c: _Conn, msg: wire.Buckets, now: float) -> None:
+    def _apply_buckets(self, c: _Conn, msg: wire.Buckets, since: float) -> None:
         ext = self.external
         table = ext.table
         bucket_of = table.bucket_of
@@ -1073,7 +1097,7 @@ class SyncSession:
                         raise _Violation(f"part of bucket {b} without its first part")
                     unconfirmed = found
                 for e in rec.entries:
-                    new = R.pack(e, R.deadline_of(e[5], now))
+                    new = R.pack(e, R.deadline_of(e[5], since))
                     key = R.key_of(new)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")
@@ -1095,7 +1119,7 @@ class SyncSession:
         finally:
             # Report what was applied even if a later record was illegal.
             if changed:
-                self._events.append(PeerUpserts(tuple(changed)))
+                self._events.append(PeerUpserts(tuple(changed), since))
             if deleted:
                 self.stats.deletes_received += len(deleted)
                 self._events.append(PeerDeletes(tuple(deleted), expired=False))
@@ -1204,7 +1228,7 @@ class SyncSession:
                 # Upserts with the extended timeout: a hot standby's kernel copy
                 # (written with the old one) is extended too.
                 self.stats.held += len(held)
-                self._events.append(PeerUpserts(tuple(held)))
+                self._events.append(PeerUpserts(tuple(held), now))
         else:
             expired = self.external.expire(now)
             if expired:
@@ -1250,7 +1274,8 @@ class SyncSession:
             if c.peer is not None:
                 self._fill(c, now, out)
                 if c.ack_owed:
-                    out.append(wire.encode(wire.Ack(c.rstream, c.rnext, c.nack_owed)))
+                    out.append(wire.encode(wire.Ack(c.rstream, c.rnext, c.nack_owed,
+                                                    _clock(now))))
                     c.ack_owed = c.nack_owed = False
         if out:
             c.last_sent = now
@@ -1357,7 +1382,7 @@ class SyncSession:
             self._pending = {}
         if not keys:
             return
-        data = wire.encode_changes_records(c.stream, c.next_seq, ups, dels)
+        data = wire.encode_changes_records(c.stream, c.next_seq, ups, dels, sent=_clock(now))
         self.stats.entries_sent += len(ups)
         self.stats.deletes_sent += len(dels)
         self._sent(c, out, data, now, weight=len(keys), first_change=first, keys=tuple(keys))
@@ -1400,7 +1425,7 @@ class SyncSession:
             r.entries += n_entries
             r.buckets += sum(1 for p in parts if p[2])
         self.stats.entries_sent += n_entries
-        data = wire.encode_buckets_records(c.stream, c.next_seq, parts)
+        data = wire.encode_buckets_records(c.stream, c.next_seq, parts, sent=_clock(now))
         self._sent(c, out, data, now, weight=max(1, n_entries),
                    first_change=None if first_change == _INF else first_change,
                    buckets=tuple(p[0] for p in parts))  # fmt: skip

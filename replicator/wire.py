@@ -18,14 +18,21 @@ prefix in every version so that the check itself can never be misread.
 Messages other than HELLO, CLOSE and ACK are *sequenced*: ``[type, stream, seq, ...]``
 (see :mod:`replicator.sync` for what stream and seq mean).
 
+``sent`` is the sender's monotonic clock in milliseconds when it built the message.
+Clocks of two nodes are never compared directly: the receiver learns how late it reads
+the peer's messages from how ``local clock - sent`` varies (:mod:`replicator.peerclock`),
+and dates the remaining timeouts a message carries from when it was built rather than
+from when a busy receiver got to read it. ACK carries it too, so that samples keep
+coming while the link idles.
+
 ====================  ===============================================================
 message               array
 ====================  ===============================================================
 HELLO          1      ``[1, version, node_id, epoch, buckets, stream_base]``
 CLOSE          2      ``[2, reason]``
-ACK            3      ``[3, stream, next_seq, nack]``
-CHANGES        4      ``[4, stream, seq, [entry...], [key...]]`` (upserts, deletes)
-BUCKETS        5      ``[5, stream, seq, [[bucket, flags, [entry...]]...]]``
+ACK            3      ``[3, stream, next_seq, nack, sent]``
+CHANGES        4      ``[4, stream, seq, [entry...], [key...], sent]`` (upserts, deletes)
+BUCKETS        5      ``[5, stream, seq, [[bucket, flags, [entry...]]...], sent]``
 RESYNC_BEGIN   6      ``[6, stream, seq, resync_id, full]``
 SUMMARY        7      ``[7, stream, seq, resync_id, first_bucket, digests]``
 RESYNC_DONE    8      ``[8, stream, seq, resync_id]``
@@ -61,11 +68,11 @@ from . import record as R
 from .errors import WireDecodeError, WireVersionError
 from .model import AF_INET, AF_INET6, CtTuple, Entry, EntryKey, SctpInfo, TcpInfo
 
-#: The sync protocol version this node speaks (checked in HELLO). 2: bucket placement
-#: and fingerprints are computed over the packed key and record body of
-#: :mod:`replicator.record` (1: over msgpack forms), so digests of version 1 nodes
-#: would never match.
-PROTOCOL_VERSION = 2
+#: The sync protocol version this node speaks (checked in HELLO). 3: ACK, CHANGES and
+#: BUCKETS carry the sender's clock (``sent``). 2: bucket placement and fingerprints
+#: are computed over the packed key and record body of :mod:`replicator.record` (1:
+#: over msgpack forms), so digests of version 1 nodes would never match.
+PROTOCOL_VERSION = 3
 
 HELLO = 1
 CLOSE = 2
@@ -133,6 +140,8 @@ class Ack(NamedTuple):
     stream: int
     next_seq: int
     nack: bool
+    #: The sender's clock (ms) when it built the message.
+    sent: int = 0
 
 
 class Changes(NamedTuple):
@@ -142,6 +151,8 @@ class Changes(NamedTuple):
     seq: int
     upserts: tuple[Entry, ...]
     deletes: tuple[EntryKey, ...]
+    #: The sender's clock (ms) when it built the message: the timeouts count from then.
+    sent: int = 0
 
 
 class BucketRecord(NamedTuple):
@@ -160,6 +171,8 @@ class Buckets(NamedTuple):
     stream: int
     seq: int
     records: tuple[BucketRecord, ...]
+    #: The sender's clock (ms) when it built the message: the timeouts count from then.
+    sent: int = 0
 
 
 class ResyncBegin(NamedTuple):
@@ -252,7 +265,8 @@ def _check_items(n: int) -> None:
 
 
 def encode_changes(
-    stream: int, seq: int, upserts: Sequence[TimedEntry], deletes: Sequence[EntryKey]
+    stream: int, seq: int, upserts: Sequence[TimedEntry], deletes: Sequence[EntryKey], *,
+    sent: int,
 ) -> bytes:
     """Encode a CHANGES message (the hot path: each upsert with its remaining timeout)."""
     _check_items(len(upserts) + len(deletes))
@@ -263,12 +277,14 @@ def encode_changes(
             seq,
             [_wire_entry(e, t) for e, t in upserts],
             [_wire_key(k) for k in deletes],
+            sent,
         )
     )
 
 
 def encode_buckets(
-    stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedEntry]]]
+    stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedEntry]]],
+    *, sent: int,
 ) -> bytes:
     """Encode a BUCKETS message: ``(bucket, first, last, [(entry, timeout)...])``."""
     _check_items(sum(len(r[3]) for r in records) + len(records))
@@ -282,12 +298,14 @@ def encode_buckets(
                  [_wire_entry(e, t) for e, t in entries])
                 for b, first, last, entries in records
             ],
+            sent,
         )
     )  # fmt: skip
 
 
 def encode_changes_records(
-    stream: int, seq: int, upserts: Sequence[TimedRecord], deletes: Sequence[bytes]
+    stream: int, seq: int, upserts: Sequence[TimedRecord], deletes: Sequence[bytes], *,
+    sent: int,
 ) -> bytes:
     """:func:`encode_changes` of records and packed keys (:mod:`replicator.record`):
     the same bytes, without unpacking them to entries first."""
@@ -299,12 +317,14 @@ def encode_changes_records(
             seq,
             [_record_entry(r, t) for r, t in upserts],
             [_wire_key(R.unpack_key(k)) for k in deletes],
+            sent,
         )
     )
 
 
 def encode_buckets_records(
-    stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedRecord]]]
+    stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedRecord]]],
+    *, sent: int,
 ) -> bytes:
     """:func:`encode_buckets` of records: ``(bucket, first, last, [(record, timeout)...])``."""
     _check_items(sum(len(r[3]) for r in records) + len(records))
@@ -318,6 +338,7 @@ def encode_buckets_records(
                  [_record_entry(r, t) for r, t in entries])
                 for b, first, last, entries in records
             ],
+            sent,
         )
     )  # fmt: skip
 
@@ -326,13 +347,14 @@ def encode(msg: Message) -> bytes:
     """Encode any message (upsert entries carry their own ``timeout`` field)."""
     if isinstance(msg, Changes):
         return encode_changes(msg.stream, msg.seq, [(e, e.timeout) for e in msg.upserts],
-                              msg.deletes)  # fmt: skip
+                              msg.deletes, sent=msg.sent)  # fmt: skip
     if isinstance(msg, Buckets):
         return encode_buckets(
             msg.stream,
             msg.seq,
             [(r.bucket, r.first, r.last, [(e, e.timeout) for e in r.entries])
              for r in msg.records],
+            sent=msg.sent,
         )  # fmt: skip
     if isinstance(msg, Hello):
         return _packb((HELLO, *msg))
@@ -505,15 +527,16 @@ def _head(m: tuple[Any, ...]) -> tuple[int, int]:
 
 
 def _decode_changes(m: tuple[Any, ...]) -> Changes:
-    _arity(m, 5, "CHANGES")
+    _arity(m, 6, "CHANGES")
     stream, seq = _head(m)
     ups = _array(m[3], MAX_ITEMS, "upserts")
     dels = _array(m[4], MAX_ITEMS - len(ups), "deletes")
-    return Changes(stream, seq, tuple(map(_entry, ups)), tuple(map(_key, dels)))
+    return Changes(stream, seq, tuple(map(_entry, ups)), tuple(map(_key, dels)),
+                   _uint(m[5], _U64, "sent"))
 
 
 def _decode_buckets(m: tuple[Any, ...]) -> Buckets:
-    _arity(m, 4, "BUCKETS")
+    _arity(m, 5, "BUCKETS")
     stream, seq = _head(m)
     raw = _array(m[3], MAX_ITEMS, "bucket records")
     budget = MAX_ITEMS - len(raw)
@@ -529,7 +552,7 @@ def _decode_buckets(m: tuple[Any, ...]) -> Buckets:
             BucketRecord(bucket, bool(flags & FLAG_FIRST), bool(flags & FLAG_LAST),
                          tuple(map(_entry, entries)))
         )  # fmt: skip
-    return Buckets(stream, seq, tuple(records))
+    return Buckets(stream, seq, tuple(records), _uint(m[4], _U64, "sent"))
 
 
 def _decode_hello(m: tuple[Any, ...]) -> Hello:
@@ -562,9 +585,9 @@ def _decode_summary(m: tuple[Any, ...]) -> Summary:
 
 def _decode_other(kind: int, m: tuple[Any, ...]) -> Message:
     if kind == ACK:
-        _arity(m, 4, "ACK")
+        _arity(m, 5, "ACK")
         stream, nxt = _head(m)
-        return Ack(stream, nxt, _bool(m[3], "nack"))
+        return Ack(stream, nxt, _bool(m[3], "nack"), _uint(m[4], _U64, "sent"))
     if kind == CLOSE:
         _arity(m, 2, "CLOSE")
         return Close(_str(m[1], 0, MAX_REASON, "reason"))

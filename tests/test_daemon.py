@@ -393,3 +393,19 @@ async def test_hot_writes_take_the_time_spent_queued_off_the_timeout(
     # A copy never outlives the original (and what is still alive keeps a second).
     assert kernel.table[flow(1).key].timeout == 95
     assert kernel.table[flow(2).key].timeout == 1
+
+
+async def test_hot_writes_count_the_timeout_from_when_the_peer_sent_it(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    # The session read the peer's message 4 s after the peer built it (a busy
+    # standby): the timeouts in it were current 4 s ago, not now.
+    kernel = FakeKernel()
+    writer = KernelWriter(kernel, Metrics())
+    await trio.sleep(10)
+    writer.put([flow(1)._replace(timeout=100)], since=trio.current_time() - 4)
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert kernel.table[flow(1).key].timeout == 96

@@ -219,7 +219,7 @@ def test_wire_limits_are_enforced_by_the_unpacker() -> None:
     with pytest.raises(WireDecodeError, match="msgpack"):
         wire.decode(msgpack.packb([wire.SUMMARY, 0, 0, 0, 0, b"\0" * (digests + 8)]))
     with pytest.raises(WireDecodeError, match="msgpack"):
-        wire.decode(msgpack.packb([wire.CHANGES, 0, 0, [None] * (wire.MAX_ITEMS + 1), []]))
+        wire.decode(msgpack.packb([wire.CHANGES, 0, 0, [None] * (wire.MAX_ITEMS + 1), [], 0]))
     with pytest.raises(WireDecodeError, match="msgpack"):
         wire.decode(msgpack.packb([wire.CLOSE, "x" * (wire.MAX_REASON + 1)]))
     with pytest.raises(WireDecodeError, match="msgpack"):

@@ -101,7 +101,7 @@ def test_an_entry_the_kernel_decoder_accepts_is_one_the_peer_accepts(message: by
         return
     (entry,) = entries
     try:
-        wire.decode(wire.encode_changes(0, 0, [(entry, entry.timeout)], []))
+        wire.decode(wire.encode_changes(0, 0, [(entry, entry.timeout)], [], sent=0))
     except WireDecodeError as exc:
         pytest.fail(f"ctnetlink accepts what the peer refuses ({exc}): {entry}")
 

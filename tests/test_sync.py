@@ -89,7 +89,7 @@ def test_changes_stream_and_deletes_propagate() -> None:
     transfer(a, b, 1.0)
     assert b.external() == a.table()
     ups = of_type(b.events[seen:], PeerUpserts)
-    assert ups == [PeerUpserts((make_entry(1, variant=9), make_entry(777)))]
+    assert ups == [PeerUpserts((make_entry(1, variant=9), make_entry(777)), 1.0)]
     (dels,) = of_type(b.events[seen:], PeerDeletes)
     assert dels == PeerDeletes((make_entry(2),), expired=False)
 
@@ -279,7 +279,7 @@ def test_a_connected_standby_holds_entries_past_their_deadline() -> None:
     events = b.drain()
     # Not expired: held for 30 s more, and reported as an upsert with that timeout
     # (a hot standby's kernel copy is extended with it).
-    assert PeerUpserts((make_entry(1, timeout=30),)) in events
+    assert PeerUpserts((make_entry(1, timeout=30),), 110.0) in events
     assert not of_type(events, PeerDeletes)
     assert b.session.external.deadline(pk(make_entry(1))) == 140.0
     assert pk(make_entry(2)) not in b.session.external  # deleted by the active
@@ -442,7 +442,7 @@ def hello(version: int = wire.PROTOCOL_VERSION, node: str = "a", buckets: int = 
         (hello(buckets=128), "buckets"),
         (hello(node="b"), "own id"),
         (b"\xc1garbage", "msgpack"),
-        (msgpack.packb([wire.ACK, 5, 0, False]), "never sent"),
+        (msgpack.packb([wire.ACK, 5, 0, False, 0]), "never sent"),
     ],
 )
 def test_violations_close_the_connection(payload: bytes, reason: str) -> None:
@@ -584,7 +584,7 @@ def test_an_entry_in_the_wrong_bucket_is_a_violation() -> None:
     b.session.receive(hello(), 0.0)
     e = make_entry(1)
     wrong = (b.session.external.table.bucket_of(pk(e)) + 1) % P.buckets
-    b.session.receive(wire.encode_buckets(0, 0, [(wrong, True, True, [(e, 10)])]), 0.0)
+    b.session.receive(wire.encode_buckets(0, 0, [(wrong, True, True, [(e, 10)])], sent=0), 0.0)
     (v,) = of_type(b.drain(), ProtocolViolation)
     assert "not its own" in v.reason
 
@@ -712,3 +712,29 @@ def test_a_snapshot_filters_only_records_whose_state_changed() -> None:
     transfer(a, b, 2.0)
     expected = {e.key for e in table if e.orig.sport % 2 == 0}
     assert set(b.external()) == expected
+
+
+def test_a_message_read_late_counts_its_timeouts_from_when_it_was_built() -> None:
+    # A busy standby (its own table filling, a starved CPU) reads a CHANGES message
+    # 4 s after the active built it: the copy must not live 4 s longer than the
+    # original, in the external cache or in a hot standby's kernel.
+    a, b = Node("a", P, epoch=1), Node("b", P, epoch=2)
+    connect(a, b, 0.0)
+    run(a, b, 0.0, 3.0)  # HELLOs, resyncs and keepalives, all read at once
+    a.put(make_entry(1, timeout=100), 3.0)
+    a.put(make_entry(2, timeout=100), 3.0)
+    frames = a.session.frames_to_send(3.0)
+    for payload in frames:
+        b.session.receive(payload, 7.0)
+    (ups,) = of_type(b.drain(), PeerUpserts)
+    assert ups.since == pytest.approx(3.0, abs=0.002)
+    assert b.session.external.deadline(pk(make_entry(1))) == pytest.approx(103.0, abs=0.002)
+    assert b.session.stats.receive_lag_last == pytest.approx(4.0, abs=0.002)
+    assert b.session.stats.receive_lag_max == b.session.stats.receive_lag_last
+    # Read promptly, the next one counts from now.
+    a.put(make_entry(3, timeout=100), 8.0)
+    for payload in a.session.frames_to_send(8.0):
+        b.session.receive(payload, 8.0)
+    (ups,) = of_type(b.drain(), PeerUpserts)
+    assert ups.since == pytest.approx(8.0, abs=0.002)
+    assert b.session.external.deadline(pk(make_entry(3))) == pytest.approx(108.0, abs=0.002)

@@ -82,11 +82,12 @@ def messages() -> st.SearchStrategy[wire.Message]:
                   st.text(min_size=1, max_size=wire.MAX_NODE_ID),
                   u64, st.sampled_from([1, 2, 1024, wire.MAX_BUCKETS]), u64),
         st.builds(wire.Close, st.text(max_size=wire.MAX_REASON)),
-        st.builds(wire.Ack, u64, u64, st.booleans()),
-        st.builds(wire.Changes, u64, u64, few_entries, st.lists(keys(), max_size=4).map(tuple)),
+        st.builds(wire.Ack, u64, u64, st.booleans(), u64),
+        st.builds(wire.Changes, u64, u64, few_entries, st.lists(keys(), max_size=4).map(tuple),
+                  u64),
         st.builds(wire.Buckets, u64, u64, st.lists(
             st.builds(wire.BucketRecord, st.integers(0, wire.MAX_BUCKETS - 1), st.booleans(),
-                      st.booleans(), few_entries), max_size=3).map(tuple)),
+                      st.booleans(), few_entries), max_size=3).map(tuple), u64),
         st.builds(wire.ResyncBegin, u64, u64, u64, st.booleans()),
         st.builds(wire.Summary, u64, u64, u64, st.integers(0, 1000),
                   st.binary(max_size=64).map(lambda b: b[: len(b) // 8 * 8])),
@@ -103,7 +104,7 @@ def tcp_entry(i: int = 0) -> Entry:
 
 def raw_changes(entry: object) -> bytes:
     """A CHANGES message whose single upsert is ``entry`` as a raw msgpack value."""
-    return msgpack.packb([wire.CHANGES, 0, 0, [entry], []])
+    return msgpack.packb([wire.CHANGES, 0, 0, [entry], [], 0])
 
 
 GOOD: list[Any] = [2, [b"\x0a\0\0\1", b"\xc0\0\2\7", 6, 40000, 443],
@@ -124,39 +125,41 @@ timeouts = st.one_of(st.none(), st.integers(0, U32))
 
 
 @given(st.lists(st.tuples(entries(), timeouts), max_size=4), st.lists(keys(), max_size=3),
-       st.integers(0, U64), st.integers(0, U64))  # fmt: skip
+       st.integers(0, U64), st.integers(0, U64), st.integers(0, U64))  # fmt: skip
 def test_records_encode_to_the_same_bytes_as_their_entries(
-    timed: list[tuple[Entry, int | None]], dels: list[Any], stream: int, seq: int
+    timed: list[tuple[Entry, int | None]], dels: list[Any], stream: int, seq: int, sent: int
 ) -> None:
     recs = [(R.pack(e, 0.0), t) for e, t in timed]
-    assert wire.encode_changes_records(stream, seq, recs, [R.pack_key(k) for k in dels]) == (
-        wire.encode_changes(stream, seq, timed, dels)
+    assert wire.encode_changes_records(stream, seq, recs, [R.pack_key(k) for k in dels],
+                                       sent=sent) == (
+        wire.encode_changes(stream, seq, timed, dels, sent=sent)
     )
     parts = [(7, True, False, timed[:2]), (9, False, True, timed[2:])]
     rparts = [(b, f, la, [(R.pack(e, 1.0), t) for e, t in es]) for b, f, la, es in parts]
-    assert wire.encode_buckets_records(stream, seq, rparts) == (
-        wire.encode_buckets(stream, seq, parts)
+    assert wire.encode_buckets_records(stream, seq, rparts, sent=sent) == (
+        wire.encode_buckets(stream, seq, parts, sent=sent)
     )
 
 
 def test_record_encoders_refuse_oversized_batches() -> None:
     rec = R.pack(tcp_entry(), 0.0)
     with pytest.raises(ValueError):
-        wire.encode_changes_records(0, 0, [(rec, 1)] * wire.MAX_ITEMS, [R.key_of(rec)])
+        wire.encode_changes_records(0, 0, [(rec, 1)] * wire.MAX_ITEMS, [R.key_of(rec)], sent=0)
     with pytest.raises(ValueError):
-        wire.encode_buckets_records(0, 0, [(1, True, True, [(rec, 1)] * wire.MAX_ITEMS)])
+        wire.encode_buckets_records(0, 0, [(1, True, True, [(rec, 1)] * wire.MAX_ITEMS)],
+                                    sent=0)
 
 
 def test_the_id_is_not_sent_and_the_timeout_is_the_one_given() -> None:
-    data = wire.encode_changes(1, 2, [(tcp_entry(), 17)], [])
+    data = wire.encode_changes(1, 2, [(tcp_entry(), 17)], [], sent=5)
     (got,) = wire.decode(data).upserts  # type: ignore[union-attr]
     assert got == tcp_entry()._replace(timeout=17, id=None)
 
 
 def test_an_ipv4_tcp_entry_is_compact() -> None:
     # The notes' budget: about 69 bytes per IPv4 TCP entry (conntrackd: 68).
-    one = len(wire.encode_changes(0, 0, [(tcp_entry(), 431999)], []))
-    empty = len(wire.encode_changes(0, 0, [], []))
+    one = len(wire.encode_changes(0, 0, [(tcp_entry(), 431999)], [], sent=U64))
+    empty = len(wire.encode_changes(0, 0, [], [], sent=U64))
     assert one - empty <= 64
 
 
@@ -165,15 +168,16 @@ def test_worst_case_message_fits_the_bound() -> None:
     t = CtTuple(b"\xff" * alen, b"\xff" * alen, 255, U16, U16, U8, U8, U16)
     worst = Entry(AF_INET6, t, t, U16, U32, U32, U32, b"\xff" * 16, TcpInfo(*[U8] * 5),
                   SctpInfo(U8, U32, U32), "h" * wire.MAX_HELPER, t)  # fmt: skip
-    data = wire.encode_changes(U64, U64, [(worst, U32)] * wire.MAX_ITEMS, [])
+    data = wire.encode_changes(U64, U64, [(worst, U32)] * wire.MAX_ITEMS, [], sent=U64)
     assert len(data) <= wire.MAX_MESSAGE_SIZE
     records = [(wire.MAX_BUCKETS - 1, True, True, [(worst, U32)] * (wire.MAX_ITEMS // 2 - 1))]
-    assert len(wire.encode_buckets(U64, U64, records * 2)) <= wire.MAX_MESSAGE_SIZE
+    assert len(wire.encode_buckets(U64, U64, records * 2, sent=U64)) <= wire.MAX_MESSAGE_SIZE
 
 
 def test_encoder_refuses_oversized_batches() -> None:
     with pytest.raises(ValueError, match="bound"):
-        wire.encode_changes(0, 0, [(tcp_entry(), 1)] * wire.MAX_ITEMS, [tcp_entry().key])
+        wire.encode_changes(0, 0, [(tcp_entry(), 1)] * wire.MAX_ITEMS, [tcp_entry().key],
+                            sent=0)
 
 
 def test_version_mismatch_is_a_typed_refusal() -> None:
@@ -252,13 +256,13 @@ def test_invalid_messages_are_refused(value: object) -> None:
 
 
 def test_unpack_limits_apply_before_objects_are_built() -> None:
-    huge = msgpack.packb([wire.CHANGES, 0, 0, [], list(range(wire.MAX_ITEMS + 1))])
+    huge = msgpack.packb([wire.CHANGES, 0, 0, [], list(range(wire.MAX_ITEMS + 1)), 0])
     with pytest.raises(WireDecodeError, match="msgpack"):
         wire.decode(huge)
     with pytest.raises(WireDecodeError, match="msgpack"):
         wire.decode(msgpack.packb([wire.CLOSE, "x" * (wire.MAX_REASON + 1)]))
     with pytest.raises(WireDecodeError, match="msgpack"):
-        wire.decode(msgpack.packb([wire.ACK, 0, 0, False]) + b"\x00")  # trailing bytes
+        wire.decode(msgpack.packb([wire.ACK, 0, 0, False, 0]) + b"\x00")  # trailing bytes
 
 
 def _only_wire_errors(data: bytes) -> None:
@@ -274,10 +278,12 @@ def test_fuzz_random_bytes(data: bytes) -> None:
 
 VALID_FRAMES = [
     wire.encode(wire.Hello(wire.PROTOCOL_VERSION, "fw-a", 7, 4096, 3)),
-    wire.encode_changes(1, 2, [(tcp_entry(i), 100) for i in range(3)], [tcp_entry(9).key]),
-    wire.encode_buckets(1, 3, [(5, True, False, [(tcp_entry(), None)]), (6, False, True, [])]),
+    wire.encode_changes(1, 2, [(tcp_entry(i), 100) for i in range(3)], [tcp_entry(9).key],
+                        sent=123456),
+    wire.encode_buckets(1, 3, [(5, True, False, [(tcp_entry(), None)]), (6, False, True, [])],
+                        sent=7),
     wire.encode(wire.Summary(1, 4, 9, 0, b"\x01" * 16)),
-    wire.encode(wire.Ack(1, 4, True)),
+    wire.encode(wire.Ack(1, 4, True, 99)),
 ]
 
 
@@ -309,5 +315,5 @@ msgpack_values = st.recursive(
 @given(st.integers(0, 12), st.lists(msgpack_values, max_size=7))
 def test_fuzz_well_formed_msgpack_of_any_shape(kind: int, fields: list[object]) -> None:
     _only_wire_errors(msgpack.packb([kind, *fields]))
-    _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, fields, []]))
-    _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, [[*GOOD[:3], *fields]], []]))
+    _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, fields, [], 0]))
+    _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, [[*GOOD[:3], *fields]], [], 0]))
