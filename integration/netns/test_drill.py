@@ -17,22 +17,27 @@ every flow must survive with its NAT mapping unchanged and every idle connection
 still answer. The daemon SIGKILL is not helped along: keepalived's ``replicator check``
 track script must notice the dead daemon and move the VIPs by itself (the controls'
 daemons are not tracked by keepalived, so there the drill stops the master's
-keepalived after the kill). The stalls are printed against the VRRP takeover, never
-asserted (the host is shared), with what explains the worst ones (``halab.stalls``):
+keepalived after the kill). The failover's own gap (longest stall of a flow
+overlapping the failover window) is printed against the VRRP takeover, never asserted
+(the host is shared), with what explains the worst ones (``halab.stalls``):
 retransmissions of both endpoints, drops on both firewalls, ARP and commit times.
 """
 
 from __future__ import annotations
 
+import asyncio
+from typing import cast
+
 import pytest
 
-from integration.netns.halab import stalls, tcpstats
+from integration.netns.halab import agent, stalls, tcpstats
 from integration.netns.halab.conntrackd import ConntrackdReplication
 from integration.netns.halab.drill import (
     DEFAULT_SCENARIO,
     DrillConfig,
     Event,
     EventKind,
+    FlowOutcome,
     PhaseResult,
     drill_lab,
     flow_outcome,
@@ -166,8 +171,58 @@ def test_a_longer_gap_during_the_idle_probe_is_not_the_failovers() -> None:
     assert round(_explained(result).length, 3) == 0.14
     overall = stalls.worst(result, failover=False)
     assert overall is not None and round(overall.lost, 3) == 4.1
+    assert stalls.overlapped(result, overall) == ["the idle probe"]
     report = format_report("t", [result])
-    assert "longest stall overall 250 ms" in report and "during the idle probe" in report
+    assert "longest stall of the phase 250 ms" in report
+    assert "overlapping the idle probe" in report
+
+
+def test_the_target_is_judged_on_the_failovers_gap_not_the_idle_probes() -> None:
+    # Target: takeover 0.3 + 0.2. The idle probe's 0.6 s gap is the phase's longest.
+    result = _phase((), (), resumed=0.35, probe_gap=0.6)
+    assert round(result.max_stall, 3) == 0.6
+    stall = result.failover_stall()
+    assert stall is not None and round(stall, 3) == 0.34
+    assert result.within_target
+    line = stall_summary([result]).splitlines()[1]
+    assert " met " in line and "idle probe" in line
+    assert "failover gap 340 ms" in format_report("t", [result])
+    # The same failover gap over the target misses it, whatever the idle probe did.
+    missed = _phase((), (), resumed=0.56)
+    assert missed.failover_stall() is not None and not missed.within_target
+    assert "MISSED" in stall_summary([missed])
+
+
+def _flow_with(gaps: tuple[tuple[float, float], ...]) -> FlowOutcome:
+    """A TCP flow that answered until the report (+4.5) but for ``gaps``."""
+    longest = max(gaps, key=lambda g: g[1] - g[0])
+    record = StreamRecord("tcp-snat", "10.0.0.9:7", "10.0.0.2:5", sent=100, oks=90,
+                          last_ok=4.5, max_gap=longest[1] - longest[0],
+                          mappings=((-1.0, "10.0.0.1:5"),), error=None,
+                          gap_start=longest[0], gap_end=longest[1], gaps=gaps)
+    return flow_outcome(record, t_event=0.0, t_up=0.3, t_report=4.51, alive_window=0.5)
+
+
+def test_the_failover_window_runs_until_half_a_second_after_the_path_came_back() -> None:
+    # VIPs up at +0.3, commit applying entries done at +0.6: the window is 0 to +1.1.
+    flows = (_flow_with(((1.0, 1.3),)), _flow_with(((1.2, 1.8),)),
+             _flow_with(((-0.5, 0.05),)), _flow_with(((-0.5, -0.2),)))
+    result = PhaseResult(event=Event(EventKind.PLANNED), new_master="b", forced=False,
+                         takeover=0.3, flows=flows, idle=(), transitions=(), counters={},
+                         conntrack={}, stall_margin=0.2, commits=((0.6, 0.25, 2200),),
+                         probe_at=4.0)
+    assert result.failover_window == (0.0, 1.1)
+    # Began inside the window; began after it; began before the failover and ended in
+    # it; ended before the failover started.
+    assert [result.failover_gap(f) for f in flows] == [(1.0, 1.3), None, (-0.5, 0.05), None]
+    stall = result.failover_stall()
+    assert stall is not None and round(stall, 3) == 0.55
+    # The idle probe ends the window early.
+    early = PhaseResult(event=Event(EventKind.PLANNED), new_master="b", forced=False,
+                        takeover=0.3, flows=flows, idle=(), transitions=(), counters={},
+                        conntrack={}, stall_margin=0.2, probe_at=0.7)
+    assert early.failover_window == (0.0, 0.7)
+    assert early.failover_gap(flows[0]) is None
 
 
 def test_a_gap_long_after_the_path_came_back_is_not_the_failovers() -> None:
@@ -187,6 +242,91 @@ def test_a_resume_without_retransmission_and_a_flow_that_never_resumed() -> None
 def test_stall_summary_names_the_retransmission_that_got_through() -> None:
     result = _phase((Retrans(0.45, 1, 1, 408),), (), resumed=0.46)
     assert "requester #1" in stall_summary([result]).splitlines()[1]
+
+
+# --- how a UDP stream counts its replies (the agent's Stream, pure) ------------------------
+# Requests every 30 ms from t=0 (request 0 opens the flow); replies 1 ms later.
+
+
+def _udp_run(requests: int, replies: list[tuple[int, float]],
+             mapping: str = "10.0.0.1:5") -> agent.Stream:
+    """A stream that sent ``requests`` requests and got ``replies`` ``(seq, arrival)``,
+    everything fed in time order."""
+    stream = agent.Stream("udp", "10.0.0.2:9")
+    events = sorted([(n * 0.03, 0, n) for n in range(requests)]
+                    + [(at, 1, seq) for seq, at in replies])
+    for at, is_reply, seq in events:
+        if is_reply:
+            stream.reply(f"{seq} {mapping}".encode(), at)
+        else:
+            assert stream.request(at) == seq
+    return stream
+
+
+def test_udp_replies_are_round_trips_when_they_arrive() -> None:
+    # Requests 4-11 are lost in an outage.
+    stream = _udp_run(20, [(n, n * 0.03 + 0.001) for n in (*range(4), *range(12, 20))])
+    assert (stream.sent, stream.oks, stream.late, stream.duplicates) == (20, 12, 0, 0)
+    # The gap runs from the reply to request 3 to the one to request 12: 270 ms, the
+    # path's outage to within one interval (not a client's reply timeout).
+    assert [(round(a, 3), round(b, 3)) for a, b in stream.gaps] == [(0.091, 0.361)]
+    assert round(stream.max_gap, 3) == 0.27 and stream.error is None
+    assert round(stream.max_rtt, 3) == 0.001
+    assert sorted(stream.pending) == list(range(4, 12))
+
+
+def test_a_late_udp_reply_still_proves_the_path_and_a_duplicate_is_not_counted() -> None:
+    # Request 6's reply arrives at +0.4, after request 13 was sent: a round trip then,
+    # and a late one. Both 6 and 14 are answered twice (duplicated by the network).
+    stream = _udp_run(20, [(0, 0.001), (1, 0.031), (2, 0.061), (3, 0.091), (6, 0.4),
+                           (14, 0.421), (6, 0.43), (14, 0.44)])
+    assert (stream.oks, stream.late, stream.duplicates, stream.strays) == (6, 1, 2, 0)
+    assert [(round(a, 3), round(b, 3)) for a, b in stream.gaps] == [(0.091, 0.4)]
+    assert round(stream.max_rtt, 3) == 0.22 and stream.last_ok == 0.421
+    assert stream.error is None
+
+
+def test_a_udp_reply_to_no_request_sent_is_an_error_not_a_round_trip() -> None:
+    stream = _udp_run(3, [(0, 0.001), (7, 0.05)])
+    stream.reply(b"\xff garbage", 0.06)
+    assert (stream.oks, stream.strays) == (1, 2)
+    assert stream.error == "reply to request 7, never sent"
+
+
+def test_a_udp_reply_with_a_new_mapping_is_recorded() -> None:
+    stream = _udp_run(2, [(0, 0.001)])
+    stream.reply(b"1 10.0.0.1:6", 0.031)
+    assert stream.mappings == [(0.001, "10.0.0.1:5"), (0.031, "10.0.0.1:6")]
+
+
+def test_a_udp_stream_sends_every_interval_without_waiting_for_replies() -> None:
+    stream = agent.Stream("udp", "10.0.0.2:9")
+    sent: list[bytes] = []
+    five = asyncio.Event()
+
+    class Silent:
+        """A transport whose requests are never answered."""
+
+        def sendto(self, data: bytes) -> None:
+            sent.append(data)
+            if len(sent) == 5:
+                five.set()
+
+    client = agent.UdpClient(stream)
+    client.connection_made(cast(asyncio.BaseTransport, Silent()))
+
+    async def five_requests() -> None:
+        task = asyncio.create_task(agent.run_udp_stream(client, 0.0))
+        await five.wait()
+        task.cancel()
+
+    asyncio.run(five_requests())
+    assert sent[:5] == [b"0", b"1", b"2", b"3", b"4"] and stream.oks == 0
+    # Replies come in whenever they arrive, in any order, to the socket's protocol.
+    client.datagram_received(b"3 10.0.0.1:5", ("10.0.0.2", 9))
+    client.datagram_received(b"1 10.0.0.1:5", ("10.0.0.2", 9))
+    client.datagram_received(b"3 10.0.0.1:5", ("10.0.0.2", 9))
+    assert (stream.oks, stream.duplicates) == (2, 1) and client.answered.is_set()
 
 
 # --- parsers (pure) -----------------------------------------------------------------------

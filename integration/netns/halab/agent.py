@@ -13,8 +13,12 @@ Output is one JSON object per line on stdout.
 ``drive --stream tcp:HOST:PORT:N --stream udp:HOST:PORT:N --idle HOST:PORT:N``
     Opens ``N`` streaming flows per ``--stream`` and ``N`` idle TCP connections per
     ``--idle``, proves each with one round trip, prints ``{"ready": {...}}`` and keeps
-    every stream sending a sequence-numbered request each ``--interval`` seconds,
-    checking every reply. Commands on stdin, one per line, one JSON answer each:
+    every stream sending sequence-numbered requests, checking every reply. A TCP stream
+    has one request in flight: it sends the next one ``--interval`` seconds after the
+    reply. A UDP stream sends one every ``--interval`` seconds whether or not replies
+    come, and counts each reply when it arrives (:meth:`Stream.reply`), so its gaps
+    measure the path, not a client's retry timeout. Commands on stdin, one per line,
+    one JSON answer each:
     ``probe <timeout>`` sends one request on every idle connection and checks the reply;
     ``report`` returns every stream's record; ``quit`` ends the agent.
 
@@ -39,6 +43,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import resource
 import socket
@@ -48,8 +53,6 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, cast
 
-#: How long a UDP stream waits for one reply before sending the next request.
-UDP_REPLY_TIMEOUT = 0.2
 #: How long opening (and proving) one flow may take.
 OPEN_TIMEOUT = 5.0
 #: How many idle connections are opened at once.
@@ -187,7 +190,15 @@ async def serve(bind: str, tcp_ports: list[int], udp_ports: list[int]) -> None:
 
 @dataclass
 class Stream:
-    """One streaming flow's record."""
+    """One streaming flow's record.
+
+    Both kinds count the same way: ``sent`` requests (sequence numbers ``0`` to
+    ``sent - 1``, ``0`` the one that opened the flow), ``oks`` of them answered, each
+    at most once, a round trip being the moment its reply arrived. A TCP stream has one
+    request in flight; a UDP stream has as many as went unanswered, and a reply to any
+    of them counts, however late: its arrival proves the flow's path (with its NAT
+    mapping) works at that moment, as a TCP reply to a retransmitted request does.
+    """
 
     kind: str
     target: str
@@ -202,15 +213,33 @@ class Stream:
     gap_end: float | None = None
     #: Every gap longer than GAP_RECORD, as ``[last round trip, next round trip]``.
     gaps: list[tuple[float, float]] = field(default_factory=list)
+    #: Longest time from sending a request to its reply.
+    max_rtt: float = 0.0
+    #: UDP only: replies counted although a newer request had been sent by then; replies
+    #: to a request already answered (not counted); replies to no request sent, or not
+    #: readable (not counted, and an error: the echo server answers every request once).
+    late: int = 0
+    duplicates: int = 0
+    strays: int = 0
     #: TCP only: ``[t, total_retrans, backoff, rto_ms]`` at each change of the count.
     retrans: list[list[float]] = field(default_factory=list)
     #: ``[time, "ip:port"]`` whenever the address the server saw changed.
     mappings: list[tuple[float, str]] = field(default_factory=list)
     error: str | None = None
+    #: UDP only: when each unanswered request was sent, by sequence number (the lost
+    #: ones stay: a few per outage, for a stream that lives one drill phase).
+    pending: dict[int, float] = field(default_factory=dict)
 
-    def ok(self, mapping: str) -> None:
-        """Record one successful round trip answered with ``mapping``."""
-        now = time.monotonic()
+    def request(self, now: float) -> int:
+        """Account for one request sent at ``now``; its sequence number."""
+        seq = self.sent
+        self.sent += 1
+        self.pending[seq] = now
+        return seq
+
+    def ok(self, mapping: str, now: float, sent_at: float) -> None:
+        """Record one successful round trip: the request sent at ``sent_at`` was answered
+        at ``now`` with ``mapping`` (the address the server saw)."""
         if self.last_ok is not None:
             if now - self.last_ok > GAP_RECORD:
                 self.gaps.append((self.last_ok, now))
@@ -221,8 +250,33 @@ class Stream:
             self.first_ok = now
         self.last_ok = now
         self.oks += 1
+        self.max_rtt = max(self.max_rtt, now - sent_at)
         if not self.mappings or self.mappings[-1][1] != mapping:
             self.mappings.append((now, mapping))
+
+    def reply(self, data: bytes, now: float) -> None:
+        """Account for one UDP reply (``b"<seq> <ip>:<port>"``) that arrived at ``now``."""
+        try:
+            text, mapping = data.decode().split()
+            seq = int(text)
+        except ValueError:  # UnicodeDecodeError included
+            self._stray(f"unreadable reply {data[:40]!r}")
+            return
+        sent_at = self.pending.pop(seq, None)
+        if sent_at is None:
+            if 0 <= seq < self.sent:
+                self.duplicates += 1
+            else:
+                self._stray(f"reply to request {seq}, never sent")
+            return
+        if seq < self.sent - 1:
+            self.late += 1
+        self.ok(mapping, now, sent_at)
+
+    def _stray(self, why: str) -> None:
+        self.strays += 1
+        if self.error is None:
+            self.error = why
 
     def as_json(self) -> dict[str, Any]:
         """The record as a JSON object."""
@@ -230,7 +284,9 @@ class Stream:
                 "sent": self.sent, "oks": self.oks, "first_ok": self.first_ok,
                 "last_ok": self.last_ok, "max_gap": self.max_gap,
                 "gap_start": self.gap_start, "gap_end": self.gap_end, "gaps": self.gaps,
-                "retrans": self.retrans, "mappings": self.mappings, "error": self.error}
+                "max_rtt": self.max_rtt, "late": self.late, "duplicates": self.duplicates,
+                "strays": self.strays, "retrans": self.retrans, "mappings": self.mappings,
+                "error": self.error}
 
 
 def _parse_reply(line: bytes, seq: int) -> str:
@@ -251,61 +307,58 @@ async def _open_tcp(host: str, port: int) -> tuple[asyncio.StreamReader,
 
 async def _run_tcp_stream(stream: Stream, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter, interval: float) -> None:
-    seq = 0
     try:
         while True:
             await asyncio.sleep(interval)
-            seq += 1
-            writer.write(f"{seq}\n".encode())
+            sent_at = time.monotonic()
+            seq = stream.sent
             stream.sent += 1
+            writer.write(f"{seq}\n".encode())
             await writer.drain()
             line = await reader.readline()
             if not line:
                 stream.error = "closed by peer"
                 return
-            stream.ok(_parse_reply(line, seq))
+            stream.ok(_parse_reply(line, seq), time.monotonic(), sent_at)
     except (OSError, ValueError) as exc:
         stream.error = f"{type(exc).__name__}: {exc}"
 
 
-class _UdpClient(asyncio.DatagramProtocol):
-    def __init__(self) -> None:
-        self.replies: asyncio.Queue[bytes] = asyncio.Queue()
+class UdpClient(asyncio.DatagramProtocol):
+    """One UDP stream's socket: sends its requests, counts its replies as they arrive."""
+
+    def __init__(self, stream: Stream) -> None:
+        self.stream = stream
+        self.transport: asyncio.DatagramTransport | None = None
+        #: Set by the first counted reply (the one that proves the flow).
+        self.answered = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # The selector loop's datagram transport does not subclass DatagramTransport.
+        self.transport = cast(asyncio.DatagramTransport, transport)
 
     def datagram_received(self, data: bytes, addr: tuple[str, int]) -> None:
-        self.replies.put_nowait(data)
+        self.stream.reply(data, time.monotonic())
+        if self.stream.oks:
+            self.answered.set()
 
     def error_received(self, exc: Exception) -> None:
         # ICMP errors (e.g. port unreachable) just mean "no reply"; the stall shows it.
         pass
 
-
-async def _udp_round_trip(transport: asyncio.DatagramTransport, proto: _UdpClient,
-                          seq: int, patience: float) -> str | None:
-    transport.sendto(str(seq).encode())
-    deadline = time.monotonic() + patience
-    while (left := deadline - time.monotonic()) > 0:
-        try:
-            data = await asyncio.wait_for(proto.replies.get(), left)
-        except TimeoutError:
-            return None
-        got, mapping = data.decode().split()
-        if int(got) == seq:
-            return mapping
-        # A late reply to an earlier request: skip it.
-    return None
+    def send_request(self) -> None:
+        """Send the stream's next request."""
+        assert self.transport is not None, "not connected"
+        seq = self.stream.request(time.monotonic())
+        self.transport.sendto(str(seq).encode())
 
 
-async def _run_udp_stream(stream: Stream, transport: asyncio.DatagramTransport,
-                          proto: _UdpClient, interval: float) -> None:
-    seq = 0
+async def run_udp_stream(client: UdpClient, interval: float) -> None:
+    """Send a request every ``interval`` s until cancelled, never waiting for a reply
+    (``client`` counts the replies as they arrive)."""
     while True:
         await asyncio.sleep(interval)
-        seq += 1
-        stream.sent += 1
-        mapping = await _udp_round_trip(transport, proto, seq, UDP_REPLY_TIMEOUT)
-        if mapping is not None:
-            stream.ok(mapping)
+        client.send_request()
 
 
 @dataclass
@@ -353,22 +406,24 @@ async def drive(streams: list[str], idles: list[str], interval: float) -> None:
             stream = Stream(kind, f"{host}:{port}")
             records.append(stream)
             if kind == "tcp":
+                t_open = time.monotonic()
                 reader, writer, stream.local, mapping = await _open_tcp(host, int(port))
-                stream.ok(mapping)
+                stream.sent += 1  # request 0, sent by _open_tcp
+                stream.ok(mapping, time.monotonic(), t_open)
                 watch.add(len(records) - 1, writer.get_extra_info("socket"))
                 tasks.append(asyncio.create_task(
                     _run_tcp_stream(stream, reader, writer, interval)))
             elif kind == "udp":
-                transport, proto = await loop.create_datagram_endpoint(
-                    _UdpClient, remote_addr=(host, int(port)))
+                transport, client = await loop.create_datagram_endpoint(
+                    functools.partial(UdpClient, stream), remote_addr=(host, int(port)))
                 local = transport.get_extra_info("sockname")
                 stream.local = f"{local[0]}:{local[1]}"
-                first = await _udp_round_trip(transport, proto, 0, OPEN_TIMEOUT)
-                if first is None:
-                    raise SystemExit(f"no UDP reply from {host}:{port}")
-                stream.ok(first)
-                tasks.append(asyncio.create_task(
-                    _run_udp_stream(stream, transport, proto, interval)))
+                client.send_request()
+                try:
+                    await asyncio.wait_for(client.answered.wait(), OPEN_TIMEOUT)
+                except TimeoutError:
+                    raise SystemExit(f"no UDP reply from {host}:{port}") from None
+                tasks.append(asyncio.create_task(run_udp_stream(client, interval)))
             else:
                 raise SystemExit(f"bad flow kind {kind!r}")
     idle: list[Idle] = []

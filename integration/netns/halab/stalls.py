@@ -1,8 +1,8 @@
 """Why a flow stalled: its longest gap set against what brought the path back (pure).
 
 Every time is in seconds after the failover started (``PhaseResult.takeover`` is when
-both VIPs were up). The path is *back* once both VIPs
-are up on the new master and, if the new master committed the peer's entries into its
+both VIPs were up). The path is *back* (``PhaseResult.path_back``) once both VIPs are
+up on the new master and, if the new master committed the peer's entries into its
 kernel after the event (cache mode), once that commit finished: before that the new
 master drops the flow's packets as invalid. A TCP flow whose segment was lost resumes
 only when one of its two sockets retransmits after the path is back (RTO at least
@@ -16,37 +16,6 @@ from dataclasses import dataclass
 
 from integration.netns.halab.drill import FlowOutcome, PhaseResult
 from integration.netns.halab.traffic import Retrans
-
-
-def path_back(result: PhaseResult) -> float:
-    """When the path through the new master was back: VIPs up, and its first commit
-    after the event that applied entries finished (if any; in hot mode the entries are
-    in the kernel already and the commit applies none)."""
-    commits = [t for t, _, applied in result.commits if applied > 0]
-    return max(result.takeover, min(commits, default=0.0))
-
-
-#: A gap is the failover's if it ended after the failover started and began before the
-#: path was back or at most this long after (a packet lost just before is retried later).
-FAILOVER_SLACK = 0.5
-
-
-def failover_gap(flow: FlowOutcome, result: PhaseResult) -> tuple[float, float | None] | None:
-    """The flow's longest gap (over 0.1 s) around the failover, i.e. one the failover
-    can have caused, never one from the idle probe on (None: no such gap)."""
-    gaps: list[tuple[float, float | None]] = list(flow.gaps)
-    if flow.gap is not None and flow.gap[1] is None:
-        gaps.append(flow.gap)
-    last_start = path_back(result) + FAILOVER_SLACK
-    if result.probe_at is not None:
-        last_start = min(last_start, result.probe_at)
-    gaps = [g for g in gaps if g[0] < last_start and (g[1] is None or g[1] > 0)]
-    return max(gaps, key=lambda g: _length(g, flow), default=None)
-
-
-def _length(gap: tuple[float, float | None], flow: FlowOutcome) -> float:
-    # A final silence lasted until the report: the flow's stall.
-    return (gap[1] - gap[0]) if gap[1] is not None else flow.stall
 
 
 @dataclass(frozen=True)
@@ -98,20 +67,32 @@ def explain(flow: FlowOutcome, result: PhaseResult,
     candidates += [("echo", i, r) for i, r in enumerate(echo, 1)]
     through = max(candidates, key=lambda c: c[2].t) if candidates and resumed is not None \
         else None
-    return Stall(flow, _length(gap, flow), lost, resumed, path_back(result), requester,
+    return Stall(flow, flow.gap_length(gap), lost, resumed, result.path_back, requester,
                  echo, through)
 
 
 def worst(result: PhaseResult, prefix: str = "tcp", *, failover: bool = True) -> Stall | None:
     """The explained stall of the phase's worst-stalled flow of kind ``prefix`` (``""``:
-    of any kind): with ``failover``, of the gaps that began before the idle probe, else
-    of the whole phase (the flow's ``stall``)."""
+    of any kind): with ``failover``, of the gaps that overlap the failover window
+    (``PhaseResult.failover_gap``), else of the whole phase (the flow's ``stall``)."""
     stalls = []
     for flow in result.of_kind(prefix):
-        stall = explain(flow, result, failover_gap(flow, result) if failover else flow.gap)
+        stall = explain(flow, result, result.failover_gap(flow) if failover else flow.gap)
         if stall is not None:
             stalls.append(stall)
     return max(stalls, key=lambda s: s.length, default=None)
+
+
+def overlapped(result: PhaseResult, stall: Stall) -> list[str]:
+    """The parts of the phase ``stall``'s gap overlapped, in order: ``"before the
+    failover"``, ``"the failover window"``, ``"the hold"`` (after the window, before the
+    idle probe), ``"the idle probe"`` (from its start to the report)."""
+    start, end = result.failover_window
+    probe = result.probe_at if result.probe_at is not None else float("inf")
+    parts = [("before the failover", -float("inf"), start), ("the failover window", start, end),
+             ("the hold", end, probe), ("the idle probe", probe, float("inf"))]
+    return [name for name, a, b in parts
+            if a < b and stall.lost < b and (stall.resumed is None or stall.resumed > a)]
 
 
 def _ms(seconds: float) -> str:
@@ -131,27 +112,39 @@ def _retrans(side: str, retrans: tuple[Retrans, ...]) -> str:
 
 
 def describe(stall: Stall) -> list[str]:
-    """Lines saying when the flow lost its path, what retransmitted, and when it resumed."""
+    """Lines saying when the flow lost its path, what retransmitted (TCP) or how its
+    requests fared (UDP), and when it resumed."""
     flow = stall.flow
+    udp = flow.kind.startswith("udp")
     lines = [f"{flow.kind} {flow.local}: stall {stall.length * 1000:.0f} ms, last reply "
-             f"{_ms(stall.lost)} ms, path back {_ms(stall.path_back)} ms",
-             "  retransmitted (ms): " + "; ".join((_retrans("requester", stall.requester),
-                                                   _retrans("echo side", stall.echo)))]
+             f"{_ms(stall.lost)} ms, path back {_ms(stall.path_back)} ms"]
+    if udp:
+        # No retransmissions: the client sends a request every interval regardless.
+        lines.append(f"  requests: {flow.sent} sent, {flow.oks} answered ({flow.late} late), "
+                     f"{flow.duplicates} duplicate replies, longest round trip "
+                     f"{flow.max_rtt * 1000:.0f} ms")
+    else:
+        lines.append("  retransmitted (ms): " + "; ".join(
+            (_retrans("requester", stall.requester), _retrans("echo side", stall.echo))))
     if stall.resumed is None:
         lines.append("  never resumed")
         return lines
     text = (f"  resumed {_ms(stall.resumed)} ms: {(stall.resumed - stall.lost) * 1000:.0f} ms "
             f"after the loss, {(stall.resumed - stall.path_back) * 1000:.0f} ms after the "
             "path came back")
-    if stall.through is None:
-        text += ", with no retransmission in the gap"
-    else:
-        side, n, r = stall.through
-        text += f", with the {side}'s {_ordinal(n)} retransmission (seen {_ms(r.t)} ms)"
-        waited = stall.waited
-        if waited is not None:
-            text += f" (sent {waited * 1000:.0f} ms after the path came back)"
-        else:
-            text += " (sent before the path came back)"
+    if not udp:
+        text += _resumed_with(stall)
     lines.append(text)
     return lines
+
+
+def _resumed_with(stall: Stall) -> str:
+    """Which retransmission (TCP) the flow resumed with, and when it was sent."""
+    if stall.through is None:
+        return ", with no retransmission in the gap"
+    side, n, r = stall.through
+    text = f", with the {side}'s {_ordinal(n)} retransmission (seen {_ms(r.t)} ms)"
+    waited = stall.waited
+    if waited is not None:
+        return text + f" (sent {waited * 1000:.0f} ms after the path came back)"
+    return text + " (sent before the path came back)"

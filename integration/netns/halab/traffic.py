@@ -126,6 +126,13 @@ class StreamRecord:
     retrans: tuple[Retrans, ...] = ()
     #: Every gap between round trips longer than the agent's ``GAP_RECORD`` (0.1 s).
     gaps: tuple[tuple[float, float], ...] = ()
+    #: Longest time from a request to its reply.
+    max_rtt: float = 0.0
+    #: UDP only (see the agent's ``Stream``): replies counted although a newer request
+    #: had been sent, replies to a request already answered, replies to none sent.
+    late: int = 0
+    duplicates: int = 0
+    strays: int = 0
 
     @classmethod
     def from_json(cls, obj: dict[str, Any], direction: str) -> StreamRecord:
@@ -135,7 +142,8 @@ class StreamRecord:
                    tuple((float(t), str(m)) for t, m in obj["mappings"]), obj["error"],
                    obj["gap_start"], obj["gap_end"],
                    tuple(Retrans.from_json(r) for r in obj["retrans"]),
-                   tuple((float(a), float(b)) for a, b in obj["gaps"]))
+                   tuple((float(a), float(b)) for a, b in obj["gaps"]),
+                   float(obj["max_rtt"]), obj["late"], obj["duplicates"], obj["strays"])
 
 
 @dataclass(frozen=True)
