@@ -183,7 +183,7 @@ def stall_summary(results: Sequence[PhaseResult]) -> str:
     path came back, how long after that it resumed, the retransmission that got through
     and how long after the path came back that retransmission was sent."""
     lines = [f"    {'event':<16} {'takeover':>9} {'failover gap':>13} {'tcp':>9} {'udp':>9}"
-             f" {'gap - takeover':>15} {'target':>7} {'phase max':>10} {'overlapping':<32}"
+             f" {'gap - takeover':>15} {'target':>7} {'phase max':>10} {'overlapping':<38}"
              f" {'path back':>10} {'resumed after':>14} {'got through':>13}"
              f" {'sent after':>11}"]
     for result in results:
@@ -200,6 +200,6 @@ def stall_summary(results: Sequence[PhaseResult]) -> str:
         lines.append(f"    {result.event!s:<16} {_ms(result.takeover):>9} {_gap(gap):>13} "
                      f"{_kind_gap(result, 'tcp'):>9} "
                      f"{_kind_gap(result, 'udp'):>9} {over:>15} {met:>7} "
-                     f"{_ms(result.max_stall):>10} {where:<32} {back:>10} {after:>14} "
+                     f"{_ms(result.max_stall):>10} {where:<38} {back:>10} {after:>14} "
                      f"{through:>13} {waited:>11}")
     return "\n".join(lines)
