@@ -125,20 +125,35 @@ class InternalCache:
 
     def finish_resync(self, dump: Iterable[Entry], now: float) -> list[Change]:
         """Reconcile with a dump requested after :meth:`begin_resync` and read by
-        ``now``; the changes made.
+        ``now``; the changes made (:meth:`reconcile` in one go).
 
         Changes that only move the timeout or the id are applied but not reported.
         Without :meth:`begin_resync` no key counts as touched: the dump replaces the cache.
         """
-        touched = self._touched if self._touched is not None else set()
-        self._touched = None
-        old = self._records
-        new: dict[bytes, bytes] = {}
+        return [c for step in self.reconcile(dump, now) for c in step]
+
+    def reconcile(self, dump: Iterable[Entry], now: float, *, step: int = 4096
+                  ) -> Iterator[list[Change]]:
+        """:meth:`finish_resync` in steps of ``step`` dump entries: yields each step's
+        changes (the last one: the entries absent from the dump, which are dropped).
+
+        Events may be applied between steps; they count as touched like those applied
+        while the dump was read (the event is newer than the dump either way), so a
+        caller can hand control back to its event reader between steps instead of
+        stalling it for the whole table (a 250 k-entry re-dump takes seconds of CPU).
+        The cache is updated in place: until the last step it holds entries the dump
+        did not reach yet as they were.
+        """
+        if self._touched is None:
+            self._touched = set()
+        touched = self._touched  # a live view: events keep adding to it
+        records = self._records
+        seen: set[bytes] = set()
         changes: list[Change] = []
         pack, unpack, deadline_of, key_of = R.pack, R.unpack, R.deadline_of, R.key
-        for entry in dump:
+        for n, entry in enumerate(dump, 1):
             key = key_of(entry)
-            before = old.get(key)
+            before = records.get(key)
             if key not in touched:
                 full = entry
             elif before is not None:
@@ -148,13 +163,17 @@ class InternalCache:
                 continue  # deleted by an event during the dump: it stays deleted
             told = _NEVER if before is None else R.timing(before)[1]
             rec = pack(full, deadline_of(full[5], now), told, key)
-            new[key] = rec
+            records[key] = rec
+            seen.add(key)
             if before is None or not R.same_state(before, rec):
                 changes.append(Change(key, rec, full))
-        for key in touched - new.keys():
-            cached = old.get(key)
-            if cached is not None:
-                new[key] = cached  # created (or re-created) during the dump
-        changes.extend(Change(key, None, None) for key in old.keys() - new.keys())
-        self._records = new
-        return changes
+            if n % step == 0:
+                yield changes
+                changes = []
+        # Created (or re-created) by an event during the dump: kept; else gone.
+        self._touched = None
+        gone = [key for key in records if key not in seen and key not in touched]
+        for key in gone:
+            del records[key]
+        changes.extend(Change(key, None, None) for key in gone)
+        yield changes

@@ -225,6 +225,9 @@ async def _read_dump(netns: str | None, family: int) -> list[Entry]:
                 raise KernelError(f"dump: {exc.strerror}", exc.errno or 0) from exc
             part, done = ctnetlink.decode_dump(view[:n])
             entries += part
+            # The kernel refills the socket as fast as this decodes: without a
+            # checkpoint a large dump never yields to the rest of the daemon.
+            await trio.lowlevel.checkpoint()
     return entries
 
 

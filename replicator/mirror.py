@@ -207,9 +207,14 @@ class Mirror:
             # Whatever was dropped unread before this point is in this dump.
             self._stale = False
             dump = await self._kernel.dump()
-            changes = self.cache.finish_resync(dump, trio.current_time())
+            # In steps, letting the event reader and the sync link run in between: a
+            # large table reconciled in one go stalled the whole daemon for seconds
+            # (events then overrun, the peer link misses its keepalives).
+            for changes in self.cache.reconcile(dump, trio.current_time()):
+                self._emit(changes)
+                await trio.lowlevel.checkpoint()
+            del dump
             self.stats.reconciliations += 1
-            self._emit(changes)
             if not self._resync_again:
                 break
         self._resync_running = False

@@ -490,6 +490,19 @@ class _Conn:
         self.clock = PeerClock()
 
 
+class _LocalSnapshot:
+    """A snapshot of the local table given in parts (:meth:`SyncSession.begin_local_snapshot`)."""
+
+    __slots__ = ("refilter", "seen", "touched")
+
+    def __init__(self, refilter: bool) -> None:
+        self.refilter = refilter
+        #: Keys the parts held (and the filter accepted).
+        self.seen: set[bytes] = set()
+        #: Keys changed by other calls since the snapshot began.
+        self.touched: set[bytes] = set()
+
+
 class _Violation(Exception):
     pass
 
@@ -514,6 +527,7 @@ class SyncSession:
         self.params = params if params is not None else SyncParams()
         self._accept = accept
         self._restamped = restamped
+        self._snapshot: _LocalSnapshot | None = None
         self._buckets = self.params.buckets
         #: The peer's table as last heard (read it; the session maintains it).
         self.external = ExternalCache(self._buckets)
@@ -635,12 +649,17 @@ class SyncSession:
 
     def local_update(self, entry: Entry, now: float) -> None:
         """This node's table holds ``entry`` (a full entry) as of ``now``."""
-        self._local(R.key(entry), None, entry, now)
+        key = R.key(entry)
+        if self._snapshot is not None:
+            self._snapshot.touched.add(key)
+        self._local(key, None, entry, now)
 
     def local_record(self, key: bytes, record: bytes, entry: Entry, now: float) -> None:
         """:meth:`local_update` with the packed forms at hand: ``record`` (whose
         deadline is the observation time plus the observed timeout) is stored as is,
         so a cache holding it shares the object (see ``restamped``)."""
+        if self._snapshot is not None:
+            self._snapshot.touched.add(key)
         self._local(key, record, entry, now)
 
     def _local(self, key: bytes, record: bytes | None, entry: Entry | None, now: float
@@ -693,6 +712,8 @@ class SyncSession:
         node's table."""
         if not isinstance(key, bytes):
             key = R.key(key) if isinstance(key, Entry) else R.pack_key(key)
+        if self._snapshot is not None:
+            self._snapshot.touched.add(key)
         table = self._table
         if table.pop(table.bucket_of(key), key) is not None:
             self._mark(key, now)
@@ -713,23 +734,63 @@ class SyncSession:
         self, records: Iterable[tuple[bytes, bytes]], now: float, *, refilter: bool = False
     ) -> None:
         """:meth:`local_snapshot` from ``(packed key, record)`` pairs (e.g. a cache's,
-        shared as in :meth:`local_record`).
+        shared as in :meth:`local_record`): :meth:`begin_local_snapshot`, one
+        :meth:`local_snapshot_part` and :meth:`finish_local_snapshot`."""
+        self.begin_local_snapshot(refilter=refilter)
+        self.local_snapshot_part(records, now)
+        self.finish_local_snapshot(now)
+
+    def begin_local_snapshot(self, *, refilter: bool = False) -> None:
+        """Start a snapshot of this node's whole table given in parts, so that a large
+        table does not stall its owner (the daemon reads events between parts).
+
+        Changes reported between the parts (:meth:`local_update`, :meth:`local_record`,
+        :meth:`local_delete`) are newer than the snapshot: the parts skip their keys and
+        :meth:`finish_local_snapshot` keeps them. ``refilter``: evaluate every record
+        against the filter (a new filter), not only those whose state changed.
+        """
+        self._snapshot = _LocalSnapshot(refilter)
+
+    def local_snapshot_part(self, records: Iterable[tuple[bytes, bytes]], now: float) -> None:
+        """Part of the snapshot begun by :meth:`begin_local_snapshot`, as ``(packed key,
+        record)`` pairs.
 
         The filter only sees the replicated state, so a record whose state equals the
         one held is known to pass it and is not unpacked (a periodic re-dump changes
-        little but the timeouts); ``refilter``: evaluate every record (a new filter).
+        little but the timeouts).
         """
-        seen = set()
+        snap = self._snapshot
+        if snap is None:
+            raise RuntimeError("local_snapshot_part without begin_local_snapshot")
+        seen, touched, refilter = snap.seen, snap.touched, snap.refilter
         accept = self._accept
         unpack, same_state, get = R.unpack, R.same_state, self._table.get
         for key, rec in records:
+            if key in touched:
+                continue
             if accept is not None:
                 old = None if refilter else get(key)
                 if (old is None or not same_state(old, rec)) and not accept(unpack(rec)):
                     continue
             seen.add(key)
             self._local(key, rec, None, now)
-        self._delete_unseen(seen, now)
+
+    def finish_local_snapshot(self, now: float) -> None:
+        """End the snapshot: local entries in none of its parts, and not reported since
+        it began, are deleted."""
+        snap, self._snapshot = self._snapshot, None
+        if snap is None:
+            raise RuntimeError("finish_local_snapshot without begin_local_snapshot")
+        self._delete_unseen(snap.seen | snap.touched, now)
+
+    @property
+    def snapshot_running(self) -> bool:
+        """Whether :meth:`begin_local_snapshot` was called and not yet finished."""
+        return self._snapshot is not None
+
+    def abort_local_snapshot(self) -> None:
+        """Give up the snapshot begun (its parts stay applied; nothing is deleted)."""
+        self._snapshot = None
 
     def _delete_unseen(self, seen: set[bytes], now: float) -> None:
         for key in [k for k, _ in self._table.items() if k not in seen]:

@@ -175,3 +175,47 @@ def test_events_replay_a_table_history(ops: list[tuple[str, int, int]]) -> None:
         elif op == "del" and port in table:
             cache.apply(destroy(table.pop(port)), 0.0)
     assert cache.snapshot() == {e.key: e for e in table.values()}
+
+
+def test_events_between_reconcile_steps_are_newer_than_the_dump() -> None:
+    cache = InternalCache()
+    cache.apply_all([new(entry(p)) for p in (1, 2, 3, 4)], 0.0)
+    cache.begin_resync()
+    dump = [entry(1, mark=7), entry(2), entry(3), entry(5)]
+    steps = cache.reconcile(dump, 0.0, step=1)
+    first = next(steps)  # entry 1 reconciled: it takes the dump's state
+    assert [view(c) for c in first] == [(entry(1).key, entry(1, mark=7))]
+    assert cache.resyncing
+    # Between steps: 1 moves on after its step, 3 is destroyed before its step, 6 is
+    # created (not in the dump), 2 is updated before its step.
+    cache.apply(update(entry(1, mark=8)), 0.0)
+    cache.apply(destroy(entry(3)), 0.0)
+    cache.apply(new(entry(6)), 0.0)
+    cache.apply(update(entry(2, mark=None, tcp=TcpInfo(5))), 0.0)
+    rest = [c for step in steps for c in step]
+    assert not cache.resyncing
+    assert cache.snapshot() == {
+        entry(1).key: entry(1, mark=8),
+        entry(2).key: entry(2, tcp=TcpInfo(5)),
+        entry(5).key: entry(5),
+        entry(6).key: entry(6),
+    }
+    # 4 is gone (absent from the dump, untouched), reported once, last.
+    assert view(rest[-1]) == (entry(4).key, None)
+    assert [view(c) for c in rest].count((entry(4).key, None)) == 1
+
+
+@given(st.dictionaries(ports, marks), st.dictionaries(ports, marks), st.integers(1, 8))
+def test_reconcile_in_steps_equals_one_go(
+    before: dict[int, int], after: dict[int, int], step: int
+) -> None:
+    one, stepped = InternalCache(), InternalCache()
+    for cache in (one, stepped):
+        cache.apply_all((new(entry(p, mark=m)) for p, m in before.items()), 0.0)
+        cache.begin_resync()
+    dump = [entry(p, mark=m) for p, m in after.items()]
+    changes = one.finish_resync(dump, 0.0)
+    steps = list(stepped.reconcile(dump, 0.0, step=step))
+    assert stepped.snapshot() == one.snapshot()
+    assert [view(c) for s in steps for c in s] == [view(c) for c in changes]
+    assert len(steps) == len(dump) // step + 1

@@ -738,3 +738,39 @@ def test_a_message_read_late_counts_its_timeouts_from_when_it_was_built() -> Non
     (ups,) = of_type(b.drain(), PeerUpserts)
     assert ups.since == pytest.approx(8.0, abs=0.002)
     assert b.session.external.deadline(pk(make_entry(3))) == pytest.approx(108.0, abs=0.002)
+
+
+def test_a_snapshot_in_parts_keeps_what_changed_between_the_parts() -> None:
+    a, b = Node("a", P, epoch=1), Node("b", P, epoch=2)
+    connect(a, b, 0.0)
+    fill(a, [make_entry(i) for i in range(6)], 0.0)
+    transfer(a, b, 0.0)
+    s = a.session
+    table = [(pk(e), record.pack(e, record.deadline_of(e.timeout, 1.0)))
+             for e in [make_entry(i) for i in (0, 1, 2, 3)]]
+    s.begin_local_snapshot()
+    assert s.snapshot_running
+    s.local_snapshot_part(table[:2], 1.0)
+    # Between the parts (the daemon reads events): 3 is deleted, 7 created, 2 changed.
+    a.remove(make_entry(3).key, 1.0)
+    a.put(make_entry(7), 1.0)
+    a.put(make_entry(2, variant=4), 1.0)
+    s.local_snapshot_part(table[2:], 1.0)  # a stale view of 2 and 3
+    s.finish_local_snapshot(1.0)
+    assert not s.snapshot_running
+    held = {strip(e) for e in s.local_entries()}
+    # 4 and 5 were in no part and unchanged: deleted; the events' view of 2, 3, 7 wins.
+    assert held == {strip(make_entry(i)) for i in (0, 1, 7)} | {strip(make_entry(2, variant=4))}
+    transfer(a, b, 1.0)
+    assert {strip(e) for e in b.session.external.entries()} == held
+
+
+def test_snapshot_parts_need_a_beginning() -> None:
+    s = Node("a", P).session
+    with pytest.raises(RuntimeError):
+        s.local_snapshot_part([], 0.0)
+    with pytest.raises(RuntimeError):
+        s.finish_local_snapshot(0.0)
+    s.begin_local_snapshot()
+    s.abort_local_snapshot()
+    assert not s.snapshot_running
