@@ -620,19 +620,20 @@ class Daemon:
 
     async def _commit_external(self) -> CommitReport:
         start = self.now()
-        entries = self.session.external.commit_set(start)
+        tracking = self.config.kernel.tcp_window_tracking
+        # for_kernel() applied while unpacking (each entry built once).
+        entries = self.session.external.commit_set(
+            start, no_timeout=DEFAULT_COMMIT_TIMEOUT, tcp_flags=0 if tracking else _LIBERAL)
         if self.hot:
             # Hot mode: the kernel already holds the peer's entries; write what is
             # missing (normally nothing) after the queued writes have landed.
             await self.writer.wait_idle()
             have = self.mirror.cache
             entries = [e for e in entries if R.key(e) not in have]
-        tracking = self.config.kernel.tcp_window_tracking
         # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
         # the caller re-reads the kernel afterwards (promotion does anyway).
         with self.mirror.echoes_ignored():
-            result = await self.kernel.upsert(
-                [for_kernel(e, window_tracking=tracking) for e in entries])
+            result = await self.kernel.upsert(entries)
         self.writer.record(result, "commit")
         seconds = self.now() - start
         self.metrics.commit_duration.observe(seconds)

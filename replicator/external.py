@@ -138,21 +138,21 @@ class ExternalCache:
         """Every entry, as received (timeout = remaining seconds when the peer sent it)."""
         return map(R.unpack, self._table.values())
 
-    def commit_set(self, now: float) -> list[Entry]:
+    def commit_set(self, now: float, *, no_timeout: int | None = None, tcp_flags: int = 0
+                   ) -> list[Entry]:
         """Every entry with ``timeout`` = whole seconds left until its deadline (>= 1).
 
-        What to install in the kernel on takeover. Entries without a timeout keep None.
+        What to install in the kernel on takeover. Entries without a timeout get
+        ``no_timeout``; ``tcp_flags`` are set in both directions of TCP entries (see
+        :func:`replicator.daemon.for_kernel`: done here, a takeover builds each of its
+        100 k entries once instead of three times).
         """
         out: list[Entry] = []
         append, unpack, deadline_of, ceil = out.append, R.unpack, R.deadline, math.ceil
-        # A takeover commits the whole cache: built with tuple.__new__, not _replace()
-        # (which costs as much as the unpacking itself).
         for rec in self._table.values():
-            entry = unpack(rec)
             deadline = deadline_of(rec)
-            if deadline != _INF:
-                entry = _new(Entry, (*entry[:5], max(1, ceil(deadline - now)), *entry[6:]))
-            append(entry)
+            timeout = no_timeout if deadline == _INF else max(1, ceil(deadline - now))
+            append(unpack(rec, timeout, tcp_flags))
         return out
 
     def clear(self) -> None:

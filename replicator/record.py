@@ -243,8 +243,17 @@ def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
     )  # fmt: skip
 
 
-def unpack(record: bytes) -> Entry:
-    """The entry a record holds (``timeout`` and ``id`` from its header)."""
+#: :func:`unpack`'s default ``timeout``: the one in the record's header.
+HEADER_TIMEOUT = -1
+
+
+def unpack(record: bytes, timeout: int | None = HEADER_TIMEOUT, tcp_flags: int = 0) -> Entry:
+    """The entry a record holds (``timeout`` and ``id`` from its header).
+
+    ``timeout``: put this one instead (a commit writes the time left, not the timeout
+    observed); ``tcp_flags``: set these flags in both directions' TCP flags. Both save
+    building the entry twice where a whole table is unpacked at once (a takeover).
+    """
     family = record[HEADER_SIZE]
     fixed = _FIXED[family]
     v = fixed.unpack_from(record)
@@ -270,7 +279,11 @@ def unpack(record: bytes) -> Entry:
         labels = record[pos : pos + LABELS_SIZE]
         pos += LABELS_SIZE
     if flags & _TCP:
-        tcp = _new(TcpInfo, _TCP_S.unpack_from(record, pos))
+        if tcp_flags:
+            st, wo, wr, fo, fr = _TCP_S.unpack_from(record, pos)
+            tcp = _new(TcpInfo, (st, wo, wr, fo | tcp_flags, fr | tcp_flags))
+        else:
+            tcp = _new(TcpInfo, _TCP_S.unpack_from(record, pos))
         pos += 5
     if flags & _SCTP:
         sctp = _new(SctpInfo, _SCTP_S.unpack_from(record, pos))
@@ -281,9 +294,10 @@ def unpack(record: bytes) -> Entry:
         pos += 1 + n
     if flags & _MASTER:
         master = _new(CtTuple, t.unpack_from(record, pos))
+    if timeout == HEADER_TIMEOUT:
+        timeout = v[2] if hflags & _HAS_TIMEOUT else None
     return _new(Entry, (
-        family, orig, reply, zone, status,
-        v[2] if hflags & _HAS_TIMEOUT else None, mark, labels, tcp, sctp, helper, master,
+        family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master,
         v[3] if hflags & _HAS_ID else None,
     ))  # fmt: skip
 

@@ -7,10 +7,12 @@ import math
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from synclink import make_entry, pk
+from test_wire import entries
 
 from replicator import record
+from replicator.daemon import DEFAULT_COMMIT_TIMEOUT, for_kernel
 from replicator.external import ExternalCache
-from replicator.model import Entry
+from replicator.model import Entry, TcpFlag
 
 
 def put(cache: ExternalCache, entry: Entry, now: float) -> Entry | None:
@@ -129,3 +131,16 @@ def test_polling_at_next_expiry_expires_within_a_second_of_the_deadline() -> Non
     assert c.next_expiry() == 4.0  # put back into the next second, not polled in a loop
     assert c.expire(4.0) == [e]
     assert c.next_expiry() is None
+
+
+@given(st.lists(entries(), max_size=6), st.sampled_from([False, True]))
+def test_the_kernel_ready_commit_set_is_for_kernel_of_the_commit_set(
+    found: list[Entry], tracking: bool
+) -> None:
+    # The daemon's commit applies for_kernel() while unpacking; same entries.
+    c = ExternalCache(16)
+    for e in found:
+        put(c, e, 0.0)
+    ready = c.commit_set(5.0, no_timeout=DEFAULT_COMMIT_TIMEOUT,
+                         tcp_flags=0 if tracking else int(TcpFlag.BE_LIBERAL))
+    assert ready == [for_kernel(e, window_tracking=tracking) for e in c.commit_set(5.0)]
