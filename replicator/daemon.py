@@ -331,6 +331,7 @@ class Daemon:
         self._conn_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
         self._resync_done = trio.Event()
+        self._snapshot_lock = trio.Lock()
         self._metrics_server: MetricsServer | None = None
         self._nursery: trio.Nursery | None = None
         #: Hot standby: keys of the copies this daemon had written into the kernel for
@@ -387,19 +388,23 @@ class Daemon:
         """
         await self.mirror.resync()
         # In parts, reading events in between (a 250 k-entry table took 0.5 s in one
-        # go); what events change meanwhile is newer and wins (see the session).
-        items = list(self._own_table())
-        session = self.session
-        session.begin_local_snapshot()
-        try:
-            for start in range(0, len(items), SNAPSHOT_STEP):
-                session.local_snapshot_part(items[start:start + SNAPSHOT_STEP], self.now())
-                self.wake()
-                await trio.lowlevel.checkpoint()
-            session.finish_local_snapshot(self.now())
-        finally:
-            if session.snapshot_running:
-                session.abort_local_snapshot()
+        # go); what events change meanwhile is newer and wins (see the session). One
+        # snapshot at a time: re-reads overlap (the periodic refresh, a role change,
+        # an operator's resync) and the session holds a single snapshot.
+        async with self._snapshot_lock:
+            items = list(self._own_table())
+            session = self.session
+            session.begin_local_snapshot()
+            try:
+                for start in range(0, len(items), SNAPSHOT_STEP):
+                    session.local_snapshot_part(items[start:start + SNAPSHOT_STEP],
+                                                self.now())
+                    self.wake()
+                    await trio.lowlevel.checkpoint()
+                session.finish_local_snapshot(self.now())
+            finally:
+                if session.snapshot_running:
+                    session.abort_local_snapshot()
         self.wake()
 
     # --- inputs -----------------------------------------------------------------------

@@ -22,8 +22,8 @@ import trio.testing
 
 from replicator import ctformat, record
 from replicator.config import Config, parse_config
-from replicator.control import CacheName, Command, ControlClient, Request
-from replicator.daemon import Daemon, KernelWriter, for_kernel
+from replicator.control import CacheName, Command, ControlClient, Request, ResyncSource
+from replicator.daemon import SNAPSHOT_STEP, Daemon, KernelWriter, for_kernel
 from replicator.kernel_fake import FakeKernel
 from replicator.keys import generate_identity, write_identity
 from replicator.metrics import Metrics
@@ -409,3 +409,18 @@ async def test_hot_writes_count_the_timeout_from_when_the_peer_sent_it(
         await writer.wait_idle()
         nursery.cancel_scope.cancel()
     assert kernel.table[flow(1).key].timeout == 96
+
+
+async def test_overlapping_rereads_of_the_kernel_take_turns(pair_factory: Pair) -> None:
+    # The periodic refresh, a role change and an operator's resync can each re-read the
+    # kernel while another one runs; the session's snapshot is given in parts, so they
+    # must not interleave (the drill saw a daemon die of it on promotion).
+    async with pair_factory("hot") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        a.kernel.add_many(flow(i) for i in range(3 * SNAPSHOT_STEP))
+        await eventually(lambda: len(b.daemon.session.external) == 3 * SNAPSHOT_STEP)
+        async with trio.open_nursery() as nursery:
+            for _ in range(3):
+                nursery.start_soon(a.daemon.resync, ResyncSource.KERNEL)
+        assert a.daemon.session.local_count == 3 * SNAPSHOT_STEP
+        assert not a.daemon.session.snapshot_running
