@@ -266,6 +266,11 @@ def _decoded_state(msg: Any) -> dict[str, Any]:
 
 @given(entries(), u32, st.booleans())
 def test_encode_create_read_by_pyroute2(e: Entry, seq: int, ack: bool) -> None:
+    check_create_read_by_pyroute2(e, seq, ack)
+
+
+def check_create_read_by_pyroute2(e: Entry, seq: int, ack: bool) -> None:
+    """pyroute2 reads in ``encode_create(e)`` what ``e`` says."""
     message = ct.encode_create(e, seq, ack=ack)
     length, mtype, flags, hseq, pid = _header(message)
     assert (length, mtype, hseq, pid) == (len(message), ct.CT_NEW, seq, 0)
@@ -639,3 +644,22 @@ def test_layouts_of_one_length_are_told_apart_and_the_cache_is_bounded() -> None
     for _ in range(2):
         assert [ct.decode_events(m)[0].entry.helper for m in messages] == names
         assert 0 < sum(map(len, ct._LAYOUTS.values())) <= ct._MAX_LAYOUTS
+
+
+def usual(e: Entry, timeout: int, mark: int) -> Entry:
+    """``e`` as most entries are: what ``encode_create``'s one-pack path takes."""
+    return e._replace(labels=None, helper=None, master=None, sctp=None, zone=0,
+                      timeout=timeout, mark=mark)
+
+
+@given(entries(), u32, u32, u32, st.booleans())
+def test_the_one_pack_create_is_the_general_one(
+    e: Entry, timeout: int, mark: int, seq: int, ack: bool
+) -> None:
+    for entry in (e, usual(e, timeout, mark)):
+        assert ct.encode_create(entry, seq, ack=ack) == ct._encode_create(entry, seq, ack=ack)
+
+
+@given(entries(), u32, u32)
+def test_the_one_pack_create_read_by_pyroute2(e: Entry, timeout: int, mark: int) -> None:
+    check_create_read_by_pyroute2(usual(e, timeout, mark), 7, False)
