@@ -51,6 +51,14 @@ class Subscription(Protocol):
     #: How many events were dropped because of :attr:`ignore_portid`.
     ignored: int
 
+    def mute_changes(self, muted: bool) -> None:
+        """Stop (``True``) or resume receiving NEW and UPDATE events (DESTROY events
+        keep coming). While muted the kernel sends none, and need not build any: a
+        commit of a whole table is then about a quarter faster than with its echoes
+        dropped on arrival. Events of others are lost meanwhile; the caller re-reads
+        the kernel afterwards."""
+        ...
+
     def __aiter__(self) -> Subscription: ...
 
     async def __anext__(self) -> EventBatch: ...

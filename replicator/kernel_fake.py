@@ -49,8 +49,15 @@ class FakeSubscription:
         self._wakeup = trio.Event()
         self.ignore_portid = 0
         self.ignored = 0
+        self._muted = False
+
+    def mute_changes(self, muted: bool) -> None:
+        """Stop or resume receiving NEW and UPDATE events (DESTROY keeps coming)."""
+        self._muted = muted
 
     def _push(self, event: CtEvent) -> None:
+        if self._muted and event.kind is not EventKind.DESTROY:
+            return
         if self.ignore_portid and event.portid == self.ignore_portid:
             self.ignored += 1
             return

@@ -55,6 +55,7 @@ from .netns import entered
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
+NETLINK_DROP_MEMBERSHIP = 2
 SO_RCVBUFFORCE = 33
 NFNLGRP_CONNTRACK_NEW = 1
 NFNLGRP_CONNTRACK_UPDATE = 2
@@ -115,6 +116,17 @@ class EventSubscription:
         self._overrun = False
         self.ignore_portid = 0
         self.ignored = 0
+
+    def mute_changes(self, muted: bool) -> None:
+        """Leave (``True``) or rejoin the NEW and UPDATE groups (see
+        :meth:`replicator.kernel.Subscription.mute_changes`): with no member in a
+        group, ctnetlink does not even build its events."""
+        option = NETLINK_DROP_MEMBERSHIP if muted else NETLINK_ADD_MEMBERSHIP
+        for group in (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE):
+            try:
+                self._sock.setsockopt(SOL_NETLINK, option, group)
+            except OSError as exc:
+                raise KernelError(f"event socket: {exc.strerror}", exc.errno or 0) from exc
 
     @property
     def rcvbuf(self) -> int:

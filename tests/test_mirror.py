@@ -106,41 +106,34 @@ async def test_echoes_are_cached_but_not_published() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_ignored_echoes_leave_the_mirror_stale_until_a_dump() -> None:
+async def test_a_commit_block_receives_no_creations_and_leaves_the_mirror_stale() -> None:
     kernel = FakeKernel()
     consumer = Consumer()
     mirror = Mirror(kernel, consumer)
     async with trio.open_nursery() as nursery:
         await nursery.start(mirror.run)
+        kernel.add_many([entry(7), entry(8)])
+        await settle(mirror)
         with mirror.echoes_ignored():
             await kernel.upsert([entry(p) for p in range(5)])
-            kernel.add(entry(99))  # traffic during the commit is still read
+            kernel.add(entry(99))  # traffic during the commit: missed too
+            kernel.remove(entry(7).key)  # deletions still come
         await settle(mirror)
-        assert mirror.stats.echoes_ignored == 5 and mirror.stats.echoes == 0
+        assert mirror.stats.echoes == 0
         assert mirror.stale and not mirror.synced
-        assert set(mirror.cache.snapshot()) == {entry(99).key}
-        # After the block, echoes are decoded again.
+        assert set(mirror.cache.snapshot()) == {entry(8).key}
+        # After the block, events are received again.
         await kernel.upsert([entry(50)])
+        kernel.add(entry(51))
         await settle(mirror)
-        assert record.key(entry(50)) in mirror.cache and mirror.stats.echoes == 1
+        assert mirror.stats.echoes == 1
+        assert record.key(entry(50)) in mirror.cache and record.key(entry(51)) in mirror.cache
         await mirror.resync()
         assert not mirror.stale and mirror.synced
         assert mirror.cache.snapshot() == kernel.table
-        # The dump found the ignored writes and published them, as any reconciliation
+        # The dump found what the block missed and published it, as any reconciliation
         # does (the echo of entry 50 was read, cached and so not published).
-        assert set(consumer.table) == {entry(p).key for p in (*range(5), 99)}
-        nursery.cancel_scope.cancel()
-
-
-async def test_a_block_without_echoes_leaves_the_mirror_complete() -> None:
-    kernel = FakeKernel()
-    mirror = Mirror(kernel)
-    async with trio.open_nursery() as nursery:
-        await nursery.start(mirror.run)
-        with mirror.echoes_ignored():
-            kernel.add(entry(1))
-        await settle(mirror)
-        assert not mirror.stale and mirror.synced and record.key(entry(1)) in mirror.cache
+        assert set(consumer.table) == {entry(p).key for p in (*range(5), 8, 51, 99)}
         nursery.cancel_scope.cancel()
 
 

@@ -1,11 +1,12 @@
-"""A commit's echoes are dropped unread by the real event socket, and only those.
+"""A commit receives no events of creations and updates, against the real kernel.
 
 A promotion writes the whole external cache into the kernel and then re-reads the
-kernel; the events of the write (echoes, carrying our injector's netlink port id) are
-superseded by that dump, so the mirror drops them without decoding them
-(:meth:`Mirror.echoes_ignored`). This checks, against the kernel, that the port id in
-the header is what the kernel sends, that events caused by anyone else during the
-block are still read and published, and that a dump makes the cache exact again.
+kernel; the events of the write (echoes) would only be decoded to be superseded by that
+dump. So during the commit the mirror's event socket leaves the NEW and UPDATE groups
+(:meth:`Mirror.echoes_ignored`): with no member in those groups ctnetlink builds no
+events at all. This checks, against the kernel, that no echo of the commit reaches the
+socket, that deletions still do, that events resume once the block ends, and that a dump
+makes the cache exact again (including what others created during the block).
 """
 
 from __future__ import annotations
@@ -27,10 +28,11 @@ OURS = 3000
 THEIRS = 40
 
 
-def test_echoes_of_a_commit_are_dropped_and_other_events_are_kept(netlab: Lab) -> None:
+def test_a_commit_receives_no_echoes_and_a_dump_completes_the_cache(netlab: Lab) -> None:
     ns = netlab.netns("ce")
-    entries = nat_entries(OURS + THEIRS)
-    ours, theirs = entries[:OURS], entries[OURS:]
+    entries = nat_entries(OURS + 2 * THEIRS + 1)
+    ours, theirs = entries[:OURS], entries[OURS:OURS + THEIRS]
+    after, doomed = entries[OURS + THEIRS:-1], entries[-1]
     published: set[bytes] = set()
 
     def consume(changes: list[Change]) -> None:
@@ -42,26 +44,36 @@ def test_echoes_of_a_commit_are_dropped_and_other_events_are_kept(netlab: Lab) -
         async with LinuxKernel(ns.name) as kernel, trio.open_nursery() as nursery:
             mirror = Mirror(kernel, consume)
             await nursery.start(mirror.run)
-            with mirror.echoes_ignored():
-                result = await kernel.upsert(ours)
-                assert result.applied == OURS and not result.errors
-                with other:
-                    assert await inject.upsert(other, theirs) == (THEIRS, [])
-                # Every event is queued by now (the kernel queues them inside sendto):
-                # let the mirror read them all before the block ends.
+            with other:
+                assert await inject.upsert(other, [doomed]) == (1, [])
                 await trio.testing.wait_all_tasks_blocked()
-            ignored = mirror.stats.echoes_ignored
-            print(f"\nechoes dropped unread: {ignored} of {OURS}; "
-                  f"decoded after the block: {mirror.stats.echoes}")
-            assert ignored > 0 and ignored + mirror.stats.echoes == OURS
-            assert mirror.stale and not mirror.synced
-            # Events from another port id were decoded and published, ours were not.
-            assert published == {record.key(e) for e in theirs}
+                assert record.key(doomed) in mirror.cache
+                events = mirror.stats.events
+                with mirror.echoes_ignored():
+                    result = await kernel.upsert(ours)
+                    assert result.applied == OURS and not result.errors
+                    assert await inject.upsert(other, theirs) == (THEIRS, [])
+                    assert await inject.delete(other, [doomed]) == (1, [])
+                    # Every event is queued by now (the kernel queues them inside
+                    # sendto): let the mirror read whatever came.
+                    await trio.testing.wait_all_tasks_blocked()
+                # Only the deletion came through: no echo, no creation by others.
+                assert mirror.stats.events == events + 1
+                assert record.key(doomed) not in mirror.cache
+                assert mirror.stale and not mirror.synced
+                assert not published & {record.key(e) for e in ours + theirs}
+                # Once the block ends, events come again.
+                assert await inject.upsert(other, after) == (THEIRS, [])
+                await trio.testing.wait_all_tasks_blocked()
+            assert published >= {record.key(e) for e in after}
+            print(f"\nevents received during the commit block: 1 (the deletion) of "
+                  f"{OURS + THEIRS + 1} changes")
             await mirror.resync()
             assert not mirror.stale and mirror.synced
             table = {e.key: e for e in await dump(ns.name)}
-            assert len(table) == OURS + THEIRS
+            assert len(table) == OURS + 2 * THEIRS
             assert mirror.cache.snapshot().keys() == table.keys()
+            assert published >= {record.key(e) for e in ours + theirs + after}
             nursery.cancel_scope.cancel()
 
     trio.run(main)
