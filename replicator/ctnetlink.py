@@ -831,51 +831,70 @@ def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
         entry
     )
     if (master is None and labels is None and helper is None and sctp is None
-            and not zone and timeout is not None and mark is not None):
-        src, dst, proto, sport, dport = orig[:5]
-        if proto in _FAST_PROTOCOLS:
-            # The usual entry (TCP or UDP, maybe NAT'd) in one pack of the whole body
-            # instead of five parts joined: a takeover writes 100 k of these, and the
-            # general path below cost more than the kernel's work on them.
-            rsrc, rdst, _p, rsport, rdport = reply[:5]
-            snat = rdst != src or rdport != sport
-            dnat = rsrc != dst or rsport != dport
-            size = len(src)
-            ip = _IP4 if size == 4 else _IP6
-            args: list[object] = [
-                _OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1], src, ip[2], dst, _PORTS[0],
-                _PORTS[1], proto, _PORTS[2], sport, _PORTS[3], dport,
-                _OUT_PORTS[CTA_TUPLE_REPLY, size], ip[0], ip[1], dst, ip[2], src, _PORTS[0],
-                _PORTS[1], proto, _PORTS[2], dport, _PORTS[3], sport,
-            ]  # fmt: skip
-            lo, hi = _NAT_IP[size]
-            if snat:
-                args += (_OUT_NAT_PORTS[CTA_NAT_SRC, size], lo, rdst, hi, rdst, _NAT_PROTO[0],
-                         _NAT_PROTO[1], rdport, _NAT_PROTO[2], rdport)
-            if dnat:
-                args += (_OUT_NAT_PORTS[CTA_NAT_DST, size], lo, rsrc, hi, rsrc, _NAT_PROTO[0],
-                         _NAT_PROTO[1], rsport, _NAT_PROTO[2], rsport)
-            args += (_H_STATUS, (status & SETTABLE_STATUS) | _CONFIRMED, _H_TIMEOUT, timeout,
-                     _H_MARK, mark)
-            with_tcp = tcp is not None and proto == IPPROTO_TCP
-            if tcp is not None and with_tcp:
-                h = _TCP_ENC
-                args += (h[0], h[1], h[2], tcp[0], h[3], tcp[1], h[4], tcp[2], h[5],
-                         tcp[3] & _KEPT_TCP_FLAGS, 0xFF, h[6], tcp[4] & _KEPT_TCP_FLAGS, 0xFF)
-            shape = (size, snat, dnat, with_tcp)
-            body_struct = _CREATE_BODY.get(shape)
-            if body_struct is None:
-                body_struct = _CREATE_BODY[shape] = _create_body(*shape)
-            return _MSG(NFNL_HDRLEN + body_struct.size, CT_NEW,
-                        _FLAGS_CREATE | NLM_F_ACK if ack else _FLAGS_CREATE, seq, 0,
-                        family, 0, 0) + body_struct.pack(*args)
+            and not zone and timeout is not None and mark is not None
+            and orig[2] in FAST_CREATE_PROTOCOLS):
+        return encode_create_usual(
+            (family, orig[0], orig[1], orig[2], orig[3], orig[4], reply[0], reply[1],
+             reply[3], reply[4], status, timeout, mark, tcp), seq, ack=ack)
     return _encode_create(entry, seq, ack=ack)
 
 
-#: Protocols of :func:`encode_create`'s one-pack path (ports, no protocol info to send
-#: but TCP's).
-_FAST_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
-#: Body structs of that path by (address size, SNAT, DNAT, TCP info).
+#: Protocols of :func:`encode_create_usual` (ports, and no protocol info but TCP's).
+FAST_CREATE_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+
+#: What :func:`encode_create_usual` needs: family, the original tuple's src, dst, proto,
+#: sport, dport, the reply tuple's src, dst, sport, dport, status, timeout, mark, and
+#: the TCP info (state, window scales, flags as in :class:`TcpInfo`) or None.
+UsualCreate = tuple[int, bytes, bytes, int, int, int, bytes, bytes, int, int, int, int, int,
+                    tuple[int, int, int, int, int] | None]
+
+
+def encode_create_usual(fields: UsualCreate, seq: int, *, ack: bool = False) -> bytes:
+    """:func:`encode_create` of the usual entry, from its fields: the protocol in
+    :data:`FAST_CREATE_PROTOCOLS` (maybe NAT'd), zone 0, a timeout and a mark, no
+    labels, helper, master or SCTP info.
+
+    One pack of the whole body instead of five parts joined: a takeover writes 100 k
+    of these, and the general path cost more than the kernel's work on them. Callers
+    that hold the fields unpacked (the commit reads them straight from its records)
+    need no :class:`Entry`.
+    """
+    (family, src, dst, proto, sport, dport, rsrc, rdst, rsport, rdport, status, timeout,
+     mark, tcp) = fields  # fmt: skip
+    snat = rdst != src or rdport != sport
+    dnat = rsrc != dst or rsport != dport
+    size = len(src)
+    ip = _IP4 if size == 4 else _IP6
+    args: list[object] = [
+        _OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1], src, ip[2], dst, _PORTS[0],
+        _PORTS[1], proto, _PORTS[2], sport, _PORTS[3], dport,
+        _OUT_PORTS[CTA_TUPLE_REPLY, size], ip[0], ip[1], dst, ip[2], src, _PORTS[0],
+        _PORTS[1], proto, _PORTS[2], dport, _PORTS[3], sport,
+    ]  # fmt: skip
+    lo, hi = _NAT_IP[size]
+    if snat:
+        args += (_OUT_NAT_PORTS[CTA_NAT_SRC, size], lo, rdst, hi, rdst, _NAT_PROTO[0],
+                 _NAT_PROTO[1], rdport, _NAT_PROTO[2], rdport)
+    if dnat:
+        args += (_OUT_NAT_PORTS[CTA_NAT_DST, size], lo, rsrc, hi, rsrc, _NAT_PROTO[0],
+                 _NAT_PROTO[1], rsport, _NAT_PROTO[2], rsport)
+    args += (_H_STATUS, (status & SETTABLE_STATUS) | _CONFIRMED, _H_TIMEOUT, timeout,
+             _H_MARK, mark)
+    with_tcp = tcp is not None and proto == IPPROTO_TCP
+    if tcp is not None and with_tcp:
+        h = _TCP_ENC
+        args += (h[0], h[1], h[2], tcp[0], h[3], tcp[1], h[4], tcp[2], h[5],
+                 tcp[3] & _KEPT_TCP_FLAGS, 0xFF, h[6], tcp[4] & _KEPT_TCP_FLAGS, 0xFF)
+    shape = (size, snat, dnat, with_tcp)
+    body_struct = _CREATE_BODY.get(shape)
+    if body_struct is None:
+        body_struct = _CREATE_BODY[shape] = _create_body(*shape)
+    return _MSG(NFNL_HDRLEN + body_struct.size, CT_NEW,
+                _FLAGS_CREATE | NLM_F_ACK if ack else _FLAGS_CREATE, seq, 0,
+                family, 0, 0) + body_struct.pack(*args)
+
+
+#: Body structs of :func:`encode_create_usual` by (address size, SNAT, DNAT, TCP info).
 _CREATE_BODY: dict[tuple[int, bool, bool, bool], struct.Struct] = {}
 
 

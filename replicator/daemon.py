@@ -625,20 +625,22 @@ class Daemon:
 
     async def _commit_external(self) -> CommitReport:
         start = self.now()
-        tracking = self.config.kernel.tcp_window_tracking
-        # for_kernel() applied while unpacking (each entry built once).
-        entries = self.session.external.commit_set(
-            start, no_timeout=DEFAULT_COMMIT_TIMEOUT, tcp_flags=0 if tracking else _LIBERAL)
+        records = list(self.session.external.records())
         if self.hot:
             # Hot mode: the kernel already holds the peer's entries; write what is
             # missing (normally nothing) after the queued writes have landed.
             await self.writer.wait_idle()
             have = self.mirror.cache
-            entries = [e for e in entries if R.key(e) not in have]
+            records = [r for r in records if R.key_of(r) not in have]
         # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
-        # the caller re-reads the kernel afterwards (promotion does anyway).
+        # the caller re-reads the kernel afterwards (promotion does anyway). The entries
+        # are written as for_kernel() makes them, the usual ones straight from their
+        # records (see LinuxKernel.upsert_records).
+        tracking = self.config.kernel.tcp_window_tracking
         with self.mirror.echoes_ignored():
-            result = await self.kernel.upsert(entries)
+            result = await self.kernel.upsert_records(
+                records, start, no_timeout=DEFAULT_COMMIT_TIMEOUT,
+                tcp_flags=0 if tracking else _LIBERAL)
         self.writer.record(result, "commit")
         seconds = self.now() - start
         self.metrics.commit_duration.observe(seconds)

@@ -31,6 +31,20 @@ from .wheel import TimerWheel
 
 _INF = math.inf
 _new = tuple.__new__
+
+
+def commit_timeout(deadline: float, now: float, no_timeout: int | None) -> int | None:
+    """The timeout to write for a copy whose deadline is ``deadline`` (on this node's
+    clock) at ``now``: the whole seconds left, rounded up and at least 1 (a copy must
+    not expire before the original, nor be written dead); ``no_timeout`` for one
+    without a deadline."""
+    return no_timeout if deadline == _INF else max(1, math.ceil(deadline - now))
+
+
+def commit_entry(record: bytes, now: float, *, no_timeout: int | None = None,
+                 tcp_flags: int = 0) -> Entry:
+    """The entry to write for ``record`` at ``now`` (see :meth:`ExternalCache.commit_set`)."""
+    return R.unpack(record, commit_timeout(R.deadline(record), now, no_timeout), tcp_flags)
 #: Rebuild the expiry wheel when it holds this many more keys than the cache (refreshes
 #: leave superseded keys behind; they are skipped lazily until then).
 _WHEEL_SLACK = 1024
@@ -147,13 +161,8 @@ class ExternalCache:
         :func:`replicator.daemon.for_kernel`: done here, a takeover builds each of its
         100 k entries once instead of three times).
         """
-        out: list[Entry] = []
-        append, unpack, deadline_of, ceil = out.append, R.unpack, R.deadline, math.ceil
-        for rec in self._table.values():
-            deadline = deadline_of(rec)
-            timeout = no_timeout if deadline == _INF else max(1, ceil(deadline - now))
-            append(unpack(rec, timeout, tcp_flags))
-        return out
+        return [commit_entry(rec, now, no_timeout=no_timeout, tcp_flags=tcp_flags)
+                for rec in self._table.values()]
 
     def clear(self) -> None:
         """Forget everything (conntrackd ``-f external``)."""

@@ -50,11 +50,12 @@ import errno
 import socket
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from typing import NamedTuple, Protocol
+from typing import NamedTuple, Protocol, TypeVar
 
 import trio
 
 from . import ctnetlink
+from .bulkcreate import RecordCreates, RecordEncoder
 from .errors import KernelError
 from .kernel import EntryError, InjectResult
 from .model import Entry, EntryKey
@@ -494,6 +495,17 @@ async def upsert(sock: socket.socket, entries: Sequence[Entry], *, seq_start: in
     return await run(sock, job)
 
 
+async def create_records(sock: socket.socket, records: Sequence[bytes],
+                         encode: RecordEncoder, *, seq_start: int = 1,
+                         ) -> tuple[int, list[bytes]]:
+    """The first pass of a commit through ``sock``
+    (:class:`~replicator.bulkcreate.RecordCreates`): how many records were created,
+    and the records to write with :func:`upsert` instead."""
+    job = RecordCreates(records, encode, seq_start=seq_start,
+                        batch_bytes=batch_limit(sock), reply_budget=reply_budget(sock))
+    return await run(sock, job)
+
+
 async def delete(sock: socket.socket, entries: Sequence[Entry], *,
                  seq_start: int = 1) -> InjectResult:
     """Delete ``entries`` (by family, zone and original tuple) through ``sock``."""
@@ -512,7 +524,32 @@ class ReplySocket(Protocol):
     def recv_into(self, buffer: bytearray, /) -> int: ...
 
 
-async def run(sock: ReplySocket, job: Injection) -> InjectResult:
+_R_co = TypeVar("_R_co", covariant=True)
+_R = TypeVar("_R")
+
+
+class Job(Protocol[_R_co]):
+    """What :func:`run` drives: :class:`Injection` (and
+    :class:`replicator.bulkcreate.RecordCreates`), see :class:`Injection`'s doc."""
+
+    def next_datagram(self) -> bytes | None: ...
+
+    @property
+    def waiting(self) -> bool: ...
+
+    @property
+    def lost(self) -> bool: ...
+
+    def receive(self, data: bytes | memoryview) -> None: ...
+
+    def replies_lost(self) -> None: ...
+
+    def settle(self) -> None: ...
+
+    def result(self) -> _R_co: ...
+
+
+async def run(sock: ReplySocket, job: Job[_R]) -> _R:
     """Drive ``job`` over the non-blocking ``sock`` until every entry is settled.
 
     Cancellation takes effect before a datagram is sent (or while a late reply is

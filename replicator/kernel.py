@@ -95,6 +95,14 @@ class KernelPort(Protocol):
         """
         ...
 
+    async def upsert_records(self, records: Sequence[bytes], now: float, *,
+                             no_timeout: int | None = None, tcp_flags: int = 0
+                             ) -> InjectResult:
+        """:meth:`upsert` of the entries of external-cache records (a commit) as
+        :func:`replicator.external.commit_entry` makes them at ``now``; the usual
+        entries are written straight from their records (a takeover's whole table)."""
+        ...
+
     async def delete(self, entries: Sequence[Entry]) -> InjectResult:
         """Delete each entry (by family, zone and original tuple). Batched.
 

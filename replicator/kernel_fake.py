@@ -30,6 +30,7 @@ from typing import Any
 
 import trio
 
+from .external import commit_entry
 from .kernel import EntryError, EventBatch, InjectResult, Overrun
 from .model import CtEvent, Entry, EntryKey, EventKind, Status
 
@@ -163,6 +164,13 @@ class FakeKernel:
             applied += 1
         await trio.lowlevel.checkpoint()
         return InjectResult(applied, errors)
+
+    async def upsert_records(self, records: Sequence[bytes], now: float, *,
+                             no_timeout: int | None = None, tcp_flags: int = 0
+                             ) -> InjectResult:
+        """:meth:`upsert` of the records' entries (see the port's doc)."""
+        return await self.upsert([commit_entry(r, now, no_timeout=no_timeout,
+                                               tcp_flags=tcp_flags) for r in records])
 
     async def delete(self, entries: Sequence[Entry]) -> InjectResult:
         """Delete each entry; a missing one counts as applied."""

@@ -46,7 +46,9 @@ from types import TracebackType
 import trio
 
 from . import ctnetlink, inject
+from .bulkcreate import commit_encoder
 from .errors import KernelError, NetlinkDecodeError
+from .external import commit_entry
 from .gcpause import COLLECTOR_PAUSE
 from .kernel import EventBatch, InjectResult, Overrun
 from .model import CtEvent, Entry
@@ -283,19 +285,37 @@ class LinuxKernel:
     async def upsert(self, entries: Sequence[Entry]) -> InjectResult:
         """Create (with NAT) or update each entry: :func:`replicator.inject.upsert`."""
         async with self._write_lock:
-            return await inject.upsert(self._injector, entries, seq_start=self._next_seqs(entries))
+            return await inject.upsert(self._injector, entries,
+                                       seq_start=self._next_seqs(len(entries)))
+
+    async def upsert_records(self, records: Sequence[bytes], now: float, *,
+                             no_timeout: int | None = None, tcp_flags: int = 0
+                             ) -> InjectResult:
+        """A commit: the usual entries created straight from their records
+        (:mod:`replicator.bulkcreate`), then whatever that pass handed back (other
+        kinds, entries that exist, refusals, lost replies) through :meth:`upsert`."""
+        encode = commit_encoder(now, no_timeout=no_timeout, tcp_flags=tcp_flags)
+        async with self._write_lock:
+            applied, back = await inject.create_records(
+                self._injector, records, encode, seq_start=self._next_seqs(len(records)))
+        if not back:
+            return InjectResult(applied, [])
+        rest = await self.upsert([commit_entry(r, now, no_timeout=no_timeout,
+                                               tcp_flags=tcp_flags) for r in back])
+        return InjectResult(applied + rest.applied, rest.errors)
 
     async def delete(self, entries: Sequence[Entry]) -> InjectResult:
         """Delete each entry: :func:`replicator.inject.delete`."""
         async with self._write_lock:
-            return await inject.delete(self._injector, entries, seq_start=self._next_seqs(entries))
+            return await inject.delete(self._injector, entries,
+                                       seq_start=self._next_seqs(len(entries)))
 
-    def _next_seqs(self, entries: Sequence[Entry]) -> int:
+    def _next_seqs(self, count: int) -> int:
         # Fresh sequence numbers for every write, so a late reply to an earlier
         # (cancelled) write can never be taken for one of this write's. Room is left
         # for the injector's retries.
         start = self._seq
-        self._seq = (self._seq + 4 * len(entries) + 64) % (1 << 31) or 1
+        self._seq = (self._seq + 4 * count + 64) % (1 << 31) or 1
         return start
 
     async def aclose(self) -> None:

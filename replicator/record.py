@@ -302,6 +302,43 @@ def unpack(record: bytes, timeout: int | None = HEADER_TIMEOUT, tcp_flags: int =
     ))  # fmt: skip
 
 
+#: :func:`usual_fields` of a record: family, the original tuple's address and ports
+#: (src, dst, proto, sport, dport), the reply tuple's (src, dst, sport, dport), status,
+#: mark, TCP info (or None), deadline.
+UsualFields = tuple[int, bytes, bytes, int, int, int, bytes, bytes, int, int, int, int,
+                    tuple[int, int, int, int, int] | None, float]
+_USUAL_FLAGS = _REPLY | _MARK | _TCP
+_USUAL_PROTOCOLS = frozenset({6, 17})  # TCP, UDP: ctnetlink.FAST_CREATE_PROTOCOLS
+
+
+def usual_fields(record: bytes) -> UsualFields | None:
+    """What :func:`replicator.ctnetlink.encode_create_usual` needs of the entry in
+    ``record``, read straight from its bytes; ``None`` unless it is such an entry (TCP
+    or UDP, zone 0, a mark, no labels, SCTP info, helper or master).
+
+    A takeover's commit builds its requests from this, never building an
+    :class:`Entry` (which costs about as much as building the request).
+    """
+    family = record[HEADER_SIZE]
+    fixed = _FIXED[family]
+    v = fixed.unpack_from(record)
+    flags = v[15]
+    if flags & ~_USUAL_FLAGS or not flags & _MARK or v[6] or v[9] not in _USUAL_PROTOCOLS:
+        return None
+    pos = fixed.size
+    if flags & _REPLY:
+        rsrc, rdst, rsport, rdport = v[8], v[7], v[11], v[10]
+    else:
+        t = _TUPLE[family]
+        reply = t.unpack_from(record, pos)
+        pos += t.size
+        rsrc, rdst, rsport, rdport = reply[0], reply[1], reply[3], reply[4]
+    (mark,) = _U32.unpack_from(record, pos)
+    tcp = _TCP_S.unpack_from(record, pos + 4) if flags & _TCP else None
+    return (family, v[7], v[8], v[9], v[10], v[11], rsrc, rdst, rsport, rdport, v[16], mark,
+            tcp, v[0])  # fmt: skip
+
+
 #: :func:`fields` of a record: family, orig, reply, zone, status, mark, labels, tcp,
 #: sctp, helper, master, with every tuple a plain ``tuple`` of its fields.
 Fields = tuple[

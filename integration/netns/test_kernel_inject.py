@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import functools
 import ipaddress
+import math
 import socket
 from collections.abc import Iterator, Sequence
 
@@ -24,11 +25,12 @@ import trio
 
 from integration.netns import firewall
 from integration.netns.lab import Lab, Netns
-from replicator import inject
+from replicator import inject, record
 from replicator.ctformat import parse_conntrack_output, text_projection
 from replicator.ctnetlink import clean_tcp_flags
+from replicator.external import commit_entry
 from replicator.kernel import EntryError, InjectResult
-from replicator.kernel_linux import dump
+from replicator.kernel_linux import LinuxKernel, dump
 from replicator.model import (
     AF_INET,
     AF_INET6,
@@ -276,3 +278,35 @@ def test_lost_replies_are_recovered_by_verification(standby: Netns,
     assert sorted(result.errors) == sorted(EntryError(changed[i], errno.ERANGE) for i in bad)
     assert result.applied == len(changed) - len(bad)
     assert_listed_as(standby, [entries[i] if i in bad else e for i, e in enumerate(changed)])
+
+
+def test_a_commit_of_records_writes_what_an_upsert_of_their_entries_would(
+        standby: Netns) -> None:
+    """``LinuxKernel.upsert_records`` (a takeover's commit): the usual entries go
+    straight from their records, the others (labels, a zone, ICMP), those that exist
+    already and those without a deadline through the injector; the table ends up as
+    an upsert of ``commit_entry`` of every record would leave it."""
+    entries = mixed_entries(150)
+    existing = [e._replace(mark=(e.mark or 0) + 9) for e in entries[::5]]
+    liberal = int(TcpFlag.BE_LIBERAL)
+
+    async def main() -> tuple[InjectResult, list[Entry]]:
+        async with LinuxKernel(standby.name) as kernel:
+            assert await kernel.upsert(existing) == (len(existing), [])
+            now = trio.current_time()
+            records = [record.pack(e, now + e.timeout if i % 7 else math.inf)
+                       for i, e in enumerate(entries) if e.timeout is not None]
+            expected = [commit_entry(r, now, no_timeout=180, tcp_flags=liberal)
+                        for r in records]
+            result = await kernel.upsert_records(records, now, no_timeout=180,
+                                                 tcp_flags=liberal)
+            return result, expected
+
+    result, expected = trio.run(main)
+    assert result == (len(expected), [])
+    assert_listed_as(standby, expected)
+    dumped = {e.key: e for e in trio.run(dump, standby.name)}
+    for want in expected:
+        if want.tcp is not None:
+            tcp = dumped[want.key].tcp
+            assert tcp is not None and tcp.flags_orig & tcp.flags_reply & TcpFlag.BE_LIBERAL

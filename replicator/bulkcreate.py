@@ -1,0 +1,192 @@
+"""A commit's first pass: create requests built straight from the external cache's
+records, in batches (sans-IO).
+
+A takeover writes the whole external cache into the kernel. Through
+:class:`~replicator.inject.Injection` that means unpacking every record into an
+:class:`~replicator.model.Entry` and building its request from it, about twice the
+kernel's own work on the request. Nearly every entry of a firewall's table is a TCP or
+UDP connection, maybe NAT'd, that the kernel does not have yet (this node was the
+backup), so this pass handles exactly that case and nothing else:
+
+* each record's request is built from its bytes (:func:`replicator.record.usual_fields`,
+  :func:`replicator.ctnetlink.encode_create_usual`); a record of another kind (labels,
+  a helper, a master, SCTP, ICMP, a zone) is not sent but handed back;
+* batches as in :mod:`replicator.inject` (many requests per datagram, only the last asks
+  for an ACK, the kernel answers the failures in order before it);
+* a request the kernel refused, for whatever reason (``EEXIST``: the entry is there
+  already; ``ENOMEM``: the table is full), and every request of a batch whose replies
+  may have been lost, is not judged here: its record is handed back too.
+
+The caller then writes the records handed back through the full injector (updates
+after ``EEXIST``, masters before related entries, verification after lost replies, the
+errors reported per entry), so the outcome is the injector's, only faster. The driving
+protocol is :class:`~replicator.inject.Injection`'s, so :func:`replicator.inject.run`
+drives it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from . import ctnetlink
+from . import record as R
+from .external import commit_timeout
+
+_SEQ_MASK = 0xFFFFFFFF
+
+#: Builds the create request of a record with a sequence number, asking for an ACK or
+#: not; ``None`` if the record is not of the kind this pass writes.
+RecordEncoder = Callable[[bytes, int, bool], "bytes | None"]
+
+
+class RecordCreates:
+    """One pass of creates over ``records`` (see the module doc).
+
+    ``result()`` is ``(applied, handed_back)``: how many records the kernel accepted,
+    and the records to write through the full injector.
+    """
+
+    def __init__(self, records: Sequence[bytes], encode: RecordEncoder, *, seq_start: int,
+                 batch_bytes: int, reply_budget: int,
+                 parse_acks: Callable[[bytes | memoryview], list[tuple[int, int]]]
+                 = ctnetlink.parse_acks) -> None:
+        self._records = records
+        self._encode = encode
+        self._seq = seq_start & _SEQ_MASK
+        self._batch_bytes = batch_bytes
+        # Every request of a batch may fail: its error replies must fit the buffer.
+        self._max_requests = max(1, reply_budget)
+        self._parse_acks = parse_acks
+        self._pos = 0
+        self._applied = 0
+        self._back: list[bytes] = []
+        #: The batch in flight: its records, first sequence number, refused positions.
+        self._batch: list[bytes] | None = None
+        self._first = 0
+        self._refused: set[int] = set()
+        self._last_ok = False
+        self._lost = False
+
+    # -- the driving protocol of inject.run ------------------------------------------
+
+    def next_datagram(self) -> bytes | None:
+        """The next batch of requests, or ``None`` when every record was sent."""
+        if self._batch is not None:
+            raise RuntimeError("the previous batch is still waiting for its replies")
+        records, encode = self._records, self._encode
+        members: list[bytes] = []
+        parts: list[bytes] = []
+        size = 0
+        first = self._seq
+        while self._pos < len(records) and len(members) < self._max_requests:
+            rec = records[self._pos]
+            message = encode(rec, (first + len(members)) & _SEQ_MASK, False)
+            if message is None:
+                self._back.append(rec)
+                self._pos += 1
+                continue
+            if parts and size + len(message) > self._batch_bytes:
+                break
+            members.append(rec)
+            parts.append(message)
+            size += len(message)
+            self._pos += 1
+        if not members:
+            return None
+        # The batch's end is known only now: its last request asks for the ACK.
+        last = encode(members[-1], (first + len(members) - 1) & _SEQ_MASK, True)
+        assert last is not None
+        parts[-1] = last
+        self._batch, self._first = members, first
+        self._seq = (first + len(members)) & _SEQ_MASK
+        self._refused = set()
+        self._last_ok = False
+        self._lost = False
+        return b"".join(parts)
+
+    @property
+    def waiting(self) -> bool:
+        """Whether the datagram last sent still expects replies."""
+        return self._batch is not None
+
+    @property
+    def lost(self) -> bool:
+        """Whether replies to the current batch were lost (``ENOBUFS`` was reported)."""
+        return self._lost
+
+    def receive(self, data: bytes | memoryview) -> None:
+        """Consume one datagram of replies (others' sequence numbers are ignored)."""
+        batch = self._batch
+        if batch is None:
+            return
+        last = len(batch) - 1
+        done = False
+        for seq, err in self._parse_acks(data):
+            index = (seq - self._first) & _SEQ_MASK
+            if index > last:
+                continue
+            if err:
+                self._refused.add(index)
+            elif index == last:
+                self._last_ok = True
+            done = done or index == last
+        if done:
+            self._finish()
+
+    def replies_lost(self) -> None:
+        """The socket reported ``ENOBUFS``: some replies to the current batch are gone."""
+        self._lost = True
+
+    def settle(self) -> None:
+        """Close a batch whose last reply was lost (call once the socket is drained)."""
+        if self._batch is not None:
+            self._lost = True
+            self._finish()
+
+    def result(self) -> tuple[int, list[bytes]]:
+        """``(applied, handed back)``, once :meth:`next_datagram` returned ``None``."""
+        if self._batch is not None or self._pos < len(self._records):
+            raise RuntimeError("the pass is not finished")
+        return self._applied, self._back
+
+    def _finish(self) -> None:
+        batch, refused = self._batch, self._refused
+        assert batch is not None
+        self._batch = None
+        if self._lost:
+            # Without every reply, a silent request may have failed: the injector
+            # checks (a create that had succeeded answers EEXIST and is updated).
+            acked = len(batch) - 1 if self._last_ok else -1
+            for index, rec in enumerate(batch):
+                if index == acked:
+                    self._applied += 1
+                else:
+                    self._back.append(rec)
+            return
+        for index in refused:
+            self._back.append(batch[index])
+        self._applied += len(batch) - len(refused)
+
+
+def commit_encoder(now: float, *, no_timeout: int | None = None,
+                   tcp_flags: int = 0) -> RecordEncoder:
+    """The encoder of a commit at ``now``: each record's entry as
+    :func:`replicator.external.commit_entry` makes it (the time left as its timeout,
+    ``no_timeout`` without a deadline, ``tcp_flags`` set in both directions)."""
+    usual_fields, encode, timeout_of = R.usual_fields, ctnetlink.encode_create_usual, commit_timeout
+
+    def encode_record(record: bytes, seq: int, ack: bool) -> bytes | None:
+        fields = usual_fields(record)
+        if fields is None:
+            return None
+        (family, src, dst, proto, sport, dport, rsrc, rdst, rsport, rdport, status, mark, tcp,
+         deadline) = fields  # fmt: skip
+        timeout = timeout_of(deadline, now, no_timeout)
+        if timeout is None:
+            return None
+        if tcp is not None and tcp_flags:
+            tcp = (tcp[0], tcp[1], tcp[2], tcp[3] | tcp_flags, tcp[4] | tcp_flags)
+        return encode((family, src, dst, proto, sport, dport, rsrc, rdst, rsport, rdport,
+                       status, timeout, mark, tcp), seq, ack=ack)
+
+    return encode_record

@@ -1,0 +1,141 @@
+"""A commit's first pass, creates straight from records (replicator.bulkcreate)."""
+
+from __future__ import annotations
+
+import errno
+import math
+from collections.abc import Sequence
+
+import trio
+from hypothesis import given
+from hypothesis import strategies as st
+from test_inject import FakeKernel, FakeSocket, entry
+from test_wire import entries
+
+from replicator import ctnetlink
+from replicator import record as R
+from replicator.bulkcreate import RecordCreates, RecordEncoder, commit_encoder
+from replicator.external import commit_entry
+from replicator.inject import Op, run
+from replicator.model import Entry, TcpFlag
+from replicator.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_HDR
+
+_CREATE = 0x7F00  # test_inject's stub type for creates
+
+
+def stub_records(n: int, unusual: Sequence[int] = ()) -> tuple[list[bytes], RecordEncoder]:
+    """``n`` stand-in records and an encoder of test_inject's stub requests for them
+    (``None`` for the ``unusual`` ones)."""
+    records = [b"record %d" % i for i in range(n)]
+    index = {r: i for i, r in enumerate(records)}
+
+    def encode(rec: bytes, seq: int, ack: bool) -> bytes | None:
+        i = index[rec]
+        if i in unusual:
+            return None
+        payload = i.to_bytes(4, "little") + bytes(8 + 4 * (i % 5))
+        flags = NLM_F_REQUEST | (NLM_F_ACK if ack else 0)
+        return NLMSG_HDR.pack(16 + len(payload), _CREATE, flags, seq, 0) + payload
+
+    return records, encode
+
+
+def drive(job: RecordCreates, kernel: FakeKernel, sock: FakeSocket | None = None
+          ) -> tuple[int, list[bytes]]:
+    sock = FakeSocket(kernel) if sock is None else sock
+    try:
+        return trio.run(run, sock, job)
+    finally:
+        sock.close()
+
+
+def test_new_entries_are_all_created_in_batches_acked_once() -> None:
+    records, encode = stub_records(300)
+    kernel = FakeKernel([entry(i) for i in range(300)])
+    job = RecordCreates(records, encode, seq_start=7, batch_bytes=1000,
+                        reply_budget=10_000)
+    assert drive(job, kernel) == (300, [])
+    assert len(kernel.table) == 300
+    sent = [r for d in kernel.datagrams for r in d]
+    assert [seq for _op, _f, seq, _i in sent] == list(range(7, 307))
+    assert len(kernel.datagrams) > 1
+    for datagram in kernel.datagrams:
+        acks = [bool(flags & NLM_F_ACK) for _op, flags, _s, _i in datagram]
+        assert acks == [False] * (len(datagram) - 1) + [True]
+        assert all(op is Op.CREATE for op, _f, _s, _i in datagram)
+
+
+def test_refused_and_unusual_records_are_handed_back() -> None:
+    records, encode = stub_records(50, unusual=(3, 40))
+    kernel = FakeKernel([entry(i) for i in range(50)])
+    kernel.table[entry(10).key] = entry(10)  # exists: EEXIST
+    kernel.refuse[entry(20).key] = errno.ENOMEM
+    kernel.refuse[entry(49).key] = errno.EINVAL  # the last of the batch: its ACK fails
+    job = RecordCreates(records, encode, seq_start=1, batch_bytes=1 << 20,
+                        reply_budget=10_000)
+    applied, back = drive(job, kernel)
+    assert sorted(back) == sorted(records[i] for i in (3, 10, 20, 40, 49))
+    assert applied == 45
+    # Unusual records never reached the kernel.
+    assert {i for d in kernel.datagrams for _o, _f, _s, i in d} == set(range(50)) - {3, 40}
+
+
+def test_the_reply_budget_caps_the_requests_of_a_batch() -> None:
+    records, encode = stub_records(25)
+    kernel = FakeKernel([entry(i) for i in range(25)])
+    job = RecordCreates(records, encode, seq_start=1, batch_bytes=1 << 20,
+                        reply_budget=10)
+    assert drive(job, kernel) == (25, [])
+    assert [len(d) for d in kernel.datagrams] == [10, 10, 5]
+
+
+def test_after_lost_replies_every_unconfirmed_record_is_handed_back() -> None:
+    records, encode = stub_records(40)
+    kernel = FakeKernel([entry(i) for i in range(40)])
+    kernel.refuse[entry(5).key] = errno.ENOMEM
+
+    def lose_second_batch(n: int, replies: list[bytes]) -> list[bytes]:
+        return [] if n == 1 else replies
+
+    job = RecordCreates(records, encode, seq_start=1, batch_bytes=300,
+                        reply_budget=10_000)
+    applied, back = drive(job, kernel, FakeSocket(kernel, lose=lose_second_batch))
+    second = {records[i] for _o, _f, _s, i in kernel.datagrams[1]}
+    # The second batch is uncertain as a whole (its ACK was lost too); the first
+    # batch's refusal is known.
+    assert set(back) == second | {records[5]}
+    assert applied == 40 - len(set(back))
+
+
+def usual(e: Entry) -> Entry:
+    """``e`` as most entries are (the first pass's kind, if TCP or UDP)."""
+    return e._replace(labels=None, helper=None, master=None, sctp=None, zone=0,
+                      mark=e.mark or 0)
+
+
+@given(e=entries(), make_usual=st.booleans(), now=st.floats(0, 1e6),
+       left=st.floats(0, 4000), forever=st.booleans(),
+       tcp_flags=st.sampled_from([0, int(TcpFlag.BE_LIBERAL)]),
+       seq=st.integers(0, 2**32 - 1), ack=st.booleans())
+def test_a_record_encodes_as_its_commit_entry(
+    *, e: Entry, make_usual: bool, now: float, left: float, forever: bool, tcp_flags: int,
+    seq: int, ack: bool,
+) -> None:
+    if make_usual:
+        e = usual(e)
+    rec = R.pack(e, math.inf if forever else now + left)
+    encode = commit_encoder(now, no_timeout=180, tcp_flags=tcp_flags)
+    message = encode(rec, seq, ack)
+    if R.usual_fields(rec) is None:
+        assert message is None
+    else:
+        want = commit_entry(rec, now, no_timeout=180, tcp_flags=tcp_flags)
+        assert message == ctnetlink.encode_create(want, seq, ack=ack)
+
+
+@given(entries())
+def test_usual_records_are_recognised(e: Entry) -> None:
+    e = usual(e)
+    fields = R.usual_fields(R.pack(e, 5.0))
+    assert (fields is not None) == (e.orig.proto in ctnetlink.FAST_CREATE_PROTOCOLS)
+    assert R.usual_fields(R.pack(e._replace(mark=None), 5.0)) is None
