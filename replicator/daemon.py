@@ -840,6 +840,12 @@ class Daemon:
         checked = self.session.local_count
         if self.applies_peer_to_kernel:
             await self.writer.wait_idle()
+            # The mirror must be complete: after a commit (which receives no events of
+            # its writes) it is stale until re-read.
+            if self.mirror.stale:
+                await self.mirror.resync()
+            else:
+                await self.mirror.wait_synced()
             kernel = self.mirror.cache
             for entry in self.session.external.entries():
                 checked += 1
