@@ -73,24 +73,29 @@ class RecordCreates:
         """The next batch of requests, or ``None`` when every record was sent."""
         if self._batch is not None:
             raise RuntimeError("the previous batch is still waiting for its replies")
-        records, encode = self._records, self._encode
+        # Locals only in this loop: it runs once per entry of a whole table.
+        records, encode, back = self._records, self._encode, self._back
         members: list[bytes] = []
         parts: list[bytes] = []
-        size = 0
-        first = self._seq
-        while self._pos < len(records) and len(members) < self._max_requests:
-            rec = records[self._pos]
-            message = encode(rec, (first + len(members)) & _SEQ_MASK, False)
+        size, limit, pos, end = 0, self._batch_bytes, self._pos, len(records)
+        first = seq = self._seq
+        room = self._max_requests
+        while pos < end and room:
+            rec = records[pos]
+            message = encode(rec, seq, False)
             if message is None:
-                self._back.append(rec)
-                self._pos += 1
+                back.append(rec)
+                pos += 1
                 continue
-            if parts and size + len(message) > self._batch_bytes:
+            size += len(message)
+            if size > limit and parts:
                 break
             members.append(rec)
             parts.append(message)
-            size += len(message)
-            self._pos += 1
+            pos += 1
+            seq = (seq + 1) & _SEQ_MASK
+            room -= 1
+        self._pos = pos
         if not members:
             return None
         # The batch's end is known only now: its last request asks for the ACK.
