@@ -50,6 +50,7 @@ import socket
 import struct
 import sys
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -480,10 +481,11 @@ def _addresses(msg: bytes) -> tuple[int, str | None]:
     return ifindex, found.get(IFA_LOCAL, found.get(IFA_ADDRESS))
 
 
-def addrwatch() -> None:
-    """Print every IPv4 address change until killed."""
+def _rtnetlink_messages(groups: int) -> Iterator[tuple[float, int, bytes]]:
+    """``(time read, message type, payload)`` of every rtnetlink message of ``groups``,
+    forever; says ``ready`` once subscribed."""
     sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    sock.bind((0, RTMGRP_IPV4_IFADDR))
+    sock.bind((0, groups))
     emit({"ready": True})
     while True:
         data = sock.recv(65536)
@@ -493,11 +495,17 @@ def addrwatch() -> None:
             length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, pos)
             if length < NLMSG_HDR.size:
                 break
-            if kind in (RTM_NEWADDR, RTM_DELADDR):
-                ifindex, addr = _addresses(data[pos + NLMSG_HDR.size:pos + length])
-                emit({"t": now, "op": "add" if kind == RTM_NEWADDR else "del",
-                      "addr": addr, "ifindex": ifindex})
+            yield now, kind, data[pos + NLMSG_HDR.size:pos + length]
             pos += (length + 3) & ~3
+
+
+def addrwatch() -> None:
+    """Print every IPv4 address change until killed."""
+    for now, kind, payload in _rtnetlink_messages(RTMGRP_IPV4_IFADDR):
+        if kind in (RTM_NEWADDR, RTM_DELADDR):
+            ifindex, addr = _addresses(payload)
+            emit({"t": now, "op": "add" if kind == RTM_NEWADDR else "del",
+                  "addr": addr, "ifindex": ifindex})
 
 
 RTMGRP_NEIGH = 0x4
@@ -528,23 +536,12 @@ def _neighbour(msg: bytes) -> tuple[str | None, str | None]:
 
 def neighwatch() -> None:
     """Print every IPv4 neighbour entry change until killed."""
-    sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE)
-    sock.bind((0, RTMGRP_NEIGH))
-    emit({"ready": True})
-    while True:
-        data = sock.recv(65536)
-        now = time.monotonic()
-        pos = 0
-        while pos + NLMSG_HDR.size <= len(data):
-            length, kind, _, _, _ = NLMSG_HDR.unpack_from(data, pos)
-            if length < NLMSG_HDR.size:
-                break
-            if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
-                dst, lladdr = _neighbour(data[pos + NLMSG_HDR.size:pos + length])
-                if dst is not None:
-                    emit({"t": now, "op": "add" if kind == RTM_NEWNEIGH else "del",
-                          "dst": dst, "lladdr": lladdr})
-            pos += (length + 3) & ~3
+    for now, kind, payload in _rtnetlink_messages(RTMGRP_NEIGH):
+        if kind in (RTM_NEWNEIGH, RTM_DELNEIGH):
+            dst, lladdr = _neighbour(payload)
+            if dst is not None:
+                emit({"t": now, "op": "add" if kind == RTM_NEWNEIGH else "del",
+                      "dst": dst, "lladdr": lladdr})
 
 
 def main() -> None:
