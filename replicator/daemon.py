@@ -73,6 +73,7 @@ from .control import (
     serve_control,
 )
 from .errors import ControlError, KernelError, ReplicatorError
+from .external import commit_timeout
 from .filters import EntryFilter, build_filter
 from .gcpause import COLLECTOR_PAUSE
 from .kernel import InjectResult, KernelPort
@@ -199,12 +200,14 @@ class ResyncRecord:
     entries: int
 
 
-def _aged(entry: Entry, waited: float) -> Entry:
-    """``entry`` with ``waited`` whole seconds taken off its timeout (at least 1 left)."""
+def _aged(entry: Entry, since: float, now: float) -> Entry:
+    """``entry``, whose timeout was the time left at ``since``, with the time left at
+    ``now`` (as a commit computes it: :func:`replicator.external.commit_timeout`)."""
     timeout = entry[5]
-    if timeout is None or waited < 1:
+    if timeout is None:
         return entry
-    return _new(Entry, (*entry[:5], max(1, timeout - int(waited)), *entry[6:]))
+    left = commit_timeout(since + timeout, now, None)
+    return entry if left == timeout else _new(Entry, (*entry[:5], left, *entry[6:]))
 
 
 class KernelWriter:
@@ -267,7 +270,7 @@ class KernelWriter:
             now = trio.current_time()
             # A copy must not outlive the original: take the time the entry waited
             # here (a busy or refusing kernel, a burst) off its remaining timeout.
-            upserts = [for_kernel(_aged(e, now - queued), window_tracking=tracking)
+            upserts = [for_kernel(_aged(e, queued, now), window_tracking=tracking)
                        for e, queued in (v for v in batch.values() if v is not None)]
             deletes = [
                 Entry(k[0], k[2], k[2], zone=k[1]) for k, e in batch.items() if e is None
