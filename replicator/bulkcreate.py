@@ -8,8 +8,8 @@ kernel's own work on the request. Nearly every entry of a firewall's table is a 
 UDP connection, maybe NAT'd, that the kernel does not have yet (this node was the
 backup), so this pass handles exactly that case and nothing else:
 
-* each record's request is built from its bytes (:func:`replicator.record.usual_fields`,
-  :func:`replicator.ctnetlink.encode_create_usual`); a record of another kind (labels,
+* each record's request is built from its bytes (:func:`replicator.record.usual_layout`,
+  :func:`replicator.ctnetlink.usual_create_packer`); a record of another kind (labels,
   a helper, a master, SCTP, ICMP, a zone) is not sent but handed back;
 * batches as in :mod:`replicator.inject` (many requests per datagram, only the last asks
   for an ACK, the kernel answers the failures in order before it);
@@ -26,11 +26,12 @@ drives it.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 from . import ctnetlink
 from . import record as R
-from .external import commit_timeout
+from .model import IPPROTO_TCP
 
 _SEQ_MASK = 0xFFFFFFFF
 
@@ -62,6 +63,8 @@ class RecordCreates:
         self._back: list[bytes] = []
         #: The batch in flight: its records, first sequence number, refused positions.
         self._batch: list[bytes] | None = None
+        #: The batch built ahead by prefetch(), not sent yet.
+        self._ready: tuple[list[bytes], int, bytes] | None = None
         self._first = 0
         self._refused: set[int] = set()
         self._last_ok = False
@@ -73,6 +76,26 @@ class RecordCreates:
         """The next batch of requests, or ``None`` when every record was sent."""
         if self._batch is not None:
             raise RuntimeError("the previous batch is still waiting for its replies")
+        ready = self._ready if self._ready is not None else self._build()
+        self._ready = None
+        if ready is None:
+            return None
+        self._batch, self._first, datagram = ready
+        self._refused = set()
+        self._last_ok = False
+        self._lost = False
+        return datagram
+
+    def prefetch(self) -> None:
+        """Build the batch after the one in flight now, so that a caller can encode it
+        while the kernel works on the current one (:func:`replicator.inject.run_overlapped`);
+        :meth:`next_datagram` then returns it."""
+        if self._ready is None:
+            self._ready = self._build()
+
+    def _build(self) -> tuple[list[bytes], int, bytes] | None:
+        """The next batch's records, first sequence number and datagram (``None``: no
+        record left)."""
         # Locals only in this loop: it runs once per entry of a whole table.
         records, encode, back = self._records, self._encode, self._back
         members: list[bytes] = []
@@ -102,12 +125,8 @@ class RecordCreates:
         last = encode(members[-1], (first + len(members) - 1) & _SEQ_MASK, True)
         assert last is not None
         parts[-1] = last
-        self._batch, self._first = members, first
         self._seq = (first + len(members)) & _SEQ_MASK
-        self._refused = set()
-        self._last_ok = False
-        self._lost = False
-        return b"".join(parts)
+        return members, first, b"".join(parts)
 
     @property
     def waiting(self) -> bool:
@@ -150,7 +169,7 @@ class RecordCreates:
 
     def result(self) -> tuple[int, list[bytes]]:
         """``(applied, handed back)``, once :meth:`next_datagram` returned ``None``."""
-        if self._batch is not None or self._pos < len(self._records):
+        if self._batch is not None or self._ready is not None or self._pos < len(self._records):
             raise RuntimeError("the pass is not finished")
         return self._applied, self._back
 
@@ -177,21 +196,70 @@ def commit_encoder(now: float, *, no_timeout: int | None = None,
                    tcp_flags: int = 0) -> RecordEncoder:
     """The encoder of a commit at ``now``: each record's entry as
     :func:`replicator.external.commit_entry` makes it (the time left as its timeout,
-    ``no_timeout`` without a deadline, ``tcp_flags`` set in both directions)."""
-    usual_fields, encode, timeout_of = R.usual_fields, ctnetlink.encode_create_usual, commit_timeout
+    ``no_timeout`` without a deadline, ``tcp_flags`` set in both directions).
+
+    Each record is read in one unpack (:func:`replicator.record.usual_layout`) and its
+    request built in one pack (:func:`replicator.ctnetlink.usual_create_packer`), with
+    the fields passed from one to the other as they are: at 100 k entries per takeover,
+    every intermediate tuple shows (this runs at about twice the speed of building the
+    request from :func:`replicator.ctnetlink.encode_create_usual`'s fields).
+    """
+    flags_at, layout_of, header = R.FLAGS_AT, R.usual_layout, R.HEADER_SIZE
+    by_shape: dict[int, RecordEncoder | None] = {}
 
     def encode_record(record: bytes, seq: int, ack: bool) -> bytes | None:
-        fields = usual_fields(record)
-        if fields is None:
-            return None
-        (family, src, dst, proto, sport, dport, rsrc, rdst, rsport, rdport, status, mark, tcp,
-         deadline) = fields  # fmt: skip
-        timeout = timeout_of(deadline, now, no_timeout)
-        if timeout is None:
-            return None
-        if tcp is not None and tcp_flags:
-            tcp = (tcp[0], tcp[1], tcp[2], tcp[3] | tcp_flags, tcp[4] | tcp_flags)
-        return encode((family, src, dst, proto, sport, dport, rsrc, rdst, rsport, rdport,
-                       status, timeout, mark, tcp), seq, ack=ack)
+        family = record[header]  # R.usual_shape, inline
+        shape = family << 8 | record[flags_at[family]]
+        try:
+            encode = by_shape[shape]
+        except KeyError:
+            layout = layout_of(shape)
+            encode = by_shape[shape] = None if layout is None else _shape_encoder(
+                family, layout, now, no_timeout, tcp_flags)
+        return None if encode is None else encode(record, seq, ack)
 
     return encode_record
+
+
+def _shape_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: int | None,
+                   tcp_flags: int) -> RecordEncoder:
+    """:func:`commit_encoder` for the records of one shape."""
+    read, reply, mark_at, tcp_at = layout
+    packer = ctnetlink.usual_create_packer
+    # Indexed by 2 * SNAT + DNAT; with TCP info and without (the request carries TCP
+    # info only for TCP, as encode_create decides).
+    both = (False, True)
+    with_tcp = [packer(family, s, d, tcp_at is not None) for s in both for d in both]
+    plain = [packer(family, s, d, False) for s in both for d in both]
+    protocols, tcp_proto = ctnetlink.FAST_CREATE_PROTOCOLS, IPPROTO_TCP
+    inf, ceil = math.inf, math.ceil
+    t = tcp_at or 0
+    # Where the fields are, as locals (read once per entry).
+    at_deadline, at_zone, at_status = R.U_DEADLINE, R.U_ZONE, R.U_STATUS
+    at_src, at_dst, at_proto, at_sport, at_dport = R.U_SRC, R.U_DST, R.U_PROTO, R.U_SPORT, R.U_DPORT
+
+    def encode(record: bytes, seq: int, ack: bool) -> bytes | None:
+        v = read(record)
+        proto = v[at_proto]
+        if v[at_zone] or proto not in protocols:
+            return None
+        # external.commit_timeout, inline (one call per entry less).
+        deadline = v[at_deadline]
+        timeout = no_timeout if deadline == inf else max(1, ceil(deadline - now))
+        if timeout is None:
+            return None
+        src, dst, sport, dport = v[at_src], v[at_dst], v[at_sport], v[at_dport]
+        if reply is None:
+            rsrc, rdst, rsport, rdport = dst, src, dport, sport
+        else:
+            rsrc, rdst, rsport, rdport = v[reply], v[reply + 1], v[reply + 3], v[reply + 4]
+        nat: int = 2 * (rdst != src or rdport != sport) + (rsrc != dst or rsport != dport)
+        if tcp_at is not None and proto == tcp_proto:
+            return with_tcp[nat](
+                seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
+                v[at_status], timeout, v[mark_at], v[t], v[t + 1], v[t + 2],
+                v[t + 3] | tcp_flags, v[t + 4] | tcp_flags)
+        return plain[nat](seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
+                          v[at_status], timeout, v[mark_at], 0, 0, 0, 0, 0)
+
+    return encode

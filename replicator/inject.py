@@ -47,11 +47,14 @@ from __future__ import annotations
 
 import enum
 import errno
+import functools
 import socket
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from typing import NamedTuple, Protocol, TypeVar
 
+import outcome
 import trio
 
 from . import ctnetlink
@@ -503,7 +506,7 @@ async def create_records(sock: socket.socket, records: Sequence[bytes],
     and the records to write with :func:`upsert` instead."""
     job = RecordCreates(records, encode, seq_start=seq_start,
                         batch_bytes=batch_limit(sock), reply_budget=reply_budget(sock))
-    return await run(sock, job)
+    return await run_overlapped(sock, job)
 
 
 async def delete(sock: socket.socket, entries: Sequence[Entry], *,
@@ -585,6 +588,114 @@ async def run(sock: ReplySocket, job: Job[_R]) -> _R:
                 job.replies_lost()
                 continue
             job.receive(view[:n])
+    return job.result()
+
+
+class PrefetchJob(Job[_R_co], Protocol[_R_co]):
+    """A :class:`Job` that can build its next datagram while the current one is in
+    flight (:class:`replicator.bulkcreate.RecordCreates`)."""
+
+    def prefetch(self) -> None: ...
+
+
+#: What the sending thread hands back for one datagram: each reply datagram read, in
+#: order, and ``None`` where the socket reported ``ENOBUFS`` (replies lost).
+_Replies = list["bytes | None"]
+
+
+def _send_and_read(sock: ReplySocket, datagram: bytes, buf: bytearray,
+                   sending: threading.Event) -> _Replies:
+    """In a worker thread: send ``datagram`` and read every reply queued by then.
+
+    nfnetlink handles a datagram inside ``sendto``, so once it returns every reply to
+    it is queued; the socket is non-blocking, so the read stops at the first empty read.
+    ``sending`` is set just before the send (see :func:`run_overlapped`).
+    """
+    sending.set()
+    sock.send(datagram)
+    out: _Replies = []
+    while True:
+        try:
+            n = sock.recv_into(buf)
+        except BlockingIOError:
+            return out
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise
+            out.append(None)
+            continue
+        out.append(bytes(buf[:n]))
+
+
+def _deliver(token: trio.lowlevel.TrioToken, box: list[outcome.Outcome[_Replies]],
+             done: trio.Event, result: outcome.Outcome[_Replies]) -> None:
+    """In the worker thread: hand ``result`` to the trio thread and wake it."""
+    box.append(result)
+    token.run_sync_soon(done.set)
+
+
+async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
+    """:func:`run`, with the kernel's work on each datagram done in a worker thread
+    while this one builds the next datagram.
+
+    The kernel handles a datagram inside ``sendto``, in the sending thread, and
+    releases the GIL meanwhile: a whole-table write (a takeover's commit) otherwise
+    alternates between building requests in Python and the kernel creating entries,
+    each about half of the time, on one core. Only the worker thread touches the
+    socket while a datagram is in flight, only this one touches ``job``. A cancelled
+    write stops before its next datagram; the one in flight is awaited first (a
+    system call cannot be interrupted).
+    """
+    buf = bytearray(65536)
+    view = memoryview(buf)
+    _discard_pending(sock, buf)
+    token = trio.lowlevel.current_trio_token()
+    reply_buf = bytearray(65536)  # the worker's
+    datagram = job.next_datagram()
+    while datagram is not None:
+        await trio.lowlevel.checkpoint()
+        done = trio.Event()
+        box: list[outcome.Outcome[_Replies]] = []
+        deliver = functools.partial(_deliver, token, box, done)
+        sending = threading.Event()
+        trio.lowlevel.start_thread_soon(
+            functools.partial(_send_and_read, sock, datagram, reply_buf, sending), deliver)
+        # Let the worker reach its send first: it needs the GIL to get there, and this
+        # thread, building the next batch, would hold it for a whole switch interval
+        # (5 ms, longer than the batch takes), so the two would take turns instead of
+        # overlapping. The send itself releases the GIL.
+        sending.wait()
+        job.prefetch()
+        with trio.CancelScope(shield=True):
+            await done.wait()
+        try:
+            replies = box[0].unwrap()
+        except OSError as exc:
+            raise KernelError(f"writing a batch to the kernel failed: {exc}",
+                              exc.errno or 0) from exc
+        for data in replies:
+            if data is None:
+                job.replies_lost()
+            else:
+                job.receive(data)
+        # Normally settled by now; otherwise (replies lost) as run() does.
+        while job.waiting:
+            try:
+                n = sock.recv_into(buf)
+            except BlockingIOError:
+                if job.lost:
+                    job.settle()
+                else:
+                    await trio.lowlevel.wait_readable(sock)
+                continue
+            except OSError as exc:
+                if exc.errno != errno.ENOBUFS:
+                    raise KernelError(f"reading the kernel's replies failed: {exc}",
+                                      exc.errno or 0) from exc
+                job.replies_lost()
+                continue
+            job.receive(view[:n])
+        datagram = job.next_datagram()
     return job.result()
 
 

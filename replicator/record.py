@@ -45,9 +45,12 @@ The *key* of a record is the first bytes of its body: family, zone and original 
 
 from __future__ import annotations
 
+import functools
 import math
 import struct
+from collections.abc import Callable
 from hashlib import blake2b
+from typing import Any, NamedTuple
 
 from .model import (
     AF_INET,
@@ -302,41 +305,73 @@ def unpack(record: bytes, timeout: int | None = HEADER_TIMEOUT, tcp_flags: int =
     ))  # fmt: skip
 
 
-#: :func:`usual_fields` of a record: family, the original tuple's address and ports
-#: (src, dst, proto, sport, dport), the reply tuple's (src, dst, sport, dport), status,
-#: mark, TCP info (or None), deadline.
-UsualFields = tuple[int, bytes, bytes, int, int, int, bytes, bytes, int, int, int, int,
-                    tuple[int, int, int, int, int] | None, float]
 _USUAL_FLAGS = _REPLY | _MARK | _TCP
 _USUAL_PROTOCOLS = frozenset({6, 17})  # TCP, UDP: ctnetlink.FAST_CREATE_PROTOCOLS
 
+#: Where a record's body flags are, by family (the last field but one of its fixed start).
+FLAGS_AT = {f: s.size - _FLAGS_STATUS.size for f, s in _FIXED.items()}
+#: Indexes in what a :class:`UsualLayout` reads: the deadline, zone, original tuple's
+#: src, dst, proto, sport and dport, and the status (the record's fixed start).
+U_DEADLINE, U_ZONE, U_SRC, U_DST, U_PROTO, U_SPORT, U_DPORT, U_STATUS = 0, 6, 7, 8, 9, 10, 11, 16
 
-def usual_fields(record: bytes) -> UsualFields | None:
-    """What :func:`replicator.ctnetlink.encode_create_usual` needs of the entry in
-    ``record``, read straight from its bytes; ``None`` unless it is such an entry (TCP
-    or UDP, zone 0, a mark, no labels, SCTP info, helper or master).
+
+class UsualLayout(NamedTuple):
+    """How to read every field of a record of one usual shape in one unpack (see
+    :func:`usual_layout`)."""
+
+    #: ``struct.unpack_from`` of the whole record: its header, then the body's fields in
+    #: order (indexes :data:`U_DEADLINE` ...).
+    read: Callable[[bytes], tuple[Any, ...]]
+    #: Index of the reply tuple's src (then dst, proto, sport, dport), ``None`` when the
+    #: record holds none (the reply is the plain inverse of the original tuple).
+    reply: int | None
+    #: Index of the mark.
+    mark: int
+    #: Index of the TCP info's state (then both window scales and both flags), ``None``
+    #: without TCP info.
+    tcp: int | None
+
+
+def usual_shape(record: bytes) -> int:
+    """The shape of ``record`` for :func:`usual_layout`: family and body flags."""
+    family = record[HEADER_SIZE]
+    return family << 8 | record[FLAGS_AT[family]]
+
+
+@functools.cache
+def usual_layout(shape: int) -> UsualLayout | None:
+    """How to read records of ``shape`` (:func:`usual_shape`), or ``None`` unless they
+    hold the usual kind of entry: a mark, maybe TCP info, no labels, SCTP info, helper
+    or master. (The caller still checks the values: zone 0, TCP or UDP.)
 
     A takeover's commit builds its requests from this, never building an
     :class:`Entry` (which costs about as much as building the request).
     """
-    family = record[HEADER_SIZE]
-    fixed = _FIXED[family]
-    v = fixed.unpack_from(record)
-    flags = v[15]
-    if flags & ~_USUAL_FLAGS or not flags & _MARK or v[6] or v[9] not in _USUAL_PROTOCOLS:
+    family, flags = shape >> 8, shape & 0xFF
+    fixed = _FIXED.get(family)
+    if fixed is None or flags & ~_USUAL_FLAGS or not flags & _MARK:
         return None
-    pos = fixed.size
-    if flags & _REPLY:
-        rsrc, rdst, rsport, rdport = v[8], v[7], v[11], v[10]
-    else:
+    fmt, n = fixed.format, len(fixed.unpack(bytes(fixed.size)))
+    reply = None
+    if not flags & _REPLY:
         t = _TUPLE[family]
-        reply = t.unpack_from(record, pos)
-        pos += t.size
-        rsrc, rdst, rsport, rdport = reply[0], reply[1], reply[3], reply[4]
-    (mark,) = _U32.unpack_from(record, pos)
-    tcp = _TCP_S.unpack_from(record, pos + 4) if flags & _TCP else None
-    return (family, v[7], v[8], v[9], v[10], v[11], rsrc, rdst, rsport, rdport, v[16], mark,
-            tcp, v[0])  # fmt: skip
+        fmt += t.format[1:]
+        reply, n = n, n + len(t.unpack(bytes(t.size)))
+    mark, n, fmt = n, n + 1, fmt + _U32.format[1:]
+    tcp = None
+    if flags & _TCP:
+        tcp, fmt = n, fmt + _TCP_S.format[1:]
+    return UsualLayout(struct.Struct(fmt).unpack_from, reply, mark, tcp)
+
+
+def is_usual(record: bytes) -> bool:
+    """Whether ``record`` holds the usual kind of entry (see :func:`usual_layout`):
+    also zone 0 and TCP or UDP."""
+    layout = usual_layout(usual_shape(record))
+    if layout is None:
+        return False
+    v = layout.read(record)
+    return not v[U_ZONE] and v[U_PROTO] in _USUAL_PROTOCOLS
 
 
 #: :func:`fields` of a record: family, orig, reply, zone, status, mark, labels, tcp,

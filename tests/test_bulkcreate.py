@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
+import pytest
 import trio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -15,8 +16,9 @@ from test_wire import entries
 from replicator import ctnetlink
 from replicator import record as R
 from replicator.bulkcreate import RecordCreates, RecordEncoder, commit_encoder
+from replicator.errors import KernelError
 from replicator.external import commit_entry
-from replicator.inject import Op, run
+from replicator.inject import Op, run, run_overlapped
 from replicator.model import Entry, TcpFlag
 from replicator.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_HDR
 
@@ -40,21 +42,30 @@ def stub_records(n: int, unusual: Sequence[int] = ()) -> tuple[list[bytes], Reco
     return records, encode
 
 
-def drive(job: RecordCreates, kernel: FakeKernel, sock: FakeSocket | None = None
-          ) -> tuple[int, list[bytes]]:
+Runner = Callable[[FakeSocket, RecordCreates], Awaitable[tuple[int, list[bytes]]]]
+
+
+@pytest.fixture(params=[run, run_overlapped], ids=["run", "run_overlapped"])
+def runner(request: pytest.FixtureRequest) -> Runner:
+    """Both drivers: the plain one and the one a commit uses (kernel work in a thread)."""
+    return request.param  # type: ignore[no-any-return]
+
+
+def drive(job: RecordCreates, kernel: FakeKernel, runner: Runner,
+          sock: FakeSocket | None = None) -> tuple[int, list[bytes]]:
     sock = FakeSocket(kernel) if sock is None else sock
     try:
-        return trio.run(run, sock, job)
+        return trio.run(runner, sock, job)
     finally:
         sock.close()
 
 
-def test_new_entries_are_all_created_in_batches_acked_once() -> None:
+def test_new_entries_are_all_created_in_batches_acked_once(runner: Runner) -> None:
     records, encode = stub_records(300)
     kernel = FakeKernel([entry(i) for i in range(300)])
     job = RecordCreates(records, encode, seq_start=7, batch_bytes=1000,
                         reply_budget=10_000)
-    assert drive(job, kernel) == (300, [])
+    assert drive(job, kernel, runner) == (300, [])
     assert len(kernel.table) == 300
     sent = [r for d in kernel.datagrams for r in d]
     assert [seq for _op, _f, seq, _i in sent] == list(range(7, 307))
@@ -65,7 +76,7 @@ def test_new_entries_are_all_created_in_batches_acked_once() -> None:
         assert all(op is Op.CREATE for op, _f, _s, _i in datagram)
 
 
-def test_refused_and_unusual_records_are_handed_back() -> None:
+def test_refused_and_unusual_records_are_handed_back(runner: Runner) -> None:
     records, encode = stub_records(50, unusual=(3, 40))
     kernel = FakeKernel([entry(i) for i in range(50)])
     kernel.table[entry(10).key] = entry(10)  # exists: EEXIST
@@ -73,23 +84,23 @@ def test_refused_and_unusual_records_are_handed_back() -> None:
     kernel.refuse[entry(49).key] = errno.EINVAL  # the last of the batch: its ACK fails
     job = RecordCreates(records, encode, seq_start=1, batch_bytes=1 << 20,
                         reply_budget=10_000)
-    applied, back = drive(job, kernel)
+    applied, back = drive(job, kernel, runner)
     assert sorted(back) == sorted(records[i] for i in (3, 10, 20, 40, 49))
     assert applied == 45
     # Unusual records never reached the kernel.
     assert {i for d in kernel.datagrams for _o, _f, _s, i in d} == set(range(50)) - {3, 40}
 
 
-def test_the_reply_budget_caps_the_requests_of_a_batch() -> None:
+def test_the_reply_budget_caps_the_requests_of_a_batch(runner: Runner) -> None:
     records, encode = stub_records(25)
     kernel = FakeKernel([entry(i) for i in range(25)])
     job = RecordCreates(records, encode, seq_start=1, batch_bytes=1 << 20,
                         reply_budget=10)
-    assert drive(job, kernel) == (25, [])
+    assert drive(job, kernel, runner) == (25, [])
     assert [len(d) for d in kernel.datagrams] == [10, 10, 5]
 
 
-def test_after_lost_replies_every_unconfirmed_record_is_handed_back() -> None:
+def test_after_lost_replies_every_unconfirmed_record_is_handed_back(runner: Runner) -> None:
     records, encode = stub_records(40)
     kernel = FakeKernel([entry(i) for i in range(40)])
     kernel.refuse[entry(5).key] = errno.ENOMEM
@@ -99,7 +110,7 @@ def test_after_lost_replies_every_unconfirmed_record_is_handed_back() -> None:
 
     job = RecordCreates(records, encode, seq_start=1, batch_bytes=300,
                         reply_budget=10_000)
-    applied, back = drive(job, kernel, FakeSocket(kernel, lose=lose_second_batch))
+    applied, back = drive(job, kernel, runner, FakeSocket(kernel, lose=lose_second_batch))
     second = {records[i] for _o, _f, _s, i in kernel.datagrams[1]}
     # The second batch is uncertain as a whole (its ACK was lost too); the first
     # batch's refusal is known.
@@ -126,7 +137,7 @@ def test_a_record_encodes_as_its_commit_entry(
     rec = R.pack(e, math.inf if forever else now + left)
     encode = commit_encoder(now, no_timeout=180, tcp_flags=tcp_flags)
     message = encode(rec, seq, ack)
-    if R.usual_fields(rec) is None:
+    if not R.is_usual(rec):
         assert message is None
     else:
         want = commit_entry(rec, now, no_timeout=180, tcp_flags=tcp_flags)
@@ -136,6 +147,61 @@ def test_a_record_encodes_as_its_commit_entry(
 @given(entries())
 def test_usual_records_are_recognised(e: Entry) -> None:
     e = usual(e)
-    fields = R.usual_fields(R.pack(e, 5.0))
-    assert (fields is not None) == (e.orig.proto in ctnetlink.FAST_CREATE_PROTOCOLS)
-    assert R.usual_fields(R.pack(e._replace(mark=None), 5.0)) is None
+    assert R.is_usual(R.pack(e, 5.0)) == (e.orig.proto in ctnetlink.FAST_CREATE_PROTOCOLS)
+    assert not R.is_usual(R.pack(e._replace(mark=None), 5.0))
+    assert not R.is_usual(R.pack(e._replace(zone=1), 5.0))
+
+
+async def test_an_overlapped_write_waits_for_replies_that_arrive_later() -> None:
+    records, encode = stub_records(60)
+    kernel = FakeKernel([entry(i) for i in range(60)])
+    kernel.refuse[entry(33).key] = errno.ENOMEM
+    sock = FakeSocket(kernel, delay=True)
+    job = RecordCreates(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    results: list[tuple[int, list[bytes]]] = []
+
+    async def write() -> None:
+        results.append(await run_overlapped(sock, job))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            while not results:
+                await trio.sleep(0.01)
+                sock.release()
+    finally:
+        sock.close()
+    assert results == [(59, [records[33]])]
+    assert len(kernel.datagrams) > 2
+
+
+async def test_an_overlapped_write_reports_a_failing_socket_as_a_kernel_error() -> None:
+    records, encode = stub_records(10)
+    kernel = FakeKernel([entry(i) for i in range(10)])
+
+    class Broken(FakeSocket):
+        def send(self, data: bytes, /) -> int:
+            raise OSError(errno.EPERM, "Operation not permitted")
+
+    sock = Broken(kernel)
+    job = RecordCreates(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    try:
+        with pytest.raises(KernelError, match="Operation not permitted"):
+            await run_overlapped(sock, job)
+    finally:
+        sock.close()
+
+
+async def test_a_cancelled_overlapped_write_stops_between_datagrams() -> None:
+    records, encode = stub_records(200)
+    kernel = FakeKernel([entry(i) for i in range(200)])
+    sock = FakeSocket(kernel)
+    job = RecordCreates(records, encode, seq_start=1, batch_bytes=300, reply_budget=10_000)
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await run_overlapped(sock, job)
+    finally:
+        sock.close()
+    assert scope.cancelled_caught
+    assert kernel.datagrams == []
