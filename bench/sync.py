@@ -35,7 +35,9 @@ Figures:
 * ``n<N>_commit_s`` (``cache`` only): seconds to write the external cache into the
   standby's kernel (``replicator commit`` vs ``conntrackd -c``, both blocking until
   done), ``n<N>_commit_cpu_s_standby`` the standby daemon's CPU seconds meanwhile, and
-  ``n<N>_committed`` the standby kernel's entry count afterwards.
+  ``n<N>_committed`` the standby kernel's entry count afterwards. The commit starts
+  once both daemons are idle (each used less than 20 ms of CPU in 0.5 s), as at a
+  failover; ``n<N>_commit_idle_wait_s`` is how long that took after the sync.
 * ``n<N>_wire_bytes_per_entry``: bytes through the sync interface in both directions
   (``ip -s link`` counters of the active's ``sync0``: frames including Ethernet, IP,
   TCP/UDP and, for replicator, TLS headers) per entry, from daemon start to the end of
@@ -436,12 +438,38 @@ def bench_size(system: System, a: Netns, b: Netns, n: int, patience: float) -> N
 
 
 def commit(system: System, a: Netns, b: Netns, prefix: str, synced: Sample) -> None:
-    """Commit the standby's external cache; its time, the standby's CPU, the result."""
+    """Commit the standby's external cache; its time, the standby's CPU, the result.
+
+    First wait until both daemons are idle (:func:`wait_idle`): at a failover the
+    active is gone and the standby does nothing else, whereas right after the count
+    is complete they may still be working through the last messages (a replicator
+    standby reading a burst's trailing bucket resyncs, measured 2026-11-26: the commit
+    then took 0.7-1.7 s instead of 0.4-0.6).
+    """
+    emit(f"{prefix}_commit_idle_wait_s", wait_idle(system.pids()))
+    synced = Sample.take(system, a)
     t0 = time.monotonic()
     system.commit()
     emit(f"{prefix}_commit_s", time.monotonic() - t0)
     emit(f"{prefix}_commit_cpu_s_standby", Sample.take(system, a).cpu[1] - synced.cpu[1])
     emit(f"{prefix}_committed", kernel_count(b))
+
+
+#: A daemon counts as idle once it used less than IDLE_CPU_S of CPU in IDLE_WINDOW_S.
+IDLE_WINDOW_S = 0.5
+IDLE_CPU_S = 0.02
+
+
+def wait_idle(pids: Sequence[int], limit: float = 30.0) -> float:
+    """Wait until every process of ``pids`` is idle (see :data:`IDLE_CPU_S`), at most
+    ``limit`` seconds; the seconds waited."""
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < limit:
+        before = [cpu_seconds(pid) for pid in pids]
+        time.sleep(IDLE_WINDOW_S)
+        if all(cpu_seconds(pid) - b < IDLE_CPU_S for pid, b in zip(pids, before, strict=True)):
+            break
+    return time.monotonic() - t0
 
 
 def percentile(values: Sequence[float], q: float) -> float:
