@@ -890,7 +890,7 @@ def usual_create_packer(family: int, snat: bool, dnat: bool, tcp: bool) -> Usual
     The same bytes as the general path, in one pack per request: a takeover writes
     100 k of these, and building requests part by part cost more than the kernel's work
     on them. Runs of attribute headers are packed as one constant each, and callers
-    that read the fields straight from a record (:mod:`replicator.bulkcreate`) pass
+    that read the fields straight from a record (:mod:`replicator.bulkwrite`) pass
     them without building a tuple.
     """
     size = _ADDR_SIZE[family]
@@ -960,6 +960,61 @@ def _encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
                 _FLAGS_CREATE, seq, 0, entry.family, 0, 0) + body
 
 
+class UsualUpdatePacker(Protocol):
+    """Builds the update request of one usual entry from its fields (see
+    :func:`usual_update_packer`)."""
+
+    # Positional only, on purpose: a takeover calls it once per entry the kernel has.
+    def __call__(self, seq: int, ack: bool, src: bytes,  # noqa: PLR0917
+                 dst: bytes, proto: int, sport: int, dport: int, status: int,
+                 timeout: int, mark: int, tcp_state: int, wscale_orig: int,
+                 wscale_reply: int, flags_orig: int, flags_reply: int, /) -> bytes: ...
+
+
+@functools.cache
+def usual_update_packer(family: int, timeout: bool, tcp: bool) -> UsualUpdatePacker:
+    """:func:`encode_update` of one shape of usual entry (see
+    :func:`usual_create_packer`): ``family``, whether the request carries the timeout
+    (not with FIXED_TIMEOUT) and TCP info (the last five fields; ignored without
+    ``tcp``). Fields a shape does not use are ignored."""
+    size = _ADDR_SIZE[family]
+    ip = _IP4 if size == 4 else _IP6
+
+    def words(*values: int) -> bytes:
+        return b"".join(v.to_bytes(4, "big") for v in values)
+
+    c_orig = words(_OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1])
+    c_dst, c_proto = words(ip[2]), words(_PORTS[0], _PORTS[1])
+    c_sport, c_dport = words(_PORTS[2]), words(_PORTS[3])
+    h = _TCP_ENC
+    c_tcp, c_wso, c_wsr = words(h[0], h[1], h[2]), words(h[3]), words(h[4])
+    c_fo, c_fr = words(h[5]), words(h[6])
+    fmt = f"12s{size}s4s{size}s8sB3x4sH2x4sH2x" + ("IIIIII" if timeout else "IIII")
+    if tcp:
+        fmt += "12sB3x4sB3x4sB3x4sBB2x4sBB2x"
+    body = struct.Struct("!" + fmt).pack
+    length = NFNL_HDRLEN + struct.calcsize("!" + fmt)
+    flags_ack, flags_plain = NLM_F_REQUEST | NLM_F_ACK, NLM_F_REQUEST
+    settable, kept = SETTABLE_STATUS | _EXPECTED, _KEPT_TCP_FLAGS
+    confirmed = _CONFIRMED
+    h_status, h_timeout, h_mark = _H_STATUS, _H_TIMEOUT, _H_MARK
+    head = _MSG
+
+    def pack(seq: int, ack: bool, src: bytes,  # noqa: PLR0917
+             dst: bytes, proto: int, sport: int, dport: int, status: int, seconds: int,
+             mark: int, tcp_state: int, wscale_orig: int, wscale_reply: int,
+             flags_orig: int, flags_reply: int, /) -> bytes:
+        return head(length, CT_NEW, flags_ack if ack else flags_plain, seq, 0, family, 0,
+                    0) + body(
+            c_orig, src, c_dst, dst, c_proto, proto, c_sport, sport, c_dport, dport,
+            h_status, (status & settable) | confirmed,
+            *((h_timeout, seconds) if timeout else ()), h_mark, mark,
+            *((c_tcp, tcp_state, c_wso, wscale_orig, c_wsr, wscale_reply, c_fo,
+               flags_orig & kept, 0xFF, c_fr, flags_reply & kept, 0xFF) if tcp else ()))
+
+    return pack
+
+
 def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     """``IPCTNL_MSG_CT_NEW`` changing an existing entry (ENOENT if it is missing).
 
@@ -971,6 +1026,24 @@ def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     The status keeps EXPECTED as it is: the kernel sets it on related entries (created
     with a master) and refuses (EBUSY) any update that would change it.
     """
+    family, orig, _reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, _ = (
+        entry
+    )
+    if (master is None and labels is None and helper is None and sctp is None
+            and not zone and timeout is not None and mark is not None
+            and orig[2] in FAST_CREATE_PROTOCOLS):
+        with_tcp = tcp is not None and orig[2] == IPPROTO_TCP
+        pack = usual_update_packer(family, not status & _FIXED_TIMEOUT, with_tcp)
+        if tcp is not None and with_tcp:
+            return pack(seq, ack, orig[0], orig[1], orig[2], orig[3], orig[4], status,
+                        timeout, mark, tcp[0], tcp[1], tcp[2], tcp[3], tcp[4])
+        return pack(seq, ack, orig[0], orig[1], orig[2], orig[3], orig[4], status, timeout,
+                    mark, 0, 0, 0, 0, 0)
+    return _encode_update(entry, seq, ack=ack)
+
+
+def _encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
+    """:func:`encode_update`, attribute by attribute (any entry)."""
     status = entry.status
     body = _encode_tuple(CTA_TUPLE_ORIG, entry.orig) + _encode_state(
         entry, (status & SETTABLE_STATUS) | _CONFIRMED | (status & _EXPECTED),

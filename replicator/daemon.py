@@ -629,12 +629,22 @@ class Daemon:
     async def _commit_external(self) -> CommitReport:
         start = self.now()
         records = list(self.session.external.records())
+        existing: list[bytes] = []
+        have = self.mirror.cache
         if self.hot:
             # Hot mode: the kernel already holds the peer's entries; write what is
             # missing (normally nothing) after the queued writes have landed.
             await self.writer.wait_idle()
-            have = self.mirror.cache
             records = [r for r in records if R.key_of(r) not in have]
+        elif len(have) and not self.mirror.stale:
+            # A node that was master not long ago still holds its entries (timers
+            # shortened): update those instead of trying to create them (a refused
+            # create costs as much as the update that follows it).
+            key_of = R.key_of
+            new = [r for r in records if key_of(r) not in have]
+            if len(new) < len(records):
+                existing = [r for r in records if key_of(r) in have]
+                records = new
         # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
         # the caller re-reads the kernel afterwards (promotion does anyway). The entries
         # are written as for_kernel() makes them, the usual ones straight from their
@@ -643,7 +653,7 @@ class Daemon:
         with self.mirror.echoes_ignored():
             result = await self.kernel.upsert_records(
                 records, start, no_timeout=DEFAULT_COMMIT_TIMEOUT,
-                tcp_flags=0 if tracking else _LIBERAL)
+                tcp_flags=0 if tracking else _LIBERAL, existing=existing)
         self.writer.record(result, "commit")
         seconds = self.now() - start
         self.metrics.commit_duration.observe(seconds)

@@ -58,7 +58,7 @@ import outcome
 import trio
 
 from . import ctnetlink
-from .bulkcreate import RecordCreates, RecordEncoder
+from .bulkwrite import RecordEncoder, RecordWrites
 from .errors import KernelError
 from .kernel import EntryError, InjectResult
 from .model import Entry, EntryKey
@@ -498,13 +498,13 @@ async def upsert(sock: socket.socket, entries: Sequence[Entry], *, seq_start: in
     return await run(sock, job)
 
 
-async def create_records(sock: socket.socket, records: Sequence[bytes],
-                         encode: RecordEncoder, *, seq_start: int = 1,
-                         ) -> tuple[int, list[bytes]]:
-    """The first pass of a commit through ``sock``
-    (:class:`~replicator.bulkcreate.RecordCreates`): how many records were created,
-    and the records to write with :func:`upsert` instead."""
-    job = RecordCreates(records, encode, seq_start=seq_start,
+async def write_records(sock: socket.socket, records: Sequence[bytes],
+                        encode: RecordEncoder, *, seq_start: int = 1,
+                        ) -> tuple[int, list[bytes]]:
+    """A first pass of a commit through ``sock``
+    (:class:`~replicator.bulkwrite.RecordWrites`, requests made by ``encode``): how
+    many records were written, and the records to write with :func:`upsert` instead."""
+    job = RecordWrites(records, encode, seq_start=seq_start,
                         batch_bytes=batch_limit(sock), reply_budget=reply_budget(sock))
     return await run_overlapped(sock, job)
 
@@ -533,7 +533,7 @@ _R = TypeVar("_R")
 
 class Job(Protocol[_R_co]):
     """What :func:`run` drives: :class:`Injection` (and
-    :class:`replicator.bulkcreate.RecordCreates`), see :class:`Injection`'s doc."""
+    :class:`replicator.bulkwrite.RecordWrites`), see :class:`Injection`'s doc."""
 
     def next_datagram(self) -> bytes | None: ...
 
@@ -593,7 +593,7 @@ async def run(sock: ReplySocket, job: Job[_R]) -> _R:
 
 class PrefetchJob(Job[_R_co], Protocol[_R_co]):
     """A :class:`Job` that can build its next datagram while the current one is in
-    flight (:class:`replicator.bulkcreate.RecordCreates`)."""
+    flight (:class:`replicator.bulkwrite.RecordWrites`)."""
 
     def prefetch(self) -> None: ...
 

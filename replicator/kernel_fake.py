@@ -166,11 +166,12 @@ class FakeKernel:
         return InjectResult(applied, errors)
 
     async def upsert_records(self, records: Sequence[bytes], now: float, *,
-                             no_timeout: int | None = None, tcp_flags: int = 0
-                             ) -> InjectResult:
+                             no_timeout: int | None = None, tcp_flags: int = 0,
+                             existing: Sequence[bytes] = ()) -> InjectResult:
         """:meth:`upsert` of the records' entries (see the port's doc)."""
         return await self.upsert([commit_entry(r, now, no_timeout=no_timeout,
-                                               tcp_flags=tcp_flags) for r in records])
+                                               tcp_flags=tcp_flags)
+                                  for r in (*records, *existing)])
 
     async def delete(self, entries: Sequence[Entry]) -> InjectResult:
         """Delete each entry; a missing one counts as applied."""

@@ -46,7 +46,7 @@ from types import TracebackType
 import trio
 
 from . import ctnetlink, inject
-from .bulkcreate import commit_encoder
+from .bulkwrite import commit_encoder
 from .errors import KernelError, NetlinkDecodeError
 from .external import commit_entry
 from .gcpause import COLLECTOR_PAUSE
@@ -289,15 +289,23 @@ class LinuxKernel:
                                        seq_start=self._next_seqs(len(entries)))
 
     async def upsert_records(self, records: Sequence[bytes], now: float, *,
-                             no_timeout: int | None = None, tcp_flags: int = 0
-                             ) -> InjectResult:
-        """A commit: the usual entries created straight from their records
-        (:mod:`replicator.bulkcreate`), then whatever that pass handed back (other
-        kinds, entries that exist, refusals, lost replies) through :meth:`upsert`."""
-        encode = commit_encoder(now, no_timeout=no_timeout, tcp_flags=tcp_flags)
-        async with self._write_lock:
-            applied, back = await inject.create_records(
-                self._injector, records, encode, seq_start=self._next_seqs(len(records)))
+                             no_timeout: int | None = None, tcp_flags: int = 0,
+                             existing: Sequence[bytes] = ()) -> InjectResult:
+        """A commit: the usual entries created straight from their records, those of
+        ``existing`` updated the same way (:mod:`replicator.bulkwrite`), then whatever
+        these passes handed back (other kinds, entries that exist or do not after all,
+        refusals, lost replies) through :meth:`upsert`."""
+        applied, back = 0, []
+        for batch, update in ((records, False), (existing, True)):
+            if not batch:
+                continue
+            encode = commit_encoder(now, no_timeout=no_timeout, tcp_flags=tcp_flags,
+                                    update=update)
+            async with self._write_lock:
+                done, refused = await inject.write_records(
+                    self._injector, batch, encode, seq_start=self._next_seqs(len(batch)))
+            applied += done
+            back += refused
         if not back:
             return InjectResult(applied, [])
         rest = await self.upsert([commit_entry(r, now, no_timeout=no_timeout,

@@ -660,6 +660,14 @@ def test_the_one_pack_create_is_the_general_one(
         assert ct.encode_create(entry, seq, ack=ack) == ct._encode_create(entry, seq, ack=ack)
 
 
+@given(entries(), u32, u32, u32, st.booleans())
+def test_the_one_pack_update_is_the_general_one(
+    e: Entry, timeout: int, mark: int, seq: int, ack: bool
+) -> None:
+    for entry in (e, usual(e, timeout, mark)):
+        assert ct.encode_update(entry, seq, ack=ack) == ct._encode_update(entry, seq, ack=ack)
+
+
 @given(entries(), u32, u32)
 def test_the_one_pack_create_read_by_pyroute2(e: Entry, timeout: int, mark: int) -> None:
     check_create_read_by_pyroute2(usual(e, timeout, mark), 7, False)

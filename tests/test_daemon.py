@@ -10,7 +10,7 @@ from __future__ import annotations
 import datetime
 import socket
 import urllib.request
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,6 +24,7 @@ from replicator import ctformat, record
 from replicator.config import Config, parse_config
 from replicator.control import CacheName, Command, ControlClient, Request, ResyncSource
 from replicator.daemon import SNAPSHOT_STEP, Daemon, KernelWriter, for_kernel
+from replicator.kernel import InjectResult
 from replicator.kernel_fake import FakeKernel
 from replicator.keys import generate_identity, write_identity
 from replicator.metrics import Metrics
@@ -241,6 +242,33 @@ async def test_an_operator_commit_answers_then_the_mirror_rereads_the_kernel(
         assert b.daemon.mirror.stale
         await eventually(lambda: b.daemon.mirror.synced
                          and b.daemon.mirror.cache.snapshot() == b.kernel.table)
+
+
+async def test_a_commit_updates_the_entries_the_kernel_still_holds(
+    pair_factory: Pair,
+) -> None:
+    """A node that was master not long ago still holds entries (timers shortened): its
+    commit passes those its mirror holds as ``existing`` (written as updates), the
+    rest as creates, and the table ends up as the peer's."""
+    async with pair_factory("cache") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(120))
+        await eventually(lambda: len(b.daemon.session.external) == 120)
+        b.kernel.add_many(flow(i)._replace(mark=5, timeout=10) for i in range(0, 120, 3))
+        await eventually(lambda: len(b.daemon.mirror.cache) == 40)
+        calls: list[tuple[int, int]] = []
+        upsert_records = b.kernel.upsert_records
+
+        async def spy(records: Sequence[bytes], now: float, **kw: Any) -> InjectResult:
+            calls.append((len(records), len(kw.get("existing", ()))))
+            return await upsert_records(records, now, **kw)
+
+        b.kernel.upsert_records = spy  # type: ignore[method-assign]
+        result = await b.call(Command.COMMIT)
+        assert isinstance(result, dict) and result["applied"] == 120
+        assert calls == [(80, 40)]
+        assert kernel_view(b.kernel) == kernel_view(a.kernel)
 
 
 async def test_hot_mode_standby_kernel_follows_the_active(

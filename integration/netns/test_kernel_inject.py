@@ -280,12 +280,16 @@ def test_lost_replies_are_recovered_by_verification(standby: Netns,
     assert_listed_as(standby, [entries[i] if i in bad else e for i, e in enumerate(changed)])
 
 
+@pytest.mark.parametrize("believed", [False, True], ids=["creates", "believed_existing"])
 def test_a_commit_of_records_writes_what_an_upsert_of_their_entries_would(
-        standby: Netns) -> None:
+        standby: Netns, believed: bool) -> None:
     """``LinuxKernel.upsert_records`` (a takeover's commit): the usual entries go
     straight from their records, the others (labels, a zone, ICMP), those that exist
     already and those without a deadline through the injector; the table ends up as
-    an upsert of ``commit_entry`` of every record would leave it."""
+    an upsert of ``commit_entry`` of every record would leave it. With ``believed``,
+    every third record is passed as one the kernel holds (``existing``: updated
+    first): a belief right for some (every fifth entry exists, in another state) and
+    wrong for others, which must change nothing but the speed."""
     entries = mixed_entries(150)
     existing = [e._replace(mark=(e.mark or 0) + 9) for e in entries[::5]]
     liberal = int(TcpFlag.BE_LIBERAL)
@@ -298,8 +302,10 @@ def test_a_commit_of_records_writes_what_an_upsert_of_their_entries_would(
                        for i, e in enumerate(entries) if e.timeout is not None]
             expected = [commit_entry(r, now, no_timeout=180, tcp_flags=liberal)
                         for r in records]
-            result = await kernel.upsert_records(records, now, no_timeout=180,
-                                                 tcp_flags=liberal)
+            held = records[::3] if believed else []
+            result = await kernel.upsert_records(
+                [r for r in records if r not in held] if believed else records, now,
+                no_timeout=180, tcp_flags=liberal, existing=held)
             return result, expected
 
     result, expected = trio.run(main)

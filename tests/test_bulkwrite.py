@@ -1,4 +1,4 @@
-"""A commit's first pass, creates straight from records (replicator.bulkcreate)."""
+"""A commit's first pass, creates straight from records (replicator.bulkwrite)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from test_wire import entries
 
 from replicator import ctnetlink
 from replicator import record as R
-from replicator.bulkcreate import RecordCreates, RecordEncoder, commit_encoder
+from replicator.bulkwrite import RecordEncoder, RecordWrites, commit_encoder
 from replicator.errors import KernelError
 from replicator.external import commit_entry
 from replicator.inject import Op, run, run_overlapped
@@ -42,7 +42,7 @@ def stub_records(n: int, unusual: Sequence[int] = ()) -> tuple[list[bytes], Reco
     return records, encode
 
 
-Runner = Callable[[FakeSocket, RecordCreates], Awaitable[tuple[int, list[bytes]]]]
+Runner = Callable[[FakeSocket, RecordWrites], Awaitable[tuple[int, list[bytes]]]]
 
 
 @pytest.fixture(params=[run, run_overlapped], ids=["run", "run_overlapped"])
@@ -51,7 +51,7 @@ def runner(request: pytest.FixtureRequest) -> Runner:
     return request.param  # type: ignore[no-any-return]
 
 
-def drive(job: RecordCreates, kernel: FakeKernel, runner: Runner,
+def drive(job: RecordWrites, kernel: FakeKernel, runner: Runner,
           sock: FakeSocket | None = None) -> tuple[int, list[bytes]]:
     sock = FakeSocket(kernel) if sock is None else sock
     try:
@@ -63,7 +63,7 @@ def drive(job: RecordCreates, kernel: FakeKernel, runner: Runner,
 def test_new_entries_are_all_created_in_batches_acked_once(runner: Runner) -> None:
     records, encode = stub_records(300)
     kernel = FakeKernel([entry(i) for i in range(300)])
-    job = RecordCreates(records, encode, seq_start=7, batch_bytes=1000,
+    job = RecordWrites(records, encode, seq_start=7, batch_bytes=1000,
                         reply_budget=10_000)
     assert drive(job, kernel, runner) == (300, [])
     assert len(kernel.table) == 300
@@ -82,7 +82,7 @@ def test_refused_and_unusual_records_are_handed_back(runner: Runner) -> None:
     kernel.table[entry(10).key] = entry(10)  # exists: EEXIST
     kernel.refuse[entry(20).key] = errno.ENOMEM
     kernel.refuse[entry(49).key] = errno.EINVAL  # the last of the batch: its ACK fails
-    job = RecordCreates(records, encode, seq_start=1, batch_bytes=1 << 20,
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=1 << 20,
                         reply_budget=10_000)
     applied, back = drive(job, kernel, runner)
     assert sorted(back) == sorted(records[i] for i in (3, 10, 20, 40, 49))
@@ -94,7 +94,7 @@ def test_refused_and_unusual_records_are_handed_back(runner: Runner) -> None:
 def test_the_reply_budget_caps_the_requests_of_a_batch(runner: Runner) -> None:
     records, encode = stub_records(25)
     kernel = FakeKernel([entry(i) for i in range(25)])
-    job = RecordCreates(records, encode, seq_start=1, batch_bytes=1 << 20,
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=1 << 20,
                         reply_budget=10)
     assert drive(job, kernel, runner) == (25, [])
     assert [len(d) for d in kernel.datagrams] == [10, 10, 5]
@@ -108,7 +108,7 @@ def test_after_lost_replies_every_unconfirmed_record_is_handed_back(runner: Runn
     def lose_second_batch(n: int, replies: list[bytes]) -> list[bytes]:
         return [] if n == 1 else replies
 
-    job = RecordCreates(records, encode, seq_start=1, batch_bytes=300,
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=300,
                         reply_budget=10_000)
     applied, back = drive(job, kernel, runner, FakeSocket(kernel, lose=lose_second_batch))
     second = {records[i] for _o, _f, _s, i in kernel.datagrams[1]}
@@ -144,6 +144,26 @@ def test_a_record_encodes_as_its_commit_entry(
         assert message == ctnetlink.encode_create(want, seq, ack=ack)
 
 
+@given(e=entries(), make_usual=st.booleans(), now=st.floats(0, 1e6),
+       left=st.floats(0, 4000), forever=st.booleans(),
+       tcp_flags=st.sampled_from([0, int(TcpFlag.BE_LIBERAL)]),
+       seq=st.integers(0, 2**32 - 1), ack=st.booleans())
+def test_a_record_encodes_as_the_update_of_its_commit_entry(
+    *, e: Entry, make_usual: bool, now: float, left: float, forever: bool, tcp_flags: int,
+    seq: int, ack: bool,
+) -> None:
+    if make_usual:
+        e = usual(e)
+    rec = R.pack(e, math.inf if forever else now + left)
+    encode = commit_encoder(now, no_timeout=180, tcp_flags=tcp_flags, update=True)
+    message = encode(rec, seq, ack)
+    if not R.is_usual(rec):
+        assert message is None
+    else:
+        want = commit_entry(rec, now, no_timeout=180, tcp_flags=tcp_flags)
+        assert message == ctnetlink.encode_update(want, seq, ack=ack)
+
+
 @given(entries())
 def test_usual_records_are_recognised(e: Entry) -> None:
     e = usual(e)
@@ -157,7 +177,7 @@ async def test_an_overlapped_write_waits_for_replies_that_arrive_later() -> None
     kernel = FakeKernel([entry(i) for i in range(60)])
     kernel.refuse[entry(33).key] = errno.ENOMEM
     sock = FakeSocket(kernel, delay=True)
-    job = RecordCreates(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
     results: list[tuple[int, list[bytes]]] = []
 
     async def write() -> None:
@@ -184,7 +204,7 @@ async def test_an_overlapped_write_reports_a_failing_socket_as_a_kernel_error() 
             raise OSError(errno.EPERM, "Operation not permitted")
 
     sock = Broken(kernel)
-    job = RecordCreates(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
     try:
         with pytest.raises(KernelError, match="Operation not permitted"):
             await run_overlapped(sock, job)
@@ -196,7 +216,7 @@ async def test_a_cancelled_overlapped_write_stops_between_datagrams() -> None:
     records, encode = stub_records(200)
     kernel = FakeKernel([entry(i) for i in range(200)])
     sock = FakeSocket(kernel)
-    job = RecordCreates(records, encode, seq_start=1, batch_bytes=300, reply_budget=10_000)
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=300, reply_budget=10_000)
     try:
         with trio.CancelScope() as scope:
             scope.cancel()

@@ -1,27 +1,31 @@
-"""A commit's first pass: create requests built straight from the external cache's
-records, in batches (sans-IO).
+"""A commit's first passes: create (or update) requests built straight from the external
+cache's records, in batches (sans-IO).
 
 A takeover writes the whole external cache into the kernel. Through
 :class:`~replicator.inject.Injection` that means unpacking every record into an
 :class:`~replicator.model.Entry` and building its request from it, about twice the
 kernel's own work on the request. Nearly every entry of a firewall's table is a TCP or
 UDP connection, maybe NAT'd, that the kernel does not have yet (this node was the
-backup), so this pass handles exactly that case and nothing else:
+backup), or, on a node that was master not long ago, one it still holds with its timer
+shortened. A pass handles exactly one of these cases and nothing else:
 
-* each record's request is built from its bytes (:func:`replicator.record.usual_layout`,
+* each record's request, a create or an update (:func:`commit_encoder`), is built from
+  its bytes (:func:`replicator.record.usual_layout`,
   :func:`replicator.ctnetlink.usual_create_packer`); a record of another kind (labels,
   a helper, a master, SCTP, ICMP, a zone) is not sent but handed back;
 * batches as in :mod:`replicator.inject` (many requests per datagram, only the last asks
   for an ACK, the kernel answers the failures in order before it);
 * a request the kernel refused, for whatever reason (``EEXIST``: the entry is there
-  already; ``ENOMEM``: the table is full), and every request of a batch whose replies
-  may have been lost, is not judged here: its record is handed back too.
+  already; ``ENOENT``: an update's entry is not; ``ENOMEM``: the table is full), and
+  every request of a batch whose replies may have been lost, is not judged here: its
+  record is handed back too.
 
 The caller then writes the records handed back through the full injector (updates
-after ``EEXIST``, masters before related entries, verification after lost replies, the
-errors reported per entry), so the outcome is the injector's, only faster. The driving
-protocol is :class:`~replicator.inject.Injection`'s, so :func:`replicator.inject.run`
-drives it.
+after ``EEXIST``, creates after ``ENOENT``, masters before related entries,
+verification after lost replies, the errors reported per entry), so the outcome is the
+injector's, only faster. The driving protocol is :class:`~replicator.inject.Injection`'s,
+so :func:`replicator.inject.run` drives it, and :func:`replicator.inject.run_overlapped`
+(building the next batch while the kernel works on one).
 """
 
 from __future__ import annotations
@@ -31,17 +35,19 @@ from collections.abc import Callable, Sequence
 
 from . import ctnetlink
 from . import record as R
-from .model import IPPROTO_TCP
+from .model import IPPROTO_TCP, Status
 
 _SEQ_MASK = 0xFFFFFFFF
+_FIXED_TIMEOUT = int(Status.FIXED_TIMEOUT)
 
-#: Builds the create request of a record with a sequence number, asking for an ACK or
-#: not; ``None`` if the record is not of the kind this pass writes.
+#: Builds the request of a record with a sequence number, asking for an ACK or not;
+#: ``None`` if the record is not of the kind this pass writes.
 RecordEncoder = Callable[[bytes, int, bool], "bytes | None"]
 
 
-class RecordCreates:
-    """One pass of creates over ``records`` (see the module doc).
+class RecordWrites:
+    """One pass of requests (creates or updates, as ``encode`` makes them) over
+    ``records`` (see the module doc).
 
     ``result()`` is ``(applied, handed_back)``: how many records the kernel accepted,
     and the records to write through the full injector.
@@ -193,18 +199,22 @@ class RecordCreates:
 
 
 def commit_encoder(now: float, *, no_timeout: int | None = None,
-                   tcp_flags: int = 0) -> RecordEncoder:
+                   tcp_flags: int = 0, update: bool = False) -> RecordEncoder:
     """The encoder of a commit at ``now``: each record's entry as
     :func:`replicator.external.commit_entry` makes it (the time left as its timeout,
-    ``no_timeout`` without a deadline, ``tcp_flags`` set in both directions).
+    ``no_timeout`` without a deadline, ``tcp_flags`` set in both directions), in a
+    create request, or with ``update`` in an update request (for entries the kernel
+    has already: :func:`replicator.ctnetlink.encode_update`).
 
     Each record is read in one unpack (:func:`replicator.record.usual_layout`) and its
-    request built in one pack (:func:`replicator.ctnetlink.usual_create_packer`), with
-    the fields passed from one to the other as they are: at 100 k entries per takeover,
-    every intermediate tuple shows (this runs at about twice the speed of building the
-    request from :func:`replicator.ctnetlink.encode_create_usual`'s fields).
+    request built in one pack (:func:`replicator.ctnetlink.usual_create_packer`,
+    :func:`~replicator.ctnetlink.usual_update_packer`), with the fields passed from one
+    to the other as they are: at 100 k entries per takeover, every intermediate tuple
+    shows (this runs at about twice the speed of building the request from
+    :func:`replicator.ctnetlink.encode_create_usual`'s fields).
     """
     flags_at, layout_of, header = R.FLAGS_AT, R.usual_layout, R.HEADER_SIZE
+    make = _update_encoder if update else _create_encoder
     by_shape: dict[int, RecordEncoder | None] = {}
 
     def encode_record(record: bytes, seq: int, ack: bool) -> bytes | None:
@@ -214,16 +224,16 @@ def commit_encoder(now: float, *, no_timeout: int | None = None,
             encode = by_shape[shape]
         except KeyError:
             layout = layout_of(shape)
-            encode = by_shape[shape] = None if layout is None else _shape_encoder(
+            encode = by_shape[shape] = None if layout is None else make(
                 family, layout, now, no_timeout, tcp_flags)
         return None if encode is None else encode(record, seq, ack)
 
     return encode_record
 
 
-def _shape_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: int | None,
-                   tcp_flags: int) -> RecordEncoder:
-    """:func:`commit_encoder` for the records of one shape."""
+def _create_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: int | None,
+                    tcp_flags: int) -> RecordEncoder:
+    """:func:`commit_encoder`'s creates for the records of one shape."""
     read, reply, mark_at, tcp_at = layout
     packer = ctnetlink.usual_create_packer
     # Indexed by 2 * SNAT + DNAT; with TCP info and without (the request carries TCP
@@ -261,5 +271,40 @@ def _shape_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: i
                 v[t + 3] | tcp_flags, v[t + 4] | tcp_flags)
         return plain[nat](seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
                           v[at_status], timeout, v[mark_at], 0, 0, 0, 0, 0)
+
+    return encode
+
+
+def _update_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: int | None,
+                    tcp_flags: int) -> RecordEncoder:
+    """:func:`commit_encoder`'s updates for the records of one shape."""
+    read, _reply, mark_at, tcp_at = layout
+    packer = ctnetlink.usual_update_packer
+    # Indexed by 2 * (timeout carried) + TCP info (only for TCP, as for creates).
+    both = (False, True)
+    packers = [packer(family, timed, tcp and tcp_at is not None) for timed in both for tcp in both]
+    protocols, tcp_proto, fixed = ctnetlink.FAST_CREATE_PROTOCOLS, IPPROTO_TCP, _FIXED_TIMEOUT
+    inf, ceil = math.inf, math.ceil
+    t = tcp_at or 0
+    at_deadline, at_zone, at_status = R.U_DEADLINE, R.U_ZONE, R.U_STATUS
+    at_src, at_dst, at_proto, at_sport, at_dport = R.U_SRC, R.U_DST, R.U_PROTO, R.U_SPORT, R.U_DPORT
+
+    def encode(record: bytes, seq: int, ack: bool) -> bytes | None:
+        v = read(record)
+        proto = v[at_proto]
+        if v[at_zone] or proto not in protocols:
+            return None
+        deadline = v[at_deadline]
+        timeout = no_timeout if deadline == inf else max(1, ceil(deadline - now))
+        if timeout is None:
+            return None
+        status = v[at_status]
+        pack = packers[2 * (not status & fixed) + (tcp_at is not None and proto == tcp_proto)]
+        if tcp_at is None:
+            return pack(seq, ack, v[at_src], v[at_dst], proto, v[at_sport], v[at_dport],
+                        status, timeout, v[mark_at], 0, 0, 0, 0, 0)
+        return pack(seq, ack, v[at_src], v[at_dst], proto, v[at_sport], v[at_dport], status,
+                    timeout, v[mark_at], v[t], v[t + 1], v[t + 2], v[t + 3] | tcp_flags,
+                    v[t + 4] | tcp_flags)
 
     return encode
