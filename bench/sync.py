@@ -20,7 +20,8 @@ timers (replicator) and the HA lab's generator (conntrackd, FTFW over UDP):
   being created or freed, so after the sync ``_listed`` (the lines of ``conntrack -L``)
   checks it; there is no commit.
 
-Figures:
+Figures (each run starts once both daemons are idle, ``_start_idle_wait_s`` after they
+were started):
 
 * ``n<N>_sync_s``: *N* NAT'd TCP entries are created in the active's kernel with the
   batched injector (from a socket of its own, so both daemons see ordinary kernel
@@ -403,8 +404,14 @@ def wait_count(count: Callable[[], int], target: int, patience: float,
 
 
 def start(system: System, prefix: str) -> None:
-    """Start ``system``; in hot mode, take (and print) the standby kernel's baseline."""
+    """Start ``system`` and wait until both daemons are idle (:func:`wait_idle`; the
+    seconds waited are printed as ``_start_idle_wait_s``), so that a measurement does
+    not overlap the pair's start-up (a replicator standby's join resync, asked for when
+    it learns it is the backup, resent every entry of a 10 k burst started right after
+    the peers connected: 20,000 sent for 10,000); in hot mode, take (and print) the
+    standby kernel's baseline."""
     system.start()
+    emit(f"{prefix}_start_idle_wait_s", wait_idle(system.pids()))
     if system.hot:
         emit(f"{prefix}_baseline", system.zero())
 
