@@ -214,7 +214,6 @@ def commit_encoder(now: float, *, no_timeout: int | None = None,
     :func:`replicator.ctnetlink.encode_create_usual`'s fields).
     """
     flags_at, layout_of, header = R.FLAGS_AT, R.usual_layout, R.HEADER_SIZE
-    make = _update_encoder if update else _create_encoder
     by_shape: dict[int, RecordEncoder | None] = {}
 
     def encode_record(record: bytes, seq: int, ack: bool) -> bytes | None:
@@ -224,25 +223,29 @@ def commit_encoder(now: float, *, no_timeout: int | None = None,
             encode = by_shape[shape]
         except KeyError:
             layout = layout_of(shape)
-            encode = by_shape[shape] = None if layout is None else make(
-                family, layout, now, no_timeout, tcp_flags)
+            encode = by_shape[shape] = None if layout is None else _shape_encoder(
+                family, layout, now, no_timeout=no_timeout, tcp_flags=tcp_flags, update=update)
         return None if encode is None else encode(record, seq, ack)
 
     return encode_record
 
 
-def _create_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: int | None,
-                    tcp_flags: int) -> RecordEncoder:
-    """:func:`commit_encoder`'s creates for the records of one shape."""
+_NO_TCP = (0, 0, 0, 0, 0)
+
+
+def _shape_encoder(family: int, layout: R.UsualLayout, now: float, *,
+                   no_timeout: int | None, tcp_flags: int, update: bool) -> RecordEncoder:
+    """:func:`commit_encoder` for the records of one shape."""
     read, reply, mark_at, tcp_at = layout
-    packer = ctnetlink.usual_create_packer
-    # Indexed by 2 * SNAT + DNAT; with TCP info and without (the request carries TCP
-    # info only for TCP, as encode_create decides).
     both = (False, True)
-    with_tcp = [packer(family, s, d, tcp_at is not None) for s in both for d in both]
-    plain = [packer(family, s, d, False) for s in both for d in both]
-    protocols, tcp_proto = ctnetlink.FAST_CREATE_PROTOCOLS, IPPROTO_TCP
-    inf, ceil = math.inf, math.ceil
+    # Creates by 2 * SNAT + DNAT, updates by 2 * (timeout carried: not FIXED_TIMEOUT);
+    # each + 1 with TCP info (only for TCP, as encode_create and encode_update decide).
+    creates = [ctnetlink.usual_create_packer(family, s, d, tcp)
+               for s in both for d in both for tcp in both]
+    updates = [ctnetlink.usual_update_packer(family, timed, tcp)
+               for timed in both for tcp in both]
+    protocols, tcp_proto, fixed = ctnetlink.FAST_CREATE_PROTOCOLS, IPPROTO_TCP, _FIXED_TIMEOUT
+    inf, ceil, no_tcp = math.inf, math.ceil, _NO_TCP
     t = tcp_at or 0
     # Where the fields are, as locals (read once per entry).
     at_deadline, at_zone, at_status = R.U_DEADLINE, R.U_ZONE, R.U_STATUS
@@ -258,53 +261,20 @@ def _create_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: 
         timeout = no_timeout if deadline == inf else max(1, ceil(deadline - now))
         if timeout is None:
             return None
+        with_tcp = tcp_at is not None and proto == tcp_proto
+        tcp = (v[t], v[t + 1], v[t + 2], v[t + 3] | tcp_flags,
+               v[t + 4] | tcp_flags) if with_tcp else no_tcp
         src, dst, sport, dport = v[at_src], v[at_dst], v[at_sport], v[at_dport]
+        status = v[at_status]
+        if update:
+            return updates[2 * (not status & fixed) + with_tcp](
+                seq, ack, src, dst, proto, sport, dport, status, timeout, v[mark_at], *tcp)
         if reply is None:
             rsrc, rdst, rsport, rdport = dst, src, dport, sport
         else:
             rsrc, rdst, rsport, rdport = v[reply], v[reply + 1], v[reply + 3], v[reply + 4]
-        nat: int = 2 * (rdst != src or rdport != sport) + (rsrc != dst or rsport != dport)
-        if tcp_at is not None and proto == tcp_proto:
-            return with_tcp[nat](
-                seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
-                v[at_status], timeout, v[mark_at], v[t], v[t + 1], v[t + 2],
-                v[t + 3] | tcp_flags, v[t + 4] | tcp_flags)
-        return plain[nat](seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
-                          v[at_status], timeout, v[mark_at], 0, 0, 0, 0, 0)
-
-    return encode
-
-
-def _update_encoder(family: int, layout: R.UsualLayout, now: float, no_timeout: int | None,
-                    tcp_flags: int) -> RecordEncoder:
-    """:func:`commit_encoder`'s updates for the records of one shape."""
-    read, _reply, mark_at, tcp_at = layout
-    packer = ctnetlink.usual_update_packer
-    # Indexed by 2 * (timeout carried) + TCP info (only for TCP, as for creates).
-    both = (False, True)
-    packers = [packer(family, timed, tcp and tcp_at is not None) for timed in both for tcp in both]
-    protocols, tcp_proto, fixed = ctnetlink.FAST_CREATE_PROTOCOLS, IPPROTO_TCP, _FIXED_TIMEOUT
-    inf, ceil = math.inf, math.ceil
-    t = tcp_at or 0
-    at_deadline, at_zone, at_status = R.U_DEADLINE, R.U_ZONE, R.U_STATUS
-    at_src, at_dst, at_proto, at_sport, at_dport = R.U_SRC, R.U_DST, R.U_PROTO, R.U_SPORT, R.U_DPORT
-
-    def encode(record: bytes, seq: int, ack: bool) -> bytes | None:
-        v = read(record)
-        proto = v[at_proto]
-        if v[at_zone] or proto not in protocols:
-            return None
-        deadline = v[at_deadline]
-        timeout = no_timeout if deadline == inf else max(1, ceil(deadline - now))
-        if timeout is None:
-            return None
-        status = v[at_status]
-        pack = packers[2 * (not status & fixed) + (tcp_at is not None and proto == tcp_proto)]
-        if tcp_at is None:
-            return pack(seq, ack, v[at_src], v[at_dst], proto, v[at_sport], v[at_dport],
-                        status, timeout, v[mark_at], 0, 0, 0, 0, 0)
-        return pack(seq, ack, v[at_src], v[at_dst], proto, v[at_sport], v[at_dport], status,
-                    timeout, v[mark_at], v[t], v[t + 1], v[t + 2], v[t + 3] | tcp_flags,
-                    v[t + 4] | tcp_flags)
+        nat: int = 4 * (rdst != src or rdport != sport) + 2 * (rsrc != dst or rsport != dport)
+        return creates[nat + with_tcp](seq, ack, src, dst, proto, sport, dport, rdst, rdport,
+                                       rsrc, rsport, status, timeout, v[mark_at], *tcp)
 
     return encode

@@ -572,23 +572,29 @@ async def run(sock: ReplySocket, job: Job[_R]) -> _R:
         except OSError as exc:
             raise KernelError(f"sending a batch to the kernel failed: {exc}",
                               exc.errno or 0) from exc
-        while job.waiting:
-            try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:
-                if job.lost:
-                    job.settle()
-                else:
-                    await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise KernelError(f"reading the kernel's replies failed: {exc}",
-                                      exc.errno or 0) from exc
-                job.replies_lost()
-                continue
-            job.receive(view[:n])
+        await _read_replies(sock, job, buf, view)
     return job.result()
+
+
+async def _read_replies(sock: ReplySocket, job: Job[object], buf: bytearray,
+                        view: memoryview) -> None:
+    """Read replies into ``job`` until it waits for none (see :func:`run`)."""
+    while job.waiting:
+        try:
+            n = sock.recv_into(buf)
+        except BlockingIOError:
+            if job.lost:
+                job.settle()
+            else:
+                await trio.lowlevel.wait_readable(sock)
+            continue
+        except OSError as exc:
+            if exc.errno != errno.ENOBUFS:
+                raise KernelError(f"reading the kernel's replies failed: {exc}",
+                                  exc.errno or 0) from exc
+            job.replies_lost()
+            continue
+        job.receive(view[:n])
 
 
 class PrefetchJob(Job[_R_co], Protocol[_R_co]):
@@ -679,22 +685,7 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
             else:
                 job.receive(data)
         # Normally settled by now; otherwise (replies lost) as run() does.
-        while job.waiting:
-            try:
-                n = sock.recv_into(buf)
-            except BlockingIOError:
-                if job.lost:
-                    job.settle()
-                else:
-                    await trio.lowlevel.wait_readable(sock)
-                continue
-            except OSError as exc:
-                if exc.errno != errno.ENOBUFS:
-                    raise KernelError(f"reading the kernel's replies failed: {exc}",
-                                      exc.errno or 0) from exc
-                job.replies_lost()
-                continue
-            job.receive(view[:n])
+        await _read_replies(sock, job, buf, view)
         datagram = job.next_datagram()
     return job.result()
 
