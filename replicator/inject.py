@@ -671,9 +671,12 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
         # (5 ms, longer than the batch takes), so the two would take turns instead of
         # overlapping. The send itself releases the GIL.
         sending.wait()
-        job.prefetch()
-        with trio.CancelScope(shield=True):
-            await done.wait()
+        try:
+            job.prefetch()
+        finally:
+            # Even if building failed: the socket is the worker's until it is done.
+            with trio.CancelScope(shield=True):
+                await done.wait()
         try:
             replies = box[0].unwrap()
         except OSError as exc:

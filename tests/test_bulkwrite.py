@@ -207,3 +207,26 @@ async def test_a_cancelled_overlapped_write_stops_between_datagrams() -> None:
         sock.close()
     assert scope.cancelled_caught
     assert kernel.datagrams == []
+
+
+async def test_a_failing_encoder_stops_an_overlapped_write_after_the_batch_in_flight() -> None:
+    records, encode = stub_records(200)
+    kernel = FakeKernel([entry(i) for i in range(200)])
+
+    def failing(rec: bytes, seq: int, ack: bool) -> bytes | None:
+        if rec == records[150]:
+            raise ValueError("an encoder bug")
+        return encode(rec, seq, ack)
+
+    sock = FakeSocket(kernel)
+    job = RecordWrites(records, failing, seq_start=1, batch_bytes=1000, reply_budget=10_000)
+    try:
+        with pytest.raises(ValueError, match="an encoder bug"):
+            await run_overlapped(sock, job)
+    finally:
+        sock.close()
+    # Raised once the batch in flight was written and its replies read (the worker
+    # owns the socket until then): nothing is left for the next write to misread.
+    assert kernel.datagrams
+    with pytest.raises(BlockingIOError):
+        sock.recv_into(bytearray(100))
