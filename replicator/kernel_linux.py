@@ -124,13 +124,12 @@ class EventSubscription:
         :meth:`replicator.kernel.Subscription.mute_changes`): with no member in a
         group, ctnetlink does not even build its events.
 
-        The DESTROY group is kept on purpose, although a commit would be faster without
-        any listener (one in-process run: 100 k creates took 0.28 s in the kernel without,
-        0.38 s
-        with): with ``nf_conntrack_events`` = 2 (the default) an entry created while no
-        ctnetlink group has a listener gets no event cache, so it would never report
-        an UPDATE or DESTROY afterwards, and the node that just took over would stop
-        replicating the very entries it committed."""
+        The DESTROY group is kept on purpose, although a commit would be faster
+        without any listener (one in-process run: 100 k creates took 0.28 s in the
+        kernel without, 0.38 s with): with ``nf_conntrack_events`` = 2 (the default)
+        an entry created while no ctnetlink group has a listener gets no event cache,
+        so it would never report an UPDATE or DESTROY afterwards, and the node that
+        just took over would stop replicating the very entries it committed."""
         option = NETLINK_DROP_MEMBERSHIP if muted else NETLINK_ADD_MEMBERSHIP
         for group in (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE):
             try:
