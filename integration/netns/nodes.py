@@ -63,57 +63,50 @@ def keygen(workdir: Path, name: str) -> tuple[Path, Path]:
 
 
 def config_text(spec: NodeSpec, workdir: Path) -> str:
-    """The TOML configuration of one node (keys in ``workdir``)."""
-    extra = spec.extra
+    """The TOML configuration of one node (keys in ``workdir``).
 
-    def more(table: str) -> str:
-        return "".join(f"{line}\n" for line in extra.get(table, []))
-
-    ignore = ", ".join(json.dumps(a) for a in spec.ignore_addresses)
-    fifo = ""
+    ``spec.extra`` lines are added to their table; one that sets a key the test
+    defaults below set replaces that line (e.g. ``{"sync.timers": ["ack_timeout = 4"]}``).
+    """
+    fifo = []
     if spec.notify_fifo is not None:
-        fifo = f'notify_fifo = "{spec.notify_fifo}"\nvrrp_name = "{spec.vrrp_name}"\n'
-    metrics = (f'address = "127.0.0.1:{spec.metrics_port}"\n'
-               if spec.metrics_port is not None else "")
-    return f"""\
-[node]
-name = "{spec.name}"
-{more("node")}
-[sync]
-listen_address = "{spec.listen_address}"
-peer_address = "{spec.peer_address}"
-listen_port = {spec.port}
-peer_port = {spec.port}
-peer_name = "{spec.peer_name}"
-mode = "{spec.mode}"
-{more("sync")}
-[sync.timers]
-ack_timeout = 1.0
-keepalive_interval = 0.5
-dead_interval = 3.0
-{more("sync.timers")}
-[tls]
-key = "{workdir / (spec.name + '.key')}"
-cert = "{workdir / (spec.name + '.crt')}"
-peer_certs = ["{workdir / (spec.peer_name + '.crt')}"]
-{more("tls")}
-[kernel]
-rcvbuf_bytes = {spec.rcvbuf_bytes}
-conntrack_events = "enable"
-{more("kernel")}
-[filters]
-ignore_addresses = [{ignore}]
-{more("filters")}
-[control]
-socket = "{workdir / (spec.name + '.sock')}"
-{more("control")}
-[metrics]
-{metrics}
-[log]
-level = "info"
-{more("log")}
-[keepalived]
-{fifo}{more("keepalived")}"""
+        fifo = [f'notify_fifo = "{spec.notify_fifo}"', f'vrrp_name = "{spec.vrrp_name}"']
+    ignore = ", ".join(json.dumps(a) for a in spec.ignore_addresses)
+    tables: list[tuple[str, list[str]]] = [
+        ("node", [f'name = "{spec.name}"']),
+        ("sync", [f'listen_address = "{spec.listen_address}"',
+                  f'peer_address = "{spec.peer_address}"', f"listen_port = {spec.port}",
+                  f"peer_port = {spec.port}", f'peer_name = "{spec.peer_name}"',
+                  f'mode = "{spec.mode}"']),
+        ("sync.timers", ["ack_timeout = 1.0", "keepalive_interval = 0.5",
+                         "dead_interval = 3.0"]),
+        ("tls", [f'key = "{workdir / (spec.name + ".key")}"',
+                 f'cert = "{workdir / (spec.name + ".crt")}"',
+                 f'peer_certs = ["{workdir / (spec.peer_name + ".crt")}"]']),
+        ("kernel", [f"rcvbuf_bytes = {spec.rcvbuf_bytes}", 'conntrack_events = "enable"']),
+        ("filters", [f"ignore_addresses = [{ignore}]"]),
+        ("control", [f'socket = "{workdir / (spec.name + ".sock")}"']),
+        ("metrics", [] if spec.metrics_port is None
+         else [f'address = "127.0.0.1:{spec.metrics_port}"']),
+        ("log", ['level = "info"']),
+        ("keepalived", fifo),
+    ]
+    return "\n".join(f"[{name}]\n" + _table(lines, spec.extra.get(name, []))
+                     for name, lines in tables)
+
+
+def _key(line: str) -> str | None:
+    """The key a TOML ``key = value`` line sets (None for anything else)."""
+    return line.split("=", 1)[0].strip() if "=" in line else None
+
+
+def _table(defaults: list[str], extra: list[str]) -> str:
+    """A table's lines: ``defaults``, each replaced by the ``extra`` line setting the same
+    key if there is one, then the other ``extra`` lines."""
+    overrides = {k: line for line in extra if (k := _key(line)) is not None}
+    lines = [overrides.get(_key(line) or "", line) for line in defaults]
+    lines += [line for line in extra if line not in lines]
+    return "".join(f"{line}\n" for line in lines)
 
 
 class DaemonNode:
