@@ -35,6 +35,7 @@ from collections.abc import Callable, Sequence
 
 from . import ctnetlink
 from . import record as R
+from .batchjob import BatchJob
 from .model import IPPROTO_TCP, Status
 
 _SEQ_MASK = 0xFFFFFFFF
@@ -45,7 +46,7 @@ _FIXED_TIMEOUT = int(Status.FIXED_TIMEOUT)
 RecordEncoder = Callable[[bytes, int, bool], "bytes | None"]
 
 
-class RecordWrites:
+class RecordWrites(BatchJob):
     """One pass of requests (creates or updates, as ``encode`` makes them) over
     ``records`` (see the module doc).
 
@@ -134,16 +135,6 @@ class RecordWrites:
         self._seq = (first + len(members)) & _SEQ_MASK
         return members, first, b"".join(parts)
 
-    @property
-    def waiting(self) -> bool:
-        """Whether the datagram last sent still expects replies."""
-        return self._batch is not None
-
-    @property
-    def lost(self) -> bool:
-        """Whether replies to the current batch were lost (``ENOBUFS`` was reported)."""
-        return self._lost
-
     def receive(self, data: bytes | memoryview) -> None:
         """Consume one datagram of replies (others' sequence numbers are ignored)."""
         batch = self._batch
@@ -161,16 +152,6 @@ class RecordWrites:
                 self._last_ok = True
             done = done or index == last
         if done:
-            self._finish()
-
-    def replies_lost(self) -> None:
-        """The socket reported ``ENOBUFS``: some replies to the current batch are gone."""
-        self._lost = True
-
-    def settle(self) -> None:
-        """Close a batch whose last reply was lost (call once the socket is drained)."""
-        if self._batch is not None:
-            self._lost = True
             self._finish()
 
     def result(self) -> tuple[int, list[bytes]]:

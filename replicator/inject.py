@@ -58,6 +58,7 @@ import outcome
 import trio
 
 from . import ctnetlink
+from .batchjob import BatchJob
 from .bulkwrite import RecordEncoder, RecordWrites
 from .errors import KernelError
 from .kernel import EntryError, InjectResult
@@ -224,7 +225,7 @@ class _Unit(NamedTuple):
     followup: bool = False
 
 
-class Injection:
+class Injection(BatchJob):
     """The sans-IO core of one upsert or delete (see the module doc).
 
     Drive it like this: ``while (d := job.next_datagram()) is not None``: send ``d``,
@@ -308,16 +309,6 @@ class Injection:
             if self._unit is None:
                 return None
 
-    @property
-    def waiting(self) -> bool:
-        """Whether the datagram last sent still expects replies."""
-        return self._batch is not None
-
-    @property
-    def lost(self) -> bool:
-        """Whether replies to the current batch were lost (``ENOBUFS`` was reported)."""
-        return self._lost
-
     def receive(self, data: bytes | memoryview) -> None:
         """Consume one received datagram of ACK/error replies.
 
@@ -335,16 +326,6 @@ class Injection:
             self._replies[index] = err
             done = done or seq == batch.last_seq
         if done:
-            self._finish()
-
-    def replies_lost(self) -> None:
-        """The socket reported ``ENOBUFS``: some replies to the current batch are gone."""
-        self._lost = True
-
-    def settle(self) -> None:
-        """Close a batch whose last reply was lost (call once the socket is drained)."""
-        if self._batch is not None:
-            self._lost = True
             self._finish()
 
     def result(self) -> InjectResult:
