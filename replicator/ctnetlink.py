@@ -826,44 +826,81 @@ def encode_create(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     reply tuple is expressed as CTA_NAT_SRC/CTA_NAT_DST, so the kernel sets up the
     translation itself. ``entry.timeout`` must be set (the kernel refuses a create
     without CTA_TIMEOUT with EINVAL). Without ``ack`` the kernel still reports errors.
+    The usual entry (:func:`_usual`) is built in one pack (:func:`usual_create_packer`).
     """
+    usual = _usual(entry)
+    if usual is None:
+        return _encode_create(entry, seq, ack=ack)
+    family, orig, reply, status, timeout, mark, tcp = usual
+    src, dst, proto, sport, dport = orig[:5]
+    rsrc, rdst, rsport, rdport = reply[0], reply[1], reply[3], reply[4]
+    with_tcp = tcp is not None and proto == IPPROTO_TCP
+    pack = usual_create_packer(family, rdst != src or rdport != sport,
+                               rsrc != dst or rsport != dport, with_tcp)
+    if tcp is not None and with_tcp:
+        return pack(seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
+                    status, timeout, mark, tcp[0], tcp[1], tcp[2], tcp[3], tcp[4])
+    return pack(seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
+                status, timeout, mark, 0, 0, 0, 0, 0)
+
+
+#: Protocols of the usual entry (ports, and no protocol info but TCP's).
+FAST_CREATE_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+
+
+#: What the one-pack builders need of a usual entry: family, orig, reply, status,
+#: timeout, mark, TCP info.
+_Usual = tuple[int, CtTuple, CtTuple, int, int, int, "TcpInfo | None"]
+
+
+def _usual(entry: Entry) -> _Usual | None:
+    """The fields of ``entry`` if it is of the usual kind the one-pack builders take
+    (TCP or UDP, maybe NAT'd, zone 0, a timeout and a mark, no labels, helper, master
+    or SCTP info), else ``None``."""
     family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, _ = (
         entry
     )
     if (master is None and labels is None and helper is None and sctp is None
             and not zone and timeout is not None and mark is not None
             and orig[2] in FAST_CREATE_PROTOCOLS):
-        return encode_create_usual(
-            (family, orig[0], orig[1], orig[2], orig[3], orig[4], reply[0], reply[1],
-             reply[3], reply[4], status, timeout, mark, tcp), seq, ack=ack)
-    return _encode_create(entry, seq, ack=ack)
+        return family, orig, reply, status, timeout, mark, tcp
+    return None
 
 
-#: Protocols of :func:`encode_create_usual` (ports, and no protocol info but TCP's).
-FAST_CREATE_PROTOCOLS = frozenset({IPPROTO_TCP, IPPROTO_UDP})
+class _UsualParts(NamedTuple):
+    """What the one-pack builders of a family share: runs of attribute headers as
+    byte constants, and the struct format of the original tuple and of TCP info."""
 
-#: What :func:`encode_create_usual` needs: family, the original tuple's src, dst, proto,
-#: sport, dport, the reply tuple's src, dst, sport, dport, status, timeout, mark, and
-#: the TCP info (state, window scales, flags as in :class:`TcpInfo`) or None.
-UsualCreate = tuple[int, bytes, bytes, int, int, int, bytes, bytes, int, int, int, int, int,
-                    tuple[int, int, int, int, int] | None]
+    orig: bytes
+    reply: bytes
+    dst: bytes
+    proto: bytes
+    sport: bytes
+    dport: bytes
+    tuple_fmt: str
+    tcp: bytes
+    wscale_orig: bytes
+    wscale_reply: bytes
+    flags_orig: bytes
+    flags_reply: bytes
+    tcp_fmt: str
 
 
-def encode_create_usual(fields: UsualCreate, seq: int, *, ack: bool = False) -> bytes:
-    """:func:`encode_create` of the usual entry, from its fields: the protocol in
-    :data:`FAST_CREATE_PROTOCOLS` (maybe NAT'd), zone 0, a timeout and a mark, no
-    labels, helper, master or SCTP info (see :func:`usual_create_packer`)."""
-    (family, src, dst, proto, sport, dport, rsrc, rdst, rsport, rdport, status, timeout,
-     mark, tcp) = fields  # fmt: skip
-    snat = rdst != src or rdport != sport
-    dnat = rsrc != dst or rsport != dport
-    with_tcp = tcp is not None and proto == IPPROTO_TCP
-    pack = usual_create_packer(family, snat, dnat, with_tcp)
-    if tcp is not None and with_tcp:
-        return pack(seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
-                    status, timeout, mark, tcp[0], tcp[1], tcp[2], tcp[3], tcp[4])
-    return pack(seq, ack, src, dst, proto, sport, dport, rdst, rdport, rsrc, rsport,
-                status, timeout, mark, 0, 0, 0, 0, 0)
+def _words(*values: int) -> bytes:
+    return b"".join(v.to_bytes(4, "big") for v in values)
+
+
+@functools.cache
+def _usual_parts(size: int) -> _UsualParts:
+    """:class:`_UsualParts` for addresses of ``size`` bytes."""
+    ip, h = (_IP4 if size == 4 else _IP6), _TCP_ENC
+    return _UsualParts(
+        _words(_OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1]),
+        _words(_OUT_PORTS[CTA_TUPLE_REPLY, size], ip[0], ip[1]),
+        _words(ip[2]), _words(_PORTS[0], _PORTS[1]), _words(_PORTS[2]), _words(_PORTS[3]),
+        f"12s{size}s4s{size}s8sB3x4sH2x4sH2x",
+        _words(h[0], h[1], h[2]), _words(h[3]), _words(h[4]), _words(h[5]), _words(h[6]),
+        "12sB3x4sB3x4sB3x4sBB2x4sBB2x")
 
 
 class UsualCreatePacker(Protocol):
@@ -894,27 +931,15 @@ def usual_create_packer(family: int, snat: bool, dnat: bool, tcp: bool) -> Usual
     them without building a tuple.
     """
     size = _ADDR_SIZE[family]
-    ip = _IP4 if size == 4 else _IP6
+    (c_orig, c_reply, c_dst, c_proto, c_sport, c_dport, tuple_fmt, c_tcp, c_wso, c_wsr,
+     c_fo, c_fr, tcp_fmt) = _usual_parts(size)  # fmt: skip
     lo, hi = _NAT_IP[size]
-
-    def words(*values: int) -> bytes:
-        return b"".join(v.to_bytes(4, "big") for v in values)
-
-    c_orig = words(_OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1])
-    c_reply = words(_OUT_PORTS[CTA_TUPLE_REPLY, size], ip[0], ip[1])
-    c_dst, c_proto = words(ip[2]), words(_PORTS[0], _PORTS[1])
-    c_sport, c_dport = words(_PORTS[2]), words(_PORTS[3])
-    c_snat = words(_OUT_NAT_PORTS[CTA_NAT_SRC, size], lo)
-    c_dnat = words(_OUT_NAT_PORTS[CTA_NAT_DST, size], lo)
-    c_hi, c_nat_proto, c_max = words(hi), words(_NAT_PROTO[0], _NAT_PROTO[1]), words(_NAT_PROTO[2])
-    h = _TCP_ENC
-    c_tcp, c_wso, c_wsr = words(h[0], h[1], h[2]), words(h[3]), words(h[4])
-    c_fo, c_fr = words(h[5]), words(h[6])
-    tuple_fmt = f"12s{size}s4s{size}s8sB3x4sH2x4sH2x"
+    c_snat = _words(_OUT_NAT_PORTS[CTA_NAT_SRC, size], lo)
+    c_dnat = _words(_OUT_NAT_PORTS[CTA_NAT_DST, size], lo)
+    c_hi, c_max = _words(hi), _words(_NAT_PROTO[2])
+    c_nat_proto = _words(_NAT_PROTO[0], _NAT_PROTO[1])
     nat_fmt = f"8s{size}s4s{size}s8sH2x4sH2x"
-    fmt = tuple_fmt * 2 + nat_fmt * (snat + dnat) + "IIIIII"
-    if tcp:
-        fmt += "12sB3x4sB3x4sB3x4sBB2x4sBB2x"
+    fmt = tuple_fmt * 2 + nat_fmt * (snat + dnat) + "IIIIII" + (tcp_fmt if tcp else "")
     body = struct.Struct("!" + fmt).pack
     length = NFNL_HDRLEN + struct.calcsize("!" + fmt)
     flags_ack, flags_plain = _FLAGS_CREATE | NLM_F_ACK, _FLAGS_CREATE
@@ -977,21 +1002,9 @@ def usual_update_packer(family: int, timeout: bool, tcp: bool) -> UsualUpdatePac
     :func:`usual_create_packer`): ``family``, whether the request carries the timeout
     (not with FIXED_TIMEOUT) and TCP info (the last five fields; ignored without
     ``tcp``). Fields a shape does not use are ignored."""
-    size = _ADDR_SIZE[family]
-    ip = _IP4 if size == 4 else _IP6
-
-    def words(*values: int) -> bytes:
-        return b"".join(v.to_bytes(4, "big") for v in values)
-
-    c_orig = words(_OUT_PORTS[CTA_TUPLE_ORIG, size], ip[0], ip[1])
-    c_dst, c_proto = words(ip[2]), words(_PORTS[0], _PORTS[1])
-    c_sport, c_dport = words(_PORTS[2]), words(_PORTS[3])
-    h = _TCP_ENC
-    c_tcp, c_wso, c_wsr = words(h[0], h[1], h[2]), words(h[3]), words(h[4])
-    c_fo, c_fr = words(h[5]), words(h[6])
-    fmt = f"12s{size}s4s{size}s8sB3x4sH2x4sH2x" + ("IIIIII" if timeout else "IIII")
-    if tcp:
-        fmt += "12sB3x4sB3x4sB3x4sBB2x4sBB2x"
+    (c_orig, _reply, c_dst, c_proto, c_sport, c_dport, tuple_fmt, c_tcp, c_wso, c_wsr,
+     c_fo, c_fr, tcp_fmt) = _usual_parts(_ADDR_SIZE[family])  # fmt: skip
+    fmt = tuple_fmt + ("IIIIII" if timeout else "IIII") + (tcp_fmt if tcp else "")
     body = struct.Struct("!" + fmt).pack
     length = NFNL_HDRLEN + struct.calcsize("!" + fmt)
     flags_ack, flags_plain = NLM_F_REQUEST | NLM_F_ACK, NLM_F_REQUEST
@@ -1026,12 +1039,9 @@ def encode_update(entry: Entry, seq: int, *, ack: bool = False) -> bytes:
     The status keeps EXPECTED as it is: the kernel sets it on related entries (created
     with a master) and refuses (EBUSY) any update that would change it.
     """
-    family, orig, _reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master, _ = (
-        entry
-    )
-    if (master is None and labels is None and helper is None and sctp is None
-            and not zone and timeout is not None and mark is not None
-            and orig[2] in FAST_CREATE_PROTOCOLS):
+    usual = _usual(entry)
+    if usual is not None:
+        family, orig, _reply, status, timeout, mark, tcp = usual
         with_tcp = tcp is not None and orig[2] == IPPROTO_TCP
         pack = usual_update_packer(family, not status & _FIXED_TIMEOUT, with_tcp)
         if tcp is not None and with_tcp:

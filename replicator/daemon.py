@@ -640,11 +640,10 @@ class Daemon:
             # A node that was master not long ago still holds its entries (timers
             # shortened): update those instead of trying to create them (a refused
             # create costs as much as the update that follows it).
-            key_of = R.key_of
-            new = [r for r in records if key_of(r) not in have]
-            if len(new) < len(records):
-                existing = [r for r in records if key_of(r) in have]
-                records = new
+            key_of, new = R.key_of, list[bytes]()
+            for r in records:
+                (existing if key_of(r) in have else new).append(r)
+            records = new
         # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
         # the caller re-reads the kernel afterwards (promotion does anyway). The entries
         # are written as for_kernel() makes them, the usual ones straight from their

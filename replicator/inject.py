@@ -629,7 +629,8 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
     releases the GIL meanwhile: a whole-table write (a takeover's commit) otherwise
     alternates between building requests in Python and the kernel creating entries,
     each about half of the time, on one core. Only the worker thread touches the
-    socket while a datagram is in flight, only this one touches ``job``. A cancelled
+    socket (and the reply buffer) while a datagram is in flight, only this one touches
+    ``job``. A cancelled
     write stops before its next datagram; the one in flight is awaited first (a
     system call cannot be interrupted).
     """
@@ -637,7 +638,6 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
     view = memoryview(buf)
     _discard_pending(sock, buf)
     token = trio.lowlevel.current_trio_token()
-    reply_buf = bytearray(65536)  # the worker's
     datagram = job.next_datagram()
     while datagram is not None:
         await trio.lowlevel.checkpoint()
@@ -646,7 +646,7 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
         deliver = functools.partial(_deliver, token, box, done)
         sending = threading.Event()
         trio.lowlevel.start_thread_soon(
-            functools.partial(_send_and_read, sock, datagram, reply_buf, sending), deliver)
+            functools.partial(_send_and_read, sock, datagram, buf, sending), deliver)
         # Let the worker reach its send first: it needs the GIL to get there, and this
         # thread, building the next batch, would hold it for a whole switch interval
         # (5 ms, longer than the batch takes), so the two would take turns instead of
