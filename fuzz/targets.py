@@ -94,12 +94,18 @@ def wire_message(data: bytes) -> None:
     except WireDecodeError:
         return
     _check(wire.decode(wire.encode(msg)) == msg, "decode(encode(msg)) != msg")
-    entries: tuple[Entry, ...] = ()
+    upserts: tuple[wire.WireEntry, ...] = ()
     if isinstance(msg, wire.Changes):
-        entries = msg.upserts
+        upserts = msg.upserts
+        for key in msg.deletes:
+            _check(record.pack_key(record.unpack_key(key)) == key, "a key is not canonical")
     elif isinstance(msg, wire.Buckets):
-        entries = tuple(e for r in msg.records for e in r.entries)
-    for entry in entries:
+        upserts = tuple(e for r in msg.records for e in r.entries)
+    for upsert in upserts:
+        entry = wire.entry_of(upsert)
+        # The receiver stores a body as it came: it must be the one its entry packs to
+        # (or the peers' digests of one state would differ).
+        _check(record.body(record.pack(entry, 0.0)) == upsert[0], "a body is not canonical")
         peer_entry(entry)
 
 

@@ -47,7 +47,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Iterable
+from collections.abc import Container, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -73,7 +73,6 @@ from .control import (
     serve_control,
 )
 from .errors import ControlError, KernelError, ReplicatorError
-from .external import commit_timeout
 from .filters import EntryFilter, build_filter
 from .gcpause import COLLECTOR_PAUSE
 from .kernel import InjectResult, KernelPort
@@ -81,7 +80,7 @@ from .keys import NodeIdentity, load_identity
 from .logs import fields, set_level, setup_logging
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .mirror import Mirror
-from .model import Entry, EntryKey, TcpFlag, TcpInfo
+from .model import Entry, TcpFlag, TcpInfo
 from .notifyfifo import read_notify_fifo
 from .role import Action, Role, RoleMachine, VrrpEvent
 from .roletask import RoleRunner
@@ -200,31 +199,29 @@ class ResyncRecord:
     entries: int
 
 
-def _aged(entry: Entry, since: float, now: float) -> Entry:
-    """``entry``, whose timeout was the time left at ``since``, with the time left at
-    ``now`` (as a commit computes it: :func:`replicator.external.commit_timeout`)."""
-    timeout = entry[5]
-    if timeout is None:
-        return entry
-    left = commit_timeout(since + timeout, now, None)
-    return entry if left == timeout else _new(Entry, (*entry[:5], left, *entry[6:]))
-
-
 class KernelWriter:
     """Hot mode: the peer's changes waiting to be written to this node's kernel.
 
     Changes are coalesced by key (the newest wins, ``None`` = delete), so a burst of
     updates to the same entries costs one write each and memory is bounded by the
     number of distinct entries. One task drains it in batches.
+
+    Upserts are external-cache records (:mod:`replicator.record`): each is written
+    with the time left until its deadline when it is written (a copy must not outlive
+    the original, however long it waited here), as a commit writes them
+    (:meth:`~replicator.kernel.KernelPort.upsert_records`, the usual entries straight
+    from their records). Those whose key ``known`` holds (the kernel's table as this
+    node's mirror sees it) are written as updates first, the rest as creates.
     """
 
     def __init__(self, kernel: KernelPort, metrics: Metrics, *,
-                 window_tracking: bool = False) -> None:
+                 window_tracking: bool = False, known: Container[bytes] = ()) -> None:
         self._kernel = kernel
         self._metrics = metrics
         self._window_tracking = window_tracking
-        #: key -> (entry, when it was queued) or None (delete).
-        self._pending: dict[EntryKey, tuple[Entry, float] | None] = {}
+        self._known = known
+        #: packed key -> record, or None (delete).
+        self._pending: dict[bytes, bytes | None] = {}
         self._wake = trio.Event()
         self._idle = trio.Event()
         self._idle.set()
@@ -235,16 +232,22 @@ class KernelWriter:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, entries: Iterable[Entry], *, delete: bool = False,
-            since: float | None = None) -> None:
-        """Queue upserts (or deletes) of ``entries``; an upsert's ``timeout`` is the
-        time left at ``since`` (default: now; it is shortened by the time since then
-        when written)."""
-        pending = self._pending
-        queued = trio.current_time() if since is None else since
+    def put(self, records: Iterable[bytes]) -> None:
+        """Queue upserts of external-cache ``records``."""
+        pending, key_of = self._pending, R.key_of
+        for rec in records:
+            pending[key_of(rec)] = rec
+        self._woken()
+
+    def put_deletes(self, entries: Iterable[Entry]) -> None:
+        """Queue deletes of ``entries`` (by key)."""
+        pending, key = self._pending, R.key
         for entry in entries:
-            pending[entry.key] = None if delete else (entry, queued)
-        if pending:
+            pending[key(entry)] = None
+        self._woken()
+
+    def _woken(self) -> None:
+        if self._pending:
             self._idle = trio.Event() if self._idle.is_set() else self._idle
             self._wake.set()
 
@@ -266,17 +269,21 @@ class KernelWriter:
                 self._wake = trio.Event()
                 continue
             batch, self._pending = self._pending, {}
-            tracking = self._window_tracking
-            now = trio.current_time()
-            # A copy must not outlive the original: take the time the entry waited
-            # here (a busy or refusing kernel, a burst) off its remaining timeout.
-            upserts = [for_kernel(_aged(e, queued, now), window_tracking=tracking)
-                       for e, queued in (v for v in batch.values() if v is not None)]
-            deletes = [
-                Entry(k[0], k[2], k[2], zone=k[1]) for k, e in batch.items() if e is None
-            ]
-            if upserts:
-                self.record(await self._kernel.upsert(upserts), "upsert")
+            known = self._known
+            new: list[bytes] = []
+            existing: list[bytes] = []
+            deletes: list[Entry] = []
+            for key, rec in batch.items():
+                if rec is None:
+                    k = R.unpack_key(key)
+                    deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
+                else:
+                    (existing if key in known else new).append(rec)
+            if new or existing:
+                result = await self._kernel.upsert_records(
+                    new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
+                    tcp_flags=0 if self._window_tracking else _LIBERAL, existing=existing)
+                self.record(result, "upsert")
             if deletes:
                 self.record(await self._kernel.delete(deletes), "delete")
 
@@ -321,7 +328,8 @@ class Daemon:
             accept=build_entry_filter(config), restamped=self.mirror.cache.restamp,
         )
         self.writer = KernelWriter(kernel, self.metrics,
-                                   window_tracking=config.kernel.tcp_window_tracking)
+                                   window_tracking=config.kernel.tcp_window_tracking,
+                                   known=self.mirror.cache)
         self.machine = RoleMachine(hot=False, follow=config.keepalived.vrrp_name)
         self.runner = RoleRunner(self.machine, self.perform)
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
@@ -430,7 +438,7 @@ class Daemon:
         external, cache = self.session.external, self.mirror.cache
         stale = [e for k in flushed if k not in external and (e := cache.get(k)) is not None]
         if stale:
-            self.writer.put(stale, delete=True)
+            self.writer.put_deletes(stale)
             log.info("stale copies removed", extra=fields(entries=len(stale)))
 
     # --- the driver -------------------------------------------------------------------
@@ -471,10 +479,10 @@ class Daemon:
         m = self.metrics
         if isinstance(event, PeerUpserts):
             if self.applies_peer_to_kernel:
-                self.writer.put(event.entries, since=event.since)
+                self.writer.put(event.records)
         elif isinstance(event, PeerDeletes):
             if self.applies_peer_to_kernel:
-                self.writer.put(event.entries, delete=True)
+                self.writer.put_deletes(event.entries)
         elif isinstance(event, PeerHello):
             log.info("peer hello", extra=fields(peer=event.node_id, epoch=event.epoch,
                                                 restarted=event.restarted))
@@ -613,7 +621,7 @@ class Daemon:
             if self.hot:
                 # Load the kernel with the peer's table as it stands; later changes
                 # follow as PeerUpserts/PeerDeletes.
-                self.writer.put(self.session.external.commit_set(now))
+                self.writer.put(self.session.external.records())
         elif action is Action.SHORTEN_TIMERS:
             count = await self.shorten()
             log.info("timers shortened", extra=fields(entries=count))

@@ -106,17 +106,16 @@ class ExternalCache:
             expired.append(R.unpack(rec))
         return expired
 
-    def hold(self, now: float, until: float) -> list[Entry]:
+    def hold(self, now: float, until: float) -> list[bytes]:
         """Move every deadline at or before ``now`` to ``until`` (instead of expiring);
-        the entries so extended, each with ``timeout`` = whole seconds until ``until``.
-        """
+        the records so extended (their deadline ``until``)."""
         table, wheel = self._table, self._wheel
-        seconds = max(1, math.ceil(until - now))
         held = []
         for key, rec in self._due(now):
-            table.put(table.bucket_of(key), key, R.with_deadline(rec, until))
+            new = R.with_deadline(rec, until)
+            table.put(table.bucket_of(key), key, new)
             wheel.add(key, until)
-            held.append(R.unpack(rec)._replace(timeout=seconds))
+            held.append(new)
         return held
 
     def _due(self, now: float) -> list[tuple[bytes, bytes]]:

@@ -73,6 +73,7 @@ _HAS_ID = 2
 _DEADLINE = struct.Struct(">d")
 _TWO = struct.Struct(">dd")
 _TIMEOUT = struct.Struct(">I")
+_HEADER_PACK = HEADER.pack
 
 _MARK, _LABELS, _TCP, _SCTP, _HELPER, _MASTER, _REPLY = (1 << i for i in range(7))
 _FZ = struct.Struct(">BH")
@@ -244,6 +245,100 @@ def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
         and reply[3] == orig[4] and reply[4] == orig[3]
         and not (reply[5] or reply[6] or reply[7])
     )  # fmt: skip
+
+
+#: Longest helper name a body from the network may hold (the kernel's
+#: ``NF_CT_HELPER_NAME_LEN`` is 16 with the terminating NUL).
+MAX_HELPER = 16
+_BODY_FLAGS = _MARK | _LABELS | _TCP | _SCTP | _HELPER | _MASTER | _REPLY
+_BODY_FIXED = {f: struct.Struct(">" + k.format[1:] + "BI") for f, k in _KEY.items()}
+#: Where a body's flags are, by family.
+_BODY_FLAGS_AT = {f: s.size - _FLAGS_STATUS.size for f, s in _BODY_FIXED.items()}
+#: Indexes in a body's unpacked values: protocol and ports of the original tuple, and
+#: the first field after the status.
+_B_PROTO, _B_SPORT, _B_DPORT, _B_REST = 4, 5, 6, 12
+
+
+class _BodyLayout(NamedTuple):
+    read: Callable[[bytes], tuple[Any, ...]]
+    #: Index of the reply tuple (None: the body holds none, it is the inverse).
+    reply: int | None
+    #: Index of the helper's length byte (None: no helper), and the length it must be.
+    helper: int | None
+    hlen: int
+
+
+#: Valid body layouts by (family, flags, size): at most 2 * 128 * (MAX_HELPER + 1).
+_BODY_LAYOUTS: dict[tuple[int, int, int], _BodyLayout] = {}
+
+
+def _body_layout(family: int, flags: int, size: int) -> _BodyLayout:
+    """The layout of a body of this family, flags and size, or ValueError if no
+    record has one."""
+    if flags & ~_BODY_FLAGS:
+        raise ValueError(f"unknown body flags {flags:#x}")
+    full = _layout(family, flags, 0, True)
+    base = full.size - HEADER_SIZE
+    hlen, helper = 0, None
+    if flags & _HELPER:
+        hlen = size - base
+        if not 1 <= hlen <= MAX_HELPER:
+            raise ValueError(f"body of {size} bytes: no helper name of 1..{MAX_HELPER}")
+        full = _layout(family, flags, hlen, True)
+    elif size != base:
+        raise ValueError(f"body of {size} bytes, not {base} for its flags")
+    fmt = ">" + full.format[len(HEADER.format) :]
+    n = len(struct.unpack(fmt, bytes(size)))
+    reply = None if flags & _REPLY else _B_REST
+    if flags & _HELPER:
+        helper = n - 2 - (8 if flags & _MASTER else 0)
+    return _BodyLayout(struct.Struct(fmt).unpack, reply, helper, hlen)
+
+
+def check_body(body: bytes) -> None:
+    """Raise ValueError unless ``body`` is the body of a record :func:`pack` could
+    have made (the receiver of a peer's entries stores the bodies it accepts as they
+    are, so this is the whole validation of an entry from the network).
+
+    Every field is read with its width (so in its range); the flags are known, the
+    size is exactly that of the layout they give, a helper name is ASCII of
+    1..:data:`MAX_HELPER` characters, and a reply tuple, when there is one, has the
+    original's protocol and is not its plain inverse (which the flags would say: two
+    bodies of one state would fingerprint differently).
+    """
+    size = len(body)
+    family = body[0] if size else 0
+    at = _BODY_FLAGS_AT.get(family)
+    if at is None:
+        raise ValueError(f"body family {family} is neither AF_INET nor AF_INET6")
+    if size <= at:
+        raise ValueError(f"body of {size} bytes is shorter than its fixed part")
+    shape = (family, body[at], size)
+    layout = _BODY_LAYOUTS.get(shape)
+    if layout is None:
+        layout = _BODY_LAYOUTS[shape] = _body_layout(*shape)
+    v = layout.read(body)
+    r = layout.reply
+    if r is not None:
+        reply, p = v[r : r + 8], v[_B_PROTO]
+        if reply[2] != p:
+            raise ValueError("reply tuple protocol differs from the original's")
+        if (
+            reply == tuple(invert(_new(CtTuple, v[2:10]))) if p in ICMP_PROTOCOLS
+            else reply == (v[3], v[2], p, v[_B_DPORT], v[_B_SPORT], 0, 0, 0)
+        ):  # fmt: skip
+            raise ValueError("reply tuple is the plain inverse, which the flags say")
+    h = layout.helper
+    if h is not None and (v[h] != layout.hlen or not v[h + 1].isascii()):
+        raise ValueError("helper name is not ASCII of its stated length")
+
+
+def from_body(body: bytes, deadline: float, timeout: int | None) -> bytes:
+    """The record of a received (checked) ``body`` with its timing: ``timeout`` as
+    received, ``deadline`` when it runs out on this node's clock; no id, never told."""
+    if timeout is None:
+        return _HEADER_PACK(deadline, -_INF, 0, 0, 0) + body
+    return _HEADER_PACK(deadline, -_INF, timeout, 0, _HAS_TIMEOUT) + body
 
 
 #: :func:`unpack`'s default ``timeout``: the one in the record's header.

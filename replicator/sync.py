@@ -287,14 +287,20 @@ class PeerHello(NamedTuple):
 
 
 class PeerUpserts(NamedTuple):
-    """Entries the peer created or changed (``timeout``: remaining seconds at
-    ``since``)."""
+    """Entries the peer created or changed, as the external cache now holds them:
+    records of :mod:`replicator.record` whose deadline is when each copy runs out on
+    this node's clock (their timeout as received counted from ``since``)."""
 
-    entries: tuple[Entry, ...]
+    records: tuple[bytes, ...]
     #: This node's clock when the timeouts were current: the peer built the message
     #: then, as far as this node can tell (:mod:`replicator.peerclock`); a message read
     #: late does not make copies outlive the originals.
     since: float
+
+    @property
+    def entries(self) -> tuple[Entry, ...]:
+        """The records as entries (``timeout``: remaining seconds at ``since``)."""
+        return tuple(R.unpack(r) for r in self.records)
 
 
 class PeerDeletes(NamedTuple):
@@ -1110,27 +1116,28 @@ class SyncSession:
         ext = self.external
         bucket_of = ext.table.bucket_of
         upsert = ext.upsert
-        pack, key_of, deadline_of = R.pack, R.key_of, R.deadline_of
+        from_body, key_of = R.from_body, R.key_of
         replacing = c.replacing
-        ups = msg.upserts
-        for e in ups:
-            rec = pack(e, deadline_of(e[5], since))
+        records = []
+        for body, timeout in msg.upserts:
+            # The body was checked by the decoder: it is stored as it came.
+            rec = from_body(body, _INF if timeout is None else since + timeout, timeout)
             key = key_of(rec)
             b = bucket_of(key)
             upsert(b, key, rec)
+            records.append(rec)
             if replacing:
                 unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
                     unconfirmed.discard(key)
         st = self.stats
-        if ups:
-            st.entries_received += len(ups)
-            self._events.append(PeerUpserts(ups, since))
+        if records:
+            st.entries_received += len(records)
+            self._events.append(PeerUpserts(tuple(records), since))
         if msg.deletes:
             st.deletes_received += len(msg.deletes)
             deleted = []
-            for k in msg.deletes:
-                key = R.pack_key(k)
+            for key in msg.deletes:
                 old = ext.delete(bucket_of(key), key)
                 if old is not None:
                     deleted.append(R.unpack(old))
@@ -1141,7 +1148,7 @@ class SyncSession:
         ext = self.external
         table = ext.table
         bucket_of = table.bucket_of
-        changed: list[Entry] = []
+        changed: list[bytes] = []
         deleted: list[Entry] = []
         r = c.recv_resync
         try:
@@ -1157,15 +1164,15 @@ class SyncSession:
                     if found is None:
                         raise _Violation(f"part of bucket {b} without its first part")
                     unconfirmed = found
-                for e in rec.entries:
-                    new = R.pack(e, R.deadline_of(e[5], since))
+                for body, timeout in rec.entries:
+                    new = R.from_body(body, R.deadline_of(timeout, since), timeout)
                     key = R.key_of(new)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")
                     old = ext.upsert(b, key, new)
                     unconfirmed.discard(key)
                     if old is None or not R.same_state(old, new):
-                        changed.append(e)
+                        changed.append(new)
                 self.stats.entries_received += len(rec.entries)
                 if r is not None:
                     r.entries += len(rec.entries)

@@ -39,25 +39,28 @@ RESYNC_DONE    8      ``[8, stream, seq, resync_id]``
 RESYNC_REQUEST 9      ``[9, stream, seq, full]``
 ====================  ===============================================================
 
-An *entry* is the compact tuple ``[family, orig, reply, zone, status, timeout, mark,
-labels, tcp, sctp, helper, master]`` with trailing nils omitted (at least the first
-five fields are present). ``timeout`` is the *remaining* lifetime in whole seconds at
-the moment the sender encoded it (nil: the entry has none); the kernel's conntrack id
-is never sent (it differs on every copy). A *tuple* is ``[src, dst, proto, sport,
-dport, icmp_type, icmp_code, icmp_id]`` with addresses as raw bytes (4 for IPv4, 16
-for IPv6, by the entry's family) and trailing zero ICMP fields omitted. ``tcp`` is
-``[state, wscale_orig, wscale_reply, flags_orig, flags_reply]``, ``sctp`` is
-``[state, vtag_orig, vtag_reply]``. A *key* (deletes) is ``[family, zone, orig]``.
-``digests`` is a bin of 8-byte big-endian bucket digests (:mod:`replicator.digest`).
+An *entry* is ``[body, timeout]``: ``body`` is the entry's state exactly as
+:mod:`replicator.record` lays out a record's body (binary, big endian, the same on
+every host: family, zone, original tuple, flags, status, then the reply tuple unless
+it is the plain inverse, mark, labels, TCP and SCTP info, helper and master as the
+flags say), and ``timeout`` the *remaining* lifetime in whole seconds at the moment
+the sender encoded it (nil: the entry has none). The kernel's conntrack id is never
+sent (it differs on every copy). A *key* (deletes) is the packed key of
+:func:`replicator.record.pack_key` (binary: family, zone, original tuple): the first
+bytes of the body. The receiver checks each body with
+:func:`replicator.record.check_body` (every field read at its width, known flags, the
+exact size they give, a plain-ASCII helper name, a canonical reply tuple) and stores
+it as it came: nothing is rebuilt, and the digests (computed over bodies) compare
+byte for byte. ``digests`` is a bin of 8-byte big-endian bucket digests
+(:mod:`replicator.digest`).
 
-An IPv4 TCP entry without NAT encodes in about 60 bytes. A message carries at most
+An IPv4 TCP entry encodes in 42 bytes (59 with NAT). A message carries at most
 :data:`MAX_ITEMS` entries and keys together, so an encoded message stays below
 :data:`MAX_MESSAGE_SIZE` bytes, well inside the framing layer's default 1 MiB bound.
 """
 
 from __future__ import annotations
 
-import itertools
 import struct
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -66,13 +69,14 @@ import msgpack
 
 from . import record as R
 from .errors import WireDecodeError, WireVersionError
-from .model import AF_INET, AF_INET6, CtTuple, Entry, EntryKey, SctpInfo, TcpInfo
+from .model import AF_INET, AF_INET6, Entry, EntryKey
 
-#: The sync protocol version this node speaks (checked in HELLO). 3: ACK, CHANGES and
-#: BUCKETS carry the sender's clock (``sent``). 2: bucket placement and fingerprints
+#: The sync protocol version this node speaks (checked in HELLO). 4: entries travel as
+#: record bodies and keys as packed keys (3: as msgpack arrays of their fields). 3: ACK,
+#: CHANGES and BUCKETS carry the sender's clock (``sent``). 2: bucket placement and fingerprints
 #: are computed over the packed key and record body of :mod:`replicator.record` (1:
 #: over msgpack forms), so digests of version 1 nodes would never match.
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
 
 HELLO = 1
 CLOSE = 2
@@ -87,8 +91,8 @@ RESYNC_REQUEST = 9
 #: Bounds checked on decode (and by the encoder, where a violation is a local bug).
 MAX_NODE_ID = 64
 MAX_REASON = 256
-MAX_HELPER = 16
-LABELS_SIZE = 16
+MAX_HELPER = R.MAX_HELPER
+LABELS_SIZE = R.LABELS_SIZE
 #: Entries (upserts, bucket contents) plus keys (deletes) in one message.
 MAX_ITEMS = 2048
 #: Bucket-count bound (a power of two up to this).
@@ -97,21 +101,31 @@ DIGEST_SIZE = 8
 #: Bucket digests in one SUMMARY message.
 MAX_SUMMARY_DIGESTS = 4096
 #: Upper bound of an encoded message: MAX_ITEMS worst-case entries (IPv6, every
-#: optional field present, about 240 bytes) plus headers. Checked by a test.
+#: optional field present, about 190 bytes) plus headers. Checked by a test.
 MAX_MESSAGE_SIZE = 512 * 1024
 
 FLAG_FIRST = 1
 FLAG_LAST = 2
 
-_U8 = 0xFF
-_U16 = 0xFFFF
 _U32 = 0xFFFF_FFFF
 _U64 = 0xFFFF_FFFF_FFFF_FFFF
-_ADDR_LEN = {AF_INET: 4, AF_INET6: 16}
-_ENTRY_FIELDS = 12
-_MIN_ENTRY_FIELDS = 5
 
 _new = tuple.__new__
+
+#: An entry as it travels: its record body (:mod:`replicator.record`) and its remaining
+#: timeout in whole seconds (``None``: it has none).
+WireEntry = tuple[bytes, int | None]
+
+
+def upsert_of(entry: Entry, timeout: int | None) -> WireEntry:
+    """``entry`` as it travels, with ``timeout`` (see :data:`WireEntry`)."""
+    return (R.body(R.pack(entry, 0.0)), timeout)
+
+
+def entry_of(upsert: WireEntry) -> Entry:
+    """The entry a (checked) wire entry holds, its timeout the one it carries."""
+    body, timeout = upsert
+    return R.unpack(R.from_body(body, 0.0, timeout))
 
 
 class Hello(NamedTuple):
@@ -145,12 +159,13 @@ class Ack(NamedTuple):
 
 
 class Changes(NamedTuple):
-    """Upserts (full entries, ``timeout`` = remaining seconds) and deletes (keys)."""
+    """Upserts (``(body, timeout)``, ``timeout`` = remaining seconds) and deletes
+    (packed keys)."""
 
     stream: int
     seq: int
-    upserts: tuple[Entry, ...]
-    deletes: tuple[EntryKey, ...]
+    upserts: tuple[WireEntry, ...]
+    deletes: tuple[bytes, ...]
     #: The sender's clock (ms) when it built the message: the timeouts count from then.
     sent: int = 0
 
@@ -162,7 +177,7 @@ class BucketRecord(NamedTuple):
     bucket: int
     first: bool
     last: bool
-    entries: tuple[Entry, ...]
+    entries: tuple[WireEntry, ...]
 
 
 class Buckets(NamedTuple):
@@ -224,41 +239,6 @@ TimedRecord = tuple[bytes, int | None]
 _packb = msgpack.Packer(use_bin_type=True, autoreset=True).pack
 
 
-def _wire_tuple(t: tuple[Any, ...]) -> tuple[Any, ...]:
-    # Trailing zero ICMP fields are implied (decode pads them back).
-    return t[:5] if not (t[5] or t[6] or t[7]) else t
-
-
-def _wire_entry(e: Entry, timeout: int | None) -> list[Any]:
-    master = e[11]
-    fields = [
-        e[0], _wire_tuple(e[1]), _wire_tuple(e[2]), e[3], e[4], timeout,
-        e[6], e[7], e[8], e[9], e[10], None if master is None else _wire_tuple(master),
-    ]  # fmt: skip
-    while fields[-1] is None:
-        fields.pop()
-    return fields
-
-
-def _record_entry(rec: bytes, timeout: int | None) -> list[Any]:
-    # _wire_entry of unpack(rec), without building the named tuples (the sender's hot
-    # path; a test checks that both encode to the same bytes).
-    family, orig, reply, zone, status, mark, labels, tcp, sctp, helper, master = R.fields(rec)
-    fields = [
-        family, orig[:5] if not (orig[5] or orig[6] or orig[7]) else orig,
-        reply[:5] if not (reply[5] or reply[6] or reply[7]) else reply, zone, status,
-        timeout, mark, labels, tcp, sctp, helper,
-        None if master is None else _wire_tuple(master),
-    ]  # fmt: skip
-    while fields[-1] is None:
-        fields.pop()
-    return fields
-
-
-def _wire_key(key: EntryKey) -> tuple[Any, ...]:
-    return (key[0], key[1], _wire_tuple(key[2]))
-
-
 def _check_items(n: int) -> None:
     if n > MAX_ITEMS:
         raise ValueError(f"{n} items in one message, the bound is {MAX_ITEMS}")
@@ -268,17 +248,10 @@ def encode_changes(
     stream: int, seq: int, upserts: Sequence[TimedEntry], deletes: Sequence[EntryKey], *,
     sent: int,
 ) -> bytes:
-    """Encode a CHANGES message (the hot path: each upsert with its remaining timeout)."""
-    _check_items(len(upserts) + len(deletes))
-    return _packb(
-        (
-            CHANGES,
-            stream,
-            seq,
-            [_wire_entry(e, t) for e, t in upserts],
-            [_wire_key(k) for k in deletes],
-            sent,
-        )
+    """Encode a CHANGES message of entries (each with its remaining timeout) and keys."""
+    return encode_changes_records(
+        stream, seq, [(R.pack(e, 0.0), t) for e, t in upserts], [R.pack_key(k) for k in deletes],
+        sent=sent,
     )
 
 
@@ -287,19 +260,11 @@ def encode_buckets(
     *, sent: int,
 ) -> bytes:
     """Encode a BUCKETS message: ``(bucket, first, last, [(entry, timeout)...])``."""
-    _check_items(sum(len(r[3]) for r in records) + len(records))
-    return _packb(
-        (
-            BUCKETS,
-            stream,
-            seq,
-            [
-                (b, (FLAG_FIRST if first else 0) | (FLAG_LAST if last else 0),
-                 [_wire_entry(e, t) for e, t in entries])
-                for b, first, last, entries in records
-            ],
-            sent,
-        )
+    return encode_buckets_records(
+        stream, seq,
+        [(b, first, last, [(R.pack(e, 0.0), t) for e, t in entries])
+         for b, first, last, entries in records],
+        sent=sent,
     )  # fmt: skip
 
 
@@ -307,27 +272,21 @@ def encode_changes_records(
     stream: int, seq: int, upserts: Sequence[TimedRecord], deletes: Sequence[bytes], *,
     sent: int,
 ) -> bytes:
-    """:func:`encode_changes` of records and packed keys (:mod:`replicator.record`):
-    the same bytes, without unpacking them to entries first."""
+    """Encode a CHANGES message of records of :mod:`replicator.record` (each with the
+    remaining timeout to send) and packed keys: the sender's hot path (a slice per
+    entry)."""
     _check_items(len(upserts) + len(deletes))
-    return _packb(
-        (
-            CHANGES,
-            stream,
-            seq,
-            [_record_entry(r, t) for r, t in upserts],
-            [_wire_key(R.unpack_key(k)) for k in deletes],
-            sent,
-        )
-    )
+    h = R.HEADER_SIZE
+    return _packb((CHANGES, stream, seq, [(r[h:], t) for r, t in upserts], deletes, sent))
 
 
 def encode_buckets_records(
     stream: int, seq: int, records: Sequence[tuple[int, bool, bool, Sequence[TimedRecord]]],
     *, sent: int,
 ) -> bytes:
-    """:func:`encode_buckets` of records: ``(bucket, first, last, [(record, timeout)...])``."""
+    """Encode a BUCKETS message: ``(bucket, first, last, [(record, timeout)...])``."""
     _check_items(sum(len(r[3]) for r in records) + len(records))
+    h = R.HEADER_SIZE
     return _packb(
         (
             BUCKETS,
@@ -335,7 +294,7 @@ def encode_buckets_records(
             seq,
             [
                 (b, (FLAG_FIRST if first else 0) | (FLAG_LAST if last else 0),
-                 [_record_entry(r, t) for r, t in entries])
+                 [(r[h:], t) for r, t in entries])
                 for b, first, last, entries in records
             ],
             sent,
@@ -346,15 +305,15 @@ def encode_buckets_records(
 def encode(msg: Message) -> bytes:
     """Encode any message (upsert entries carry their own ``timeout`` field)."""
     if isinstance(msg, Changes):
-        return encode_changes(msg.stream, msg.seq, [(e, e.timeout) for e in msg.upserts],
-                              msg.deletes, sent=msg.sent)  # fmt: skip
+        _check_items(len(msg.upserts) + len(msg.deletes))
+        return _packb((CHANGES, *msg))
     if isinstance(msg, Buckets):
-        return encode_buckets(
-            msg.stream,
-            msg.seq,
-            [(r.bucket, r.first, r.last, [(e, e.timeout) for e in r.entries])
-             for r in msg.records],
-            sent=msg.sent,
+        _check_items(sum(len(r.entries) for r in msg.records) + len(msg.records))
+        return _packb(
+            (BUCKETS, msg.stream, msg.seq,
+             [(r.bucket, (FLAG_FIRST if r.first else 0) | (FLAG_LAST if r.last else 0),
+               r.entries) for r in msg.records],
+             msg.sent)
         )  # fmt: skip
     if isinstance(msg, Hello):
         return _packb((HELLO, *msg))
@@ -404,117 +363,36 @@ def _array(v: object, high: int, what: str) -> tuple[Any, ...]:
     return v
 
 
-# Validation works on type signatures: ``tuple(map(type, t))`` compared with (or looked
-# up among) the valid ones is a single C-level pass, where a chain of isinstance()
-# calls per field would dominate the decoder's cost. ``type(x) is int`` also rejects
-# booleans, which msgpack keeps distinct. Integer ranges are then checked by packing
-# the fields with a struct of the right widths (struct.error when out of range).
-_TUPLE_SIG = (bytes, bytes, int, int, int, int, int, int)
-_TUPLE_PAD = {n: (0,) * (8 - n) for n in range(3, 9)}
-_TUPLE_RANGES = struct.Struct(">BHHBBH")  # proto, sport, dport, icmp type, code, id
-_TCP_SIG = (int,) * 5
-_TCP_RANGES = struct.Struct(">5B")
-_SCTP_SIG = (int,) * 3
-_SCTP_RANGES = struct.Struct(">BII")
-_TWO_TUPLES_SIG = _TUPLE_SIG * 2
-# Orig proto, ports and ICMP fields, reply ports and ICMP fields (its proto equals the
-# original's), zone, status, timeout, mark.
-_FIXED_RANGES = struct.Struct(">BHHBBH" "HHBBH" "HIII")
-_NONE = type(None)
-_ENTRY_PAD = {n: (None,) * (_ENTRY_FIELDS - n) for n in range(_MIN_ENTRY_FIELDS, _ENTRY_FIELDS + 1)}
-# (family, orig, reply, zone, status) then the optional fields, each its type or None.
-_ENTRY_SIGS = frozenset(
-    (int, tuple, tuple, int, int, *opt)
-    for opt in itertools.product(
-        (int, _NONE), (int, _NONE), (bytes, _NONE), (tuple, _NONE), (tuple, _NONE),
-        (str, _NONE), (tuple, _NONE),
-    )
-)  # fmt: skip
+_ENTRY_SIGS = frozenset({(bytes, int), (bytes, type(None))})
 
 
-def _ct_tuple(t: Any, alen: int) -> CtTuple:
-    pad = _TUPLE_PAD.get(len(t)) if type(t) is tuple else None
-    if pad is None:
-        raise _bad("tuple is not an array of 3..8 fields")
-    if pad:
-        t = t + pad
-    if tuple(map(type, t)) != _TUPLE_SIG or len(t[0]) != alen or len(t[1]) != alen:
-        raise _bad(f"tuple is not two {alen}-byte addresses and integers")
-    try:
-        _TUPLE_RANGES.pack(t[2], t[3], t[4], t[5], t[6], t[7])
-    except struct.error:
-        raise _bad("tuple protocol, ports or ICMP fields out of range") from None
-    return _new(CtTuple, t)
-
-
-def _entry(e: Any) -> Entry:
-    pad = _ENTRY_PAD.get(len(e)) if type(e) is tuple else None
-    if pad is None:
-        raise _bad(f"entry is not an array of {_MIN_ENTRY_FIELDS}..{_ENTRY_FIELDS} fields")
-    if pad:
-        e = e + pad
-    if tuple(map(type, e)) not in _ENTRY_SIGS:
-        raise _bad("entry field of the wrong type")
-    family, orig, reply, zone, status, timeout, mark, labels, tcp, sctp, helper, master = e
-    alen = _ADDR_LEN.get(family)
-    if alen is None:
-        raise _bad("entry family is not AF_INET or AF_INET6")
-    # The two tuples are checked together (one type signature, one struct for every
-    # integer of the entry's fixed part): the decoder's hot path.
-    po = _TUPLE_PAD.get(len(orig))
-    pr = _TUPLE_PAD.get(len(reply))
-    if po is None or pr is None:
-        raise _bad("tuple is not an array of 3..8 fields")
-    o = orig + po if po else orig
-    r = reply + pr if pr else reply
-    if (
-        tuple(map(type, o + r)) != _TWO_TUPLES_SIG
-        or len(o[0]) != alen or len(o[1]) != alen or len(r[0]) != alen or len(r[1]) != alen
-    ):  # fmt: skip
-        raise _bad(f"tuple is not two {alen}-byte addresses and integers")
-    if r[2] != o[2]:
-        raise _bad("reply tuple protocol differs from the original's")
-    try:
-        _FIXED_RANGES.pack(
-            o[2], o[3], o[4], o[5], o[6], o[7], r[3], r[4], r[5], r[6], r[7], zone, status,
-            0 if timeout is None else timeout, 0 if mark is None else mark,
-        )  # fmt: skip
-    except struct.error:
-        raise _bad("entry tuple, zone, status, timeout or mark out of range") from None
-    if labels is not None and len(labels) != LABELS_SIZE:
-        raise _bad(f"entry labels are not {LABELS_SIZE} bytes")
-    if tcp is not None:
-        if tuple(map(type, tcp)) != _TCP_SIG:
-            raise _bad("tcp info is not 5 integers")
+def _entries(v: object, high: int, what: str) -> tuple[WireEntry, ...]:
+    """Check a list of wire entries; return it as decoded (nothing is rebuilt)."""
+    entries = _array(v, high, what)
+    check = R.check_body
+    for e in entries:
+        if type(e) is not tuple or tuple(map(type, e)) not in _ENTRY_SIGS:
+            raise _bad("entry is not an array of a binary body and a timeout or nil")
+        body, timeout = e
+        if timeout is not None and not 0 <= timeout <= _U32:
+            raise _bad(f"entry timeout is not in 0..{_U32}")
         try:
-            _TCP_RANGES.pack(*tcp)
-        except struct.error:
-            raise _bad("tcp info field out of range") from None
-        tcp = _new(TcpInfo, tcp)
-    if sctp is not None:
-        if tuple(map(type, sctp)) != _SCTP_SIG:
-            raise _bad("sctp info is not 3 integers")
-        try:
-            _SCTP_RANGES.pack(*sctp)
-        except struct.error:
-            raise _bad("sctp info field out of range") from None
-        sctp = _new(SctpInfo, sctp)
-    if helper is not None and not (1 <= len(helper) <= MAX_HELPER and helper.isascii()):
-        raise _bad(f"entry helper is not an ASCII name of 1..{MAX_HELPER} characters")
-    if master is not None:
-        master = _ct_tuple(master, alen)
-    return _new(Entry, (family, _new(CtTuple, o), _new(CtTuple, r), zone, status, timeout,
-                        mark, labels, tcp, sctp, helper, master, None))  # fmt: skip
+            check(body)
+        except (ValueError, struct.error) as exc:
+            raise _bad(f"entry body: {exc}") from None
+    return entries
 
 
-def _key(k: object) -> EntryKey:
-    if type(k) is not tuple or len(k) != 3:
-        raise _bad("key is not an array of 3 fields")
-    family, zone, orig = k
-    alen = _ADDR_LEN.get(family) if type(family) is int else None
-    if alen is None:
-        raise _bad("key family is not AF_INET or AF_INET6")
-    return (family, _uint(zone, _U16, "key zone"), _ct_tuple(orig, alen))
+def _keys(v: object, high: int, what: str) -> tuple[bytes, ...]:
+    keys = _array(v, high, what)
+    for k in keys:
+        size = _KEY_SIZE.get(k[0]) if type(k) is bytes and k else None
+        if size is None or len(k) != size:
+            raise _bad("key is not a packed key of an AF_INET or AF_INET6 entry")
+    return keys
+
+
+_KEY_SIZE = {f: R.key_size(f) for f in (AF_INET, AF_INET6)}
 
 
 def _arity(m: tuple[Any, ...], n: int, name: str) -> None:
@@ -529,10 +407,9 @@ def _head(m: tuple[Any, ...]) -> tuple[int, int]:
 def _decode_changes(m: tuple[Any, ...]) -> Changes:
     _arity(m, 6, "CHANGES")
     stream, seq = _head(m)
-    ups = _array(m[3], MAX_ITEMS, "upserts")
-    dels = _array(m[4], MAX_ITEMS - len(ups), "deletes")
-    return Changes(stream, seq, tuple(map(_entry, ups)), tuple(map(_key, dels)),
-                   _uint(m[5], _U64, "sent"))
+    ups = _entries(m[3], MAX_ITEMS, "upserts")
+    dels = _keys(m[4], MAX_ITEMS - len(ups), "deletes")
+    return Changes(stream, seq, ups, dels, _uint(m[5], _U64, "sent"))
 
 
 def _decode_buckets(m: tuple[Any, ...]) -> Buckets:
@@ -546,12 +423,11 @@ def _decode_buckets(m: tuple[Any, ...]) -> Buckets:
             raise _bad("bucket record is not an array of 3 fields")
         bucket = _uint(rec[0], MAX_BUCKETS - 1, "bucket")
         flags = _uint(rec[1], FLAG_FIRST | FLAG_LAST, "bucket flags")
-        entries = _array(rec[2], budget, "bucket entries")
+        entries = _entries(rec[2], budget, "bucket entries")
         budget -= len(entries)
         records.append(
-            BucketRecord(bucket, bool(flags & FLAG_FIRST), bool(flags & FLAG_LAST),
-                         tuple(map(_entry, entries)))
-        )  # fmt: skip
+            BucketRecord(bucket, bool(flags & FLAG_FIRST), bool(flags & FLAG_LAST), entries)
+        )
     return Buckets(stream, seq, tuple(records), _uint(m[4], _U64, "sent"))
 
 

@@ -412,7 +412,9 @@ async def test_hot_writes_take_the_time_spent_queued_off_the_timeout(
 ) -> None:
     kernel = FakeKernel()
     writer = KernelWriter(kernel, Metrics())
-    writer.put([flow(1)._replace(timeout=100), flow(2)._replace(timeout=3)])
+    now = trio.current_time()
+    writer.put([record.pack(flow(1)._replace(timeout=100), now + 100),
+                record.pack(flow(2)._replace(timeout=3), now + 3)])
     await trio.sleep(5)  # e.g. a kernel refusing writes, or a long burst ahead of them
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run)
@@ -431,7 +433,8 @@ async def test_hot_writes_count_the_timeout_from_when_the_peer_sent_it(
     kernel = FakeKernel()
     writer = KernelWriter(kernel, Metrics())
     await trio.sleep(10)
-    writer.put([flow(1)._replace(timeout=100)], since=trio.current_time() - 4)
+    since = trio.current_time() - 4
+    writer.put([record.pack(flow(1)._replace(timeout=100), since + 100)])
     async with trio.open_nursery() as nursery:
         nursery.start_soon(writer.run)
         await writer.wait_idle()

@@ -89,7 +89,10 @@ def test_changes_stream_and_deletes_propagate() -> None:
     transfer(a, b, 1.0)
     assert b.external() == a.table()
     ups = of_type(b.events[seen:], PeerUpserts)
-    assert ups == [PeerUpserts((make_entry(1, variant=9), make_entry(777)), 1.0)]
+    assert [(u.entries, u.since) for u in ups] == [
+        ((make_entry(1, variant=9), make_entry(777)), 1.0)]
+    # The records are the external cache's.
+    assert ups[0].records == tuple(b.session.external.table.get(pk(e)) for e in ups[0].entries)
     (dels,) = of_type(b.events[seen:], PeerDeletes)
     assert dels == PeerDeletes((make_entry(2),), expired=False)
 
@@ -279,7 +282,10 @@ def test_a_connected_standby_holds_entries_past_their_deadline() -> None:
     events = b.drain()
     # Not expired: held for 30 s more, and reported as an upsert with that timeout
     # (a hot standby's kernel copy is extended with it).
-    assert PeerUpserts((make_entry(1, timeout=30),), 110.0) in events
+    (held,) = of_type(events, PeerUpserts)
+    assert held.since == 110.0
+    (rec,) = held.records
+    assert record.unpack(rec) == make_entry(1, timeout=10) and record.deadline(rec) == 140.0
     assert not of_type(events, PeerDeletes)
     assert b.session.external.deadline(pk(make_entry(1))) == 140.0
     assert pk(make_entry(2)) not in b.session.external  # deleted by the active

@@ -76,15 +76,16 @@ def keys(draw: st.DrawFn) -> tuple[int, int, CtTuple]:
 
 def messages() -> st.SearchStrategy[wire.Message]:
     u64 = st.integers(0, U64)
-    few_entries = st.lists(entries(), max_size=4).map(tuple)
+    few_entries = st.lists(
+        entries().map(lambda e: wire.upsert_of(e, e.timeout)), max_size=4).map(tuple)
     return st.one_of(
         st.builds(wire.Hello, st.just(wire.PROTOCOL_VERSION),
                   st.text(min_size=1, max_size=wire.MAX_NODE_ID),
                   u64, st.sampled_from([1, 2, 1024, wire.MAX_BUCKETS]), u64),
         st.builds(wire.Close, st.text(max_size=wire.MAX_REASON)),
         st.builds(wire.Ack, u64, u64, st.booleans(), u64),
-        st.builds(wire.Changes, u64, u64, few_entries, st.lists(keys(), max_size=4).map(tuple),
-                  u64),
+        st.builds(wire.Changes, u64, u64, few_entries,
+                  st.lists(keys().map(R.pack_key), max_size=4).map(tuple), u64),
         st.builds(wire.Buckets, u64, u64, st.lists(
             st.builds(wire.BucketRecord, st.integers(0, wire.MAX_BUCKETS - 1), st.booleans(),
                       st.booleans(), few_entries), max_size=3).map(tuple), u64),
@@ -102,23 +103,61 @@ def tcp_entry(i: int = 0) -> Entry:
                  tcp=TcpInfo(3, 7, 7, 0x23, 0x23), id=12345)  # fmt: skip
 
 
-def raw_changes(entry: object) -> bytes:
+def raw_changes(entry: object, deletes: list[object] | None = None) -> bytes:
     """A CHANGES message whose single upsert is ``entry`` as a raw msgpack value."""
-    return msgpack.packb([wire.CHANGES, 0, 0, [entry], [], 0])
+    return msgpack.packb([wire.CHANGES, 0, 0, [entry], deletes or [], 0])
 
 
-GOOD: list[Any] = [2, [b"\x0a\0\0\1", b"\xc0\0\2\7", 6, 40000, 443],
-        [b"\xc0\0\2\7", b"\x0a\0\0\1", 6, 443, 40000], 0, 398]  # fmt: skip
+def nat_entry(**changes: Any) -> Entry:
+    orig = CtTuple(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 7]), IPPROTO_TCP, 40000, 443)
+    reply = CtTuple(bytes([192, 0, 2, 7]), bytes([198, 18, 0, 1]), IPPROTO_TCP, 443, 1024)
+    return Entry(AF_INET, orig, reply, status=0x18E, mark=3, tcp=TcpInfo(3, 7, 7, 0x23, 0x23),
+                 **changes)  # fmt: skip
+
+
+GOOD_BODY = R.body(R.pack(nat_entry(), 0.0))
+GOOD: list[Any] = [GOOD_BODY, 398]
+KEY = R.key(nat_entry())
+_FLAGS_AT = R.key_size(AF_INET)  # the body's flags follow the key
+_REPLY_AT = _FLAGS_AT + 5  # the reply tuple follows the flags and the status
+
+
+def _changed(body: bytes, at: int, value: int) -> bytes:
+    b = bytearray(body)
+    b[at] = value
+    return bytes(b)
+
+
+def _helper_body(name: bytes) -> bytes:
+    """A body with helper ``name`` (any bytes, any length up to 255)."""
+    good = R.body(R.pack(nat_entry(helper="ftp"), 0.0))
+    at = len(good) - 4  # the helper is last: its length byte, then "ftp"
+    return good[:at] + bytes([len(name)]) + name
+
+
+def _inverse_sent_as_reply() -> bytes:
+    """GOOD_BODY with its reply tuple replaced by the plain inverse of the original."""
+    inverse = invert(nat_entry().orig)
+    packed = R.key(Entry(AF_INET, inverse, inverse))[3:]
+    return GOOD_BODY[:_REPLY_AT] + packed + GOOD_BODY[_REPLY_AT + len(packed) :]
 
 
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
 @given(messages())
 def test_every_message_round_trips(msg: wire.Message) -> None:
-    # The conntrack id never travels (it differs on every copy).
-    expected = msg
-    if isinstance(msg, wire.Changes):
-        expected = msg._replace(upserts=tuple(e._replace(id=None) for e in msg.upserts))
-    assert wire.decode(wire.encode(msg)) == expected
+    assert wire.decode(wire.encode(msg)) == msg
+
+
+@given(entries(), st.one_of(st.none(), st.integers(0, U32)))
+def test_an_entry_travels_whole_but_its_id(entry: Entry, timeout: int | None) -> None:
+    # The conntrack id never travels (it differs on every copy); the timeout is the one
+    # given (the time left when the message is built).
+    data = wire.encode_changes(0, 0, [(entry, timeout)], [entry.key], sent=0)
+    msg = wire.decode(data)
+    assert isinstance(msg, wire.Changes)
+    (upsert,) = msg.upserts
+    assert wire.entry_of(upsert) == entry._replace(timeout=timeout, id=None)
+    assert msg.deletes == (R.key(entry),)
 
 
 timeouts = st.one_of(st.none(), st.integers(0, U32))
@@ -153,7 +192,7 @@ def test_record_encoders_refuse_oversized_batches() -> None:
 def test_the_id_is_not_sent_and_the_timeout_is_the_one_given() -> None:
     data = wire.encode_changes(1, 2, [(tcp_entry(), 17)], [], sent=5)
     (got,) = wire.decode(data).upserts  # type: ignore[union-attr]
-    assert got == tcp_entry()._replace(timeout=17, id=None)
+    assert wire.entry_of(got) == tcp_entry()._replace(timeout=17, id=None)
 
 
 def test_an_ipv4_tcp_entry_is_compact() -> None:
@@ -190,36 +229,58 @@ def test_version_mismatch_is_a_typed_refusal() -> None:
 @pytest.mark.parametrize(
     ("value", "what"),
     [
-        ([*GOOD[:1], [b"\x0a\0\0", *GOOD[1][1:]], *GOOD[2:]], "3-byte IPv4 address"),
-        ([AF_INET6, *GOOD[1:]], "IPv4 addresses in an IPv6 entry"),
-        ([3, *GOOD[1:]], "unknown family"),
-        ([*GOOD[:1], [*GOOD[1][:3], 70000, 443], *GOOD[2:]], "port above 65535"),
-        ([*GOOD[:1], [*GOOD[1][:3], -1, 443], *GOOD[2:]], "negative port"),
-        ([*GOOD[:1], [*GOOD[1][:3], True, 443], *GOOD[2:]], "boolean port"),
-        ([*GOOD[:1], [*GOOD[1][:3], 1.0, 443], *GOOD[2:]], "float port"),
-        ([*GOOD[:1], [*GOOD[1][:2], 17, 40000, 443], *GOOD[2:]], "reply protocol differs"),
-        ([*GOOD[:3], 70000, 398], "zone above 65535"),
-        ([*GOOD[:4], 1 << 32], "status above 32 bits"),
-        ([*GOOD, -5], "negative timeout"),
-        ([*GOOD, 1, 1 << 32], "mark above 32 bits"),
-        ([*GOOD, 1, 0, b"\0" * 15], "15-byte labels"),
-        ([*GOOD, 1, 0, b"\0" * 17], "17-byte labels"),
-        ([*GOOD, 1, 0, None, [3, 7, 7, 0x23]], "short tcp info"),
-        ([*GOOD, 1, 0, None, [3, 7, 7, 0x23, 256]], "tcp flag above 255"),
-        ([*GOOD, 1, 0, None, None, [1, -1, 0]], "negative sctp vtag"),
-        ([*GOOD, 1, 0, None, None, None, "h" * 17], "helper too long"),
-        ([*GOOD, 1, 0, None, None, None, ""], "empty helper"),
-        ([*GOOD, 1, 0, None, None, None, "héllo"], "non-ASCII helper"),
-        ([*GOOD, 1, 0, None, None, None, None, [b"\0" * 16, b"\0" * 16, 6]], "v6 master"),
-        ([*GOOD, 1, 0, None, None, None, None, None, None], "13 fields"),
-        (GOOD[:4], "4 fields"),
+        ([GOOD_BODY[:-1], 398], "body one byte short"),
+        ([GOOD_BODY + b"\0", 398], "body one byte long"),
+        ([b"", 398], "empty body"),
+        ([_changed(GOOD_BODY, 0, 3), 398], "unknown family"),
+        ([_changed(GOOD_BODY, 0, AF_INET6), 398], "IPv4 body said to be IPv6"),
+        ([_changed(GOOD_BODY, _FLAGS_AT, GOOD_BODY[_FLAGS_AT] | 0x80), 398], "unknown flag"),
+        ([_changed(GOOD_BODY, _FLAGS_AT, GOOD_BODY[_FLAGS_AT] | 2), 398], "labels flag, no labels"),
+        ([_changed(GOOD_BODY, _REPLY_AT + 8, 17), 398], "reply protocol differs"),
+        ([_inverse_sent_as_reply(), 398], "plain inverse sent as a reply tuple"),
+        ([_helper_body(b"h" * 17), 398], "helper too long"),
+        ([_helper_body(b""), 398], "empty helper"),
+        ([_helper_body("hé".encode()), 398], "non-ASCII helper"),
+        ([_helper_body(b"ftp")[:-1] + b"pp", 398], "helper longer than its length byte"),
+        ([GOOD_BODY, -5], "negative timeout"),
+        ([GOOD_BODY, 1 << 32], "timeout above 32 bits"),
+        ([GOOD_BODY, True], "boolean timeout"),
+        ([GOOD_BODY, 1.0], "float timeout"),
+        ([GOOD_BODY.hex(), 398], "body as a string"),
+        ([GOOD_BODY], "1 field"),
+        ([GOOD_BODY, 398, 0], "3 fields"),
         ("entry", "not an array"),
     ],
 )
 def test_invalid_entries_are_refused(value: object, what: str) -> None:
     assert wire.decode(raw_changes(GOOD)).upserts  # type: ignore[union-attr]
+    assert wire.decode(raw_changes([_helper_body(b"ftp"), 1])).upserts  # type: ignore[union-attr]
     with pytest.raises(WireDecodeError):
         wire.decode(raw_changes(value))
+
+
+@pytest.mark.parametrize(
+    ("key", "what"),
+    [
+        (KEY[:-1], "one byte short"),
+        (KEY + b"\0", "one byte long"),
+        (b"", "empty"),
+        (_changed(KEY, 0, 3), "unknown family"),
+        (_changed(KEY, 0, AF_INET6), "IPv4 key said to be IPv6"),
+        ([AF_INET, 0, [b"\x0a\0\0\1", b"\xc0\0\2\7", 6, 40000, 443]], "an array"),
+    ],
+)
+def test_invalid_keys_are_refused(key: object, what: str) -> None:
+    assert wire.decode(raw_changes(GOOD, [KEY])).deletes  # type: ignore[union-attr]
+    with pytest.raises(WireDecodeError):
+        wire.decode(raw_changes(GOOD, [key]))
+
+
+@given(entries())
+def test_every_entry_body_is_accepted_and_canonical(entry: Entry) -> None:
+    body = R.body(R.pack(entry, 0.0))
+    R.check_body(body)
+    assert R.body(R.pack(R.unpack(R.from_body(body, 0.0, None)), 0.0)) == body
 
 
 @pytest.mark.parametrize(
@@ -241,8 +302,8 @@ def test_invalid_entries_are_refused(value: object, what: str) -> None:
         [wire.RESYNC_BEGIN, 0, 0, 0],  # missing full
         [wire.RESYNC_DONE, 0, 0, 0, 0],  # extra field
         [wire.RESYNC_REQUEST, 0, 0, "yes"],
-        [wire.CHANGES, 0, 0, [GOOD], [[2, 0]]],  # short key
-        [wire.CHANGES, 0, 0, [GOOD] * 1025, [[2, 0, GOOD[1]]] * 1024],  # too many items
+        [wire.CHANGES, 0, 0, [GOOD], [[2, 0]]],  # key not packed
+        [wire.CHANGES, 0, 0, [GOOD] * 1025, [KEY] * 1024, 0],  # too many items
         [42, 0, 0],  # unknown type
         [True, 0, 0],  # boolean type
         [wire.ACK],  # too short
