@@ -54,9 +54,10 @@ it as it came: nothing is rebuilt, and the digests (computed over bodies) compar
 byte for byte. ``digests`` is a bin of 8-byte big-endian bucket digests
 (:mod:`replicator.digest`).
 
-An IPv4 TCP entry with a mark and TCP info encodes in 40-42 bytes (57-59 with NAT). A message carries at most
-:data:`MAX_ITEMS` entries and keys together, so an encoded message stays below
-:data:`MAX_MESSAGE_SIZE` bytes, well inside the framing layer's default 1 MiB bound.
+An IPv4 TCP entry with a mark and TCP info encodes in 40-42 bytes (57-59 with NAT).
+A message carries at most :data:`MAX_ITEMS` entries and keys together, so an encoded
+message stays below :data:`MAX_MESSAGE_SIZE` bytes, well inside the framing layer's
+default 1 MiB bound.
 """
 
 from __future__ import annotations
