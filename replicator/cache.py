@@ -26,7 +26,7 @@ from collections.abc import Iterable, Iterator
 from typing import NamedTuple
 
 from . import record as R
-from .model import CtEvent, Entry, EntryKey, EventKind, merge
+from .model import CtEvent, Entry, EntryKey, EventKind, NewRecord, merge
 
 _NEVER = -float("inf")
 
@@ -41,6 +41,8 @@ class Change(NamedTuple):
 
     key: bytes
     record: bytes | None
+    #: ``None`` also when only the record was built (a NEW event that came as a
+    #: :class:`~replicator.model.NewRecord`).
     entry: Entry | None
 
 
@@ -94,8 +96,21 @@ class InternalCache:
         """Whether :meth:`begin_resync` was called and :meth:`finish_resync` not yet."""
         return self._touched is not None
 
-    def apply(self, event: CtEvent, now: float) -> Change:
+    def apply(self, event: CtEvent | NewRecord, now: float) -> Change:
         """Fold one event, read at ``now``, into the cache; the resulting change."""
+        if type(event) is NewRecord:
+            rec = event.record
+            key = R.key_of(rec)
+            if self._touched is not None:
+                self._touched.add(key)
+            records = self._records
+            if key not in records:
+                # The usual NEW event: its record is stored as decoded.
+                records[key] = rec
+                return Change(key, rec, None)
+            # A NEW event for a known key (a DESTROY was lost): merged below.
+            event = CtEvent(EventKind.NEW, R.unpack(rec), event.portid)
+        assert type(event) is CtEvent
         entry = event.entry
         key = R.key(entry)
         if self._touched is not None:

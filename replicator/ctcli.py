@@ -19,6 +19,7 @@ from typing import Any, Protocol, TextIO
 
 import trio
 
+from . import record as R
 from .kernel import Overrun, Subscription
 from .model import (
     AF_INET,
@@ -27,6 +28,8 @@ from .model import (
     CtEvent,
     CtTuple,
     Entry,
+    EventKind,
+    NewRecord,
     SctpState,
     Status,
     TcpFlag,
@@ -145,7 +148,11 @@ async def events_command(reader: TableReader, *, as_json: bool, out: TextIO,
             if isinstance(batch, Overrun):
                 print("replicator: event overrun: events were lost", file=err, flush=True)
                 continue
-            for event in batch:
+            for any_event in batch:
+                event = (
+                    CtEvent(EventKind.NEW, R.unpack(any_event.record), any_event.portid)
+                    if isinstance(any_event, NewRecord) else any_event
+                )  # fmt: skip
                 if as_json:
                     print(json.dumps(_event_json(event)), file=out)
                 else:

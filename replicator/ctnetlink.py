@@ -26,11 +26,13 @@ Every decoder raises only :class:`~replicator.errors.NetlinkDecodeError` (or
 from __future__ import annotations
 
 import functools
+import math
 import operator
 import struct
 from collections.abc import Callable
 from typing import Any, Final, NamedTuple, Protocol
 
+from . import record as R
 from .errors import KernelError, NetlinkDecodeError
 from .model import (
     AF_INET,
@@ -45,6 +47,7 @@ from .model import (
     CtTuple,
     Entry,
     EventKind,
+    NewRecord,
     SctpInfo,
     Status,
     TcpFlag,
@@ -229,6 +232,10 @@ class _Layout(NamedTuple):
     partial: _Getter
     family: int
     helper: str | None
+    #: The record of a full message (NEW event) of this layout at a time ``now``,
+    #: built from the values read (see :func:`decode_events_records`); None where
+    #: the layout's entries take the general path (ICMP).
+    record: Callable[[tuple[object, ...], float], bytes] | None
 
 
 _LAYOUTS: dict[int, list[_Layout]] = {}
@@ -490,6 +497,8 @@ def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
 
     get_orig, get_reply, get_full, get_partial = map(getter, (orig, reply, full, partial))
     get_master, get_tcp, get_sctp = (None if g is None else getter(g) for g in (master, tcp, sctp))
+    record = _record_builder(getter, family=family, helper=helper, orig=orig, reply=reply,
+                             master=master, tcp=tcp, sctp=sctp, full=full)
     mask = bytearray(end - w.start)
     for off, size in w.checks:
         mask[off : off + size] = b"\xff" * size
@@ -498,7 +507,73 @@ def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
         imask, int.from_bytes(buf[w.start : end], "little") & imask,
         _struct("!", [(f.off, f.code) for f in fields]).unpack_from, tuple(consts),
         get_orig, get_reply, get_master, get_tcp, get_sctp, get_full, get_partial, family,
-        helper)
+        helper, record)
+
+
+_NEG_INF = -math.inf
+
+
+def _record_builder(
+    getter: Callable[[list[_Slot]], _Getter], *, family: int, helper: str | None,
+    orig: list[_Slot], reply: list[_Slot], master: list[_Slot] | None,
+    tcp: list[_Slot] | None, sctp: list[_Slot] | None, full: list[_Slot],
+) -> Callable[[tuple[object, ...], float], bytes] | None:
+    """How to pack the record (:func:`replicator.record.pack`) of a full message of
+    this layout straight from the values read, or None for ICMP (whose plain inverse
+    maps the type: the general path handles it).
+
+    Everything but one flag is fixed by the layout: which fields are present, their
+    widths (those of the record's), the protocol and the helper. The exception is
+    whether the reply tuple is the plain inverse of the original (then the record
+    holds none): checked per message, with one struct for each case.
+    """
+    proto = orig[2]
+    if not isinstance(proto, _Const) or proto.value in ICMP_PROTOCOLS:
+        return None
+    zone, status, timeout, mark, labels, conn_id = full
+    hflags = (R.H_TIMEOUT if isinstance(timeout, _Field) else 0) | (
+        R.H_ID if isinstance(conn_id, _Field) else 0)
+    head: list[_Slot] = [
+        timeout if isinstance(timeout, _Field) else _ZERO,
+        conn_id if isinstance(conn_id, _Field) else _ZERO,
+        _Const(hflags), _Const(family), zone, *orig,
+    ]  # fmt: skip
+    flags = R.F_MARK  # a full message's absent mark is 0, never None
+    tail: list[_Slot] = [mark]
+    if isinstance(labels, _Field):
+        flags |= R.F_LABELS
+        tail.append(labels)
+    if tcp is not None:
+        flags |= R.F_TCP
+        tail += tcp
+    if sctp is not None:
+        flags |= R.F_SCTP
+        tail += sctp
+    hlen = 0
+    if helper is not None:
+        name = helper.encode("ascii")
+        hlen = len(name)
+        flags |= R.F_HELPER
+        tail += (_Const(hlen), _Const(name))
+    if master is not None:
+        flags |= R.F_MASTER
+        tail += master
+    inverse = getter([*head, _Const(flags | R.F_REPLY), status, *tail])
+    explicit = getter([*head, _Const(flags), status, *reply, *tail])
+    pack_inverse = R.record_struct(family, flags | R.F_REPLY, hlen).pack
+    pack_explicit = R.record_struct(family, flags, hlen).pack
+    # Addresses and ports of both tuples; their ICMP fields are constant zeros here.
+    probe = getter([orig[0], orig[1], orig[3], orig[4], reply[0], reply[1], reply[3], reply[4]])
+    seconds = getter([timeout, _ZERO]) if isinstance(timeout, _Field) else None
+
+    def build(v: tuple[object, ...], now: float) -> bytes:
+        osrc, odst, osport, odport, rsrc, rdst, rsport, rdport = probe(v)
+        deadline = math.inf if seconds is None else now + seconds(v)[0]
+        if rsrc == odst and rdst == osrc and rsport == odport and rdport == osport:
+            return pack_inverse(deadline, _NEG_INF, *inverse(v))
+        return pack_explicit(deadline, _NEG_INF, *explicit(v))
+
+    return build
 
 
 def _learn_layout(buf: bytes, start: int, end: int) -> _Layout:
@@ -510,24 +585,29 @@ def _learn_layout(buf: bytes, start: int, end: int) -> _Layout:
     return layout
 
 
+def _layout_of(buf: bytes, start: int, end: int) -> _Layout:
+    """The layout of the message at ``buf[start:end]`` (learnt if new)."""
+    candidates = _LAYOUTS.get(end - start)
+    if candidates is not None:
+        value = int.from_bytes(buf[start:end], "little")
+        for cand in candidates:
+            if value & cand.mask == cand.expected:
+                return cand
+    return _learn_layout(buf, start, end)
+
+
 def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
     """Decode one conntrack message's nfgenmsg + attributes into an :class:`Entry`.
 
     ``full``: the message describes the whole entry (a dump reply or a NEW event),
     so an absent CTA_MARK means mark 0 rather than "unchanged".
     """
-    candidates = _LAYOUTS.get(end - start)
-    layout = None
-    if candidates is not None:
-        value = int.from_bytes(buf[start:end], "little")
-        for cand in candidates:
-            if value & cand.mask == cand.expected:
-                layout = cand
-                break
-    if layout is None:
-        layout = _learn_layout(buf, start, end)
+    return _entry_of(_layout_of(buf, start, end), buf, start, full)
+
+
+def _entry_of(layout: _Layout, buf: bytes, start: int, full: bool) -> Entry:
     (_mask, _expected, data, consts, orig, reply, master, tcp, sctp, full_scalars,
-     partial_scalars, family, helper) = layout
+     partial_scalars, family, helper, _record) = layout
     v = data(buf, start) + consts
     zone, status, timeout, mark, labels, conn_id = (
         full_scalars(v) if full else partial_scalars(v))
@@ -574,6 +654,49 @@ def decode_events(buf: bytes | bytearray | memoryview) -> list[CtEvent]:
             elif mtype == CT_DELETE:
                 events.append(_new(CtEvent, (
                     _DESTROY, _decode_entry(data, off + NLMSG_HDRLEN, end, False), pid)))
+            off += (length + 3) & ~3
+    except (struct.error, IndexError) as exc:  # defensive: every length is checked above
+        raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None
+    return events
+
+
+def decode_events_records(buf: bytes | bytearray | memoryview, now: float
+                          ) -> list[CtEvent | NewRecord]:
+    """:func:`decode_events`, with each NEW event of a non-ICMP protocol (what a burst
+    of new connections consists of) decoded straight into a
+    :class:`~replicator.model.NewRecord`: the record :func:`replicator.record.pack`
+    makes of the entry :func:`decode_events` would return, with its deadline ``now`` +
+    its timeout, without building the entry."""
+    data = _as_bytes(buf)
+    events: list[CtEvent | NewRecord] = []
+    off = 0
+    size = len(data)
+    unpack_hdr = NLMSG_HDR.unpack_from
+    try:
+        while off < size:
+            if size - off < NLMSG_HDRLEN:
+                raise _bad("truncated netlink header", off)
+            length, mtype, flags, _seq, pid = unpack_hdr(data, off)
+            end = off + length
+            if length < NLMSG_HDRLEN or end > size:
+                raise _bad("netlink message length", off)
+            start = off + NLMSG_HDRLEN
+            if mtype == CT_NEW:
+                if flags & NLM_F_CREATE:
+                    layout = _layout_of(data, start, end)
+                    build = layout.record
+                    if build is not None:
+                        events.append(_new(NewRecord, (
+                            build(layout.data(data, start) + layout.consts, now), pid)))
+                    else:
+                        events.append(_new(CtEvent, (
+                            _NEW, _entry_of(layout, data, start, True), pid)))
+                else:
+                    events.append(_new(CtEvent, (
+                        _UPDATE, _decode_entry(data, start, end, False), pid)))
+            elif mtype == CT_DELETE:
+                events.append(_new(CtEvent, (
+                    _DESTROY, _decode_entry(data, start, end, False), pid)))
             off += (length + 3) & ~3
     except (struct.error, IndexError) as exc:  # defensive: every length is checked above
         raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None

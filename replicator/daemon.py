@@ -424,7 +424,7 @@ class Daemon:
         now = self.now()
         session = self.session
         for key, record, entry in changes:
-            if record is None or entry is None:
+            if record is None:
                 session.local_delete(key, now)
             else:
                 session.local_record(key, record, entry, now)

@@ -27,6 +27,7 @@ import ipaddress
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from . import record as R
 from .model import AF_INET, AF_INET6, IPPROTO_TCP, Entry, TcpState
 
 _U32 = 0xFFFF_FFFF
@@ -78,6 +79,30 @@ class EntryFilter:
         if self.zones is not None and entry.zone not in self.zones:
             return False
         return not self.mark_mask or ((entry.mark or 0) & self.mark_mask) == self.mark_value
+
+    def accepts_record(self, record: bytes) -> bool:
+        """``self(entry)`` for the entry in ``record`` (:mod:`replicator.record`),
+        without unpacking it."""
+        family, proto, src, rsrc, zone, mark, tcp_state = R.filter_view(record)
+        if proto in self.ignore_protocols:
+            return False
+        nets = self._nets.get(family)
+        if nets:
+            s = int.from_bytes(src, "big")
+            r = int.from_bytes(rsrc, "big")
+            for net, mask in nets:
+                if s & mask == net or r & mask == net:
+                    return False
+        if (
+            self.tcp_states is not None
+            and proto == IPPROTO_TCP
+            and tcp_state is not None
+            and tcp_state not in self.tcp_states
+        ):
+            return False
+        if self.zones is not None and zone not in self.zones:
+            return False
+        return not self.mark_mask or ((mark or 0) & self.mark_mask) == self.mark_value
 
     @property
     def accepts_everything(self) -> bool:

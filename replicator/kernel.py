@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
-from .model import CtEvent, Entry
+from .model import CtEvent, Entry, NewRecord
 
 
 class EntryError(NamedTuple):
@@ -36,9 +36,12 @@ class Overrun(NamedTuple):
     enobufs: int
 
 
+#: One event of a subscription: NEW events may come as records (see
+#: :attr:`Subscription.records`).
+AnyEvent = CtEvent | NewRecord
 #: What an event subscription yields: a batch of events drained from the socket in one
 #: wake-up, or an :class:`Overrun` marker.
-EventBatch = list[CtEvent] | Overrun
+EventBatch = list[AnyEvent] | Overrun
 
 
 class Subscription(Protocol):
@@ -50,6 +53,10 @@ class Subscription(Protocol):
     ignore_portid: int
     #: How many events were dropped because of :attr:`ignore_portid`.
     ignored: int
+    #: Deliver NEW events as :class:`~replicator.model.NewRecord` where the entry's
+    #: record can be packed without building the entry (the mirror stores records:
+    #: a burst of new connections then costs one unpack and one pack per entry).
+    records: bool
 
     def mute_changes(self, muted: bool) -> None:
         """Stop (``True``) or resume receiving NEW and UPDATE events (DESTROY events

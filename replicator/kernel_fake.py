@@ -30,9 +30,10 @@ from typing import Any
 
 import trio
 
+from . import record as R
 from .external import commit_entry
-from .kernel import EntryError, EventBatch, InjectResult, Overrun
-from .model import CtEvent, Entry, EntryKey, EventKind, Status
+from .kernel import AnyEvent, EntryError, EventBatch, InjectResult, Overrun
+from .model import ICMP_PROTOCOLS, CtEvent, Entry, EntryKey, EventKind, NewRecord, Status
 
 #: Status bits an upsert can add (everything else is the kernel's business).
 SETTABLE_STATUS = Status.SEEN_REPLY | Status.ASSURED | Status.FIXED_TIMEOUT | Status.HELPER
@@ -50,6 +51,7 @@ class FakeSubscription:
         self._wakeup = trio.Event()
         self.ignore_portid = 0
         self.ignored = 0
+        self.records = False
         self._muted = False
 
     def mute_changes(self, muted: bool) -> None:
@@ -86,7 +88,19 @@ class FakeSubscription:
                 await trio.lowlevel.checkpoint()
                 return Overrun(1)
             if self._queue:
-                batch, self._queue = self._queue, []
+                batch: list[AnyEvent] = []
+                batch += self._queue
+                self._queue = []
+                if self.records:
+                    # As the Linux subscription delivers them (see Subscription.records).
+                    now = trio.current_time()
+                    batch = [
+                        NewRecord(R.pack(e.entry, R.deadline_of(e.entry.timeout, now)),
+                                  e.portid)
+                        if type(e) is CtEvent and e.kind is EventKind.NEW
+                        and e.entry.orig.proto not in ICMP_PROTOCOLS else e
+                        for e in batch
+                    ]  # fmt: skip
                 await trio.lowlevel.checkpoint()
                 return batch
             self._wakeup = trio.Event()

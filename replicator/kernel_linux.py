@@ -40,7 +40,8 @@ from __future__ import annotations
 import errno
 import gc
 import socket
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from types import TracebackType
 
 import trio
@@ -50,8 +51,8 @@ from .bulkwrite import commit_encoder
 from .errors import KernelError, NetlinkDecodeError
 from .external import commit_entry
 from .gcpause import COLLECTOR_PAUSE
-from .kernel import EventBatch, InjectResult, Overrun
-from .model import CtEvent, Entry
+from .kernel import AnyEvent, EventBatch, InjectResult, Overrun
+from .model import Entry
 from .netlink import NETLINK_NETFILTER, NLMSG_HDR, NLMSG_HDRLEN
 from .netns import entered
 
@@ -118,6 +119,7 @@ class EventSubscription:
         self._overrun = False
         self.ignore_portid = 0
         self.ignored = 0
+        self.records = False
 
     def mute_changes(self, muted: bool) -> None:
         """Leave (``True``) or rejoin the NEW and UPDATE groups (see
@@ -163,8 +165,11 @@ class EventSubscription:
         if self._overrun:
             self._overrun = False
             return Overrun(1)
-        events: list[CtEvent] = []
-        decode = ctnetlink.decode_events
+        events: list[AnyEvent] = []
+        decode: Callable[[memoryview], Sequence[AnyEvent]] = ctnetlink.decode_events
+        if self.records:
+            # Deadlines count from when the events are read.
+            decode = partial(ctnetlink.decode_events_records, now=trio.current_time())
         view, buf = self._view, self._buf
         ignore = self.ignore_portid
         reads = 0

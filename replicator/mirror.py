@@ -36,8 +36,7 @@ from dataclasses import dataclass
 import trio
 
 from .cache import Change, InternalCache
-from .kernel import KernelPort, Overrun, Subscription
-from .model import CtEvent
+from .kernel import AnyEvent, KernelPort, Overrun, Subscription
 
 #: After an overrun, the resync waits until this long passed without another one...
 RESYNC_QUIET = 0.2
@@ -144,6 +143,8 @@ class Mirror:
         reconciled: from then on :attr:`cache` is a full copy of the table.
         """
         subscription = self._kernel.subscribe()
+        # The cache stores records: NEW events (most of a burst) need no Entry.
+        subscription.records = True
         self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
@@ -177,7 +178,7 @@ class Mirror:
         # The subscription ended: the port is closed, stop the resync too.
         nursery.cancel_scope.cancel()
 
-    def _apply(self, batch: list[CtEvent]) -> None:
+    def _apply(self, batch: list[AnyEvent]) -> None:
         own = self._kernel.injector_portid
         apply = self.cache.apply
         now = trio.current_time()

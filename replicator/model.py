@@ -191,6 +191,16 @@ class CtEvent(NamedTuple):
     portid: int = 0
 
 
+class NewRecord(NamedTuple):
+    """A NEW event decoded straight into a record of :mod:`replicator.record` (a
+    subscription's :attr:`~replicator.kernel.Subscription.records` mode): no
+    :class:`Entry` is built. The record's deadline is the time the event was read plus
+    its timeout; it was never told to a peer; its timeout and id are the event's."""
+
+    record: bytes
+    portid: int = 0
+
+
 def entry_key(entry: Entry) -> EntryKey:
     """Function form of :attr:`Entry.key` (handy for ``sorted``/``map``)."""
     return (entry.family, entry.zone, entry.orig)

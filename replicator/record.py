@@ -215,6 +215,23 @@ def pack(entry: Entry, deadline: float, told: float = -_INF, key: bytes | None =
 #: 2 * 128 * 256 * 2 of them.
 _LAYOUTS: dict[tuple[int, int, int, bool], struct.Struct] = {}
 
+#: Body flags and header flags (see the module doc), for decoders that pack records
+#: themselves (:func:`replicator.ctnetlink.decode_events_records`).
+F_MARK, F_LABELS, F_TCP, F_SCTP, F_HELPER, F_MASTER, F_REPLY = (
+    _MARK, _LABELS, _TCP, _SCTP, _HELPER, _MASTER, _REPLY)
+H_TIMEOUT, H_ID = _HAS_TIMEOUT, _HAS_ID
+
+
+def record_struct(family: int, flags: int, hlen: int) -> struct.Struct:
+    """The struct of a whole record of ``family``, body ``flags`` and helper name
+    length: the header's five fields, then every field of the body in order (the key's
+    as fields, the helper as its length and its bytes)."""
+    layout = (family, flags, hlen, True)
+    st = _LAYOUTS.get(layout)
+    if st is None:
+        st = _LAYOUTS[layout] = _layout(family, flags, hlen, True)
+    return st
+
 
 def _layout(family: int, flags: int, hlen: int, key_fields: bool) -> struct.Struct:
     """The struct of a whole record of this family, body flags and helper length, with
@@ -519,6 +536,41 @@ def fields(record: bytes) -> Fields:
     if flags & _MASTER:
         master = _TUPLE[family].unpack_from(record, pos)
     return (family, orig, reply, v[6], v[16], mark, labels, tcp, sctp, helper, master)
+
+
+@functools.cache
+def _filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, int | None]:
+    """Address length, then where the protocol, the original and reply sources, the
+    mark and the TCP state are in a record of ``shape`` (:func:`usual_shape`)."""
+    family, flags = shape >> 8, shape & 0xFF
+    alen, tsize, h = _ALEN[family], _TUPLE[family].size, HEADER_SIZE
+    pos = h + 3 + tsize + _FLAGS_STATUS.size
+    if flags & _REPLY:
+        rsrc = h + 3 + alen  # the reply's source is the original's destination
+    else:
+        rsrc, pos = pos, pos + tsize
+    mark = None
+    if flags & _MARK:
+        mark, pos = pos, pos + 4
+    if flags & _LABELS:
+        pos += LABELS_SIZE
+    return alen, h + 3 + 2 * alen, h + 3, rsrc, mark, pos if flags & _TCP else None
+
+
+def filter_view(record: bytes) -> tuple[int, int, bytes, bytes, int, int | None, int | None]:
+    """What a replication filter looks at (:mod:`replicator.filters`), read from the
+    record without unpacking it: family, protocol, original source, reply source, zone,
+    mark (None: none) and TCP state (None: no TCP info)."""
+    h = HEADER_SIZE
+    family = record[h]
+    alen, proto, src, rsrc, mark, tcp = _filter_offsets(
+        family << 8 | record[FLAGS_AT[family]])
+    return (
+        family, record[proto], record[src : src + alen], record[rsrc : rsrc + alen],
+        record[h + 1] << 8 | record[h + 2],
+        None if mark is None else _U32.unpack_from(record, mark)[0],
+        None if tcp is None else record[tcp],
+    )  # fmt: skip
 
 
 def key_of(record: bytes) -> bytes:

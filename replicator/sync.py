@@ -660,13 +660,30 @@ class SyncSession:
             self._snapshot.touched.add(key)
         self._local(key, None, entry, now)
 
-    def local_record(self, key: bytes, record: bytes, entry: Entry, now: float) -> None:
+    def local_record(self, key: bytes, record: bytes, entry: Entry | None, now: float
+                     ) -> None:
         """:meth:`local_update` with the packed forms at hand: ``record`` (whose
         deadline is the observation time plus the observed timeout) is stored as is,
-        so a cache holding it shares the object (see ``restamped``)."""
+        so a cache holding it shares the object (see ``restamped``). ``entry``: the
+        same as an :class:`Entry` if the caller has it (the filter then reads it),
+        else ``None`` (the filter reads the record)."""
         if self._snapshot is not None:
             self._snapshot.touched.add(key)
+        if entry is None and self._accept is not None and not self._accepts_record(record):
+            self.local_delete(key, now)
+            return
         self._local(key, record, entry, now)
+
+    def _accepts_record(self, record: bytes) -> bool:
+        """The filter's verdict on ``record``: read from the record itself where the
+        filter can (:meth:`~replicator.filters.EntryFilter.accepts_record`)."""
+        accept = self._accept
+        if accept is None:
+            return True
+        by_record = getattr(accept, "accepts_record", None)
+        if by_record is not None:
+            return bool(by_record(record))
+        return accept(R.unpack(record))
 
     def _local(self, key: bytes, record: bytes | None, entry: Entry | None, now: float
                ) -> None:

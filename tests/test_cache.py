@@ -17,6 +17,7 @@ from replicator.model import (
     Entry,
     EntryKey,
     EventKind,
+    NewRecord,
     TcpInfo,
     invert,
 )
@@ -219,3 +220,24 @@ def test_reconcile_in_steps_equals_one_go(
     assert stepped.snapshot() == one.snapshot()
     assert [view(c) for s in steps for c in s] == [view(c) for c in changes]
     assert len(steps) == len(dump) // step + 1
+
+
+def test_a_new_event_as_a_record_is_cached_as_the_entry_would_be() -> None:
+    # NEW events come as records from the mirror's subscription (NewRecord); the cache
+    # must end up as it would from the entries, also for a NEW over a known key (a
+    # DESTROY was lost), which merges as a NEW event does.
+    labelled = entry(2, labels=b"\x01" * 16, timeout=100)
+    events = [new(entry(1)), new(labelled), update(entry(2, mark=None, status=14)),
+              new(entry(2, timeout=50)), new(entry(3, id=7), portid=9)]
+    by_entry, by_record = InternalCache(), InternalCache()
+    for e in events:
+        want = by_entry.apply(e, 10.0)
+        ev: CtEvent | NewRecord = e
+        if e.kind is EventKind.NEW:
+            ev = NewRecord(record.pack(e.entry, record.deadline_of(e.entry.timeout, 10.0)),
+                           e.portid)
+        got = by_record.apply(ev, 10.0)
+        assert got.key == want.key and got.record == want.record
+        assert got.entry in (None, want.entry)
+    assert by_record.snapshot() == by_entry.snapshot()
+    assert dict(by_record.items()) == dict(by_entry.items())

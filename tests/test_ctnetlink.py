@@ -26,6 +26,7 @@ from pyroute2.netlink.nfnetlink import nfctsocket as pr
 from bench.decode import pyroute2_dump, pyroute2_entry, pyroute2_events, pyroute2_tuple
 from integration.netns.capture import DUMP, EVENT, load
 from replicator import ctnetlink as ct
+from replicator import record as R
 from replicator.errors import DecodeError, KernelError, NetlinkDecodeError
 from replicator.model import (
     AF_INET,
@@ -42,6 +43,7 @@ from replicator.model import (
     CtTuple,
     Entry,
     EventKind,
+    NewRecord,
     SctpInfo,
     Status,
     TcpFlag,
@@ -631,6 +633,88 @@ def test_warm_and_cold_decoding_agree_on_mutated_messages(
         ct._LAYOUTS.clear()
         decode(message)  # the original's layout is cached
         assert _outcome(decode, mutated) == _cold(decode, mutated)
+
+
+# --- NEW events straight to records ---------------------------------------------------
+# decode_events_records must give exactly decode_events' events, each NEW event of a
+# non-ICMP protocol replaced by the record record.pack makes of its entry.
+
+
+def _as_records(events: list[Any], now: float) -> list[Any]:
+    return [
+        NewRecord(R.pack(e.entry, R.deadline_of(e.entry.timeout, now)), e.portid)
+        if e.kind is EventKind.NEW and e.entry.orig.proto not in ICMP_PROTOCOLS else e
+        for e in events
+    ]  # fmt: skip
+
+
+def _records_outcome(buf: bytes, now: float) -> tuple[Any, Any]:
+    return (_outcome(lambda b: ct.decode_events_records(b, now), buf),
+            _outcome(lambda b: _as_records(ct.decode_events(b), now), buf))
+
+
+NOW = st.floats(0, 1e9)
+
+
+@given(kernel_entries(), st.sampled_from(list(EventKind)), u32, NOW)
+def test_new_events_decode_straight_to_the_records_of_their_entries(
+    e: Entry, kind: EventKind, pid: int, now: float,
+) -> None:
+    mtype = ct.CT_DELETE if kind == EventKind.DESTROY else ct.CT_NEW
+    flags = NLM_F_CREATE | NLM_F_EXCL if kind == EventKind.NEW else 0
+    datagram = pyroute2_build(e, mtype, flags, pid)
+    for _ in range(2):  # the layout learnt, then cached
+        got, want = _records_outcome(datagram, now)
+        assert got == want
+    if kind == EventKind.NEW and e.orig.proto not in ICMP_PROTOCOLS:
+        (event,) = got
+        assert type(event) is NewRecord and event.portid == pid
+        assert R.unpack(event.record) == e._replace(mark=0) if e.mark is None else e
+
+
+def test_captured_new_events_decode_to_records() -> None:
+    ct._LAYOUTS.clear()
+    news = 0
+    for message in CT_MESSAGES:
+        got, want = _records_outcome(message, 1234.5)
+        assert got == want
+        news += sum(type(e) is NewRecord for e in got)
+    assert news  # the fixture has NEW events of port protocols
+
+
+@given(st.sampled_from(CT_MESSAGES), st.data(), NOW)
+def test_cached_layout_builds_records_of_other_values_like_a_fresh_walk(
+    message: bytes, data: st.DataObject, now: float,
+) -> None:
+    ct._LAYOUTS.clear()
+    ct.decode_events_records(message, now)
+    key = len(message) - NLMSG_HDRLEN
+    (layout,) = ct._LAYOUTS[key]
+    free = [i for i in range(key) if not layout.mask >> (8 * i) & 0xFF]
+    buf = bytearray(message)
+    for i, value in zip(free, data.draw(st.binary(min_size=len(free), max_size=len(free))),
+                        strict=True):
+        buf[NLMSG_HDRLEN + i] = value
+    changed = bytes(buf)
+    warm = _outcome(lambda b: ct.decode_events_records(b, now), changed)
+    assert list(ct._LAYOUTS.items()) == [(key, [layout])]
+    ct._LAYOUTS.clear()
+    assert warm == _outcome(lambda b: _as_records(ct.decode_events(b), now), changed)
+
+
+@given(st.sampled_from(CT_MESSAGES), st.lists(st.tuples(st.integers(0, 1 << 16), u8),
+                                              min_size=1, max_size=4))
+def test_records_of_mutated_messages_are_those_of_their_entries(
+    message: bytes, flips: list[tuple[int, int]],
+) -> None:
+    buf = bytearray(message)
+    for pos, value in flips:
+        buf[pos % len(buf)] = value
+    mutated = bytes(buf)
+    ct._LAYOUTS.clear()
+    ct.decode_events_records(message, 7.0)  # the original's layout is cached
+    got, want = _records_outcome(mutated, 7.0)
+    assert got == want
 
 
 def test_layouts_of_one_length_are_told_apart_and_the_cache_is_bounded() -> None:

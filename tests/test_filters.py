@@ -5,9 +5,13 @@ from __future__ import annotations
 import ipaddress
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from synclink import make_entry
+from test_wire import entries
 
-from replicator.filters import build_filter
+from replicator import record as R
+from replicator.filters import EntryFilter, build_filter
 from replicator.model import (
     AF_INET6,
     IPPROTO_TCP,
@@ -101,3 +105,24 @@ def test_networks_can_be_given_as_objects() -> None:
 def test_bad_parameters_name_themselves(kwargs: dict[str, object], message: str) -> None:
     with pytest.raises(ValueError, match=message):
         build_filter(**kwargs)  # type: ignore[arg-type]
+
+
+@st.composite
+def filters(draw: st.DrawFn) -> EntryFilter:
+    return build_filter(
+        ignore_protocols=draw(st.lists(st.sampled_from([IPPROTO_TCP, IPPROTO_UDP, 1, 47]),
+                                       max_size=2)),
+        ignore_prefixes=draw(st.lists(st.sampled_from(
+            ["10.0.0.0/8", "192.0.2.1", "0.0.0.0/1", "2001:db8::/32", "::/1"]), max_size=3)),
+        tcp_states=draw(st.none() | st.lists(st.sampled_from(list(TcpState)), max_size=3)),
+        zones=draw(st.none() | st.lists(st.integers(0, 3), max_size=2)),
+        mark=draw(st.none() | st.integers(0, 3).flatmap(
+            lambda mask: st.tuples(st.integers(0, 3).map(lambda v: v & mask), st.just(mask)))),
+    )
+
+
+@settings(max_examples=300)
+@given(filters(), entries(), st.floats(0, 1e6))
+def test_a_filter_reads_a_record_as_it_reads_its_entry(f: EntryFilter, e: Entry,
+                                                       now: float) -> None:
+    assert f.accepts_record(R.pack(e, now)) == f(e)

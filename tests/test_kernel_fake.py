@@ -8,7 +8,8 @@ from typing import Any
 import trio
 import trio.testing
 
-from replicator.kernel import EntryError, InjectResult, KernelPort, Overrun
+from replicator import record as R
+from replicator.kernel import EntryError, EventBatch, InjectResult, KernelPort, Overrun
 from replicator.kernel_fake import FakeKernel
 from replicator.model import (
     AF_INET,
@@ -17,6 +18,7 @@ from replicator.model import (
     CtTuple,
     Entry,
     EventKind,
+    NewRecord,
     Status,
     TcpInfo,
     invert,
@@ -30,6 +32,14 @@ PORTID = 777
 def entry(port: int, **fields: Any) -> Entry:
     orig = CtTuple(A, B, IPPROTO_TCP, port, 80)
     return Entry(AF_INET, orig, invert(orig), timeout=300, tcp=TcpInfo(3))._replace(**fields)
+
+
+def ct_events(batch: EventBatch) -> list[CtEvent]:
+    """A batch of a subscription not in records mode: events only."""
+    assert not isinstance(batch, Overrun)
+    events = [e for e in batch if isinstance(e, CtEvent)]
+    assert len(events) == len(batch)
+    return events
 
 
 def test_is_a_kernel_port() -> None:
@@ -46,8 +56,7 @@ async def test_packet_changes_produce_partial_events() -> None:
     kernel.modify(stored.key, tcp=TcpInfo(4), timeout=100)
     kernel.modify(stored.key, mark=5)
     kernel.remove(stored.key)
-    batch = await sub.__anext__()
-    assert not isinstance(batch, Overrun)
+    batch = ct_events(await sub.__anext__())
     assert [e.kind for e in batch] == [EventKind.NEW, EventKind.UPDATE, EventKind.UPDATE,
                                        EventKind.DESTROY]
     assert batch[0] == CtEvent(EventKind.NEW, stored, 0)
@@ -73,8 +82,7 @@ async def test_injections_carry_the_injector_portid() -> None:
     assert kernel.table[entry(1).key].status == (
         Status.ASSURED | Status.SEEN_REPLY | Status.CONFIRMED)
     assert await kernel.delete([entry(1), entry(2)]) == InjectResult(2, [])
-    batch = await sub.__anext__()
-    assert not isinstance(batch, Overrun)
+    batch = ct_events(await sub.__anext__())
     assert [(e.kind, e.portid) for e in batch] == [
         (EventKind.NEW, PORTID), (EventKind.UPDATE, PORTID), (EventKind.DESTROY, PORTID)]
 
@@ -91,8 +99,7 @@ async def test_full_buffer_loses_events_and_reports_one_overrun() -> None:
     for port in range(5):
         kernel.add(entry(port))
     assert await sub.__anext__() == Overrun(1)
-    batch = await sub.__anext__()
-    assert not isinstance(batch, Overrun)
+    batch = ct_events(await sub.__anext__())
     assert [e.entry.orig.sport for e in batch] == [0, 1]
 
 
@@ -103,8 +110,7 @@ async def test_forced_overrun_drops_queued_events() -> None:
     kernel.overrun()
     kernel.add(entry(2))
     assert await sub.__anext__() == Overrun(1)
-    batch = await sub.__anext__()
-    assert not isinstance(batch, Overrun)
+    batch = ct_events(await sub.__anext__())
     assert [e.entry.orig.sport for e in batch] == [2]
 
 
@@ -139,3 +145,19 @@ async def test_dump_hook_runs_after_the_snapshot() -> None:
     kernel.during_dump = change
     assert await kernel.dump() == [kernel.table[entry(1).key]]
     assert len(kernel.table) == 2 and kernel.dumps == 1
+
+
+async def test_records_mode_delivers_new_events_as_records() -> None:
+    kernel = FakeKernel()
+    sub = kernel.subscribe()
+    sub.records = True
+    before = trio.current_time()
+    stored = kernel.add(entry(1))
+    kernel.modify(stored.key, mark=5)
+    batch = await sub.__anext__()
+    assert not isinstance(batch, Overrun)
+    first, second = batch
+    assert isinstance(first, NewRecord) and R.unpack(first.record) == stored
+    # The deadline counts from when the batch was read.
+    assert before + 300 <= R.deadline(first.record) <= trio.current_time() + 300
+    assert isinstance(second, CtEvent) and second.kind is EventKind.UPDATE

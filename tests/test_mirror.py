@@ -33,11 +33,13 @@ class Consumer:
         self.batches += 1
         for key, rec, value in changes:
             k = record.unpack_key(key)
-            if value is None:
+            if rec is None:
+                assert value is None
                 self.table.pop(k, None)
             else:
-                assert rec is not None and record.unpack(rec) == value
-                self.table[k] = value
+                # A NEW event may come as a record alone (NewRecord).
+                assert value is None or record.unpack(rec) == value
+                self.table[k] = record.unpack(rec)
 
 
 async def settle(mirror: Mirror) -> None:
