@@ -82,27 +82,32 @@ class EntryFilter:
 
     def accepts_record(self, record: bytes) -> bool:
         """``self(entry)`` for the entry in ``record`` (:mod:`replicator.record`),
-        without unpacking it."""
-        family, proto, src, rsrc, zone, mark, tcp_state = R.filter_view(record)
+        read from the record without unpacking it."""
+        alen, proto_at, src_at, rsrc_at, mark_at, tcp_at = R.filter_offsets(record)
+        proto = record[proto_at]
         if proto in self.ignore_protocols:
             return False
-        nets = self._nets.get(family)
+        nets = self._nets.get(record[R.HEADER_SIZE])
         if nets:
-            s = int.from_bytes(src, "big")
-            r = int.from_bytes(rsrc, "big")
+            src = int.from_bytes(record[src_at : src_at + alen], "big")
+            rsrc = int.from_bytes(record[rsrc_at : rsrc_at + alen], "big")
             for net, mask in nets:
-                if s & mask == net or r & mask == net:
+                if src & mask == net or rsrc & mask == net:
                     return False
         if (
             self.tcp_states is not None
             and proto == IPPROTO_TCP
-            and tcp_state is not None
-            and tcp_state not in self.tcp_states
+            and tcp_at is not None
+            and record[tcp_at] not in self.tcp_states
         ):
             return False
-        if self.zones is not None and zone not in self.zones:
+        z = R.ZONE_AT
+        if self.zones is not None and (record[z] << 8 | record[z + 1]) not in self.zones:
             return False
-        return not self.mark_mask or ((mark or 0) & self.mark_mask) == self.mark_value
+        if not self.mark_mask:
+            return True
+        mark = 0 if mark_at is None else int.from_bytes(record[mark_at : mark_at + 4], "big")
+        return (mark & self.mark_mask) == self.mark_value
 
     @property
     def accepts_everything(self) -> bool:

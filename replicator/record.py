@@ -540,8 +540,6 @@ def fields(record: bytes) -> Fields:
 
 @functools.cache
 def _filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, int | None]:
-    """Address length, then where the protocol, the original and reply sources, the
-    mark and the TCP state are in a record of ``shape`` (:func:`usual_shape`)."""
     family, flags = shape >> 8, shape & 0xFF
     alen, tsize, h = _ALEN[family], _TUPLE[family].size, HEADER_SIZE
     pos = h + 3 + tsize + _FLAGS_STATUS.size
@@ -557,20 +555,18 @@ def _filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, int | N
     return alen, h + 3 + 2 * alen, h + 3, rsrc, mark, pos if flags & _TCP else None
 
 
-def filter_view(record: bytes) -> tuple[int, int, bytes, bytes, int, int | None, int | None]:
-    """What a replication filter looks at (:mod:`replicator.filters`), read from the
-    record without unpacking it: family, protocol, original source, reply source, zone,
-    mark (None: none) and TCP state (None: no TCP info)."""
-    h = HEADER_SIZE
-    family = record[h]
-    alen, proto, src, rsrc, mark, tcp = _filter_offsets(
-        family << 8 | record[FLAGS_AT[family]])
-    return (
-        family, record[proto], record[src : src + alen], record[rsrc : rsrc + alen],
-        record[h + 1] << 8 | record[h + 2],
-        None if mark is None else _U32.unpack_from(record, mark)[0],
-        None if tcp is None else record[tcp],
-    )  # fmt: skip
+#: Where a record's zone is (two bytes, big endian).
+ZONE_AT = HEADER_SIZE + 1
+
+
+def filter_offsets(record: bytes) -> tuple[int, int, int, int, int | None, int | None]:
+    """Where what a replication filter reads (:mod:`replicator.filters`) is in
+    ``record``, so that it needs no unpacking: the address length, then the offsets
+    of the protocol (one byte), the original source, the reply source, the mark (four
+    bytes big endian, None: no mark) and the TCP state (one byte, None: no TCP info).
+    The zone is at :data:`ZONE_AT`, the family at :data:`HEADER_SIZE`."""
+    family = record[HEADER_SIZE]
+    return _filter_offsets(family << 8 | record[FLAGS_AT[family]])
 
 
 def key_of(record: bytes) -> bytes:

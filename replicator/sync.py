@@ -513,6 +513,18 @@ class _Violation(Exception):
     pass
 
 
+def _record_filter(accept: Callable[[Entry], bool] | None
+                   ) -> Callable[[bytes], bool] | None:
+    """``accept`` applied to records: read from the record itself where the filter can
+    (:meth:`~replicator.filters.EntryFilter.accepts_record`), else from its entry."""
+    if accept is None:
+        return None
+    by_record: Callable[[bytes], bool] | None = getattr(accept, "accepts_record", None)
+    if by_record is not None:
+        return by_record
+    return lambda record: accept(R.unpack(record))
+
+
 class SyncSession:
     """The sync protocol with one peer (see the module docstring)."""
 
@@ -532,6 +544,7 @@ class SyncSession:
         self.epoch = epoch
         self.params = params if params is not None else SyncParams()
         self._accept = accept
+        self._accept_record = _record_filter(accept)
         self._restamped = restamped
         self._snapshot: _LocalSnapshot | None = None
         self._buckets = self.params.buckets
@@ -669,21 +682,11 @@ class SyncSession:
         else ``None`` (the filter reads the record)."""
         if self._snapshot is not None:
             self._snapshot.touched.add(key)
-        if entry is None and self._accept is not None and not self._accepts_record(record):
+        if entry is None and self._accept_record is not None and not self._accept_record(
+                record):
             self.local_delete(key, now)
             return
         self._local(key, record, entry, now)
-
-    def _accepts_record(self, record: bytes) -> bool:
-        """The filter's verdict on ``record``: read from the record itself where the
-        filter can (:meth:`~replicator.filters.EntryFilter.accepts_record`)."""
-        accept = self._accept
-        if accept is None:
-            return True
-        by_record = getattr(accept, "accepts_record", None)
-        if by_record is not None:
-            return bool(by_record(record))
-        return accept(R.unpack(record))
 
     def _local(self, key: bytes, record: bytes | None, entry: Entry | None, now: float
                ) -> None:
@@ -907,6 +910,7 @@ class SyncSession:
         Entries that stop matching are deleted on the peer, entries that start matching
         are sent."""
         self._accept = accept
+        self._accept_record = _record_filter(accept)
         self.local_snapshot_records(records, now, refilter=True)
 
     # --- connection -----------------------------------------------------------------
