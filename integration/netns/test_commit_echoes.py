@@ -36,7 +36,7 @@ def test_a_commit_receives_no_echoes_and_a_dump_completes_the_cache(netlab: Lab)
     published: set[bytes] = set()
 
     def consume(changes: list[Change]) -> None:
-        published.update(key for key, _record, entry in changes if entry is not None)
+        published.update(key for key, rec, _entry in changes if rec is not None)
 
     async def main() -> None:
         with entered(ns.name):
