@@ -32,7 +32,18 @@ from replicator.framing import (
     check_preamble,
     encode_frame,
 )
-from replicator.model import AF_INET, IPPROTO_TCP, CtTuple, Entry, EventKind, TcpInfo, invert
+from replicator.model import (
+    AF_INET,
+    ICMP_PROTOCOLS,
+    IPPROTO_TCP,
+    CtEvent,
+    CtTuple,
+    Entry,
+    EventKind,
+    NewRecord,
+    TcpInfo,
+    invert,
+)
 from replicator.notifyfifo import LineBuffer, decode_line
 from replicator.role import MAX_NOTIFY_LINE, RoleMachine, format_notify, parse_notify
 from replicator.sync import ConnectionTerminated, SyncParams, SyncSession
@@ -211,12 +222,27 @@ def ctnetlink_datagram(data: bytes) -> None:
     generic netlink walkers; full entries go on to the wire encoder and the peer's
     decoder, the kernel encoders, digests and text format."""
     try:
-        events = ct.decode_events(data)
+        events, decoded = ct.decode_events(data), True
     except NetlinkDecodeError:
-        events = []
+        events, decoded = [], False
     for event in events:
         if event.kind is EventKind.NEW:
             kernel_entry(event.entry)
+    # The records path (the mirror's) decodes the same, NEW events packed in place.
+    try:
+        records: list[CtEvent | NewRecord] | None = ct.decode_events_records(data, 100.0)
+    except NetlinkDecodeError:
+        records = None
+    _check((records is not None) == decoded,
+           "decode_events_records and decode_events disagree on failing")
+    if records is not None:
+        expected = [
+            NewRecord(record.pack(e.entry, record.deadline_of(e.entry.timeout, 100.0)),
+                      e.portid)
+            if e.kind is EventKind.NEW and e.entry.orig.proto not in ICMP_PROTOCOLS else e
+            for e in events
+        ]  # fmt: skip
+        _check(records == expected, "a NEW event's record is not its entry's")
     try:
         entries, _done = ct.decode_dump(data)
     except (NetlinkDecodeError, KernelError):
