@@ -30,7 +30,7 @@ import math
 import operator
 import struct
 from collections.abc import Callable
-from typing import Any, Final, NamedTuple, Protocol
+from typing import Any, Final, NamedTuple, Protocol, cast
 
 from . import record as R
 from .errors import KernelError, NetlinkDecodeError
@@ -630,34 +630,8 @@ def decode_events(buf: bytes | bytearray | memoryview) -> list[CtEvent]:
     and DESTROY entries are partial (absent fields are ``None``, see
     :mod:`replicator.model`). Other messages (``NLMSG_DONE``, expectations) are skipped.
     """
-    data = _as_bytes(buf)
-    events: list[CtEvent] = []
-    off = 0
-    size = len(data)
-    unpack_hdr = NLMSG_HDR.unpack_from
-    try:
-        while off < size:
-            if size - off < NLMSG_HDRLEN:
-                raise _bad("truncated netlink header", off)
-            length, mtype, flags, _seq, pid = unpack_hdr(data, off)
-            end = off + length
-            if length < NLMSG_HDRLEN or end > size:
-                raise _bad("netlink message length", off)
-            if mtype == CT_NEW:
-                if flags & NLM_F_CREATE:
-                    events.append(_new(CtEvent, (
-                        _NEW, _decode_entry(data, off + NLMSG_HDRLEN, end, True), pid)))
-                else:
-                    events.append(_new(CtEvent, (
-                        _UPDATE, _decode_entry(data, off + NLMSG_HDRLEN, end, False),
-                        pid)))
-            elif mtype == CT_DELETE:
-                events.append(_new(CtEvent, (
-                    _DESTROY, _decode_entry(data, off + NLMSG_HDRLEN, end, False), pid)))
-            off += (length + 3) & ~3
-    except (struct.error, IndexError) as exc:  # defensive: every length is checked above
-        raise NetlinkDecodeError(f"malformed ctnetlink message: {exc}") from None
-    return events
+    # Without a time, no NEW event is turned into a record.
+    return cast(list[CtEvent], _decode_events(buf, None))
 
 
 def decode_events_records(buf: bytes | bytearray | memoryview, now: float
@@ -667,6 +641,11 @@ def decode_events_records(buf: bytes | bytearray | memoryview, now: float
     :class:`~replicator.model.NewRecord`: the record :func:`replicator.record.pack`
     makes of the entry :func:`decode_events` would return, with its deadline ``now`` +
     its timeout, without building the entry."""
+    return _decode_events(buf, now)
+
+
+def _decode_events(buf: bytes | bytearray | memoryview, now: float | None
+                   ) -> list[CtEvent | NewRecord]:
     data = _as_bytes(buf)
     events: list[CtEvent | NewRecord] = []
     off = 0
@@ -684,8 +663,7 @@ def decode_events_records(buf: bytes | bytearray | memoryview, now: float
             if mtype == CT_NEW:
                 if flags & NLM_F_CREATE:
                     layout = _layout_of(data, start, end)
-                    build = layout.record
-                    if build is not None:
+                    if now is not None and (build := layout.record) is not None:
                         events.append(_new(NewRecord, (
                             build(layout.data(data, start) + layout.consts, now), pid)))
                     else:

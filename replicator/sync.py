@@ -287,9 +287,9 @@ class PeerHello(NamedTuple):
 
 
 class PeerUpserts(NamedTuple):
-    """Entries the peer created or changed, as the external cache now holds them:
-    records of :mod:`replicator.record` whose deadline is when each copy runs out on
-    this node's clock (their timeout as received counted from ``since``)."""
+    """Entries the peer created or changed (or copies held past their deadline), as
+    the external cache now holds them: records of :mod:`replicator.record` whose
+    deadline is when each copy runs out on this node's clock."""
 
     records: tuple[bytes, ...]
     #: This node's clock when the timeouts were current: the peer built the message
@@ -299,7 +299,8 @@ class PeerUpserts(NamedTuple):
 
     @property
     def entries(self) -> tuple[Entry, ...]:
-        """The records as entries (``timeout``: remaining seconds at ``since``)."""
+        """The records as entries, each with the timeout it was received with (the
+        time left is in its record's deadline)."""
         return tuple(R.unpack(r) for r in self.records)
 
 
@@ -682,8 +683,8 @@ class SyncSession:
         else ``None`` (the filter reads the record)."""
         if self._snapshot is not None:
             self._snapshot.touched.add(key)
-        if entry is None and self._accept_record is not None and not self._accept_record(
-                record):
+        accept_record = self._accept_record
+        if entry is None and accept_record is not None and not accept_record(record):
             self.local_delete(key, now)
             return
         self._local(key, record, entry, now)
