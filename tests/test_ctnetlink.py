@@ -570,11 +570,9 @@ MESSAGES = list(_all_messages())
 def test_mutated_kernel_messages_raise_only_project_errors(
     message: bytes, flips: list[tuple[int, int]], cut: int,
 ) -> None:
-    buf = bytearray(message)
-    for pos, value in flips:
-        buf[pos % len(buf)] = value
-    _decode_all(bytes(buf))
-    _decode_all(bytes(buf[: cut % (len(buf) + 1)]))
+    mutated = _mutated(message, flips)
+    _decode_all(mutated)
+    _decode_all(mutated[: cut % (len(mutated) + 1)])
 
 
 # --- the layout cache (decoding by compiled layouts) ----------------------------------
@@ -583,6 +581,14 @@ def test_mutated_kernel_messages_raise_only_project_errors(
 # values, and any other message must still be walked.
 
 CT_MESSAGES = [m for m in MESSAGES if _header(m)[1] in (ct.CT_NEW, ct.CT_DELETE)]
+
+
+def _mutated(message: bytes, flips: list[tuple[int, int]]) -> bytes:
+    """``message`` with each ``(position, value)`` of ``flips`` written (positions wrap)."""
+    buf = bytearray(message)
+    for pos, value in flips:
+        buf[pos % len(buf)] = value
+    return bytes(buf)
 
 
 def _outcome(decode: Any, buf: bytes) -> Any:
@@ -625,10 +631,7 @@ def test_cached_layout_decodes_other_values_like_a_fresh_walk(
 def test_warm_and_cold_decoding_agree_on_mutated_messages(
     message: bytes, flips: list[tuple[int, int]],
 ) -> None:
-    buf = bytearray(message)
-    for pos, value in flips:
-        buf[pos % len(buf)] = value
-    mutated = bytes(buf)
+    mutated = _mutated(message, flips)
     for decode in (ct.decode_events, ct.decode_dump):
         ct._LAYOUTS.clear()
         decode(message)  # the original's layout is cached
@@ -707,10 +710,7 @@ def test_cached_layout_builds_records_of_other_values_like_a_fresh_walk(
 def test_records_of_mutated_messages_are_those_of_their_entries(
     message: bytes, flips: list[tuple[int, int]],
 ) -> None:
-    buf = bytearray(message)
-    for pos, value in flips:
-        buf[pos % len(buf)] = value
-    mutated = bytes(buf)
+    mutated = _mutated(message, flips)
     ct._LAYOUTS.clear()
     ct.decode_events_records(message, 7.0)  # the original's layout is cached
     got, want = _records_outcome(mutated, 7.0)
