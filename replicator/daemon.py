@@ -338,6 +338,10 @@ class Daemon:
         self.last_resync: ResyncRecord | None = None
         self.started_at = 0.0
         self.protocol_violations = 0
+        #: Why the last connection to the peer was closed by this side, if it broke the
+        #: protocol (a peer of another protocol version, a corrupt message) and no
+        #: connection has been established since: ``check`` and ``status`` say it.
+        self._last_violation: str | None = None
         self._conn: FramedConnection | None = None
         self._conn_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
@@ -484,6 +488,7 @@ class Daemon:
             if self.applies_peer_to_kernel:
                 self.writer.put_deletes(event.entries)
         elif isinstance(event, PeerHello):
+            self._last_violation = None
             log.info("peer hello", extra=fields(peer=event.node_id, epoch=event.epoch,
                                                 restarted=event.restarted))
         elif isinstance(event, ResyncStarted):
@@ -509,6 +514,7 @@ class Daemon:
                      extra=fields(peer=self.session.peer_node_id))
         elif isinstance(event, ProtocolViolation):
             self.protocol_violations += 1
+            self._last_violation = event.reason
             log.warning("peer protocol violation", extra=fields(reason=event.reason))
         elif isinstance(event, ConnectionTerminated):
             log.info("peer connection closed", extra=fields(reason=event.reason,
@@ -704,6 +710,10 @@ class Daemon:
         # would keep a dead master's VIPs where they are.
         if not self._held_copy:
             if not s.established:
+                if self._last_violation is not None:
+                    # Say why, e.g. the peer speaks another protocol version (an
+                    # upgrade half done): the journal is not where an operator looks.
+                    return False, f"peer not connected: {self._last_violation}"
                 return False, "peer not connected"
             if not s.in_sync:
                 return False, "first resync from the peer not complete"

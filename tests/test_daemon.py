@@ -38,6 +38,7 @@ from replicator.model import (
     TcpInfo,
     invert,
 )
+from replicator.sync import PeerHello, ProtocolViolation
 
 WAN = bytes([198, 51, 100, 1])
 
@@ -323,6 +324,30 @@ async def test_flushing_a_hot_standbys_cache_leaves_no_stale_copy_in_its_kernel(
         await trio.sleep(0.3)
         assert b.daemon.session.local_count == 0
         assert len(a.daemon.session.external) == 0
+
+
+async def test_check_says_why_the_peer_is_not_connected(tmp_path: Path) -> None:
+    # A peer of another protocol version (an upgrade half done) is refused on every
+    # attempt: `check` and `status` say so instead of a bare "not connected".
+    now = datetime.datetime.now(datetime.UTC)
+    for name in ("fw-a", "fw-b"):
+        write_identity(generate_identity(name, now), tmp_path / f"{name}.key",
+                       tmp_path / f"{name}.crt")
+    cfg = parse_config(make_config(tmp_path, "fw-a", "fw-b", port=free_port(),
+                                   peer_port=free_port(), mode="cache",
+                                   metrics_port=free_port()))
+    daemon = Daemon(cfg, FakeKernel())
+    why = "peer speaks sync protocol version 3, this node 4"
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        assert await daemon.check() == {"ok": False, "reason": "peer not connected"}
+        daemon._on_event(ProtocolViolation(why))
+        assert await daemon.check() == {"ok": False, "reason": f"peer not connected: {why}"}
+        assert (await daemon.status())["reason"] == f"peer not connected: {why}"
+        # A connection that gets as far as the peer's HELLO forgets it.
+        daemon._on_event(PeerHello("fw-b", 1, restarted=False))
+        assert await daemon.check() == {"ok": False, "reason": "peer not connected"}
+        nursery.cancel_scope.cancel()
 
 
 async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
