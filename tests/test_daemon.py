@@ -326,16 +326,21 @@ async def test_flushing_a_hot_standbys_cache_leaves_no_stale_copy_in_its_kernel(
         assert len(a.daemon.session.external) == 0
 
 
-async def test_check_says_why_the_peer_is_not_connected(tmp_path: Path) -> None:
-    # A peer of another protocol version (an upgrade half done) is refused on every
-    # attempt: `check` and `status` say so instead of a bare "not connected".
+def lone_config(tmp_path: Path) -> Config:
+    """The configuration of node fw-a (cache mode) whose peer fw-b never answers."""
     now = datetime.datetime.now(datetime.UTC)
     for name in ("fw-a", "fw-b"):
         write_identity(generate_identity(name, now), tmp_path / f"{name}.key",
                        tmp_path / f"{name}.crt")
-    cfg = parse_config(make_config(tmp_path, "fw-a", "fw-b", port=free_port(),
-                                   peer_port=free_port(), mode="cache",
-                                   metrics_port=free_port()))
+    return parse_config(make_config(tmp_path, "fw-a", "fw-b", port=free_port(),
+                                    peer_port=free_port(), mode="cache",
+                                    metrics_port=free_port()))
+
+
+async def test_check_says_why_the_peer_is_not_connected(tmp_path: Path) -> None:
+    # A peer of another protocol version (an upgrade half done) is refused on every
+    # attempt: `check` and `status` say so instead of a bare "not connected".
+    cfg = lone_config(tmp_path)
     daemon = Daemon(cfg, FakeKernel())
     why = "peer speaks sync protocol version 3, this node 4"
     async with trio.open_nursery() as nursery:
@@ -352,13 +357,7 @@ async def test_check_says_why_the_peer_is_not_connected(tmp_path: Path) -> None:
 
 async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
     """READY=1 once started, STATUS= with role/peer/entries, WATCHDOG=1 while healthy."""
-    now = datetime.datetime.now(datetime.UTC)
-    for name in ("fw-a", "fw-b"):
-        write_identity(generate_identity(name, now), tmp_path / f"{name}.key",
-                       tmp_path / f"{name}.crt")
-    cfg = parse_config(make_config(tmp_path, "fw-a", "fw-b", port=free_port(),
-                                   peer_port=free_port(), mode="cache",
-                                   metrics_port=free_port()))
+    cfg = lone_config(tmp_path)
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     await sock.bind(str(tmp_path / "notify"))
     environ = {"NOTIFY_SOCKET": str(tmp_path / "notify"), "WATCHDOG_USEC": "400000"}
