@@ -80,7 +80,7 @@ from .keys import NodeIdentity, load_identity
 from .logs import fields, set_level, setup_logging
 from .metrics import Metrics, MetricsServer, serve_metrics
 from .mirror import Mirror
-from .model import Entry, TcpFlag, TcpInfo
+from .model import Entry, TcpFlag
 from .notifyfifo import read_notify_fifo
 from .role import Action, Role, RoleMachine, VrrpEvent
 from .roletask import RoleRunner
@@ -162,30 +162,20 @@ def expiry_hold(refresh_interval: float | None) -> float:
     return 2 * refresh_interval if refresh_interval else EXPIRY_HOLD_DEFAULT
 
 
-def for_kernel(entry: Entry, *, window_tracking: bool = False) -> Entry:
-    """``entry`` as it is written into this node's kernel from the peer's table.
+def copy_tcp_flags(window_tracking: bool) -> int:
+    """The TCP flags set in both directions of every TCP entry written into this node's
+    kernel from the peer's table (a commit, a hot standby's writes).
 
-    A create needs a timeout. And the kernel's TCP window tracking needs the sequence
-    edges, which ctnetlink cannot transfer: on the new master the first packets of an
-    idle connection can fall outside the edges it relearns, and are dropped as invalid
-    (seen in the failover drill: a few idle connections in every thousand). Unless
-    ``window_tracking`` is asked for, TCP entries are therefore written with
-    BE_LIBERAL in both directions, as conntrackd does by default (TCPWindowTracking
-    off); only out-of-window RSTs are still refused on them.
+    The kernel's TCP window tracking needs the sequence edges, which ctnetlink cannot
+    transfer: on the new master the first packets of an idle connection can fall
+    outside the edges it relearns, and are dropped as invalid (seen in the failover
+    drill: a few idle connections in every thousand). Unless ``window_tracking`` is
+    asked for, TCP entries are therefore written with BE_LIBERAL in both directions, as
+    conntrackd does by default (TCPWindowTracking off); only out-of-window RSTs are
+    still refused on them. (Entries without a timeout get
+    :data:`DEFAULT_COMMIT_TIMEOUT`: a create needs one.)
     """
-    # Built with tuple.__new__ and plain ints: this runs once per entry of a commit
-    # (100 k on a promotion), where _replace() and IntFlag arithmetic cost more than
-    # encoding the netlink request itself.
-    timeout = entry[5]
-    tcp = entry[8]
-    if tcp is not None and not window_tracking:
-        tcp = _new(TcpInfo, (tcp[0], tcp[1], tcp[2], tcp[3] | _LIBERAL, tcp[4] | _LIBERAL))
-    elif timeout is not None:
-        return entry
-    if timeout is None:
-        timeout = DEFAULT_COMMIT_TIMEOUT
-    return _new(Entry, (*entry[:5], timeout, entry[6], entry[7], tcp, *entry[9:]))
-    return entry
+    return 0 if window_tracking else _LIBERAL
 
 
 @dataclass
@@ -218,7 +208,7 @@ class KernelWriter:
                  window_tracking: bool = False, known: Container[bytes] = ()) -> None:
         self._kernel = kernel
         self._metrics = metrics
-        self._window_tracking = window_tracking
+        self._tcp_flags = copy_tcp_flags(window_tracking)
         self._known = known
         #: packed key -> record, or None (delete).
         self._pending: dict[bytes, bytes | None] = {}
@@ -282,7 +272,7 @@ class KernelWriter:
             if new or existing:
                 result = await self._kernel.upsert_records(
                     new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
-                    tcp_flags=0 if self._window_tracking else _LIBERAL, existing=existing)
+                    tcp_flags=self._tcp_flags, existing=existing)
                 self.record(result, "upsert")
             if deletes:
                 self.record(await self._kernel.delete(deletes), "delete")
@@ -660,13 +650,13 @@ class Daemon:
             records = new
         # The echoes of a whole-table write are not decoded (see Mirror.echoes_ignored):
         # the caller re-reads the kernel afterwards (promotion does anyway). The entries
-        # are written as for_kernel() makes them, the usual ones straight from their
-        # records (see LinuxKernel.upsert_records).
-        tracking = self.config.kernel.tcp_window_tracking
+        # are written with the time left to their deadlines and copy_tcp_flags(), the
+        # usual ones straight from their records (see LinuxKernel.upsert_records).
         with self.mirror.echoes_ignored():
             result = await self.kernel.upsert_records(
                 records, start, no_timeout=DEFAULT_COMMIT_TIMEOUT,
-                tcp_flags=0 if tracking else _LIBERAL, existing=existing)
+                tcp_flags=copy_tcp_flags(self.config.kernel.tcp_window_tracking),
+                existing=existing)
         self.writer.record(result, "commit")
         seconds = self.now() - start
         self.metrics.commit_duration.observe(seconds)

@@ -157,8 +157,8 @@ class ExternalCache:
 
         What to install in the kernel on takeover. Entries without a timeout get
         ``no_timeout``; ``tcp_flags`` are set in both directions of TCP entries (see
-        :func:`replicator.daemon.for_kernel`: done here, a takeover builds each of its
-        100 k entries once instead of three times).
+        :func:`replicator.daemon.copy_tcp_flags`: done here, a takeover builds each of
+        its 100 k entries once instead of three times).
         """
         return [commit_entry(rec, now, no_timeout=no_timeout, tcp_flags=tcp_flags)
                 for rec in self._table.values()]

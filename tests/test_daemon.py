@@ -23,7 +23,13 @@ import trio.testing
 from replicator import ctformat, record
 from replicator.config import Config, parse_config
 from replicator.control import CacheName, Command, ControlClient, Request, ResyncSource
-from replicator.daemon import SNAPSHOT_STEP, Daemon, KernelWriter, for_kernel
+from replicator.daemon import (
+    DEFAULT_COMMIT_TIMEOUT,
+    SNAPSHOT_STEP,
+    Daemon,
+    KernelWriter,
+    copy_tcp_flags,
+)
 from replicator.kernel import InjectResult
 from replicator.kernel_fake import FakeKernel
 from replicator.keys import generate_identity, write_identity
@@ -378,22 +384,30 @@ async def test_systemd_ready_status_and_watchdog(tmp_path: Path) -> None:
     assert "STATUS=role=INIT peer=down internal=1 external=0" in ready
 
 
-def test_entries_for_the_kernel_get_a_timeout_and_liberal_tcp_unless_tracking() -> None:
-    entry = flow(1)._replace(timeout=None)
-    liberal = for_kernel(entry)
-    assert liberal.timeout is not None and liberal.timeout > 0
-    assert liberal.tcp is not None and entry.tcp is not None
-    assert liberal.tcp.flags_orig == entry.tcp.flags_orig | TcpFlag.BE_LIBERAL
-    assert liberal.tcp.flags_reply == entry.tcp.flags_reply | TcpFlag.BE_LIBERAL
-    assert for_kernel(entry, window_tracking=True).tcp == entry.tcp
-    udp = flow(2, proto=IPPROTO_UDP)
-    assert for_kernel(udp) == udp
-    # Everything else is kept, field for field (it is built by hand for speed).
-    assert liberal._replace(timeout=None, tcp=entry.tcp) == entry
-    assert type(liberal) is type(entry) and type(liberal.tcp) is type(entry.tcp)
-    timed = flow(3)
-    assert for_kernel(timed, window_tracking=True) is timed
-    assert for_kernel(timed)._replace(tcp=timed.tcp) == timed
+@pytest.mark.parametrize("tracking", [False, True])
+async def test_hot_writes_get_a_timeout_and_liberal_tcp_unless_tracking(
+    autojump_clock: trio.testing.MockClock, tracking: bool,
+) -> None:
+    # Sequence edges cannot be copied: TCP copies are written BE_LIBERAL unless window
+    # tracking is asked for; a create needs a timeout.
+    assert copy_tcp_flags(tracking) == (0 if tracking else TcpFlag.BE_LIBERAL)
+    kernel = FakeKernel()
+    writer = KernelWriter(kernel, Metrics(), window_tracking=tracking)
+    now = trio.current_time()
+    timeless, udp = flow(1)._replace(timeout=None), flow(2, proto=IPPROTO_UDP)
+    writer.put([record.pack(timeless, record.deadline_of(None, now)),
+                record.pack(udp, now + 30)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.wait_idle()
+        nursery.cancel_scope.cancel()
+    written = kernel.table[timeless.key]
+    assert written.timeout == DEFAULT_COMMIT_TIMEOUT
+    assert written.tcp is not None and timeless.tcp is not None
+    liberal = 0 if tracking else TcpFlag.BE_LIBERAL
+    assert written.tcp.flags_orig == timeless.tcp.flags_orig | liberal
+    assert written.tcp.flags_reply == timeless.tcp.flags_reply | liberal
+    assert kernel.table[udp.key].tcp is None and kernel.table[udp.key].timeout == 30
 
 
 async def test_sighup_takes_new_peer_certificates_but_keeps_this_nodes_key(

@@ -10,7 +10,7 @@ from synclink import make_entry, pk
 from test_wire import entries
 
 from replicator import record
-from replicator.daemon import DEFAULT_COMMIT_TIMEOUT, for_kernel
+from replicator.daemon import DEFAULT_COMMIT_TIMEOUT
 from replicator.external import ExternalCache
 from replicator.model import Entry, TcpFlag
 
@@ -134,13 +134,21 @@ def test_polling_at_next_expiry_expires_within_a_second_of_the_deadline() -> Non
 
 
 @given(st.lists(entries(), max_size=6), st.sampled_from([False, True]))
-def test_the_kernel_ready_commit_set_is_for_kernel_of_the_commit_set(
+def test_the_kernel_ready_commit_set_sets_the_copies_flags_and_default_timeout(
     found: list[Entry], tracking: bool
 ) -> None:
-    # The daemon's commit applies for_kernel() while unpacking; same entries.
+    # The commit sets the copies' TCP flags and default timeout while unpacking.
     c = ExternalCache(16)
     for e in found:
         put(c, e, 0.0)
     ready = c.commit_set(5.0, no_timeout=DEFAULT_COMMIT_TIMEOUT,
                          tcp_flags=0 if tracking else int(TcpFlag.BE_LIBERAL))
-    assert ready == [for_kernel(e, window_tracking=tracking) for e in c.commit_set(5.0)]
+    flags = 0 if tracking else int(TcpFlag.BE_LIBERAL)
+    assert ready == [
+        e._replace(
+            timeout=DEFAULT_COMMIT_TIMEOUT if e.timeout is None else e.timeout,
+            tcp=None if e.tcp is None else e.tcp._replace(
+                flags_orig=e.tcp.flags_orig | flags, flags_reply=e.tcp.flags_reply | flags),
+        )
+        for e in c.commit_set(5.0)
+    ]
