@@ -513,22 +513,29 @@ def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
 _NEG_INF = -math.inf
 
 
+def takes_record_path(proto: int) -> bool:
+    """Whether NEW events of protocol ``proto`` come as records from
+    :func:`decode_events_records`: all but ICMP, whose plain inverse maps the ICMP type
+    (the general path handles it)."""
+    return proto not in ICMP_PROTOCOLS
+
+
 def _record_builder(
     getter: Callable[[list[_Slot]], _Getter], *, family: int, helper: str | None,
     orig: list[_Slot], reply: list[_Slot], master: list[_Slot] | None,
     tcp: list[_Slot] | None, sctp: list[_Slot] | None, full: list[_Slot],
 ) -> Callable[[tuple[object, ...], float], bytes] | None:
     """How to pack the record (:func:`replicator.record.pack`) of a full message of
-    this layout straight from the values read, or None for ICMP (whose plain inverse
-    maps the type: the general path handles it).
+    this layout straight from the values read, or None unless
+    :func:`takes_record_path`.
 
     Everything but one flag is fixed by the layout: which fields are present, their
     widths (those of the record's), the protocol and the helper. The exception is
     whether the reply tuple is the plain inverse of the original (then the record
     holds none): checked per message, with one struct for each case.
     """
-    proto = orig[2]
-    if not isinstance(proto, _Const) or proto.value in ICMP_PROTOCOLS:
+    proto = orig[2].value if isinstance(orig[2], _Const) else None
+    if not isinstance(proto, int) or not takes_record_path(proto):
         return None
     zone, status, timeout, mark, labels, conn_id = full
     hflags = (R.H_TIMEOUT if isinstance(timeout, _Field) else 0) | (

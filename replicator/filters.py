@@ -59,55 +59,47 @@ class EntryFilter:
         object.__setattr__(self, "_nets", {f: tuple(v) for f, v in nets.items()})
 
     def __call__(self, entry: Entry) -> bool:
-        orig = entry.orig
-        if orig.proto in self.ignore_protocols:
-            return False
-        nets = self._nets.get(entry.family)
-        if nets:
-            src = int.from_bytes(orig.src, "big")
-            rsrc = int.from_bytes(entry.reply.src, "big")
-            for net, mask in nets:
-                if src & mask == net or rsrc & mask == net:
-                    return False
-        if (
-            self.tcp_states is not None
-            and orig.proto == IPPROTO_TCP
-            and entry.tcp is not None
-            and entry.tcp.state not in self.tcp_states
-        ):
-            return False
-        if self.zones is not None and entry.zone not in self.zones:
-            return False
-        return not self.mark_mask or ((entry.mark or 0) & self.mark_mask) == self.mark_value
+        orig, tcp = entry.orig, entry.tcp
+        return self._accepts(entry.family, orig.proto, orig.src, entry.reply.src,
+                             tcp_state=None if tcp is None else tcp.state, zone=entry.zone,
+                             mark=entry.mark or 0)
 
     def accepts_record(self, record: bytes) -> bool:
         """``self(entry)`` for the entry in ``record`` (:mod:`replicator.record`),
         read from the record without unpacking it."""
         alen, proto_at, src_at, rsrc_at, mark_at, tcp_at = R.filter_offsets(record)
-        proto = record[proto_at]
+        z = R.ZONE_AT
+        return self._accepts(
+            record[R.HEADER_SIZE], record[proto_at], record[src_at : src_at + alen],
+            record[rsrc_at : rsrc_at + alen],
+            tcp_state=None if tcp_at is None else record[tcp_at],
+            zone=record[z] << 8 | record[z + 1],
+            mark=0 if mark_at is None else int.from_bytes(record[mark_at : mark_at + 4], "big"),
+        )  # fmt: skip
+
+    def _accepts(self, family: int, proto: int, src: bytes, reply_src: bytes, *,
+                 tcp_state: int | None, zone: int, mark: int) -> bool:
+        """The verdict on what both forms of an entry hold (``tcp_state`` None: no TCP
+        info, e.g. a partial entry; ``mark`` 0 also when it has none)."""
         if proto in self.ignore_protocols:
             return False
-        nets = self._nets.get(record[R.HEADER_SIZE])
+        nets = self._nets.get(family)
         if nets:
-            src = int.from_bytes(record[src_at : src_at + alen], "big")
-            rsrc = int.from_bytes(record[rsrc_at : rsrc_at + alen], "big")
+            s = int.from_bytes(src, "big")
+            r = int.from_bytes(reply_src, "big")
             for net, mask in nets:
-                if src & mask == net or rsrc & mask == net:
+                if s & mask == net or r & mask == net:
                     return False
         if (
             self.tcp_states is not None
             and proto == IPPROTO_TCP
-            and tcp_at is not None
-            and record[tcp_at] not in self.tcp_states
+            and tcp_state is not None
+            and tcp_state not in self.tcp_states
         ):
             return False
-        z = R.ZONE_AT
-        if self.zones is not None and (record[z] << 8 | record[z + 1]) not in self.zones:
+        if self.zones is not None and zone not in self.zones:
             return False
-        if not self.mark_mask:
-            return True
-        mark = 0 if mark_at is None else int.from_bytes(record[mark_at : mark_at + 4], "big")
-        return (mark & self.mark_mask) == self.mark_value
+        return not self.mark_mask or (mark & self.mark_mask) == self.mark_value
 
     @property
     def accepts_everything(self) -> bool:

@@ -31,9 +31,10 @@ from typing import Any
 import trio
 
 from . import record as R
+from .ctnetlink import takes_record_path
 from .external import commit_entry
 from .kernel import AnyEvent, EntryError, EventBatch, InjectResult, Overrun
-from .model import ICMP_PROTOCOLS, CtEvent, Entry, EntryKey, EventKind, NewRecord, Status
+from .model import CtEvent, Entry, EntryKey, EventKind, NewRecord, Status
 
 #: Status bits an upsert can add (everything else is the kernel's business).
 SETTABLE_STATUS = Status.SEEN_REPLY | Status.ASSURED | Status.FIXED_TIMEOUT | Status.HELPER
@@ -98,7 +99,7 @@ class FakeSubscription:
                         NewRecord(R.pack(e.entry, R.deadline_of(e.entry.timeout, now)),
                                   e.portid)
                         if type(e) is CtEvent and e.kind is EventKind.NEW
-                        and e.entry.orig.proto not in ICMP_PROTOCOLS else e
+                        and takes_record_path(e.entry.orig.proto) else e
                         for e in batch
                     ]  # fmt: skip
                 await trio.lowlevel.checkpoint()

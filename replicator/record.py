@@ -268,9 +268,8 @@ def _is_inverse(orig: CtTuple, reply: CtTuple) -> bool:
 #: ``NF_CT_HELPER_NAME_LEN`` is 16 with the terminating NUL).
 MAX_HELPER = 16
 _BODY_FLAGS = _MARK | _LABELS | _TCP | _SCTP | _HELPER | _MASTER | _REPLY
-_BODY_FIXED = {f: struct.Struct(">" + k.format[1:] + "BI") for f, k in _KEY.items()}
-#: Where a body's flags are, by family.
-_BODY_FLAGS_AT = {f: s.size - _FLAGS_STATUS.size for f, s in _BODY_FIXED.items()}
+#: Where a body's flags are, by family (:data:`FLAGS_AT` counts from the record's start).
+_BODY_FLAGS_AT = {f: s.size - _FLAGS_STATUS.size - HEADER_SIZE for f, s in _FIXED.items()}
 #: Indexes in a body's unpacked values: protocol and ports of the original tuple, and
 #: the first field after the status.
 _B_PROTO, _B_SPORT, _B_DPORT, _B_REST = 4, 5, 6, 12
@@ -350,12 +349,13 @@ def check_body(body: bytes) -> None:
         raise ValueError("helper name is not ASCII of its stated length")
 
 
-def from_body(body: bytes, deadline: float, timeout: int | None) -> bytes:
-    """The record of a received (checked) ``body`` with its timing: ``timeout`` as
-    received, ``deadline`` when it runs out on this node's clock; no id, never told."""
+def from_body(body: bytes, timeout: int | None, since: float) -> bytes:
+    """The record of a received (checked) ``body``: ``timeout`` as received, the time
+    left at ``since`` on this node's clock (the deadline is ``since + timeout``); no
+    id, never told."""
     if timeout is None:
-        return _HEADER_PACK(deadline, -_INF, 0, 0, 0) + body
-    return _HEADER_PACK(deadline, -_INF, timeout, 0, _HAS_TIMEOUT) + body
+        return _HEADER_PACK(_INF, -_INF, 0, 0, 0) + body
+    return _HEADER_PACK(since + timeout, -_INF, timeout, 0, _HAS_TIMEOUT) + body
 
 
 #: :func:`unpack`'s default ``timeout``: the one in the record's header.
@@ -484,58 +484,6 @@ def is_usual(record: bytes) -> bool:
         return False
     v = layout.read(record)
     return not v[U_ZONE] and v[U_PROTO] in _USUAL_PROTOCOLS
-
-
-#: :func:`fields` of a record: family, orig, reply, zone, status, mark, labels, tcp,
-#: sctp, helper, master, with every tuple a plain ``tuple`` of its fields.
-Fields = tuple[
-    int, tuple[int | bytes, ...], tuple[int | bytes, ...], int, int, int | None,
-    bytes | None, tuple[int, ...] | None, tuple[int, ...] | None, str | None,
-    tuple[int | bytes, ...] | None,
-]  # fmt: skip
-
-
-def fields(record: bytes) -> Fields:
-    """The replicated fields of the entry in ``record``, as :func:`unpack` reads them
-    but as plain tuples: for encoders that need no :class:`Entry` (building the named
-    tuples is most of the cost of :func:`unpack`)."""
-    family = record[HEADER_SIZE]
-    fixed = _FIXED[family]
-    v = fixed.unpack_from(record)
-    flags = v[15]
-    orig = v[7:15]
-    pos = fixed.size
-    reply: tuple[int | bytes, ...]
-    if flags & _REPLY:
-        p = v[9]
-        reply = (
-            tuple(invert(_new(CtTuple, orig))) if p in ICMP_PROTOCOLS
-            else (v[8], v[7], p, v[11], v[10], 0, 0, 0)
-        )  # fmt: skip
-    else:
-        t = _TUPLE[family]
-        reply = t.unpack_from(record, pos)
-        pos += t.size
-    mark = labels = tcp = sctp = helper = master = None
-    if flags & _MARK:
-        (mark,) = _U32.unpack_from(record, pos)
-        pos += 4
-    if flags & _LABELS:
-        labels = record[pos : pos + LABELS_SIZE]
-        pos += LABELS_SIZE
-    if flags & _TCP:
-        tcp = _TCP_S.unpack_from(record, pos)
-        pos += 5
-    if flags & _SCTP:
-        sctp = _SCTP_S.unpack_from(record, pos)
-        pos += 9
-    if flags & _HELPER:
-        n = record[pos]
-        helper = record[pos + 1 : pos + 1 + n].decode("ascii")
-        pos += 1 + n
-    if flags & _MASTER:
-        master = _TUPLE[family].unpack_from(record, pos)
-    return (family, orig, reply, v[6], v[16], mark, labels, tcp, sctp, helper, master)
 
 
 @functools.cache

@@ -297,12 +297,6 @@ class PeerUpserts(NamedTuple):
     #: late does not make copies outlive the originals.
     since: float
 
-    @property
-    def entries(self) -> tuple[Entry, ...]:
-        """The records as entries, each with the timeout it was received with (the
-        time left is in its record's deadline)."""
-        return tuple(R.unpack(r) for r in self.records)
-
 
 class PeerDeletes(NamedTuple):
     """Entries removed from the external cache: deleted by the peer, or ``expired``."""
@@ -1143,7 +1137,7 @@ class SyncSession:
         records = []
         for body, timeout in msg.upserts:
             # The body was checked by the decoder: it is stored as it came.
-            rec = from_body(body, _INF if timeout is None else since + timeout, timeout)
+            rec = from_body(body, timeout, since)
             key = key_of(rec)
             b = bucket_of(key)
             upsert(b, key, rec)
@@ -1187,7 +1181,7 @@ class SyncSession:
                         raise _Violation(f"part of bucket {b} without its first part")
                     unconfirmed = found
                 for body, timeout in rec.entries:
-                    new = R.from_body(body, R.deadline_of(timeout, since), timeout)
+                    new = R.from_body(body, timeout, since)
                     key = R.key_of(new)
                     if bucket_of(key) != b:
                         raise _Violation(f"entry sent in bucket {b}, not its own")

@@ -126,7 +126,7 @@ def upsert_of(entry: Entry, timeout: int | None) -> WireEntry:
 def entry_of(upsert: WireEntry) -> Entry:
     """The entry a (checked) wire entry holds, its timeout the one it carries."""
     body, timeout = upsert
-    return R.unpack(R.from_body(body, 0.0, timeout))
+    return R.unpack(R.from_body(body, timeout, 0.0))
 
 
 class Hello(NamedTuple):

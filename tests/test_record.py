@@ -42,15 +42,6 @@ def test_unpack_inverts_pack(entry: Entry, cid: int | None, deadline: float, tol
     assert len(R.key(entry)) == R.key_size(entry.family)
 
 
-@given(entries(), times)
-def test_fields_are_the_unpacked_fields_as_plain_tuples(entry: Entry, deadline: float) -> None:
-    e = R.unpack(R.pack(entry, deadline))
-    fields = R.fields(R.pack(entry, deadline))
-    assert fields == (e.family, e.orig, e.reply, e.zone, e.status, e.mark, e.labels, e.tcp,
-                      e.sctp, e.helper, e.master)  # fmt: skip
-    assert all(type(f) is tuple for f in fields if isinstance(f, tuple))
-
-
 @given(entries(), times, times)
 def test_timing_changes_keep_the_state(entry: Entry, deadline: float, told: float) -> None:
     rec = R.pack(entry, 0.0)

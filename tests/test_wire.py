@@ -280,7 +280,7 @@ def test_invalid_keys_are_refused(key: object, what: str) -> None:
 def test_every_entry_body_is_accepted_and_canonical(entry: Entry) -> None:
     body = R.body(R.pack(entry, 0.0))
     R.check_body(body)
-    assert R.body(R.pack(R.unpack(R.from_body(body, 0.0, None)), 0.0)) == body
+    assert R.body(R.pack(R.unpack(R.from_body(body, None, 0.0)), 0.0)) == body
 
 
 @pytest.mark.parametrize(
