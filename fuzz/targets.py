@@ -237,7 +237,7 @@ def ctnetlink_datagram(data: bytes) -> None:
            "decode_events_records and decode_events disagree on failing")
     if records is not None:
         expected = [
-            NewRecord(record.pack(e.entry, record.deadline_of(e.entry.timeout, 100.0)),
+            NewRecord(record.new_event_record(e.entry, 100.0),
                       e.portid)
             if e.kind is EventKind.NEW and e.entry.orig.proto not in ICMP_PROTOCOLS else e
             for e in events

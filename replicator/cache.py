@@ -29,6 +29,7 @@ from . import record as R
 from .model import CtEvent, Entry, EntryKey, EventKind, NewRecord, merge
 
 _NEVER = -float("inf")
+_new = tuple.__new__
 
 
 class Change(NamedTuple):
@@ -123,6 +124,11 @@ class InternalCache:
         # A NEW event for a known key happens after a DESTROY was lost: it is a new
         # connection, but merging is still right since a NEW event is complete.
         if cached is None:
+            if event.kind is EventKind.NEW:
+                # As the event reader makes it (see record.new_event_record).
+                rec = R.new_event_record(entry, now)
+                records[key] = rec
+                return Change(key, rec, entry)
             full, told = entry, _NEVER
         else:
             full, told = merge(R.unpack(cached), entry), R.timing(cached)[1]
@@ -130,9 +136,48 @@ class InternalCache:
         records[key] = rec
         return Change(key, rec, full)
 
-    def apply_all(self, events: Iterable[CtEvent], now: float) -> list[Change]:
+    def apply_all(self, events: Iterable[CtEvent | NewRecord], now: float) -> list[Change]:
         """:meth:`apply` for each event, in order."""
         return [self.apply(event, now) for event in events]
+
+    def apply_batch(self, events: Iterable[CtEvent | NewRecord], now: float, own: int = 0
+                    ) -> tuple[list[Change], int]:
+        """:meth:`apply` for each event, in order: the changes of the events not
+        carrying port id ``own`` (0: none is ours) and how many did (the echoes of our
+        own writes, applied but not returned).
+
+        A burst of new connections is a run of NEW events of unknown keys: those take
+        a short path here (one read of the key, one store).
+        """
+        if self._touched is not None:
+            changes = []
+            echoes = 0
+            for event in events:
+                change = self.apply(event, now)
+                if own and event.portid == own:
+                    echoes += 1
+                else:
+                    changes.append(change)
+            return changes, echoes
+        records, apply, key_end = self._records, self.apply, R.KEY_END
+        changes = []
+        echoes = 0
+        for event in events:
+            if type(event) is NewRecord:
+                rec = event.record
+                key = rec[R.HEADER_SIZE : key_end[rec[R.HEADER_SIZE]]]
+                if key not in records:
+                    records[key] = rec
+                    change = _new(Change, (key, rec, None))
+                else:
+                    change = apply(event, now)
+            else:
+                change = apply(event, now)
+            if own and event.portid == own:
+                echoes += 1
+            else:
+                changes.append(change)
+        return changes, echoes
 
     def begin_resync(self) -> None:
         """Start recording which keys events touch; call just before requesting a dump."""

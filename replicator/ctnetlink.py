@@ -510,9 +510,6 @@ def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
         helper, record)
 
 
-_NEG_INF = -math.inf
-
-
 def takes_record_path(proto: int) -> bool:
     """Whether NEW events of protocol ``proto`` come as records from
     :func:`decode_events_records`: all but ICMP, whose plain inverse maps the ICMP type
@@ -577,8 +574,8 @@ def _record_builder(
         osrc, odst, osport, odport, rsrc, rdst, rsport, rdport = probe(v)
         deadline = math.inf if seconds is None else now + seconds(v)[0]
         if rsrc == odst and rdst == osrc and rsport == odport and rdport == osport:
-            return pack_inverse(deadline, _NEG_INF, *inverse(v))
-        return pack_explicit(deadline, _NEG_INF, *explicit(v))
+            return pack_inverse(deadline, deadline, *inverse(v))
+        return pack_explicit(deadline, deadline, *explicit(v))
 
     return build
 
@@ -646,8 +643,8 @@ def decode_events_records(buf: bytes | bytearray | memoryview, now: float
     """:func:`decode_events`, with each NEW event of a non-ICMP protocol (what a burst
     of new connections consists of) decoded straight into a
     :class:`~replicator.model.NewRecord`: the record :func:`replicator.record.pack`
-    makes of the entry :func:`decode_events` would return, with its deadline ``now`` +
-    its timeout, without building the entry."""
+    makes of the entry :func:`decode_events` would return, without building the entry:
+    :func:`replicator.record.new_event_record` of it, read at ``now``."""
     return _decode_events(buf, now)
 
 

@@ -415,13 +415,7 @@ class Daemon:
     # --- inputs -----------------------------------------------------------------------
 
     def _on_local_changes(self, changes: list[Change]) -> None:
-        now = self.now()
-        session = self.session
-        for key, record, entry in changes:
-            if record is None:
-                session.local_delete(key, now)
-            else:
-                session.local_record(key, record, entry, now)
+        self.session.local_changes(changes, self.now())
         self.wake()
 
     def _drop_stale_copies(self) -> None:

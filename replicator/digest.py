@@ -88,6 +88,11 @@ class BucketTable:
         """The bucket a packed key belongs to."""
         return crc32(key) & self._mask
 
+    def lookup(self, key: bytes) -> tuple[int, dict[bytes, bytes]]:
+        """The bucket of ``key`` and its records (a live view: do not modify it)."""
+        b = crc32(key) & self._mask
+        return b, self._buckets[b]
+
     def get(self, key: bytes) -> bytes | None:
         """The record stored under ``key``, or None."""
         return self._buckets[crc32(key) & self._mask].get(key)
@@ -106,6 +111,18 @@ class BucketTable:
         elif old[_H:] != record[_H:]:
             self._digests[bucket] = None
         return old
+
+    def add(self, key: bytes, record: bytes) -> bool:
+        """Store ``record`` under ``key`` unless the key is present; whether it was
+        stored. (The usual case of a burst of new entries, in one call.)"""
+        b = crc32(key) & self._mask
+        bucket = self._buckets[b]
+        if key in bucket:
+            return False
+        bucket[key] = record
+        self._size += 1
+        self._digests[b] = None
+        return True
 
     def pop(self, bucket: int, key: bytes) -> bytes | None:
         """Remove ``key`` (in ``bucket``); returns the removed record or None."""

@@ -24,13 +24,18 @@ lingers with a stale state. If it matches again later it is sent again in full.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+import struct
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from . import record as R
 from .model import AF_INET, AF_INET6, IPPROTO_TCP, Entry, TcpState
 
 _U32 = 0xFFFF_FFFF
+
+
+def _int(address: bytes) -> int:
+    return int.from_bytes(address, "big")
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -50,6 +55,9 @@ class EntryFilter:
     mark_mask: int = 0
     # Prefixes as (network, netmask) integers per family, for a fast membership test.
     _nets: dict[int, tuple[tuple[int, int], ...]] = field(init=False, repr=False, compare=False)
+    # The record form's verdict by record shape (:meth:`accepts_record`), made on demand.
+    _verdicts: dict[int, Callable[[bytes], bool]] = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         nets: dict[int, list[tuple[int, int]]] = {AF_INET: [], AF_INET6: []}
@@ -57,38 +65,84 @@ class EntryFilter:
             family = AF_INET if net.version == 4 else AF_INET6
             nets[family].append((int(net.network_address), int(net.netmask)))
         object.__setattr__(self, "_nets", {f: tuple(v) for f, v in nets.items()})
+        object.__setattr__(self, "_verdicts", {})
 
     def __call__(self, entry: Entry) -> bool:
         orig, tcp = entry.orig, entry.tcp
-        return self._accepts(entry.family, orig.proto, orig.src, entry.reply.src,
+        return self._accepts(entry.family, orig.proto, _int(orig.src), _int(entry.reply.src),
                              tcp_state=None if tcp is None else tcp.state, zone=entry.zone,
                              mark=entry.mark or 0)
 
     def accepts_record(self, record: bytes) -> bool:
         """``self(entry)`` for the entry in ``record`` (:mod:`replicator.record`),
         read from the record without unpacking it."""
-        alen, proto_at, src_at, rsrc_at, mark_at, tcp_at = R.filter_offsets(record)
-        z = R.ZONE_AT
-        return self._accepts(
-            record[R.HEADER_SIZE], record[proto_at], record[src_at : src_at + alen],
-            record[rsrc_at : rsrc_at + alen],
-            tcp_state=None if tcp_at is None else record[tcp_at],
-            zone=record[z] << 8 | record[z + 1],
-            mark=0 if mark_at is None else int.from_bytes(record[mark_at : mark_at + 4], "big"),
-        )  # fmt: skip
+        shape = R.usual_shape(record)
+        verdict = self._verdicts.get(shape)
+        if verdict is None:
+            verdict = self._verdicts[shape] = self._record_verdict(shape)
+        return verdict(record)
 
-    def _accepts(self, family: int, proto: int, src: bytes, reply_src: bytes, *,
+    def _record_verdict(self, shape: int) -> Callable[[bytes], bool]:
+        """The verdict on records of ``shape``: one ``unpack_from`` reads every field
+        the criteria need (this runs once per replicated entry on the active node, so
+        it avoids slicing the record field by field)."""
+        alen, proto_at, src_at, rsrc_at, mark_at, tcp_at = R.shape_filter_offsets(shape)
+        family = shape >> 8
+        addr = "I" if alen == 4 else f"{alen}s"
+        wanted = [(proto_at, "B"), (src_at, addr), (rsrc_at, addr), (R.ZONE_AT, "H")]
+        if mark_at is not None:
+            wanted.append((mark_at, "I"))
+        if tcp_at is not None:
+            wanted.append((tcp_at, "B"))
+        fmt, pos, order = ">", 0, sorted(range(len(wanted)), key=lambda i: wanted[i][0])
+        for i in order:
+            at, code = wanted[i]
+            fmt += f"{at - pos}x{code}"
+            pos = at + struct.calcsize(">" + code)
+        unpack = struct.Struct(fmt).unpack_from
+        # Where each value is in what ``unpack`` returns.
+        ip, isrc, irsrc, izone, *more = (order.index(i) for i in range(len(wanted)))
+        imark = more[0] if mark_at is not None else None
+        # The criteria, bound once; those not set are skipped by a cheap test (the TCP
+        # states too when the shape has no TCP info: such an entry passes).
+        itcp = more[-1] if tcp_at is not None else 0
+        protos, nets = self.ignore_protocols, self._nets.get(family, ())
+        states = self.tcp_states if tcp_at is not None else None
+        zones, mark_mask, mark_value = self.zones, self.mark_mask, self.mark_value
+        wide = alen != 4
+
+        def verdict(record: bytes) -> bool:
+            v = unpack(record)
+            if protos and v[ip] in protos:
+                return False
+            if nets:
+                src, rsrc = v[isrc], v[irsrc]
+                if wide:
+                    src, rsrc = _int(src), _int(rsrc)
+                for net, mask in nets:
+                    if src & mask == net or rsrc & mask == net:
+                        return False
+            if states is not None and v[ip] == IPPROTO_TCP and v[itcp] not in states:
+                return False
+            if zones is not None and v[izone] not in zones:
+                return False
+            if mark_mask:
+                return ((0 if imark is None else v[imark]) & mark_mask) == mark_value
+            return True
+
+        return verdict
+
+    def _accepts(self, family: int, proto: int, src: int, reply_src: int, *,
                  tcp_state: int | None, zone: int, mark: int) -> bool:
-        """The verdict on what both forms of an entry hold (``tcp_state`` None: no TCP
-        info, e.g. a partial entry; ``mark`` 0 also when it has none)."""
+        """The verdict on what both forms of an entry hold (addresses as integers;
+        ``tcp_state`` None: no TCP info, e.g. a partial entry; ``mark`` 0 also when it
+        has none)."""
         if proto in self.ignore_protocols:
             return False
         nets = self._nets.get(family)
         if nets:
-            s = int.from_bytes(src, "big")
-            r = int.from_bytes(reply_src, "big")
             for net, mask in nets:
-                if s & mask == net or r & mask == net:
+                if src & mask == net or reply_src & mask == net:
                     return False
         if (
             self.tcp_states is not None

@@ -96,7 +96,7 @@ class FakeSubscription:
                     # As the Linux subscription delivers them (see Subscription.records).
                     now = trio.current_time()
                     batch = [
-                        NewRecord(R.pack(e.entry, R.deadline_of(e.entry.timeout, now)),
+                        NewRecord(R.new_event_record(e.entry, now),
                                   e.portid)
                         if type(e) is CtEvent and e.kind is EventKind.NEW
                         and takes_record_path(e.entry.orig.proto) else e

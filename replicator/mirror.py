@@ -179,17 +179,8 @@ class Mirror:
         nursery.cancel_scope.cancel()
 
     def _apply(self, batch: list[AnyEvent]) -> None:
-        own = self._kernel.injector_portid
-        apply = self.cache.apply
-        now = trio.current_time()
-        changes: list[Change] = []
-        echoes = 0
-        for event in batch:
-            change = apply(event, now)
-            if own and event.portid == own:
-                echoes += 1
-            else:
-                changes.append(change)
+        changes, echoes = self.cache.apply_batch(
+            batch, trio.current_time(), self._kernel.injector_portid)
         self.stats.events += len(batch)
         self.stats.echoes += echoes
         self._emit(changes)

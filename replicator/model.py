@@ -194,8 +194,8 @@ class CtEvent(NamedTuple):
 class NewRecord(NamedTuple):
     """A NEW event decoded straight into a record of :mod:`replicator.record` (a
     subscription's :attr:`~replicator.kernel.Subscription.records` mode): no
-    :class:`Entry` is built. The record's deadline is the time the event was read plus
-    its timeout; it was never told to a peer; its timeout and id are the event's."""
+    :class:`Entry` is built: :func:`replicator.record.new_event_record` of the entry,
+    read when the event was; its timeout and id are the event's."""
 
     record: bytes
     portid: int = 0

@@ -32,7 +32,8 @@ sport, dport, icmp type, icmp code, icmp id). The header holds what changes with
 the entry's state changing (the timing and the kernel's id): ``deadline`` is the
 absolute time on this node's monotonic clock at which the entry runs out
 (observation time + timeout; ``inf`` without a timeout), ``told`` the deadline the
-peer was last told (sync session bookkeeping, ``-inf``: never), ``timeout`` the
+peer was last told (sync session bookkeeping, ``-inf``: never; a NEW event's record
+starts with its own deadline there, see :func:`new_event_record`), ``timeout`` the
 timeout as observed (or as received). The body is every field the digests cover and
 nothing else, so two records describe the same state exactly when their bodies are
 equal, and the fingerprint of an entry is a hash of its body
@@ -487,7 +488,8 @@ def is_usual(record: bytes) -> bool:
 
 
 @functools.cache
-def _filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, int | None]:
+def shape_filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, int | None]:
+    """:func:`filter_offsets` of every record of ``shape`` (:func:`usual_shape`)."""
     family, flags = shape >> 8, shape & 0xFF
     alen, tsize, h = _ALEN[family], _TUPLE[family].size, HEADER_SIZE
     pos = h + 3 + tsize + _FLAGS_STATUS.size
@@ -514,13 +516,18 @@ def filter_offsets(record: bytes) -> tuple[int, int, int, int, int | None, int |
     bytes big endian, None: no mark) and the TCP state (one byte, None: no TCP info).
     The zone is at :data:`ZONE_AT`, the family at :data:`HEADER_SIZE`."""
     family = record[HEADER_SIZE]
-    return _filter_offsets(family << 8 | record[FLAGS_AT[family]])
+    return shape_filter_offsets(family << 8 | record[FLAGS_AT[family]])
+
+
+#: Where a record's key ends, by family: ``record[HEADER_SIZE:KEY_END[family]]`` is
+#: :func:`key_of` (for callers that slice it inline, once per entry of a burst).
+KEY_END = {f: HEADER_SIZE + k.size for f, k in _KEY.items()}
 
 
 def key_of(record: bytes) -> bytes:
     """The packed key of the entry in ``record``."""
     start = HEADER_SIZE
-    return record[start : start + 3 + _TUPLE[record[start]].size]
+    return record[start : KEY_END[record[start]]]
 
 
 def body(record: bytes) -> bytes:
@@ -571,3 +578,19 @@ def with_deadline(record: bytes, deadline: float) -> bytes:
 def deadline_of(timeout: int | None, now: float) -> float:
     """The deadline of an entry observed at ``now`` with ``timeout`` seconds left."""
     return _INF if timeout is None else now + timeout
+
+
+def new_event_record(entry: Entry, now: float) -> bytes:
+    """The record of the entry of a NEW event read at ``now``, as the event reader
+    makes it (:func:`replicator.ctnetlink.decode_events_records`): deadline ``now``
+    plus its timeout, and ``told`` the same.
+
+    Why ``told`` is not ``-inf`` (never): the sync session sends a new entry with its
+    whole timeout, so the peer will be told this deadline, to within the rounding up
+    to whole seconds and the time the entry waits to be sent. The session takes a
+    ``told`` within that margin as current and leaves the record alone, so the first
+    send of each entry of a burst does not make a new record (one per entry, shared
+    with the internal cache).
+    """
+    deadline = deadline_of(entry.timeout, now)
+    return pack(entry, deadline, deadline)

@@ -195,6 +195,13 @@ _INF = math.inf
 #: Seconds by which the deadline the peer was told may exceed the entry's before it is
 #: corrected (whole-second rounding and the jitter between two reads of a timeout).
 _OVERTOLD = 2.0
+#: A ``told`` at most this far below the deadline being sent counts as current: the
+#: record is not restamped. A NEW event's record comes with its own deadline as
+#: ``told`` (:func:`replicator.record.new_event_record`), and its first send tells the
+#: peer the same deadline rounded up to whole seconds from a later time, i.e. less than
+#: a second later. So ``told`` is never above what the peer was told (which would delay
+#: a refresh past the peer's expiry) and at most this much below it.
+TOLD_SLACK = 1.0
 _U64 = (1 << 64) - 1
 #: Buckets whose digests travel in one SUMMARY message.
 SUMMARY_CHUNK = wire.MAX_SUMMARY_DIGESTS
@@ -667,6 +674,41 @@ class SyncSession:
         if self._snapshot is not None:
             self._snapshot.touched.add(key)
         self._local(key, None, entry, now)
+
+    def local_changes(self, changes: Iterable[tuple[bytes, bytes | None, Entry | None]],
+                      now: float) -> None:
+        """For each ``(key, record, entry)`` in order: :meth:`local_delete` if
+        ``record`` is None, else :meth:`local_record`.
+
+        The internal cache's changes come this way, a batch per read of the event
+        socket. A burst of new connections is mostly NEW events of keys this table
+        does not hold: those take a short path here (filter, store, mark pending),
+        which is most of what the active node does per entry.
+        """
+        if self._snapshot is not None:
+            for key, record, entry in changes:
+                if record is None:
+                    self.local_delete(key, now)
+                else:
+                    self.local_record(key, record, entry, now)
+            return
+        accept_record, add, pending = self._accept_record, self._table.add, self._pending
+        most = self.params.max_pending
+        for key, record, entry in changes:
+            if record is None:
+                self.local_delete(key, now)
+            elif entry is not None:
+                self.local_record(key, record, entry, now)
+            elif accept_record is not None and not accept_record(record):
+                self.local_delete(key, now)
+            elif add(key, record):
+                if key not in pending:
+                    pending[key] = now
+                    if len(pending) > most:
+                        self._fold()
+                        pending = self._pending
+            else:
+                self._local(key, record, None, now)
 
     def local_record(self, key: bytes, record: bytes, entry: Entry | None, now: float
                      ) -> None:
@@ -1417,7 +1459,8 @@ class SyncSession:
     def _remaining(self, bucket: dict[bytes, bytes], key: bytes, rec: bytes, now: float
                    ) -> int | None:
         """The timeout to send for ``rec`` (in ``bucket``) now; notes in the record that
-        the peer was told it."""
+        the peer was told it (unless its ``told`` is already within :data:`TOLD_SLACK`
+        below, see there)."""
         deadline, told = R.timing(rec)
         if deadline == _INF:
             remaining, new_told = None, _INF
@@ -1427,7 +1470,7 @@ class SyncSession:
             # die at once.
             remaining = max(1, math.ceil(deadline - now))
             new_told = now + remaining
-        if new_told != told:
+        if not told <= new_told < told + TOLD_SLACK and new_told != told:
             new = R.with_told(rec, new_told)
             bucket[key] = new  # the same state: the bucket's digest stands
             if self._restamped is not None:
@@ -1443,21 +1486,28 @@ class SyncSession:
         ups: list[wire.TimedRecord] = []
         dels: list[bytes] = []
         first = _INF
+        lookup, remaining_of, timing = table.lookup, self._remaining, R.timing
+        # Once per entry of a burst: the usual case (a record whose told is current,
+        # see TOLD_SLACK) is decided here without calling _remaining.
         for key in tuple(islice(pending, self.params.batch)):
             t = pending.pop(key)
-            b = table.bucket_of(key)
-            bucket = table.bucket(b)
+            b, bucket = lookup(key)
             rec = bucket.get(key)
             if rec is None:
                 dels.append(key)
-            elif b in dirty:
+            elif dirty and b in dirty:
                 # Its bucket will be sent whole, with this key's state at that time.
                 dirty[b] = min(dirty[b], t)
                 continue
-            elif key in coming:
+            elif coming and key in coming:
                 continue
             else:
-                ups.append((rec, self._remaining(bucket, key, rec, now)))
+                deadline, told = timing(rec)
+                left = 0 if deadline == _INF else math.ceil(deadline - now)
+                if left >= 1 and told <= now + left < told + TOLD_SLACK:
+                    ups.append((rec, left))  # what _remaining would do, without a call
+                else:
+                    ups.append((rec, remaining_of(bucket, key, rec, now)))
             keys.append(key)
             first = min(first, t)
         if not pending:

@@ -645,7 +645,7 @@ def test_warm_and_cold_decoding_agree_on_mutated_messages(
 
 def _as_records(events: list[Any], now: float) -> list[Any]:
     return [
-        NewRecord(R.pack(e.entry, R.deadline_of(e.entry.timeout, now)), e.portid)
+        NewRecord(R.new_event_record(e.entry, now), e.portid)
         if e.kind is EventKind.NEW and e.entry.orig.proto not in ICMP_PROTOCOLS else e
         for e in events
     ]  # fmt: skip

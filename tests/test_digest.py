@@ -107,3 +107,16 @@ def test_digests_pack_round_trip(digests: list[int]) -> None:
 def test_bucket_count_must_be_a_power_of_two(n: int) -> None:
     with pytest.raises(ValueError, match="power of two"):
         check_bucket_count(n)
+
+
+def test_add_stores_only_a_new_key_and_stales_its_bucket() -> None:
+    t = BucketTable(16)
+    e = make_entry(1)
+    k, b = pk(e), t.bucket_of(pk(e))
+    before = t.digest(b)
+    assert t.add(k, pack(e, 10.0))
+    assert len(t) == 1 and t.get(k) == pack(e, 10.0)
+    assert t.digest(b) == (before + fingerprint(pack(e, 10.0))) % (1 << 64)
+    # Present: left alone (the caller takes the general path).
+    assert not t.add(k, pack(e._replace(mark=5), 10.0))
+    assert len(t) == 1 and t.get(k) == pack(e, 10.0)
