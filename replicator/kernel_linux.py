@@ -40,9 +40,9 @@ from __future__ import annotations
 import errno
 import gc
 import socket
-from collections.abc import Callable, Sequence
-from functools import partial
+from collections.abc import Sequence
 from types import TracebackType
+from typing import NoReturn
 
 import trio
 
@@ -96,8 +96,12 @@ def _recv(sock: socket.socket, buf: bytearray) -> int:
     """One datagram into ``buf``; raises BlockingIOError when the socket is empty."""
     n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
     if n > len(buf):
-        raise NetlinkDecodeError(f"netlink datagram of {n} bytes truncated to {len(buf)}")
+        _truncated(n, len(buf))
     return n
+
+
+def _truncated(n: int, size: int) -> NoReturn:
+    raise NetlinkDecodeError(f"netlink datagram of {n} bytes truncated to {size}")
 
 
 class EventSubscription:
@@ -166,18 +170,22 @@ class EventSubscription:
             self._overrun = False
             return Overrun(1)
         events: list[AnyEvent] = []
-        decode: Callable[[memoryview], Sequence[AnyEvent]] = ctnetlink.decode_events
-        if self.records:
-            # Deadlines count from when the events are read.
-            decode = partial(ctnetlink.decode_events_records, now=trio.current_time())
+        records, decode = self.records, ctnetlink.decode_events
+        decode_records = ctnetlink.decode_events_records
+        # Deadlines count from when the events are read.
+        now = trio.current_time()
         view, buf = self._view, self._buf
         ignore = self.ignore_portid
         reads = 0
+        # Once per event (the kernel sends one per datagram): _recv inlined.
+        recv_into, size = self._sock.recv_into, len(buf)
         try:
             # Bounded by datagrams read, not events kept: skipped echoes count too, so
             # a long commit still lets other tasks run between drains.
             while len(events) < MAX_BATCH and reads < MAX_BATCH:
-                n = _recv(self._sock, buf)
+                n = recv_into(buf, 0, socket.MSG_TRUNC)
+                if n > size:
+                    _truncated(n, size)
                 reads += 1
                 if ignore:
                     # The kernel sends one event per datagram: an echo is recognised by
@@ -187,10 +195,12 @@ class EventSubscription:
                         if pid == ignore and length == n:
                             self.ignored += 1
                             continue
-                    got = decode(view[:n])
+                    got = decode_records(view[:n], now) if records else decode(view[:n])
                     kept = [e for e in got if e.portid != ignore]
                     self.ignored += len(got) - len(kept)
                     events += kept
+                elif records:
+                    events += decode_records(view[:n], now)
                 else:
                     events += decode(view[:n])
         except BlockingIOError:
