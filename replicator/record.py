@@ -522,6 +522,8 @@ def filter_offsets(record: bytes) -> tuple[int, int, int, int, int | None, int |
 #: Where a record's key ends, by family: ``record[HEADER_SIZE:KEY_END[family]]`` is
 #: :func:`key_of` (for callers that slice it inline, once per entry of a burst).
 KEY_END = {f: HEADER_SIZE + k.size for f, k in _KEY.items()}
+#: The size of a packed key (the start of a body), by family.
+KEY_SIZE = {f: k.size for f, k in _KEY.items()}
 
 
 def key_of(record: bytes) -> bytes:

@@ -1173,19 +1173,14 @@ class SyncSession:
     def _apply_changes(self, c: _Conn, msg: wire.Changes, since: float) -> None:
         ext = self.external
         bucket_of = ext.table.bucket_of
-        upsert = ext.upsert
-        from_body, key_of = R.from_body, R.key_of
+        # The bodies were checked by the decoder: each is stored as it came.
+        records = ext.upsert_received(msg.upserts, since)
         replacing = c.replacing
-        records = []
-        for body, timeout in msg.upserts:
-            # The body was checked by the decoder: it is stored as it came.
-            rec = from_body(body, timeout, since)
-            key = key_of(rec)
-            b = bucket_of(key)
-            upsert(b, key, rec)
-            records.append(rec)
-            if replacing:
-                unconfirmed = replacing.get(b)
+        if replacing:
+            # A change of a key in a bucket being replaced confirms it.
+            for rec in records:
+                key = R.key_of(rec)
+                unconfirmed = replacing.get(bucket_of(key))
                 if unconfirmed is not None:
                     unconfirmed.discard(key)
         st = self.stats

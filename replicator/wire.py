@@ -364,7 +364,7 @@ def _array(v: object, high: int, what: str) -> tuple[Any, ...]:
     return v
 
 
-_ENTRY_SIGS = frozenset({(bytes, int), (bytes, type(None))})
+_NOT_AN_ENTRY = "entry is not an array of a binary body and a timeout or nil"
 
 
 def _entries(v: object, high: int, what: str) -> tuple[WireEntry, ...]:
@@ -372,9 +372,12 @@ def _entries(v: object, high: int, what: str) -> tuple[WireEntry, ...]:
     entries = _array(v, high, what)
     check = R.check_body
     for e in entries:
-        if type(e) is not tuple or tuple(map(type, e)) not in _ENTRY_SIGS:
-            raise _bad("entry is not an array of a binary body and a timeout or nil")
+        # Exact types (a bool is no timeout); once per entry a standby receives.
+        if type(e) is not tuple or len(e) != 2:
+            raise _bad(_NOT_AN_ENTRY)
         body, timeout = e
+        if type(body) is not bytes or (timeout is not None and type(timeout) is not int):
+            raise _bad(_NOT_AN_ENTRY)
         if timeout is not None and not 0 <= timeout <= _U32:
             raise _bad(f"entry timeout is not in 0..{_U32}")
         try:
