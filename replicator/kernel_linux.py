@@ -72,6 +72,12 @@ DUMP_RCVBUF = 4 * 1024 * 1024
 #: Size of the preallocated receive buffer: more than any ctnetlink datagram (events
 #: are one message each; dump datagrams are at most ~32 KiB).
 RECV_BYTES = 256 * 1024
+#: What one read of the event socket asks for: more than any event datagram (one
+#: message of at most a few KiB). ``recv`` of this size returns the datagram as
+#: ``bytes`` at once, 0.3 µs cheaper per event than ``recv_into`` a buffer and copying
+#: out (measured on 232-byte datagrams); a size beyond glibc's mmap threshold (128 KiB)
+#: would map memory on every read.
+EVENT_RECV_BYTES = 64 * 1024
 #: Most events returned in one batch, so that a flood still lets other tasks run.
 MAX_BATCH = 8192
 
@@ -118,8 +124,6 @@ class EventSubscription:
         except BaseException:
             self._sock.close()
             raise
-        self._buf = bytearray(RECV_BYTES)
-        self._view = memoryview(self._buf)
         self._overrun = False
         self.ignore_portid = 0
         self.ignored = 0
@@ -174,35 +178,36 @@ class EventSubscription:
         decode_records = ctnetlink.decode_events_records
         # Deadlines count from when the events are read.
         now = trio.current_time()
-        view, buf = self._view, self._buf
         ignore = self.ignore_portid
         reads = 0
-        # Once per event (the kernel sends one per datagram): _recv inlined.
-        recv_into, size = self._sock.recv_into, len(buf)
+        # Once per event (the kernel sends one per datagram).
+        recv, size, trunc = self._sock.recv, EVENT_RECV_BYTES, socket.MSG_TRUNC
         try:
             # Bounded by datagrams read, not events kept: skipped echoes count too, so
             # a long commit still lets other tasks run between drains.
             while len(events) < MAX_BATCH and reads < MAX_BATCH:
-                n = recv_into(buf, 0, socket.MSG_TRUNC)
-                if n > size:
-                    _truncated(n, size)
+                # With MSG_TRUNC the kernel returns a longer datagram's real length,
+                # and the bytes come back that long (beyond ``size`` unread): refused.
+                data = recv(size, trunc)
+                if len(data) > size:
+                    _truncated(len(data), size)
                 reads += 1
                 if ignore:
                     # The kernel sends one event per datagram: an echo is recognised by
                     # the header's port id alone, without decoding it.
-                    if n >= NLMSG_HDRLEN:
-                        length, _t, _f, _s, pid = NLMSG_HDR.unpack_from(buf)
-                        if pid == ignore and length == n:
+                    if len(data) >= NLMSG_HDRLEN:
+                        length, _t, _f, _s, pid = NLMSG_HDR.unpack_from(data)
+                        if pid == ignore and length == len(data):
                             self.ignored += 1
                             continue
-                    got = decode_records(view[:n], now) if records else decode(view[:n])
+                    got = decode_records(data, now) if records else decode(data)
                     kept = [e for e in got if e.portid != ignore]
                     self.ignored += len(got) - len(kept)
                     events += kept
                 elif records:
-                    events += decode_records(view[:n], now)
+                    events += decode_records(data, now)
                 else:
-                    events += decode(view[:n])
+                    events += decode(data)
         except BlockingIOError:
             pass
         except OSError as exc:

@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import ipaddress
 
+import pytest
 import trio
 
 from integration.netns.lab import Lab
+from replicator import kernel_linux
+from replicator.errors import NetlinkDecodeError
 from replicator.kernel_linux import LinuxKernel
 from replicator.mirror import Mirror
 from replicator.model import (
@@ -123,4 +126,19 @@ async def test_event_buffer_is_forced_beyond_rmem_max(netlab: Lab) -> None:
         subscription = port.subscribe()
         # SO_RCVBUFFORCE ignores the cap (the kernel doubles the value for overhead).
         assert subscription.rcvbuf >= 4 * rmem_max
+        await subscription.aclose()
+
+
+async def test_an_event_longer_than_a_read_is_refused_not_cut(
+        netlab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The event reader asks for EVENT_RECV_BYTES per datagram with MSG_TRUNC: a longer
+    # one must raise, never be decoded from its first part. Shrunk here below the size
+    # of a real event (a few hundred bytes); the first read is the one refused.
+    ns = netlab.netns("fw")
+    monkeypatch.setattr(kernel_linux, "EVENT_RECV_BYTES", 64)
+    async with LinuxKernel(ns.name) as port, LinuxKernel(ns.name) as traffic:
+        subscription = port.subscribe()
+        assert (await traffic.upsert(synthetic(1))).applied == 1
+        with pytest.raises(NetlinkDecodeError, match="truncated to 64"):
+            await subscription.__anext__()
         await subscription.aclose()
