@@ -194,6 +194,8 @@ from .wheel import TimerWheel
 _INF = math.inf
 #: Seconds by which the deadline the peer was told may exceed the entry's before it is
 #: corrected (whole-second rounding and the jitter between two reads of a timeout).
+#: Measured against ``told``, which may be up to :data:`TOLD_SLACK` below what the peer
+#: holds: a copy may outlive its original by that much more before the correction.
 _OVERTOLD = 2.0
 #: A ``told`` at most this far below the deadline being sent counts as current: the
 #: record is not restamped. A NEW event's record comes with its own deadline as
