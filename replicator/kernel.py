@@ -29,11 +29,17 @@ class InjectResult(NamedTuple):
 
 
 class Overrun(NamedTuple):
-    """The event socket overflowed (ENOBUFS): events were lost and a resync is needed."""
+    """Events were lost and a resync is needed: the event socket overflowed (ENOBUFS),
+    or datagrams could not be decoded (skipped whole: a truncated or malformed event
+    is never guessed at)."""
 
     #: How many ENOBUFS errors this marker stands for (named so as not to shadow
     #: ``tuple.count``).
     enobufs: int
+    #: Datagrams skipped because they could not be decoded.
+    undecodable: int = 0
+    #: Why the last of them could not be (empty if none).
+    reason: str = ""
 
 
 #: One event of a subscription: NEW events may come as records (see

@@ -48,6 +48,7 @@ class FakeSubscription:
         self._buffer = buffer_events
         self._queue: list[CtEvent] = []
         self._lost = 0
+        self._undecodable: list[str] = []
         self._closed = False
         self._wakeup = trio.Event()
         self.ignore_portid = 0
@@ -83,11 +84,15 @@ class FakeSubscription:
         while True:
             if self._closed:
                 raise StopAsyncIteration
-            if self._lost:
-                # Like ENOBUFS: one error for the whole loss, then the queued events.
+            if self._lost or self._undecodable:
+                # Like ENOBUFS: one error for the whole loss, then the queued events;
+                # like the Linux port, undecodable datagrams are skipped and reported.
+                lost = Overrun(min(self._lost, 1), len(self._undecodable),
+                               self._undecodable[-1] if self._undecodable else "")
                 self._lost = 0
+                self._undecodable = []
                 await trio.lowlevel.checkpoint()
-                return Overrun(1)
+                return lost
             if self._queue:
                 batch: list[AnyEvent] = []
                 batch += self._queue
@@ -235,6 +240,13 @@ class FakeKernel:
         """Make every subscriber lose its queued events and read an Overrun next."""
         for sub in self._subscribers:
             sub._force_overrun()
+
+    def undecodable_event(self, reason: str = "malformed ctnetlink message") -> None:
+        """Make every subscriber read an event it cannot decode (reported as an
+        :class:`~replicator.kernel.Overrun` with ``undecodable``, ``reason``)."""
+        for sub in self._subscribers:
+            sub._undecodable.append(reason)
+            sub._wakeup.set()
 
     # -- internals ----------------------------------------------------------------------
 

@@ -42,7 +42,6 @@ import gc
 import socket
 from collections.abc import Sequence
 from types import TracebackType
-from typing import NoReturn
 
 import trio
 
@@ -102,12 +101,8 @@ def _recv(sock: socket.socket, buf: bytearray) -> int:
     """One datagram into ``buf``; raises BlockingIOError when the socket is empty."""
     n = sock.recv_into(buf, 0, socket.MSG_TRUNC)
     if n > len(buf):
-        _truncated(n, len(buf))
+        raise NetlinkDecodeError(f"netlink datagram of {n} bytes truncated to {len(buf)}")
     return n
-
-
-def _truncated(n: int, size: int) -> NoReturn:
-    raise NetlinkDecodeError(f"netlink datagram of {n} bytes truncated to {size}")
 
 
 class EventSubscription:
@@ -124,7 +119,8 @@ class EventSubscription:
         except BaseException:
             self._sock.close()
             raise
-        self._overrun = False
+        #: A loss to report right after the events read before it.
+        self._lost: Overrun | None = None
         self.ignore_portid = 0
         self.ignored = 0
         self.records = False
@@ -170,16 +166,17 @@ class EventSubscription:
 
     def _drain(self) -> EventBatch | None:
         """Whatever the socket holds now: events, an Overrun, or ``None`` if empty."""
-        if self._overrun:
-            self._overrun = False
-            return Overrun(1)
+        if self._lost is not None:
+            lost, self._lost = self._lost, None
+            return lost
         events: list[AnyEvent] = []
         records, decode = self.records, ctnetlink.decode_events
         decode_records = ctnetlink.decode_events_records
         # Deadlines count from when the events are read.
         now = trio.current_time()
         ignore = self.ignore_portid
-        reads = 0
+        reads = enobufs = undecodable = 0
+        reason = ""
         # Once per event (the kernel sends one per datagram).
         recv, size, trunc = self._sock.recv, EVENT_RECV_BYTES, socket.MSG_TRUNC
         try:
@@ -189,33 +186,44 @@ class EventSubscription:
                 # With MSG_TRUNC the kernel returns a longer datagram's real length,
                 # and the bytes come back that long (beyond ``size`` unread): refused.
                 data = recv(size, trunc)
-                if len(data) > size:
-                    _truncated(len(data), size)
                 reads += 1
-                if ignore:
-                    # The kernel sends one event per datagram: an echo is recognised by
-                    # the header's port id alone, without decoding it.
-                    if len(data) >= NLMSG_HDRLEN:
-                        length, _t, _f, _s, pid = NLMSG_HDR.unpack_from(data)
-                        if pid == ignore and length == len(data):
-                            self.ignored += 1
-                            continue
-                    got = decode_records(data, now) if records else decode(data)
-                    kept = [e for e in got if e.portid != ignore]
-                    self.ignored += len(got) - len(kept)
-                    events += kept
-                elif records:
-                    events += decode_records(data, now)
-                else:
-                    events += decode(data)
+                if len(data) > size:
+                    undecodable += 1
+                    reason = f"netlink datagram of {len(data)} bytes truncated to {size}"
+                    continue
+                try:
+                    if ignore:
+                        # The kernel sends one event per datagram: an echo is recognised
+                        # by the header's port id alone, without decoding it.
+                        if len(data) >= NLMSG_HDRLEN:
+                            length, _t, _f, _s, pid = NLMSG_HDR.unpack_from(data)
+                            if pid == ignore and length == len(data):
+                                self.ignored += 1
+                                continue
+                        got = decode_records(data, now) if records else decode(data)
+                        kept = [e for e in got if e.portid != ignore]
+                        self.ignored += len(got) - len(kept)
+                        events += kept
+                    elif records:
+                        events += decode_records(data, now)
+                    else:
+                        events += decode(data)
+                except NetlinkDecodeError as exc:
+                    # The whole datagram is skipped: the dump that follows the loss
+                    # marker brings what it held (the mirror resyncs).
+                    undecodable += 1
+                    reason = str(exc)
         except BlockingIOError:
             pass
         except OSError as exc:
             if exc.errno != errno.ENOBUFS:
                 raise KernelError(f"event socket: {exc.strerror}", exc.errno or 0) from exc
+            enobufs = 1
+        if enobufs or undecodable:
+            lost = Overrun(enobufs, undecodable, reason)
             if not events:
-                return Overrun(1)
-            self._overrun = True  # report it right after the events read before it
+                return lost
+            self._lost = lost  # reported right after the events read before it
         return events or None
 
     @property

@@ -81,6 +81,12 @@ class Metrics:
             "ENOBUFS overruns of the kernel event socket (events were lost).",
             registry=r,
         )
+        self.undecodable_events = Counter(
+            "replicator_undecodable_events",
+            "Kernel event datagrams skipped because they could not be decoded "
+            "(repaired by a re-dump).",
+            registry=r,
+        )
         self.injection_errors = Counter(
             "replicator_injection_errors",
             "Entries the kernel refused to create, update or delete, by errno name.",

@@ -10,7 +10,8 @@ Theory of operation
    before the daemon started are caught by the dump, and every connection created
    afterwards has a listener and produces events.
 2. Fold every event batch into the :class:`~replicator.cache.InternalCache`.
-3. On an :class:`~replicator.kernel.Overrun` (ENOBUFS: events were lost), keep reading
+3. On an :class:`~replicator.kernel.Overrun` (ENOBUFS, or datagrams that could not be
+   decoded and were skipped: events were lost either way), keep reading
    events and run a resync in the background: dump on the second socket, reconcile with
    the rule in :mod:`replicator.cache`. An overrun during a resync makes that dump doubtful
    (the lost events may be newer than its view), so another resync follows it. The dump
@@ -29,6 +30,7 @@ consumer stall the event socket and turn back-pressure into ENOBUFS.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -37,11 +39,16 @@ import trio
 
 from .cache import Change, InternalCache
 from .kernel import AnyEvent, KernelPort, Overrun, Subscription
+from .logs import fields
 
 #: After an overrun, the resync waits until this long passed without another one...
 RESYNC_QUIET = 0.2
 #: ... but no longer than this (seconds).
 RESYNC_MAX_DELAY = 5.0
+#: Seconds between two log lines about undecodable events (each counts those since).
+UNDECODABLE_LOG_INTERVAL = 60.0
+
+log = logging.getLogger(__name__)
 
 #: The consumer of cache changes: called with every non-empty batch, in order.
 Publish = Callable[[list[Change]], None]
@@ -63,6 +70,9 @@ class MirrorStats:
     published: int = 0
     #: Echoes dropped unread inside :meth:`Mirror.echoes_ignored` (a dump replaced them).
     echoes_ignored: int = 0
+    #: Event datagrams skipped because they could not be decoded (each loss repaired
+    #: by a resync, like an overrun).
+    undecodable: int = 0
 
 
 class Mirror:
@@ -84,6 +94,9 @@ class Mirror:
         self._nursery: trio.Nursery | None = None
         self._subscription: Subscription | None = None
         self._stale = False
+        # Undecodable events: when the last was logged, how many since.
+        self._logged_at: float | None = None
+        self._unlogged = 0
 
     @property
     def synced(self) -> bool:
@@ -172,6 +185,8 @@ class Mirror:
         async for batch in subscription:
             if isinstance(batch, Overrun):
                 self.stats.overruns += batch.enobufs
+                if batch.undecodable:
+                    self._undecodable(batch)
                 self._request_resync(nursery)
             else:
                 self._apply(batch)
@@ -184,6 +199,18 @@ class Mirror:
         self.stats.events += len(batch)
         self.stats.echoes += echoes
         self._emit(changes)
+
+    def _undecodable(self, lost: Overrun) -> None:
+        """Count undecodable events; log the first and then at most one line per
+        :data:`UNDECODABLE_LOG_INTERVAL` (a kernel sending many would flood the log)."""
+        self.stats.undecodable += lost.undecodable
+        self._unlogged += lost.undecodable
+        now = trio.current_time()
+        if self._logged_at is None or now - self._logged_at >= UNDECODABLE_LOG_INTERVAL:
+            log.warning("undecodable conntrack events skipped; re-reading the table",
+                        extra=fields(count=self._unlogged, reason=lost.reason))
+            self._logged_at = now
+            self._unlogged = 0
 
     def _request_resync(self, nursery: trio.Nursery) -> None:
         if self._resync_running:
@@ -227,9 +254,9 @@ class Mirror:
         """
         deadline = trio.current_time() + self._resync_max_delay
         while (left := deadline - trio.current_time()) > 0:
-            seen = self.stats.overruns
+            seen = self.stats.overruns, self.stats.undecodable
             await trio.sleep(min(self._resync_quiet, left))
-            if self.stats.overruns == seen:
+            if (self.stats.overruns, self.stats.undecodable) == seen:
                 return
 
     def _emit(self, changes: list[Change]) -> None:

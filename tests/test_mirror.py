@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
+import pytest
 import trio
 import trio.testing
 
 from replicator import record
 from replicator.cache import Change
 from replicator.kernel_fake import FakeKernel
-from replicator.mirror import Mirror
+from replicator.mirror import UNDECODABLE_LOG_INTERVAL, Mirror
 from replicator.model import AF_INET, IPPROTO_UDP, CtTuple, Entry, EntryKey, invert
 
 A = bytes([10, 0, 0, 1])
@@ -212,4 +214,36 @@ async def test_resync_waits_for_overruns_to_stop() -> None:
         await settle(mirror)
         assert kernel.dumps == 2  # one repair once the losses stopped
         assert mirror.stats.overruns == 3
+        nursery.cancel_scope.cancel()
+
+
+async def test_an_undecodable_event_is_counted_logged_and_repaired_by_a_dump(
+        caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock) -> None:
+    # The kernel's event for a change could not be decoded (the port skips the whole
+    # datagram): the change reaches the cache through the dump that follows.
+    kernel = FakeKernel()
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        kernel.add(entry(1))
+        await settle(mirror)
+        kernel.table[entry(2).key] = entry(2)  # its event is the one lost
+        with caplog.at_level(logging.WARNING, logger="replicator.mirror"):
+            kernel.undecodable_event("malformed ctnetlink message: test")
+            await settle(mirror)
+            assert mirror.stats.undecodable == 1 and mirror.stats.overruns == 0
+            assert mirror.stats.reconciliations == 2
+            assert mirror.cache.snapshot() == kernel.table
+            # Two more within the minute: counted and repaired, logged once more only
+            # after the interval, with the count since.
+            for _ in range(2):
+                kernel.undecodable_event()
+                await settle(mirror)
+            assert mirror.stats.undecodable == 3
+            await trio.sleep(UNDECODABLE_LOG_INTERVAL)
+            kernel.undecodable_event("the reason of the last")
+            await settle(mirror)
+        logged = [r for r in caplog.records if "undecodable" in r.getMessage()]
+        assert [(r.fields["count"], r.fields["reason"]) for r in logged] == [  # type: ignore[attr-defined]
+            (1, "malformed ctnetlink message: test"), (3, "the reason of the last")]
         nursery.cancel_scope.cancel()

@@ -16,7 +16,7 @@ import trio
 
 from integration.netns.lab import Lab
 from replicator import kernel_linux
-from replicator.errors import NetlinkDecodeError
+from replicator.kernel import Overrun
 from replicator.kernel_linux import LinuxKernel
 from replicator.mirror import Mirror
 from replicator.model import (
@@ -129,16 +129,29 @@ async def test_event_buffer_is_forced_beyond_rmem_max(netlab: Lab) -> None:
         await subscription.aclose()
 
 
-async def test_an_event_longer_than_a_read_is_refused_not_cut(
+async def test_events_longer_than_a_read_are_skipped_counted_and_repaired(
         netlab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
     # The event reader asks for EVENT_RECV_BYTES per datagram with MSG_TRUNC: a longer
-    # one must raise, never be decoded from its first part. Shrunk here below the size
-    # of a real event (a few hundred bytes); the first read is the one refused.
+    # one is skipped whole and reported (never decoded from its first part), and the
+    # mirror re-reads the table. Shrunk here below the size of a real event (a few
+    # hundred bytes), so that every event is lost this way.
     ns = netlab.netns("fw")
     monkeypatch.setattr(kernel_linux, "EVENT_RECV_BYTES", 64)
+    entries = synthetic(300)
     async with LinuxKernel(ns.name) as port, LinuxKernel(ns.name) as traffic:
         subscription = port.subscribe()
-        assert (await traffic.upsert(synthetic(1))).applied == 1
-        with pytest.raises(NetlinkDecodeError, match="truncated to 64"):
-            await subscription.__anext__()
+        assert (await traffic.upsert(entries[:1])).applied == 1
+        lost = await subscription.__anext__()
+        assert isinstance(lost, Overrun)
+        assert lost[:2] == (0, 1) and "truncated to 64" in lost.reason
         await subscription.aclose()
+
+        mirror = Mirror(port)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(mirror.run)
+            assert (await traffic.upsert(entries[1:])).applied == len(entries) - 1
+            assert await settled(mirror, port) == []
+            assert len(mirror.cache) == len(entries)
+            assert mirror.stats.undecodable > 0 and mirror.stats.overruns == 0
+            assert mirror.stats.events == 0  # nothing was decoded from a cut datagram
+            nursery.cancel_scope.cancel()
