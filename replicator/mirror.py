@@ -38,6 +38,7 @@ from dataclasses import dataclass
 import trio
 
 from .cache import Change, InternalCache
+from .errors import KernelError, NetlinkDecodeError
 from .kernel import AnyEvent, KernelPort, Overrun, Subscription
 from .logs import fields
 
@@ -47,6 +48,10 @@ RESYNC_QUIET = 0.2
 RESYNC_MAX_DELAY = 5.0
 #: Seconds between two log lines about undecodable events (each counts those since).
 UNDECODABLE_LOG_INTERVAL = 60.0
+#: A failed re-read of the table is tried again after this many seconds, doubling...
+DUMP_RETRY_FIRST = 1.0
+#: ... up to this.
+DUMP_RETRY_MAX = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -73,6 +78,8 @@ class MirrorStats:
     #: Event datagrams skipped because they could not be decoded (each loss repaired
     #: by a resync, like an overrun).
     undecodable: int = 0
+    #: Re-reads of the table (after start-up) that failed and were tried again.
+    dump_failures: int = 0
 
 
 class Mirror:
@@ -223,15 +230,30 @@ class Mirror:
 
     async def _resync(self) -> None:
         first = self.stats.reconciliations == 0
+        failures = 0
         while True:
             if not first:
                 await self._quiet()
-            first = False
             self._resync_again = False
             self.cache.begin_resync()
             # Whatever was dropped unread before this point is in this dump.
-            self._stale = False
-            dump = await self._kernel.dump()
+            was_stale, self._stale = self._stale, False
+            try:
+                dump = await self._kernel.dump()
+            except (KernelError, NetlinkDecodeError) as exc:
+                if first:
+                    raise  # at start-up: this kernel cannot be mirrored, say so at once
+                # Later (an overrun's repair, a refresh): the daemon keeps running on
+                # the cache it has, events keep coming, and the dump is tried again.
+                self._stale = was_stale
+                failures += 1
+                self.stats.dump_failures += 1
+                delay = min(DUMP_RETRY_MAX, DUMP_RETRY_FIRST * 2 ** (failures - 1))
+                log.warning("re-reading the kernel table failed; retrying",
+                            extra=fields(error=str(exc), retry_in=delay))
+                await trio.sleep(delay)
+                continue
+            first = False
             # In steps, letting the event reader and the sync link run in between: a
             # large table reconciled in one go stalled the whole daemon for seconds
             # (events then overrun, the peer link misses its keepalives).

@@ -11,8 +11,9 @@ import trio.testing
 
 from replicator import record
 from replicator.cache import Change
+from replicator.errors import KernelError
 from replicator.kernel_fake import FakeKernel
-from replicator.mirror import UNDECODABLE_LOG_INTERVAL, Mirror
+from replicator.mirror import DUMP_RETRY_FIRST, UNDECODABLE_LOG_INTERVAL, Mirror
 from replicator.model import AF_INET, IPPROTO_UDP, CtTuple, Entry, EntryKey, invert
 
 A = bytes([10, 0, 0, 1])
@@ -246,4 +247,43 @@ async def test_an_undecodable_event_is_counted_logged_and_repaired_by_a_dump(
         logged = [r for r in caplog.records if "undecodable" in r.getMessage()]
         assert [(r.fields["count"], r.fields["reason"]) for r in logged] == [  # type: ignore[attr-defined]
             (1, "malformed ctnetlink message: test"), (3, "the reason of the last")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_failed_re_read_is_retried_and_the_first_one_stops_the_start(
+        caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock) -> None:
+    kernel = FakeKernel()
+    failing = 2
+
+    async def fail() -> None:
+        nonlocal failing
+        if failing:
+            failing -= 1
+            raise KernelError("conntrack dump failed: errno 12", 12)
+
+    # At start-up the daemon cannot work without the table: the error is the start's.
+    kernel.during_dump = fail
+    with pytest.raises(BaseExceptionGroup) as raised:
+        async with trio.open_nursery() as nursery:
+            await nursery.start(Mirror(kernel).run)
+    assert raised.group_contains(KernelError)
+    # Later, the mirror keeps its cache and tries again, backing off: nothing is lost.
+    failing = 0
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        kernel.add(entry(1))
+        await settle(mirror)
+        failing = 2
+        kernel.table[entry(2).key] = entry(2)  # a change whose event was lost
+        with caplog.at_level(logging.WARNING, logger="replicator.mirror"):
+            start = trio.current_time()
+            kernel.overrun()
+            await settle(mirror)
+        assert mirror.stats.dump_failures == 2
+        assert trio.current_time() - start >= DUMP_RETRY_FIRST * 3  # 1 s, then 2 s
+        assert mirror.cache.snapshot() == kernel.table and mirror.synced
+        logged = [r for r in caplog.records if "failed; retrying" in r.getMessage()]
+        assert [r.fields["retry_in"] for r in logged] == [  # type: ignore[attr-defined]
+            DUMP_RETRY_FIRST, 2 * DUMP_RETRY_FIRST]
         nursery.cancel_scope.cancel()
