@@ -164,13 +164,19 @@ async def test_overrun_is_repaired_by_a_dump() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def running_with_one_entry(kernel: FakeKernel, nursery: trio.Nursery) -> Mirror:
+    """A mirror of ``kernel`` started in ``nursery``, once it holds ``entry(1)``."""
+    mirror = Mirror(kernel)
+    await nursery.start(mirror.run)
+    kernel.add(entry(1))
+    await settle(mirror)
+    return mirror
+
+
 async def test_overrun_during_a_dump_triggers_another_resync() -> None:
     kernel = FakeKernel()
-    mirror = Mirror(kernel)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mirror.run)
-        kernel.add(entry(1))
-        await settle(mirror)
+        mirror = await running_with_one_entry(kernel, nursery)
         overran = False
 
         async def lose_events() -> None:
@@ -223,11 +229,8 @@ async def test_an_undecodable_event_is_counted_logged_and_repaired_by_a_dump(
     # The kernel's event for a change could not be decoded (the port skips the whole
     # datagram): the change reaches the cache through the dump that follows.
     kernel = FakeKernel()
-    mirror = Mirror(kernel)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mirror.run)
-        kernel.add(entry(1))
-        await settle(mirror)
+        mirror = await running_with_one_entry(kernel, nursery)
         kernel.table[entry(2).key] = entry(2)  # its event is the one lost
         with caplog.at_level(logging.WARNING, logger="replicator.mirror"):
             kernel.undecodable_event("malformed ctnetlink message: test")
@@ -269,11 +272,8 @@ async def test_a_failed_re_read_is_retried_and_the_first_one_stops_the_start(
     assert raised.group_contains(KernelError)
     # Later, the mirror keeps its cache and tries again, backing off: nothing is lost.
     failing = 0
-    mirror = Mirror(kernel)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mirror.run)
-        kernel.add(entry(1))
-        await settle(mirror)
+        mirror = await running_with_one_entry(kernel, nursery)
         failing = 2
         kernel.table[entry(2).key] = entry(2)  # a change whose event was lost
         with caplog.at_level(logging.WARNING, logger="replicator.mirror"):
