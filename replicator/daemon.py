@@ -109,6 +109,11 @@ log = logging.getLogger(__name__)
 DEFAULT_COMMIT_TIMEOUT = 180
 #: Expiry hold when periodic re-reads of the kernel are off (``refresh_interval = 0``).
 EXPIRY_HOLD_DEFAULT = 30.0
+#: A hot standby's write that failed as a whole is tried again after this many
+#: seconds, doubling...
+WRITE_RETRY_FIRST = 1.0
+#: ... up to this.
+WRITE_RETRY_MAX = 30.0
 _LIBERAL = int(TcpFlag.BE_LIBERAL)
 _new = tuple.__new__
 #: Entries per part of a snapshot of the local table handed to the session (the event
@@ -218,6 +223,8 @@ class KernelWriter:
         #: Entries the kernel refused, by errno (also exported as a metric).
         self.errors: dict[int, int] = {}
         self.written = 0
+        #: Writes that failed as a whole and were tried again (see :meth:`run`).
+        self.failures = 0
 
     def __len__(self) -> int:
         return len(self._pending)
@@ -251,7 +258,16 @@ class KernelWriter:
             await self._idle.wait()
 
     async def run(self) -> None:
-        """Write queued changes forever."""
+        """Write queued changes forever.
+
+        A write that fails as a whole (the netlink socket refusing a datagram, e.g.
+        ``ENOMEM`` under memory pressure; not the kernel refusing entries, which
+        :meth:`record` counts) leaves its changes queued under whatever came since
+        (the newer state wins) and is tried again after :data:`WRITE_RETRY_FIRST`
+        seconds, doubling up to :data:`WRITE_RETRY_MAX`: a hot standby keeps running
+        and loses none of the peer's changes.
+        """
+        failed = 0
         while True:
             if not self._pending:
                 self._idle.set()
@@ -259,23 +275,39 @@ class KernelWriter:
                 self._wake = trio.Event()
                 continue
             batch, self._pending = self._pending, {}
-            known = self._known
-            new: list[bytes] = []
-            existing: list[bytes] = []
-            deletes: list[Entry] = []
-            for key, rec in batch.items():
-                if rec is None:
-                    k = R.unpack_key(key)
-                    deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
-                else:
-                    (existing if key in known else new).append(rec)
-            if new or existing:
-                result = await self._kernel.upsert_records(
-                    new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
-                    tcp_flags=self._tcp_flags, existing=existing)
-                self.record(result, "upsert")
-            if deletes:
-                self.record(await self._kernel.delete(deletes), "delete")
+            try:
+                await self._write(batch)
+            except (KernelError, OSError) as exc:
+                for key, rec in batch.items():
+                    self._pending.setdefault(key, rec)
+                failed += 1
+                self.failures += 1
+                delay = min(WRITE_RETRY_MAX, WRITE_RETRY_FIRST * 2 ** (failed - 1))
+                log.warning("writing the peer's entries failed; retrying", extra=fields(
+                    error=str(exc), entries=len(batch), retry_in=delay))
+                await trio.sleep(delay)
+                continue
+            failed = 0
+
+    async def _write(self, batch: dict[bytes, bytes | None]) -> None:
+        """Write one batch of queued changes (upserts, then deletes)."""
+        known = self._known
+        new: list[bytes] = []
+        existing: list[bytes] = []
+        deletes: list[Entry] = []
+        for key, rec in batch.items():
+            if rec is None:
+                k = R.unpack_key(key)
+                deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
+            else:
+                (existing if key in known else new).append(rec)
+        if new or existing:
+            result = await self._kernel.upsert_records(
+                new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
+                tcp_flags=self._tcp_flags, existing=existing)
+            self.record(result, "upsert")
+        if deletes:
+            self.record(await self._kernel.delete(deletes), "delete")
 
     def record(self, result: InjectResult, what: str) -> None:
         """Count a write's outcome; log its failures (one line per errno)."""
@@ -745,6 +777,7 @@ class Daemon:
         for name, value in vars(self.mirror.stats).items():
             out[f"mirror_{name}"] = float(value)
         out["kernel_writes"] = float(self.writer.written)
+        out["kernel_write_failures"] = float(self.writer.failures)
         for number, count in self.writer.errors.items():
             out[f"kernel_errors_{errno_mod.errorcode.get(number, str(number))}"] = float(count)
         out["protocol_violations"] = float(self.protocol_violations)

@@ -8,6 +8,8 @@ control socket and metrics.
 from __future__ import annotations
 
 import datetime
+import errno
+import logging
 import socket
 import urllib.request
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -493,3 +495,39 @@ async def test_overlapping_rereads_of_the_kernel_take_turns(pair_factory: Pair) 
                 nursery.start_soon(a.daemon.resync, ResyncSource.KERNEL)
         assert a.daemon.session.local_count == 3 * SNAPSHOT_STEP
         assert not a.daemon.session.snapshot_running
+
+
+async def test_a_hot_write_that_fails_whole_is_retried_and_loses_nothing(
+    autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
+) -> None:
+    # The netlink socket refuses the write (ENOMEM under memory pressure): the changes
+    # stay queued, newer ones win, and the write is tried again after a back-off.
+    kernel = FakeKernel()
+    writer = KernelWriter(kernel, Metrics())
+    real = kernel.upsert_records
+    refusals = 2
+
+    async def refusing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            await trio.lowlevel.checkpoint()
+            # Meanwhile the peer changed entry 1: the retry must write that state.
+            writer.put([record.pack(flow(1)._replace(mark=9), trio.current_time() + 100)])
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return await real(*args, **kwargs)
+
+    kernel.upsert_records = refusing  # type: ignore[method-assign]
+    now = trio.current_time()
+    writer.put([record.pack(flow(i), now + 100) for i in range(1, 4)])
+    with caplog.at_level(logging.WARNING, logger="replicator.daemon"):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(writer.run)
+            await writer.wait_idle()
+            nursery.cancel_scope.cancel()
+    assert writer.failures == 2
+    assert trio.current_time() - now >= 3  # 1 s, then 2 s
+    assert set(kernel.table) == {flow(i).key for i in range(1, 4)}
+    assert kernel.table[flow(1).key].mark == 9
+    retries = [r for r in caplog.records if "failed; retrying" in r.getMessage()]
+    assert [r.fields["retry_in"] for r in retries] == [1.0, 2.0]  # type: ignore[attr-defined]
