@@ -29,7 +29,6 @@ from . import record as R
 from .model import CtEvent, Entry, EntryKey, EventKind, NewRecord, merge
 
 _NEVER = -float("inf")
-_new = tuple.__new__
 
 
 class Change(NamedTuple):
@@ -144,35 +143,12 @@ class InternalCache:
                     ) -> tuple[list[Change], int]:
         """:meth:`apply` for each event, in order: the changes of the events not
         carrying port id ``own`` (0: none is ours) and how many did (the echoes of our
-        own writes, applied but not returned).
-
-        A burst of new connections is a run of NEW events of unknown keys: those take
-        a short path here (one read of the key, one store).
-        """
-        if self._touched is not None:
-            changes = []
-            echoes = 0
-            for event in events:
-                change = self.apply(event, now)
-                if own and event.portid == own:
-                    echoes += 1
-                else:
-                    changes.append(change)
-            return changes, echoes
-        records, apply, key_end = self._records, self.apply, R.KEY_END
+        own writes, applied but not returned)."""
+        apply = self.apply
         changes = []
         echoes = 0
         for event in events:
-            if type(event) is NewRecord:
-                rec = event.record
-                key = rec[R.HEADER_SIZE : key_end[rec[R.HEADER_SIZE]]]
-                if key not in records:
-                    records[key] = rec
-                    change = _new(Change, (key, rec, None))
-                else:
-                    change = apply(event, now)
-            else:
-                change = apply(event, now)
+            change = apply(event, now)
             if own and event.portid == own:
                 echoes += 1
             else:

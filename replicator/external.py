@@ -97,25 +97,15 @@ class ExternalCache:
                         ) -> list[bytes]:
         """:meth:`upsert` of each received (checked) ``(body, timeout)`` as
         :func:`~replicator.record.from_body` makes it at ``since``, under its key (the
-        start of the body); the records stored, in order.
-
-        Once per entry a standby receives: one call per message, not several per entry.
-        """
-        table, wheel = self._table, self._wheel
-        put, lookup, from_body, deadline_of = table.put, table.lookup, R.from_body, R.deadline
-        key_size = R.KEY_SIZE
+        start of the body); the records stored, in order."""
+        upsert, bucket_of = self.upsert, self._table.bucket_of
+        from_body, key_size = R.from_body, R.KEY_SIZE
         records = []
         for body, timeout in upserts:
             rec = from_body(body, timeout, since)
             key = body[: key_size[body[0]]]
-            old = put(lookup(key)[0], key, rec)
-            if timeout is not None:
-                deadline = since + timeout
-                if old is None or deadline_of(old) != deadline:
-                    wheel.add(key, deadline)
+            upsert(bucket_of(key), key, rec)
             records.append(rec)
-        if wheel.items > 2 * len(table) + _WHEEL_SLACK:
-            self._rebuild_wheel()
         return records
 
     def delete(self, bucket: int, key: bytes) -> bytes | None:

@@ -103,32 +103,16 @@ class EntryFilter:
         # Where each value is in what ``unpack`` returns.
         ip, isrc, irsrc, izone, *more = (order.index(i) for i in range(len(wanted)))
         imark = more[0] if mark_at is not None else None
-        # The criteria, bound once; those not set are skipped by a cheap test (the TCP
-        # states too when the shape has no TCP info: such an entry passes).
-        itcp = more[-1] if tcp_at is not None else 0
-        protos, nets = self.ignore_protocols, self._nets.get(family, ())
-        states = self.tcp_states if tcp_at is not None else None
-        zones, mark_mask, mark_value = self.zones, self.mark_mask, self.mark_value
-        wide = alen != 4
+        itcp = more[-1] if tcp_at is not None else None
+        accepts, wide = self._accepts, alen != 4
 
         def verdict(record: bytes) -> bool:
             v = unpack(record)
-            if protos and v[ip] in protos:
-                return False
-            if nets:
-                src, rsrc = v[isrc], v[irsrc]
-                if wide:
-                    src, rsrc = _int(src), _int(rsrc)
-                for net, mask in nets:
-                    if src & mask == net or rsrc & mask == net:
-                        return False
-            if states is not None and v[ip] == IPPROTO_TCP and v[itcp] not in states:
-                return False
-            if zones is not None and v[izone] not in zones:
-                return False
-            if mark_mask:
-                return ((0 if imark is None else v[imark]) & mark_mask) == mark_value
-            return True
+            src, rsrc = v[isrc], v[irsrc]
+            return accepts(
+                family, v[ip], _int(src) if wide else src, _int(rsrc) if wide else rsrc,
+                tcp_state=None if itcp is None else v[itcp], zone=v[izone],
+                mark=0 if imark is None else v[imark])
 
         return verdict
 

@@ -694,8 +694,7 @@ class SyncSession:
                 else:
                     self.local_record(key, record, entry, now)
             return
-        accept_record, add, pending = self._accept_record, self._table.add, self._pending
-        most = self.params.max_pending
+        accept_record, add, mark = self._accept_record, self._table.add, self._mark
         for key, record, entry in changes:
             if record is None:
                 self.local_delete(key, now)
@@ -704,11 +703,7 @@ class SyncSession:
             elif accept_record is not None and not accept_record(record):
                 self.local_delete(key, now)
             elif add(key, record):
-                if key not in pending:
-                    pending[key] = now
-                    if len(pending) > most:
-                        self._fold()
-                        pending = self._pending
+                mark(key, now)
             else:
                 self._local(key, record, None, now)
 
@@ -1483,9 +1478,7 @@ class SyncSession:
         ups: list[wire.TimedRecord] = []
         dels: list[bytes] = []
         first = _INF
-        lookup, remaining_of, timing = table.lookup, self._remaining, R.timing
-        # Once per entry of a burst: the usual case (a record whose told is current,
-        # see TOLD_SLACK) is decided here without calling _remaining.
+        lookup, remaining_of = table.lookup, self._remaining
         for key in tuple(islice(pending, self.params.batch)):
             t = pending.pop(key)
             b, bucket = lookup(key)
@@ -1499,12 +1492,7 @@ class SyncSession:
             elif coming and key in coming:
                 continue
             else:
-                deadline, told = timing(rec)
-                left = 0 if deadline == _INF else math.ceil(deadline - now)
-                if left >= 1 and told <= now + left < told + TOLD_SLACK:
-                    ups.append((rec, left))  # what _remaining would do, without a call
-                else:
-                    ups.append((rec, remaining_of(bucket, key, rec, now)))
+                ups.append((rec, remaining_of(bucket, key, rec, now)))
             keys.append(key)
             first = min(first, t)
         if not pending:
