@@ -75,7 +75,7 @@ from .control import (
 from .errors import ControlError, KernelError, ReplicatorError
 from .filters import EntryFilter, build_filter
 from .gcpause import COLLECTOR_PAUSE
-from .kernel import InjectResult, KernelPort
+from .kernel import KERNEL_RETRY, InjectResult, KernelPort
 from .keys import NodeIdentity, load_identity
 from .logs import fields, set_level, setup_logging
 from .metrics import Metrics, MetricsServer, serve_metrics
@@ -109,13 +109,7 @@ log = logging.getLogger(__name__)
 DEFAULT_COMMIT_TIMEOUT = 180
 #: Expiry hold when periodic re-reads of the kernel are off (``refresh_interval = 0``).
 EXPIRY_HOLD_DEFAULT = 30.0
-#: A hot standby's write that failed as a whole is tried again after this many
-#: seconds, doubling...
-WRITE_RETRY_FIRST = 1.0
-#: ... up to this.
-WRITE_RETRY_MAX = 30.0
 _LIBERAL = int(TcpFlag.BE_LIBERAL)
-_new = tuple.__new__
 #: Entries per part of a snapshot of the local table handed to the session (the event
 #: reader and the link run between parts): a few milliseconds of work.
 SNAPSHOT_STEP = 4096
@@ -263,9 +257,9 @@ class KernelWriter:
         A write that fails as a whole (the netlink socket refusing a datagram, e.g.
         ``ENOMEM`` under memory pressure; not the kernel refusing entries, which
         :meth:`record` counts) leaves its changes queued under whatever came since
-        (the newer state wins) and is tried again after :data:`WRITE_RETRY_FIRST`
-        seconds, doubling up to :data:`WRITE_RETRY_MAX`: a hot standby keeps running
-        and loses none of the peer's changes.
+        (the newer state wins) and is tried again as
+        :data:`~replicator.kernel.KERNEL_RETRY` says: a hot standby keeps running and
+        loses none of the peer's changes.
         """
         failed = 0
         while True:
@@ -282,7 +276,7 @@ class KernelWriter:
                     self._pending.setdefault(key, rec)
                 failed += 1
                 self.failures += 1
-                delay = min(WRITE_RETRY_MAX, WRITE_RETRY_FIRST * 2 ** (failed - 1))
+                delay = KERNEL_RETRY.capped(failed - 1)
                 log.warning("writing the peer's entries failed; retrying", extra=fields(
                     error=str(exc), entries=len(batch), retry_in=delay))
                 await trio.sleep(delay)

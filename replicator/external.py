@@ -22,7 +22,7 @@ entry costs two ``bytes`` objects, a dict slot and a list slot.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 
 from . import record as R
 from .digest import BucketTable
@@ -92,21 +92,6 @@ class ExternalCache:
             if wheel.items > 2 * len(self._table) + _WHEEL_SLACK:
                 self._rebuild_wheel()
         return old
-
-    def upsert_received(self, upserts: Iterable[tuple[bytes, int | None]], since: float
-                        ) -> list[bytes]:
-        """:meth:`upsert` of each received (checked) ``(body, timeout)`` as
-        :func:`~replicator.record.from_body` makes it at ``since``, under its key (the
-        start of the body); the records stored, in order."""
-        upsert, bucket_of = self.upsert, self._table.bucket_of
-        from_body, key_size = R.from_body, R.KEY_SIZE
-        records = []
-        for body, timeout in upserts:
-            rec = from_body(body, timeout, since)
-            key = body[: key_size[body[0]]]
-            upsert(bucket_of(key), key, rec)
-            records.append(rec)
-        return records
 
     def delete(self, bucket: int, key: bytes) -> bytes | None:
         """Remove ``key`` (in ``bucket``); returns the removed record or None."""

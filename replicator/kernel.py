@@ -11,7 +11,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import NamedTuple, Protocol
 
+from .linkpolicy import Backoff
 from .model import CtEvent, Entry, NewRecord
+
+#: How a kernel operation the daemon outlives (a re-read of the table, a hot standby's
+#: write) is tried again after failing as a whole: after 1 s, doubling up to 30 s
+#: (:meth:`~replicator.linkpolicy.Backoff.capped`: no jitter, one node's own kernel).
+KERNEL_RETRY = Backoff(initial=1.0, maximum=30.0)
 
 
 class EntryError(NamedTuple):

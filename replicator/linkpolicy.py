@@ -157,5 +157,9 @@ class Backoff:
         ``jitter`` in ``[0, 1)`` (a random draw) scales the capped exponential delay
         into ``[50 %, 100 %)`` of its value.
         """
-        capped = self.initial * 2.0 ** min(attempt, 64)
-        return min(capped, self.maximum) * (0.5 + 0.5 * jitter)
+        return self.capped(attempt) * (0.5 + 0.5 * jitter)
+
+    def capped(self, attempt: int) -> float:
+        """The delay before retry number ``attempt`` (0-based) without jitter: the
+        initial one doubled each time, at most :attr:`maximum`."""
+        return min(self.initial * 2.0 ** min(attempt, 64), self.maximum)

@@ -39,7 +39,8 @@ import trio
 
 from .cache import Change, InternalCache
 from .errors import KernelError, NetlinkDecodeError
-from .kernel import AnyEvent, KernelPort, Overrun, Subscription
+from .kernel import KERNEL_RETRY, AnyEvent, KernelPort, Overrun, Subscription
+from .linkpolicy import RefusalLog
 from .logs import fields
 
 #: After an overrun, the resync waits until this long passed without another one...
@@ -48,10 +49,6 @@ RESYNC_QUIET = 0.2
 RESYNC_MAX_DELAY = 5.0
 #: Seconds between two log lines about undecodable events (each counts those since).
 UNDECODABLE_LOG_INTERVAL = 60.0
-#: A failed re-read of the table is tried again after this many seconds, doubling...
-DUMP_RETRY_FIRST = 1.0
-#: ... up to this.
-DUMP_RETRY_MAX = 30.0
 
 log = logging.getLogger(__name__)
 
@@ -101,8 +98,8 @@ class Mirror:
         self._nursery: trio.Nursery | None = None
         self._subscription: Subscription | None = None
         self._stale = False
-        # Undecodable events: when the last was logged, how many since.
-        self._logged_at: float | None = None
+        # Undecodable events: when a line is due, and how many since the last one.
+        self._undecodable_log = RefusalLog(interval=UNDECODABLE_LOG_INTERVAL)
         self._unlogged = 0
 
     @property
@@ -212,11 +209,9 @@ class Mirror:
         :data:`UNDECODABLE_LOG_INTERVAL` (a kernel sending many would flood the log)."""
         self.stats.undecodable += lost.undecodable
         self._unlogged += lost.undecodable
-        now = trio.current_time()
-        if self._logged_at is None or now - self._logged_at >= UNDECODABLE_LOG_INTERVAL:
+        if self._undecodable_log.record("kernel", trio.current_time()) is not None:
             log.warning("undecodable conntrack events skipped; re-reading the table",
                         extra=fields(count=self._unlogged, reason=lost.reason))
-            self._logged_at = now
             self._unlogged = 0
 
     def _request_resync(self, nursery: trio.Nursery) -> None:
@@ -248,7 +243,7 @@ class Mirror:
                 self._stale = was_stale
                 failures += 1
                 self.stats.dump_failures += 1
-                delay = min(DUMP_RETRY_MAX, DUMP_RETRY_FIRST * 2 ** (failures - 1))
+                delay = KERNEL_RETRY.capped(failures - 1)
                 log.warning("re-reading the kernel table failed; retrying",
                             extra=fields(error=str(exc), retry_in=delay))
                 await trio.sleep(delay)

@@ -489,7 +489,11 @@ def is_usual(record: bytes) -> bool:
 
 @functools.cache
 def shape_filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, int | None]:
-    """:func:`filter_offsets` of every record of ``shape`` (:func:`usual_shape`)."""
+    """Where what a replication filter reads (:mod:`replicator.filters`) is in every
+    record of ``shape`` (:func:`usual_shape`), so that it needs no unpacking: the
+    address length, then the offsets of the protocol (one byte), the original source,
+    the reply source, the mark (four bytes big endian, None: no mark) and the TCP state
+    (one byte, None: no TCP info). The zone is at :data:`ZONE_AT`."""
     family, flags = shape >> 8, shape & 0xFF
     alen, tsize, h = _ALEN[family], _TUPLE[family].size, HEADER_SIZE
     pos = h + 3 + tsize + _FLAGS_STATUS.size
@@ -509,27 +513,10 @@ def shape_filter_offsets(shape: int) -> tuple[int, int, int, int, int | None, in
 ZONE_AT = HEADER_SIZE + 1
 
 
-def filter_offsets(record: bytes) -> tuple[int, int, int, int, int | None, int | None]:
-    """Where what a replication filter reads (:mod:`replicator.filters`) is in
-    ``record``, so that it needs no unpacking: the address length, then the offsets
-    of the protocol (one byte), the original source, the reply source, the mark (four
-    bytes big endian, None: no mark) and the TCP state (one byte, None: no TCP info).
-    The zone is at :data:`ZONE_AT`, the family at :data:`HEADER_SIZE`."""
-    family = record[HEADER_SIZE]
-    return shape_filter_offsets(family << 8 | record[FLAGS_AT[family]])
-
-
-#: Where a record's key ends, by family: ``record[HEADER_SIZE:KEY_END[family]]`` is
-#: :func:`key_of` (for callers that slice it inline, once per entry of a burst).
-KEY_END = {f: HEADER_SIZE + k.size for f, k in _KEY.items()}
-#: The size of a packed key (the start of a body), by family.
-KEY_SIZE = {f: k.size for f, k in _KEY.items()}
-
-
 def key_of(record: bytes) -> bytes:
     """The packed key of the entry in ``record``."""
     start = HEADER_SIZE
-    return record[start : KEY_END[record[start]]]
+    return record[start : start + 3 + _TUPLE[record[start]].size]
 
 
 def body(record: bytes) -> bytes:

@@ -687,18 +687,13 @@ class SyncSession:
         does not hold: those take a short path here (filter, store, mark pending),
         which is most of what the active node does per entry.
         """
-        if self._snapshot is not None:
-            for key, record, entry in changes:
-                if record is None:
-                    self.local_delete(key, now)
-                else:
-                    self.local_record(key, record, entry, now)
-            return
         accept_record, add, mark = self._accept_record, self._table.add, self._mark
+        # While a snapshot is given in parts, local_record also notes the keys touched.
+        snapshot = self._snapshot
         for key, record, entry in changes:
             if record is None:
                 self.local_delete(key, now)
-            elif entry is not None:
+            elif entry is not None or snapshot is not None:
                 self.local_record(key, record, entry, now)
             elif accept_record is not None and not accept_record(record):
                 self.local_delete(key, now)
@@ -1170,14 +1165,19 @@ class SyncSession:
     def _apply_changes(self, c: _Conn, msg: wire.Changes, since: float) -> None:
         ext = self.external
         bucket_of = ext.table.bucket_of
-        # The bodies were checked by the decoder: each is stored as it came.
-        records = ext.upsert_received(msg.upserts, since)
+        upsert = ext.upsert
+        from_body, key_of = R.from_body, R.key_of
         replacing = c.replacing
-        if replacing:
-            # A change of a key in a bucket being replaced confirms it.
-            for rec in records:
-                key = R.key_of(rec)
-                unconfirmed = replacing.get(bucket_of(key))
+        records = []
+        for body, timeout in msg.upserts:
+            # The body was checked by the decoder: it is stored as it came.
+            rec = from_body(body, timeout, since)
+            key = key_of(rec)
+            b = bucket_of(key)
+            upsert(b, key, rec)
+            records.append(rec)
+            if replacing:
+                unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
                     unconfirmed.discard(key)
         st = self.stats

@@ -153,25 +153,3 @@ def test_the_kernel_ready_commit_set_sets_the_copies_flags_and_default_timeout(
         for e in c.commit_set(5.0)
     ]
 
-
-@given(st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2),
-                          st.none() | st.integers(0, 100)), max_size=20))
-def test_received_entries_are_stored_as_upsert_stores_them(
-        spec: list[tuple[int, int, int | None]]) -> None:
-    # upsert_received (a CHANGES message's entries in one call) against upsert of
-    # each entry's record: same records, same table, same expiries.
-    one, batched = ExternalCache(8), ExternalCache(8)
-    for cache in (one, batched):
-        put(cache, make_entry(0, timeout=40), 0.0)
-    upserts = [(record.body(record.pack(make_entry(i, variant=v), 0.0)), t)
-               for i, v, t in spec]
-    want = []
-    for body, timeout in upserts:
-        rec = record.from_body(body, timeout, 7.0)
-        key = record.key_of(rec)
-        one.upsert(one.table.bucket_of(key), key, rec)
-        want.append(rec)
-    assert batched.upsert_received(upserts, 7.0) == want
-    assert list(batched.table.items()) == list(one.table.items())
-    for now in (40.0, 50.0, 108.0):
-        assert batched.expire(now) == one.expire(now)

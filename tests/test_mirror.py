@@ -12,8 +12,9 @@ import trio.testing
 from replicator import record
 from replicator.cache import Change
 from replicator.errors import KernelError
+from replicator.kernel import KERNEL_RETRY
 from replicator.kernel_fake import FakeKernel
-from replicator.mirror import DUMP_RETRY_FIRST, UNDECODABLE_LOG_INTERVAL, Mirror
+from replicator.mirror import UNDECODABLE_LOG_INTERVAL, Mirror
 from replicator.model import AF_INET, IPPROTO_UDP, CtTuple, Entry, EntryKey, invert
 
 A = bytes([10, 0, 0, 1])
@@ -281,9 +282,10 @@ async def test_a_failed_re_read_is_retried_and_the_first_one_stops_the_start(
             kernel.overrun()
             await settle(mirror)
         assert mirror.stats.dump_failures == 2
-        assert trio.current_time() - start >= DUMP_RETRY_FIRST * 3  # 1 s, then 2 s
+        assert trio.current_time() - start >= 3  # 1 s, then 2 s
         assert mirror.cache.snapshot() == kernel.table and mirror.synced
         logged = [r for r in caplog.records if "failed; retrying" in r.getMessage()]
         assert [r.fields["retry_in"] for r in logged] == [  # type: ignore[attr-defined]
-            DUMP_RETRY_FIRST, 2 * DUMP_RETRY_FIRST]
+            1.0, 2.0]
+        assert KERNEL_RETRY.capped(0) == 1.0 and KERNEL_RETRY.capped(9) == 30.0
         nursery.cancel_scope.cancel()
