@@ -123,13 +123,15 @@ class ExternalCache:
         the wheel held for a record refreshed or deleted since are skipped (or put back
         if still due later within this second)."""
         due = []
+        seen: set[bytes] = set()
         get, wheel = self._table.get, self._wheel
         for key in wheel.pop_due(now):
             rec = get(key)
-            if rec is None:
-                continue  # deleted since
+            if rec is None or key in seen:
+                continue  # deleted since, or held twice (its deadline moved and back)
             deadline = R.deadline(rec)
             if deadline <= now:
+                seen.add(key)
                 due.append((key, rec))
             elif deadline < math.floor(now) + 1:
                 wheel.add(key, now + 1)  # later within this second (refreshed otherwise)

@@ -153,3 +153,12 @@ def test_the_kernel_ready_commit_set_sets_the_copies_flags_and_default_timeout(
         for e in c.commit_set(5.0)
     ]
 
+
+
+def test_an_entry_whose_deadline_moved_and_came_back_expires_once() -> None:
+    """The wheel then holds its key twice at the same second: one expiry, not two (a
+    hot standby would delete it twice, the counters count it twice)."""
+    cache = ExternalCache(4)
+    for timeout in (60, 61, 60):
+        put(cache, make_entry(0, timeout=timeout), 100.0)
+    assert [pk(e) for e in cache.expire(200.0)] == [pk(make_entry(0))]
