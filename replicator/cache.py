@@ -155,6 +155,23 @@ class InternalCache:
                 changes.append(change)
         return changes, echoes
 
+    def note_written(self, written: Iterable[tuple[bytes, bytes]], deleted: Iterable[bytes]
+                     ) -> None:
+        """Take ``(packed key, record)`` pairs this node wrote into the kernel, and the
+        keys of entries it deleted, without their events (see
+        :meth:`replicator.mirror.Mirror.note_written`); nothing is returned, as for
+        echoes. Each counts as an event for a resync running (the dump's view of the
+        key may be older)."""
+        records, touched = self._records, self._touched
+        for key, rec in written:
+            records[key] = rec
+            if touched is not None:
+                touched.add(key)
+        for key in deleted:
+            records.pop(key, None)
+            if touched is not None:
+                touched.add(key)
+
     def begin_resync(self) -> None:
         """Start recording which keys events touch; call just before requesting a dump."""
         self._touched = set()

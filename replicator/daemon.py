@@ -47,7 +47,7 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Container, Iterable
+from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -188,6 +188,11 @@ class ResyncRecord:
     entries: int
 
 
+#: Told what a write applied: the ``(packed key, record)`` pairs written and the keys
+#: deleted (see :meth:`replicator.mirror.Mirror.note_written`).
+Wrote = Callable[[list[tuple[bytes, bytes]], list[bytes]], None]
+
+
 class KernelWriter:
     """Hot mode: the peer's changes waiting to be written to this node's kernel.
 
@@ -204,9 +209,11 @@ class KernelWriter:
     """
 
     def __init__(self, kernel: KernelPort, metrics: Metrics, *,
-                 window_tracking: bool = False, known: Container[bytes] = ()) -> None:
+                 window_tracking: bool = False, known: Container[bytes] = (),
+                 wrote: Wrote | None = None) -> None:
         self._kernel = kernel
         self._metrics = metrics
+        self._wrote = wrote
         self._tcp_flags = copy_tcp_flags(window_tracking)
         self._known = known
         #: packed key -> record, or None (delete).
@@ -295,13 +302,21 @@ class KernelWriter:
                 deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
             else:
                 (existing if key in known else new).append(rec)
+        refused: set[bytes] = set()
         if new or existing:
             result = await self._kernel.upsert_records(
                 new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
                 tcp_flags=self._tcp_flags, existing=existing)
             self.record(result, "upsert")
+            refused.update(R.key(failure.entry) for failure in result.errors)
         if deletes:
-            self.record(await self._kernel.delete(deletes), "delete")
+            result = await self._kernel.delete(deletes)
+            self.record(result, "delete")
+            refused.update(R.key(failure.entry) for failure in result.errors)
+        if self._wrote is not None:
+            self._wrote(
+                [(k, r) for k, r in batch.items() if r is not None and k not in refused],
+                [k for k, r in batch.items() if r is None and k not in refused])
 
     def record(self, result: InjectResult, what: str) -> None:
         """Count a write's outcome; log its failures (one line per errno)."""
@@ -337,7 +352,9 @@ class Daemon:
         self.hot = config.sync.mode == "hot"
         self.epoch = secrets.randbits(64)
         self.metrics = Metrics()
-        self.mirror = Mirror(kernel, publish=self._on_local_changes)
+        # Hot mode: the echoes of the peer's entries written into the kernel are not
+        # read; the writer says what it wrote (see the mirror's module doc).
+        self.mirror = Mirror(kernel, publish=self._on_local_changes, ignore_echoes=self.hot)
         # The session stores the mirror's records (one object per entry, not two).
         self.session = SyncSession(
             config.node.name, self.epoch, params=sync_params(config),
@@ -345,7 +362,7 @@ class Daemon:
         )
         self.writer = KernelWriter(kernel, self.metrics,
                                    window_tracking=config.kernel.tcp_window_tracking,
-                                   known=self.mirror.cache)
+                                   known=self.mirror.cache, wrote=self.mirror.note_written)
         self.machine = RoleMachine(hot=False, follow=config.keepalived.vrrp_name)
         self.runner = RoleRunner(self.machine, self.perform)
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
@@ -411,6 +428,16 @@ class Daemon:
         external, flushed = self.session.external, self._flushed_copies
         return [(k, r) for k, r in items if k not in external and k not in flushed]
 
+    def _own_changes(self, changes: list[Change]) -> list[Change]:
+        """The changes of this node's own entries (see :meth:`_own_table`): on a hot
+        standby, a re-read of the kernel finds the copies it wrote as the kernel holds
+        them, not as the mirror was told (:meth:`Mirror.note_written`): they are the
+        peer's, not changes to send it."""
+        if not self.applies_peer_to_kernel:
+            return changes
+        external, flushed = self.session.external, self._flushed_copies
+        return [c for c in changes if c.key not in external and c.key not in flushed]
+
     async def _reread_kernel(self) -> None:
         """Dump the kernel, reconcile the mirror, and make the result the local table.
 
@@ -441,8 +468,10 @@ class Daemon:
     # --- inputs -----------------------------------------------------------------------
 
     def _on_local_changes(self, changes: list[Change]) -> None:
-        self.session.local_changes(changes, self.now())
-        self.wake()
+        changes = self._own_changes(changes)
+        if changes:
+            self.session.local_changes(changes, self.now())
+            self.wake()
 
     def _drop_stale_copies(self) -> None:
         """After the peer's full resync: delete the flushed copies it no longer has."""
@@ -882,9 +911,10 @@ class Daemon:
         checked = self.session.local_count
         if self.applies_peer_to_kernel:
             await self.writer.wait_idle()
-            # The mirror must be complete: after a commit (which receives no events of
-            # its writes) it is stale until re-read.
-            if self.mirror.stale:
+            # The mirror must be complete and true: after a commit (which receives no
+            # events of its writes) it is stale until re-read, and a hot standby's
+            # holds the copies as written, not as the kernel reports them.
+            if self.mirror.stale or self.mirror.ignores_echoes:
                 await self.mirror.resync()
             else:
                 await self.mirror.wait_synced()

@@ -22,6 +22,15 @@ Theory of operation
    of our own injector (events carrying the port's ``injector_portid``): those are cached
    but not published, so the standby never sends the active's own state back. Changes
    found by a reconciliation are published whatever caused them.
+5. With ``ignore_echoes`` (a hot standby, which writes the peer's whole table into its
+   kernel), the echoes are not even read: the subscription drops them by port id, and
+   the writer reports what it wrote instead (:meth:`Mirror.note_written`). Decoding
+   them was a third of a hot standby's CPU during a burst (and the kernel's own events
+   of those writes, which it sends all the same, are dropped for the price of a
+   ``recv``). The cache then holds those entries as written, not as the kernel reports
+   them (it sets status bits and TCP flags of its own): the consumer must know them
+   for the peer's copies (the daemon does: they are in its external cache), and the
+   next re-read of the table brings the kernel's version.
 
 The consumer is a plain callback called from the mirror's task: it must not block (the
 sync layer coalesces changes in its own structure). A memory channel would let a slow
@@ -31,7 +40,7 @@ consumer stall the event socket and turn back-pressure into ENOBUFS.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,7 +79,8 @@ class MirrorStats:
     reconciliations: int = 0
     #: Changes handed to the consumer.
     published: int = 0
-    #: Echoes dropped unread inside :meth:`Mirror.echoes_ignored` (a dump replaced them).
+    #: Echoes dropped unread: inside :meth:`Mirror.echoes_ignored` (a dump replaced
+    #: them) and with ``ignore_echoes`` (:meth:`Mirror.note_written` told instead).
     echoes_ignored: int = 0
     #: Event datagrams skipped because they could not be decoded (each loss repaired
     #: by a resync, like an overrun).
@@ -83,15 +93,16 @@ class Mirror:
     """Keeps :attr:`cache` equal to one kernel's conntrack table (see the module doc)."""
 
     def __init__(self, kernel: KernelPort, publish: Publish | None = None, *,
-                 resync_quiet: float = RESYNC_QUIET, resync_max_delay: float = RESYNC_MAX_DELAY
-                 ) -> None:
+                 resync_quiet: float = RESYNC_QUIET, resync_max_delay: float = RESYNC_MAX_DELAY,
+                 ignore_echoes: bool = False) -> None:
         self._kernel = kernel
         self._publish = publish
+        self._ignore_echoes = ignore_echoes
         self._resync_quiet = resync_quiet
         self._resync_max_delay = resync_max_delay
         #: The internal cache; read it freely, only the mirror writes it.
         self.cache = InternalCache()
-        self.stats = MirrorStats()
+        self._stats = MirrorStats()
         self._resync_running = False
         self._resync_again = False
         self._synced = trio.Event()
@@ -101,6 +112,13 @@ class Mirror:
         # Undecodable events: when a line is due, and how many since the last one.
         self._undecodable_log = RefusalLog(interval=UNDECODABLE_LOG_INTERVAL)
         self._unlogged = 0
+
+    @property
+    def stats(self) -> MirrorStats:
+        """The counters (``echoes_ignored`` read from the subscription now)."""
+        if self._subscription is not None:
+            self._stats.echoes_ignored = self._subscription.ignored
+        return self._stats
 
     @property
     def synced(self) -> bool:
@@ -113,6 +131,19 @@ class Mirror:
         started since: the cache lacks what our own injector wrote until :meth:`resync`.
         """
         return self._stale
+
+    @property
+    def ignores_echoes(self) -> bool:
+        """Whether the echoes of our own writes are dropped unread (see the module doc)."""
+        return self._ignore_echoes
+
+    def note_written(self, written: Iterable[tuple[bytes, bytes]], deleted: Iterable[bytes]
+                     ) -> None:
+        """Our injector wrote these ``(packed key, record)`` pairs into the kernel and
+        deleted the entries of these keys: with ``ignore_echoes``, the cache takes them
+        as written (their events are not read); otherwise their echoes will tell."""
+        if self._ignore_echoes:
+            self.cache.note_written(written, deleted)
 
     @contextmanager
     def echoes_ignored(self) -> Iterator[None]:
@@ -133,7 +164,6 @@ class Mirror:
         if sub is None or not own:
             yield
             return
-        before = sub.ignored
         sub.ignore_portid = own
         sub.mute_changes(True)
         # Set before the first write: whatever happens, the cache may miss events now.
@@ -142,8 +172,7 @@ class Mirror:
             yield
         finally:
             sub.mute_changes(False)
-            sub.ignore_portid = 0
-            self.stats.echoes_ignored += sub.ignored - before
+            sub.ignore_portid = own if self._ignore_echoes else 0
             # Again: a dump that started during the block missed what came after it.
             self._stale = True
 
@@ -162,6 +191,8 @@ class Mirror:
         subscription = self._kernel.subscribe()
         # The cache stores records: NEW events (most of a burst) need no Entry.
         subscription.records = True
+        if self._ignore_echoes:
+            subscription.ignore_portid = self._kernel.injector_portid
         self._subscription = subscription
         try:
             async with trio.open_nursery() as nursery:
@@ -188,7 +219,7 @@ class Mirror:
     async def _pump(self, subscription: Subscription, nursery: trio.Nursery) -> None:
         async for batch in subscription:
             if isinstance(batch, Overrun):
-                self.stats.overruns += batch.enobufs
+                self._stats.overruns += batch.enobufs
                 if batch.undecodable:
                     self._undecodable(batch)
                 self._request_resync(nursery)
@@ -200,14 +231,14 @@ class Mirror:
     def _apply(self, batch: list[AnyEvent]) -> None:
         changes, echoes = self.cache.apply_batch(
             batch, trio.current_time(), self._kernel.injector_portid)
-        self.stats.events += len(batch)
-        self.stats.echoes += echoes
+        self._stats.events += len(batch)
+        self._stats.echoes += echoes
         self._emit(changes)
 
     def _undecodable(self, lost: Overrun) -> None:
         """Count undecodable events; log the first and then at most one line per
         :data:`UNDECODABLE_LOG_INTERVAL` (a kernel sending many would flood the log)."""
-        self.stats.undecodable += lost.undecodable
+        self._stats.undecodable += lost.undecodable
         self._unlogged += lost.undecodable
         if self._undecodable_log.record("kernel", trio.current_time()) is not None:
             log.warning("undecodable conntrack events skipped; re-reading the table",
@@ -224,7 +255,7 @@ class Mirror:
         nursery.start_soon(self._resync)
 
     async def _resync(self) -> None:
-        first = self.stats.reconciliations == 0
+        first = self._stats.reconciliations == 0
         failures = 0
         while True:
             if not first:
@@ -242,7 +273,7 @@ class Mirror:
                 # the cache it has, events keep coming, and the dump is tried again.
                 self._stale = was_stale
                 failures += 1
-                self.stats.dump_failures += 1
+                self._stats.dump_failures += 1
                 delay = KERNEL_RETRY.capped(failures - 1)
                 log.warning("re-reading the kernel table failed; retrying",
                             extra=fields(error=str(exc), retry_in=delay))
@@ -256,7 +287,7 @@ class Mirror:
                 self._emit(changes)
                 await trio.lowlevel.checkpoint()
             del dump
-            self.stats.reconciliations += 1
+            self._stats.reconciliations += 1
             if not self._resync_again:
                 break
         self._resync_running = False
@@ -271,12 +302,12 @@ class Mirror:
         """
         deadline = trio.current_time() + self._resync_max_delay
         while (left := deadline - trio.current_time()) > 0:
-            seen = self.stats.overruns, self.stats.undecodable
+            seen = self._stats.overruns, self._stats.undecodable
             await trio.sleep(min(self._resync_quiet, left))
-            if (self.stats.overruns, self.stats.undecodable) == seen:
+            if (self._stats.overruns, self._stats.undecodable) == seen:
                 return
 
     def _emit(self, changes: list[Change]) -> None:
         if changes and self._publish is not None:
-            self.stats.published += len(changes)
+            self._stats.published += len(changes)
             self._publish(changes)

@@ -274,3 +274,19 @@ def test_a_batch_is_applied_as_its_events_one_by_one(
     assert got == [c for c, portid in want if portid != 9]
     assert echoes == sum(portid == 9 for _, portid in want)
     assert dict(batched.items()) == dict(one.items())
+
+
+def test_writes_noted_during_a_dump_count_as_events() -> None:
+    """What the node's own writer reports (its echoes unread) is cached unpublished and,
+    during a dump, is newer than the dump's view of the key, as an event would be."""
+    cache = InternalCache()
+    cache.apply_all([new(entry(1)), new(entry(2))], 0.0)
+    cache.begin_resync()
+    written = record.pack(entry(3, mark=7), 50.0)
+    cache.note_written([(pk(entry(3)), written)], [pk(entry(2))])
+    # The dump saw 2 before the delete and 3 before the write.
+    changes = cache.finish_resync([entry(1), entry(2), entry(3)], 0.0)
+    assert cache.snapshot() == {entry(1).key: entry(1), entry(3).key: entry(3, mark=7)}
+    assert {record.unpack_key(c.key) for c in changes} <= {entry(3).key}
+    cache.note_written([], [pk(entry(9))])  # an unknown key: nothing to drop
+    assert len(cache) == 2

@@ -112,6 +112,59 @@ async def test_echoes_are_cached_but_not_published() -> None:
         nursery.cancel_scope.cancel()
 
 
+@pytest.mark.parametrize("commit_block", [False, True])
+async def test_ignoring_echoes_reads_none_and_takes_the_writers_word(
+        commit_block: bool) -> None:
+    """A hot standby's mirror: the events of its own writes are dropped unread (also
+    after a commit block, which ignores them its own way), what the writer reports is
+    cached instead, unpublished; events from traffic still come."""
+    kernel = FakeKernel()
+    consumer = Consumer()
+    mirror = Mirror(kernel, consumer, ignore_echoes=True)
+    written = {record.key(e): record.pack(e, 100.0) for e in (entry(1), entry(2))}
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        assert mirror.ignores_echoes
+        if commit_block:
+            with mirror.echoes_ignored():
+                pass
+        await kernel.upsert([entry(1), entry(2), entry(3)])
+        mirror.note_written(written.items(), [])
+        kernel.add(entry(9))  # from traffic
+        await settle(mirror)
+        assert mirror.stats.echoes == 0 and mirror.stats.echoes_ignored == 3
+        # Entry 3's write was not reported (e.g. refused): the mirror does not know it.
+        assert dict(mirror.cache.items()) == {**written,
+                                              record.key(entry(9)): mirror_record(mirror, 9)}
+        assert set(consumer.table) == {entry(9).key}
+        await kernel.delete([entry(1)])
+        mirror.note_written([], [record.key(entry(1))])
+        await settle(mirror)
+        assert record.key(entry(1)) not in mirror.cache
+        assert mirror.stats.echoes_ignored == 4 and mirror.stats.published == 1
+        # A re-read brings the kernel's version of everything (and publishes what it
+        # found changed or new, as always: telling copies apart is the consumer's job).
+        await mirror.resync()
+        assert mirror.cache.snapshot() == kernel.table
+        nursery.cancel_scope.cancel()
+
+
+def mirror_record(mirror: Mirror, port: int) -> bytes:
+    found = dict(mirror.cache.items()).get(record.key(entry(port)))
+    assert found is not None
+    return found
+
+
+async def test_a_mirror_reading_echoes_ignores_what_the_writer_says() -> None:
+    kernel = FakeKernel()
+    mirror = Mirror(kernel)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        mirror.note_written([(record.key(entry(1)), record.pack(entry(1), 5.0))], [])
+        assert record.key(entry(1)) not in mirror.cache  # its echo will tell
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_commit_block_receives_no_creations_and_leaves_the_mirror_stale() -> None:
     kernel = FakeKernel()
     consumer = Consumer()
