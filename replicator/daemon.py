@@ -17,7 +17,11 @@ Data flows one way per node, and the protocol is symmetric (see :mod:`replicator
   ``PeerDeletes`` events are applied to the kernel only in ``hot`` mode and only while
   this node is not MASTER (a master owns its table). Kernel writes are coalesced by key
   in :class:`KernelWriter` and run by their own task, so a slow kernel never stalls
-  the protocol and memory stays bounded by the number of distinct entries.
+  the protocol and memory stays bounded by the number of distinct entries. In hot
+  mode the mirror does not read the events of those writes; the writer reports what
+  it wrote (:meth:`~replicator.mirror.Mirror.note_written`), and on a hot standby
+  changes of the peer's entries (keys in the external cache) are never handed to the
+  session as this node's own, however a re-read finds them (:meth:`Daemon._own_changes`).
 * **The driver** is the only task that talks to the session's output side: it runs
   timers, sends ``frames_to_send`` on the current connection in order, and dispatches
   events. Inputs (frames, local changes, role actions, control commands) only call
