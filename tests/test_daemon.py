@@ -562,3 +562,47 @@ async def test_a_hot_write_that_fails_whole_is_retried_and_loses_nothing(
     assert kernel.table[flow(1).key].mark == 9
     retries = [r for r in caplog.records if "failed; retrying" in r.getMessage()]
     assert [r.fields["retry_in"] for r in retries] == [1.0, 2.0]  # type: ignore[attr-defined]
+
+
+async def test_a_hot_batch_whose_deletes_fail_retries_only_the_deletes(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """The upserts of the batch were written: the retry neither writes nor counts them
+    again, and the mirror is told each change once."""
+    kernel = FakeKernel()
+    kernel.add(flow(9))
+    told: list[tuple[list[bytes], list[bytes]]] = []
+    writer = KernelWriter(kernel, Metrics(),
+                          wrote=lambda w, d: told.append(([k for k, _ in w], d)))
+    real = kernel.delete
+    refusals = 1
+
+    async def refusing(*args: Any, **kwargs: Any) -> Any:
+        nonlocal refusals
+        if refusals:
+            refusals -= 1
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return await real(*args, **kwargs)
+
+    kernel.delete = refusing  # type: ignore[method-assign]
+    upserts = kernel.upsert_records
+    calls = 0
+
+    async def counting(*args: Any, **kwargs: Any) -> Any:
+        nonlocal calls
+        calls += 1
+        return await upserts(*args, **kwargs)
+
+    kernel.upsert_records = counting  # type: ignore[method-assign]
+    now = trio.current_time()
+    writer.put([record.pack(flow(i), now + 100) for i in range(1, 4)])
+    writer.put_deletes([flow(9)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert writer.failures == 1 and calls == 1
+    assert writer.written == 4  # three creates, one delete: each once
+    assert set(kernel.table) == {flow(i).key for i in range(1, 4)}
+    keys = [record.key(flow(i)) for i in range(1, 4)]
+    assert told == [(keys, []), ([], [record.key(flow(9))])]
