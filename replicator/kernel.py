@@ -61,9 +61,12 @@ class Subscription(Protocol):
 
     #: Events caused by this netlink port id are dropped unread (0: none). The mirror
     #: sets it to the injector's port id while a commit writes a whole table whose
-    #: echoes would only be decoded to be superseded by the dump that follows.
+    #: echoes would only be decoded to be superseded by the dump that follows, and for
+    #: good on a hot standby (its writer reports what it wrote instead). The Linux port
+    #: has the kernel drop them (a socket filter).
     ignore_portid: int
-    #: How many events were dropped because of :attr:`ignore_portid`.
+    #: How many events were dropped because of :attr:`ignore_portid` on reading (the
+    #: Linux port: only those queued before it was set; the kernel drops the rest).
     ignored: int
     #: Deliver NEW events as :class:`~replicator.model.NewRecord` where the entry's
     #: record can be packed without building the entry (the mirror stores records:

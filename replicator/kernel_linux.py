@@ -45,7 +45,7 @@ from types import TracebackType
 
 import trio
 
-from . import ctnetlink, inject
+from . import bpf, ctnetlink, inject
 from .bulkwrite import commit_encoder
 from .errors import KernelError, NetlinkDecodeError
 from .external import commit_entry
@@ -121,9 +121,33 @@ class EventSubscription:
             raise
         #: A loss to report right after the events read before it.
         self._lost: Overrun | None = None
-        self.ignore_portid = 0
+        self._ignore_portid = 0
         self.ignored = 0
         self.records = False
+
+    @property
+    def ignore_portid(self) -> int:
+        """Drop the events sent on behalf of this port (0: none; see
+        :attr:`replicator.kernel.Subscription.ignore_portid`).
+
+        Dropped by a socket filter in the kernel (:mod:`replicator.bpf`), uncounted;
+        those queued before it was set are dropped on reading, counted in
+        :attr:`ignored`.
+        """
+        return self._ignore_portid
+
+    @ignore_portid.setter
+    def ignore_portid(self, portid: int) -> None:
+        if portid == self._ignore_portid:
+            return
+        try:
+            if portid:
+                bpf.attach(self._sock, bpf.drop_portid(portid))
+            else:
+                bpf.detach(self._sock)
+        except OSError as exc:
+            raise KernelError(f"event socket filter: {exc.strerror}", exc.errno or 0) from exc
+        self._ignore_portid = portid
 
     def mute_changes(self, muted: bool) -> None:
         """Leave (``True``) or rejoin the NEW and UPDATE groups (see
@@ -174,7 +198,7 @@ class EventSubscription:
         decode_records = ctnetlink.decode_events_records
         # Deadlines count from when the events are read.
         now = trio.current_time()
-        ignore = self.ignore_portid
+        ignore = self._ignore_portid
         reads = enobufs = undecodable = 0
         reason = ""
         # Once per event (the kernel sends one per datagram).

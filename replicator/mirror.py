@@ -25,9 +25,9 @@ Theory of operation
 5. With ``ignore_echoes`` (a hot standby, which writes the peer's whole table into its
    kernel), the echoes are not even read: the subscription drops them by port id, and
    the writer reports what it wrote instead (:meth:`Mirror.note_written`). Decoding
-   them was a third of a hot standby's CPU during a burst (and the kernel's own events
-   of those writes, which it sends all the same, are dropped for the price of a
-   ``recv``). The cache then holds those entries as written, not as the kernel reports
+   them was a third of a hot standby's CPU during a burst; the Linux port has the
+   kernel drop them before they are queued (:mod:`replicator.bpf`), which saves the
+   ``recv`` of each too. The cache then holds those entries as written, not as the kernel reports
    them (it sets status bits and TCP flags of its own): the consumer must know them
    for the peer's copies (the daemon does: they are in its external cache), and the
    next re-read of the table brings the kernel's version.
@@ -79,9 +79,13 @@ class MirrorStats:
     reconciliations: int = 0
     #: Changes handed to the consumer.
     published: int = 0
-    #: Echoes dropped unread: inside :meth:`Mirror.echoes_ignored` (a dump replaced
-    #: them) and with ``ignore_echoes`` (:meth:`Mirror.note_written` told instead).
+    #: Echoes dropped unread on reading: inside :meth:`Mirror.echoes_ignored` (a dump
+    #: replaced them) and with ``ignore_echoes`` (the Linux port has the kernel drop
+    #: the rest, uncounted; see :attr:`writes_noted`).
     echoes_ignored: int = 0
+    #: With ``ignore_echoes``: changes our writer reported instead of their echoes
+    #: (:meth:`Mirror.note_written`: entries written plus entries deleted).
+    writes_noted: int = 0
     #: Event datagrams skipped because they could not be decoded (each loss repaired
     #: by a resync, like an overrun).
     undecodable: int = 0
@@ -143,7 +147,9 @@ class Mirror:
         deleted the entries of these keys: with ``ignore_echoes``, the cache takes them
         as written (their events are not read); otherwise their echoes will tell."""
         if self._ignore_echoes:
+            written, deleted = list(written), list(deleted)
             self.cache.note_written(written, deleted)
+            self._stats.writes_noted += len(written) + len(deleted)
 
     @contextmanager
     def echoes_ignored(self) -> Iterator[None]:

@@ -77,3 +77,42 @@ def test_a_commit_receives_no_echoes_and_a_dump_completes_the_cache(netlab: Lab)
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_a_hot_standbys_mirror_gets_no_echo_from_the_kernel(netlab: Lab) -> None:
+    """With ``ignore_echoes`` the event socket carries a filter dropping the events of
+    the injector's writes in the kernel: none is queued (so none is even counted on
+    reading), others' events still come, and events of writes made while the filter is
+    off again (the end of a commit block restores it) are dropped too."""
+    ns = netlab.netns("he")
+    entries = nat_entries(OURS + 2 * THEIRS)
+    ours, theirs, more = entries[:OURS], entries[OURS:OURS + THEIRS], entries[-THEIRS:]
+    published: set[bytes] = set()
+
+    def consume(changes: list[Change]) -> None:
+        published.update(key for key, rec, _entry in changes if rec is not None)
+
+    async def main() -> None:
+        with entered(ns.name):
+            other: socket.socket = inject.open_socket()  # stands in for traffic
+        async with LinuxKernel(ns.name) as kernel, trio.open_nursery() as nursery:
+            mirror = Mirror(kernel, consume, ignore_echoes=True)
+            await nursery.start(mirror.run)
+            with other:
+                result = await kernel.upsert(ours)
+                assert result.applied == OURS and not result.errors
+                assert await inject.upsert(other, theirs) == (THEIRS, [])
+                await trio.testing.wait_all_tasks_blocked()
+                assert mirror.stats.events == THEIRS
+                assert mirror.stats.echoes == 0 and mirror.stats.echoes_ignored == 0
+                with mirror.echoes_ignored():
+                    pass
+                result = await kernel.upsert(more)
+                assert result.applied == THEIRS and not result.errors
+                await kernel.delete(ours[:10])
+                await trio.testing.wait_all_tasks_blocked()
+                assert mirror.stats.events == THEIRS and mirror.stats.echoes == 0
+            assert published == {record.key(e) for e in theirs}
+            nursery.cancel_scope.cancel()
+
+    trio.run(main)
