@@ -217,6 +217,8 @@ class Mirror:
         For operator requests (``resync --kernel``) and the daemon's periodic refresh:
         the dump also carries the current timeouts, which events never report.
         """
+        # A caller cancelled with the daemon (the mirror's nursery closing) stops here.
+        await trio.lowlevel.checkpoint()
         if self._nursery is None:
             raise RuntimeError("the mirror is not running")
         self._request_resync(self._nursery)

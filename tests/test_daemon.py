@@ -12,7 +12,7 @@ import errno
 import logging
 import socket
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,7 +119,7 @@ shorten_timeout = 15
 """
 
 
-Pair = Callable[[str], AbstractAsyncContextManager[tuple[Node, Node]]]
+Pair = Callable[..., AbstractAsyncContextManager[tuple[Node, Node]]]
 
 
 @pytest.fixture
@@ -130,7 +130,9 @@ def pair_factory(tmp_path: Path) -> Pair:
                        tmp_path / f"{name}.crt")
 
     @asynccontextmanager
-    async def pair(mode: str) -> AsyncIterator[tuple[Node, Node]]:
+    async def pair(mode: str, *, b_holds: Iterable[Entry] = ()
+                   ) -> AsyncIterator[tuple[Node, Node]]:
+        """Two daemons; ``b_holds``: entries in B's kernel before its daemon starts."""
         ports = {"fw-a": free_port(), "fw-b": free_port()}
         nodes = []
         for name, peer in (("fw-a", "fw-b"), ("fw-b", "fw-a")):
@@ -139,6 +141,8 @@ def pair_factory(tmp_path: Path) -> Pair:
                                            peer_port=ports[peer], mode=mode,
                                            metrics_port=mport))
             kernel = FakeKernel()
+            if name == "fw-b":
+                kernel.add_many(b_holds)
             nodes.append(Node(name, cfg, kernel, Daemon(cfg, kernel, environ={}), mport))
         async with trio.open_nursery() as nursery:
             for node in nodes:
@@ -339,6 +343,26 @@ async def test_a_hot_standby_reads_no_echo_and_a_reread_sends_back_no_copy(
         assert (b.daemon.session.stats.entries_sent,
                 b.daemon.session.stats.deletes_sent) == sent
         assert kernel_view(b.kernel) == kernel_view(a.kernel)
+
+
+async def test_a_restarted_hot_standby_shortens_what_the_peer_no_longer_holds(
+    pair_factory: Pair,
+) -> None:
+    """Copies written before the restart, of connections that ended meanwhile
+    (90-99), get a short timeout when keepalived says BACKUP (its plan shortens the
+    timers of what the peer does not hold, then the peer's full resync restores the
+    timeouts of the live ones); they would otherwise live out their timeouts (days, for
+    established TCP) and be announced as the standby's own meanwhile."""
+    async with pair_factory("hot", b_holds=[flow(i) for i in range(100)]) as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(90))
+        limit = b.config.keepalived.shorten_timeout
+        strays = [flow(i).key for i in range(90, 100)]
+        await eventually(lambda: all((b.kernel.table[k].timeout or 0) <= limit
+                                     for k in strays))
+        assert all((b.kernel.table[flow(i).key].timeout or 0) > limit for i in range(90))
+        assert kernel_view(b.kernel).keys() == kernel_view(a.kernel).keys() | set(strays)
 
 
 async def test_flushing_a_hot_standbys_cache_leaves_no_stale_copy_in_its_kernel(
