@@ -12,7 +12,7 @@ import errno
 import logging
 import socket
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -552,6 +552,25 @@ async def test_overlapping_rereads_of_the_kernel_take_turns(pair_factory: Pair) 
         assert not a.daemon.session.snapshot_running
 
 
+def refusing(real: Callable[..., Awaitable[Any]], times: int,
+             meanwhile: Callable[[], Awaitable[None]] | None = None
+             ) -> Callable[..., Awaitable[Any]]:
+    """``real``, except that its first ``times`` calls fail as the netlink socket
+    refuses a datagram under memory pressure (after ``meanwhile``, if given)."""
+    left = times
+
+    async def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal left
+        if left:
+            left -= 1
+            if meanwhile is not None:
+                await meanwhile()
+            raise OSError(errno.ENOMEM, "Cannot allocate memory")
+        return await real(*args, **kwargs)
+
+    return call
+
+
 async def test_a_hot_write_that_fails_whole_is_retried_and_loses_nothing(
     autojump_clock: trio.testing.MockClock, caplog: pytest.LogCaptureFixture,
 ) -> None:
@@ -559,20 +578,14 @@ async def test_a_hot_write_that_fails_whole_is_retried_and_loses_nothing(
     # stay queued, newer ones win, and the write is tried again after a back-off.
     kernel = FakeKernel()
     writer = KernelWriter(kernel, Metrics())
-    real = kernel.upsert_records
-    refusals = 2
 
-    async def refusing(*args: Any, **kwargs: Any) -> Any:
-        nonlocal refusals
-        if refusals:
-            refusals -= 1
-            await trio.lowlevel.checkpoint()
-            # Meanwhile the peer changed entry 1: the retry must write that state.
-            writer.put([record.pack(flow(1)._replace(mark=9), trio.current_time() + 100)])
-            raise OSError(errno.ENOMEM, "Cannot allocate memory")
-        return await real(*args, **kwargs)
+    async def meanwhile() -> None:
+        await trio.lowlevel.checkpoint()
+        # Meanwhile the peer changed entry 1: the retry must write that state.
+        writer.put([record.pack(flow(1)._replace(mark=9), trio.current_time() + 100)])
 
-    kernel.upsert_records = refusing  # type: ignore[method-assign]
+    kernel.upsert_records = refusing(  # type: ignore[method-assign,assignment]
+        kernel.upsert_records, 2, meanwhile)
     now = trio.current_time()
     writer.put([record.pack(flow(i), now + 100) for i in range(1, 4)])
     with caplog.at_level(logging.WARNING, logger="replicator.daemon"):
@@ -598,17 +611,7 @@ async def test_a_hot_batch_whose_deletes_fail_retries_only_the_deletes(
     told: list[tuple[list[bytes], list[bytes]]] = []
     writer = KernelWriter(kernel, Metrics(),
                           wrote=lambda w, d: told.append(([k for k, _ in w], d)))
-    real = kernel.delete
-    refusals = 1
-
-    async def refusing(*args: Any, **kwargs: Any) -> Any:
-        nonlocal refusals
-        if refusals:
-            refusals -= 1
-            raise OSError(errno.ENOMEM, "Cannot allocate memory")
-        return await real(*args, **kwargs)
-
-    kernel.delete = refusing  # type: ignore[method-assign]
+    kernel.delete = refusing(kernel.delete, 1)  # type: ignore[method-assign,assignment]
     upserts = kernel.upsert_records
     calls = 0
 

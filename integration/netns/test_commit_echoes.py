@@ -12,6 +12,7 @@ makes the cache exact again (including what others created during the block).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 
 import trio
 import trio.testing
@@ -28,19 +29,32 @@ OURS = 3000
 THEIRS = 40
 
 
-def test_a_commit_receives_no_echoes_and_a_dump_completes_the_cache(netlab: Lab) -> None:
-    ns = netlab.netns("ce")
-    entries = nat_entries(OURS + 2 * THEIRS + 1)
-    ours, theirs = entries[:OURS], entries[OURS:OURS + THEIRS]
-    after, doomed = entries[OURS + THEIRS:-1], entries[-1]
+def collector() -> tuple[set[bytes], Callable[[list[Change]], None]]:
+    """The keys of the entries a mirror publishes, and the consumer that adds them."""
     published: set[bytes] = set()
 
     def consume(changes: list[Change]) -> None:
         published.update(key for key, rec, _entry in changes if rec is not None)
 
+    return published, consume
+
+
+def traffic(ns: str) -> socket.socket:
+    """A netlink socket of ``ns`` whose writes stand in for traffic (not the mirror's
+    own injector)."""
+    with entered(ns):
+        return inject.open_socket()
+
+
+def test_a_commit_receives_no_echoes_and_a_dump_completes_the_cache(netlab: Lab) -> None:
+    ns = netlab.netns("ce")
+    entries = nat_entries(OURS + 2 * THEIRS + 1)
+    ours, theirs = entries[:OURS], entries[OURS:OURS + THEIRS]
+    after, doomed = entries[OURS + THEIRS:-1], entries[-1]
+    published, consume = collector()
+
     async def main() -> None:
-        with entered(ns.name):
-            other: socket.socket = inject.open_socket()  # stands in for traffic
+        other = traffic(ns.name)
         async with LinuxKernel(ns.name) as kernel, trio.open_nursery() as nursery:
             mirror = Mirror(kernel, consume)
             await nursery.start(mirror.run)
@@ -87,14 +101,10 @@ def test_a_hot_standbys_mirror_gets_no_echo_from_the_kernel(netlab: Lab) -> None
     ns = netlab.netns("he")
     entries = nat_entries(OURS + 2 * THEIRS)
     ours, theirs, more = entries[:OURS], entries[OURS:OURS + THEIRS], entries[-THEIRS:]
-    published: set[bytes] = set()
-
-    def consume(changes: list[Change]) -> None:
-        published.update(key for key, rec, _entry in changes if rec is not None)
+    published, consume = collector()
 
     async def main() -> None:
-        with entered(ns.name):
-            other: socket.socket = inject.open_socket()  # stands in for traffic
+        other = traffic(ns.name)
         async with LinuxKernel(ns.name) as kernel, trio.open_nursery() as nursery:
             mirror = Mirror(kernel, consume, ignore_echoes=True)
             await nursery.start(mirror.run)
