@@ -18,6 +18,7 @@ BPF word load is big endian, hence the byte swap of the constant.
 from __future__ import annotations
 
 import ctypes
+import errno
 import socket
 import struct
 
@@ -34,16 +35,15 @@ _NLMSG_PID_AT = 12
 
 def drop_portid(portid: int) -> bytes:
     """The program: drop a message whose ``nlmsg_pid`` is ``portid``, keep the rest."""
-    swapped = int.from_bytes(portid.to_bytes(4, "little" if _LITTLE else "big"), "big")
+    # The port id's bytes as they lie in the header, read as the big-endian word the
+    # load yields.
+    (as_loaded,) = struct.unpack(">I", struct.pack("=I", portid))
     return b"".join(_INSN.pack(*insn) for insn in (
         (_LD_W_ABS, 0, 0, _NLMSG_PID_AT),
-        (_JEQ_K, 0, 1, swapped),
+        (_JEQ_K, 0, 1, as_loaded),
         (_RET_K, 0, 0, 0),  # drop
         (_RET_K, 0, 0, 0xFFFFFFFF),  # keep, whole
     ))
-
-
-_LITTLE = struct.pack("=H", 1) == b"\x01\x00"
 
 
 def attach(sock: socket.socket, program: bytes) -> None:
@@ -58,5 +58,5 @@ def detach(sock: socket.socket) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, SO_DETACH_FILTER, 0)
     except OSError as exc:
-        if exc.errno != 2:  # ENOENT: there was none
+        if exc.errno != errno.ENOENT:  # there was none
             raise

@@ -295,8 +295,8 @@ class KernelWriter:
             failed = 0
 
     async def _write(self, batch: dict[bytes, bytes | None]) -> None:
-        """Write one batch of queued changes (upserts, then deletes); the upserts
-        written are taken out of ``batch``, which holds what is left if a part fails."""
+        """Write one batch of queued changes (upserts, then deletes); the upserts are
+        taken out of ``batch`` once done, so it holds what is left if a part fails."""
         known = self._known
         new: list[bytes] = []
         existing: list[bytes] = []
@@ -307,22 +307,19 @@ class KernelWriter:
                 deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
             else:
                 (existing if key in known else new).append(rec)
-        refused: set[bytes] = set()
-        written: list[tuple[bytes, bytes]] = []
         if new or existing:
             result = await self._kernel.upsert_records(
                 new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
                 tcp_flags=self._tcp_flags, existing=existing)
             self.record(result, "upsert")
-            refused.update(R.key(failure.entry) for failure in result.errors)
-            written = [(k, r) for k, r in batch.items() if r is not None and k not in refused]
+            refused = {R.key(failure.entry) for failure in result.errors}
+            upserts = [(k, r) for k, r in batch.items() if r is not None]
             if self._wrote is not None:
-                self._wrote(written, [])
-            # Done: should the deletes fail as a whole, only they are queued again (the
-            # upserts are neither written nor counted twice).
-            for key, rec in written:
-                if batch.get(key) is rec:
-                    del batch[key]
+                self._wrote([(k, r) for k, r in upserts if k not in refused], [])
+            # Done (written, or refused and counted): should the deletes fail as a
+            # whole, only they are queued again.
+            for key, _ in upserts:
+                del batch[key]
         if deletes:
             result = await self._kernel.delete(deletes)
             self.record(result, "delete")

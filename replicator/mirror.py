@@ -40,7 +40,7 @@ consumer stall the event socket and turn back-pressure into ENOBUFS.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -141,13 +141,12 @@ class Mirror:
         """Whether the echoes of our own writes are dropped unread (see the module doc)."""
         return self._ignore_echoes
 
-    def note_written(self, written: Iterable[tuple[bytes, bytes]], deleted: Iterable[bytes]
+    def note_written(self, written: Sequence[tuple[bytes, bytes]], deleted: Sequence[bytes]
                      ) -> None:
         """Our injector wrote these ``(packed key, record)`` pairs into the kernel and
         deleted the entries of these keys: with ``ignore_echoes``, the cache takes them
         as written (their events are not read); otherwise their echoes will tell."""
         if self._ignore_echoes:
-            written, deleted = list(written), list(deleted)
             self.cache.note_written(written, deleted)
             self._stats.writes_noted += len(written) + len(deleted)
 

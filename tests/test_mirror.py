@@ -129,7 +129,7 @@ async def test_ignoring_echoes_reads_none_and_takes_the_writers_word(
             with mirror.echoes_ignored():
                 pass
         await kernel.upsert([entry(1), entry(2), entry(3)])
-        mirror.note_written(written.items(), [])
+        mirror.note_written(list(written.items()), [])
         kernel.add(entry(9))  # from traffic
         await settle(mirror)
         assert mirror.stats.echoes == 0 and mirror.stats.echoes_ignored == 3
