@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import errno
 import gc
+import logging
 import socket
 from collections.abc import Sequence
 from types import TracebackType
@@ -51,9 +52,12 @@ from .errors import KernelError, NetlinkDecodeError
 from .external import commit_entry
 from .gcpause import COLLECTOR_PAUSE
 from .kernel import AnyEvent, EventBatch, InjectResult, Overrun
+from .logs import fields
 from .model import Entry
 from .netlink import NETLINK_NETFILTER, NLMSG_HDR, NLMSG_HDRLEN
 from .netns import entered
+
+log = logging.getLogger(__name__)
 
 SOL_NETLINK = 270
 NETLINK_ADD_MEMBERSHIP = 1
@@ -132,7 +136,7 @@ class EventSubscription:
 
         Dropped by a socket filter in the kernel (:mod:`replicator.bpf`), uncounted;
         those queued before it was set are dropped on reading, counted in
-        :attr:`ignored`.
+        :attr:`ignored` (as all are, should the kernel refuse the filter: logged).
         """
         return self._ignore_portid
 
@@ -140,13 +144,19 @@ class EventSubscription:
     def ignore_portid(self, portid: int) -> None:
         if portid == self._ignore_portid:
             return
-        try:
-            if portid:
+        if portid:
+            try:
                 bpf.attach(self._sock, bpf.drop_portid(portid))
-            else:
+            except OSError as exc:
+                # Only slower without it: the events are dropped on reading instead.
+                log.warning("event socket filter refused; dropping our own writes' "
+                            "events on reading", extra=fields(error=str(exc)))
+        else:
+            try:
                 bpf.detach(self._sock)
-        except OSError as exc:
-            raise KernelError(f"event socket filter: {exc.strerror}", exc.errno or 0) from exc
+            except OSError as exc:
+                raise KernelError(f"event socket filter: {exc.strerror}",
+                                  exc.errno or 0) from exc
         self._ignore_portid = portid
 
     def mute_changes(self, muted: bool) -> None:

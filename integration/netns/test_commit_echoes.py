@@ -11,15 +11,18 @@ makes the cache exact again (including what others created during the block).
 
 from __future__ import annotations
 
+import errno
+import logging
 import socket
 from collections.abc import Callable
 
+import pytest
 import trio
 import trio.testing
 
 from bench.kernel import nat_entries
 from integration.netns.lab import Lab
-from replicator import inject, record
+from replicator import bpf, inject, record
 from replicator.cache import Change
 from replicator.kernel_linux import LinuxKernel, dump
 from replicator.mirror import Mirror
@@ -126,3 +129,32 @@ def test_a_hot_standbys_mirror_gets_no_echo_from_the_kernel(netlab: Lab) -> None
             nursery.cancel_scope.cancel()
 
     trio.run(main)
+
+
+def test_without_the_kernels_filter_echoes_are_dropped_on_reading(
+        netlab: Lab, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Should the kernel refuse the socket filter, a hot standby still runs: the events
+    of its writes are received and dropped unread (counted), and it says so once."""
+
+    def refuse(sock: socket.socket, program: bytes) -> None:
+        raise OSError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(bpf, "attach", refuse)
+    ns = netlab.netns("hf")
+    entries = nat_entries(THEIRS)
+
+    async def main() -> None:
+        async with LinuxKernel(ns.name) as kernel, trio.open_nursery() as nursery:
+            mirror = Mirror(kernel, ignore_echoes=True)
+            await nursery.start(mirror.run)
+            result = await kernel.upsert(entries)
+            assert result.applied == THEIRS and not result.errors
+            await trio.testing.wait_all_tasks_blocked()
+            assert mirror.stats.events == 0 and mirror.stats.echoes_ignored == THEIRS
+            nursery.cancel_scope.cancel()
+
+    with caplog.at_level(logging.WARNING, logger="replicator.kernel_linux"):
+        trio.run(main)
+    assert [r.getMessage() for r in caplog.records] == [
+        "event socket filter refused; dropping our own writes' events on reading"]
