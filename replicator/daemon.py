@@ -267,8 +267,8 @@ class KernelWriter:
 
         A write that fails as a whole (the netlink socket refusing a datagram, e.g.
         ``ENOMEM`` under memory pressure; not the kernel refusing entries, which
-        :meth:`record` counts) leaves its changes queued under whatever came since
-        (the newer state wins) and is tried again as
+        :meth:`record` counts) leaves the changes it had not done queued under
+        whatever came since (the newer state wins) and is tried again as
         :data:`~replicator.kernel.KERNEL_RETRY` says: a hot standby keeps running and
         loses none of the peer's changes.
         """
@@ -300,21 +300,24 @@ class KernelWriter:
         known = self._known
         new: list[bytes] = []
         existing: list[bytes] = []
+        upserts: list[tuple[bytes, bytes]] = []
         deletes: list[Entry] = []
+        deleted: list[bytes] = []
         for key, rec in batch.items():
             if rec is None:
                 k = R.unpack_key(key)
                 deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
+                deleted.append(key)
             else:
                 (existing if key in known else new).append(rec)
-        if new or existing:
+                upserts.append((key, rec))
+        if upserts:
             result = await self._kernel.upsert_records(
                 new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
                 tcp_flags=self._tcp_flags, existing=existing)
             self.record(result, "upsert")
-            refused = {R.key(failure.entry) for failure in result.errors}
-            upserts = [(k, r) for k, r in batch.items() if r is not None]
             if self._wrote is not None:
+                refused = {R.key(failure.entry) for failure in result.errors}
                 self._wrote([(k, r) for k, r in upserts if k not in refused], [])
             # Done (written, or refused and counted): should the deletes fail as a
             # whole, only they are queued again.
@@ -323,9 +326,9 @@ class KernelWriter:
         if deletes:
             result = await self._kernel.delete(deletes)
             self.record(result, "delete")
-            gone = {R.key(failure.entry) for failure in result.errors}
             if self._wrote is not None:
-                self._wrote([], [k for k, r in batch.items() if r is None and k not in gone])
+                refused = {R.key(failure.entry) for failure in result.errors}
+                self._wrote([], [k for k in deleted if k not in refused])
 
     def record(self, result: InjectResult, what: str) -> None:
         """Count a write's outcome; log its failures (one line per errno)."""
@@ -432,20 +435,25 @@ class Daemon:
         published), and a re-dump must not make them ours and stream them back.
         """
         items = self.mirror.cache.items()
-        if not self.applies_peer_to_kernel:
-            return items
-        external, flushed = self.session.external, self._flushed_copies
-        return [(k, r) for k, r in items if k not in external and k not in flushed]
+        peers = self._peers_key()
+        return items if peers is None else [(k, r) for k, r in items if not peers(k)]
 
     def _own_changes(self, changes: list[Change]) -> list[Change]:
         """The changes of this node's own entries (see :meth:`_own_table`): on a hot
         standby, a re-read of the kernel finds the copies it wrote as the kernel holds
         them, not as the mirror was told (:meth:`Mirror.note_written`): they are the
         peer's, not changes to send it."""
+        peers = self._peers_key()
+        return changes if peers is None else [c for c in changes if not peers(c.key)]
+
+    def _peers_key(self) -> Callable[[bytes], bool] | None:
+        """On a hot standby, whether a key in its kernel is the peer's (an entry of its
+        external cache, or a copy flushed from it and not yet confirmed); ``None``
+        elsewhere (every entry in the kernel is this node's own)."""
         if not self.applies_peer_to_kernel:
-            return changes
+            return None
         external, flushed = self.session.external, self._flushed_copies
-        return [c for c in changes if c.key not in external and c.key not in flushed]
+        return lambda key: key in external or key in flushed
 
     async def _reread_kernel(self) -> None:
         """Dump the kernel, reconcile the mirror, and make the result the local table.
