@@ -643,6 +643,7 @@ class Daemon:
         _sync_counter(m.bytes.labels(direction="received"), stats.bytes_received)
         _sync_counter(m.enobufs, self.mirror.stats.overruns)
         _sync_counter(m.undecodable_events, self.mirror.stats.undecodable)
+        _sync_counter(m.event_socket_failures, self.mirror.stats.subscription_failures)
         _sync_counter(m.resyncs.labels(kind="kernel"),
                       max(0, self.mirror.stats.reconciliations - 1))
         if self.link is not None:

@@ -32,6 +32,7 @@ import trio
 
 from . import record as R
 from .ctnetlink import takes_record_path
+from .errors import KernelError
 from .external import commit_entry
 from .kernel import AnyEvent, EntryError, EventBatch, InjectResult, Overrun
 from .model import CtEvent, Entry, EntryKey, EventKind, NewRecord, Status
@@ -55,6 +56,8 @@ class FakeSubscription:
         self.ignored = 0
         self.records = False
         self._muted = False
+        #: Raised by the next read (:meth:`FakeKernel.fail_event_sockets`).
+        self._error: KernelError | None = None
 
     def mute_changes(self, muted: bool) -> None:
         """Stop or resume receiving NEW and UPDATE events (DESTROY keeps coming)."""
@@ -84,6 +87,11 @@ class FakeSubscription:
         while True:
             if self._closed:
                 raise StopAsyncIteration
+            if self._error is not None:
+                # Like the Linux port: a socket error other than ENOBUFS; the events
+                # queued are never read.
+                await trio.lowlevel.checkpoint()
+                raise self._error
             if self._lost or self._undecodable:
                 # Like ENOBUFS: one error for the whole loss, then the queued events;
                 # like the Linux port, undecodable datagrams are skipped and reported.
@@ -149,6 +157,10 @@ class FakeKernel:
         self.during_dump: Callable[[], Awaitable[None]] | None = None
         #: Number of dumps served.
         self.dumps = 0
+        #: Subscriptions served.
+        self.subscriptions = 0
+        #: How many of the next :meth:`subscribe` calls fail (tests set it).
+        self.refuse_subscriptions = 0
 
     # -- the port -------------------------------------------------------------------
 
@@ -158,7 +170,12 @@ class FakeKernel:
         return self._portid
 
     def subscribe(self) -> FakeSubscription:
-        """A live subscription (events from now on), iterated for batches."""
+        """A live subscription (events from now on), iterated for batches; raises
+        :class:`KernelError` (ENOMEM) while :attr:`refuse_subscriptions` counts down."""
+        if self.refuse_subscriptions:
+            self.refuse_subscriptions -= 1
+            raise KernelError("event socket: Cannot allocate memory", errno.ENOMEM)
+        self.subscriptions += 1
         sub = FakeSubscription(self, self._buffer_events)
         self._subscribers.add(sub)
         return sub
@@ -240,6 +257,13 @@ class FakeKernel:
         """Make every subscriber lose its queued events and read an Overrun next."""
         for sub in self._subscribers:
             sub._force_overrun()
+
+    def fail_event_sockets(self, number: int = errno.EIO) -> None:
+        """Make every subscriber's next read raise :class:`KernelError` (``number``), as a
+        socket error other than ENOBUFS would; the subscription is no use afterwards."""
+        for sub in self._subscribers:
+            sub._error = KernelError(f"event socket: {errno.errorcode[number]}", number)
+            sub._wakeup.set()
 
     def undecodable_event(self, reason: str = "malformed ctnetlink message") -> None:
         """Make every subscriber read an event it cannot decode (reported as an

@@ -87,6 +87,12 @@ class Metrics:
             "(repaired by a re-dump).",
             registry=r,
         )
+        self.event_socket_failures = Counter(
+            "replicator_event_socket_failures",
+            "Errors of the kernel event socket other than overruns, and failed attempts "
+            "to subscribe again after one (each followed by a re-dump).",
+            registry=r,
+        )
         self.injection_errors = Counter(
             "replicator_injection_errors",
             "Entries the kernel refused to create, update or delete, by errno name.",

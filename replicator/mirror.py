@@ -17,12 +17,19 @@ Theory of operation
    (the lost events may be newer than its view), so another resync follows it. The dump
    starts once overruns have stopped for a moment (:meth:`Mirror._quiet`): during a
    burst, every dump would be invalidated by the next overrun anyway.
-4. Publish every change to the consumer (the sync layer) as
+4. Should the event socket fail with an error other than ENOBUFS (none has been seen:
+   the kernel reports a full queue that way, and nothing else on a read), subscribe
+   again, then dump and reconcile as after an overrun: the same order as at start-up,
+   so the changes of the gap come with the dump. The first attempt is immediate, then
+   backing off (:data:`~replicator.kernel.KERNEL_RETRY`); each failure is counted and
+   logged. Stopping the daemon instead would stop replication, and a restart does the
+   same thing with more lost.
+5. Publish every change to the consumer (the sync layer) as
    :class:`~replicator.cache.Change` ``(key, record, entry)`` batches, except the echoes
    of our own injector (events carrying the port's ``injector_portid``): those are cached
    but not published, so the standby never sends the active's own state back. Changes
    found by a reconciliation are published whatever caused them.
-5. With ``ignore_echoes`` (a hot standby, which writes the peer's whole table into its
+6. With ``ignore_echoes`` (a hot standby, which writes the peer's whole table into its
    kernel), the echoes are not even read: the subscription drops them by port id, and
    the writer reports what it wrote instead (:meth:`Mirror.note_written`). Decoding
    them was a third of a hot standby's CPU during a burst; the Linux port has the
@@ -91,6 +98,10 @@ class MirrorStats:
     undecodable: int = 0
     #: Re-reads of the table (after start-up) that failed and were tried again.
     dump_failures: int = 0
+    #: Errors of the event socket (other than an overrun) and failed attempts to
+    #: subscribe again after one: each one is followed by a new subscription and a
+    #: re-read of the table.
+    subscription_failures: int = 0
 
 
 class Mirror:
@@ -112,6 +123,8 @@ class Mirror:
         self._synced = trio.Event()
         self._nursery: trio.Nursery | None = None
         self._subscription: Subscription | None = None
+        #: Inside :meth:`echoes_ignored` (a new subscription is set up the same way).
+        self._muted = False
         self._stale = False
         # Undecodable events: when a line is due, and how many since the last one.
         self._undecodable_log = RefusalLog(interval=UNDECODABLE_LOG_INTERVAL)
@@ -131,8 +144,9 @@ class Mirror:
 
     @property
     def stale(self) -> bool:
-        """Whether echoes were dropped unread (:meth:`echoes_ignored`) and no dump has
-        started since: the cache lacks what our own injector wrote until :meth:`resync`.
+        """Whether events were missed (echoes dropped unread in :meth:`echoes_ignored`,
+        or the event socket failed) and no dump has started since: the cache lacks
+        what changed meanwhile until a :meth:`resync`.
         """
         return self._stale
 
@@ -171,13 +185,18 @@ class Mirror:
             return
         sub.ignore_portid = own
         sub.mute_changes(True)
+        self._muted = True
         # Set before the first write: whatever happens, the cache may miss events now.
         self._stale = True
         try:
             yield
         finally:
-            sub.mute_changes(False)
-            sub.ignore_portid = own if self._ignore_echoes else 0
+            self._muted = False
+            # The current subscription: the event socket may have been replaced since.
+            sub = self._subscription
+            if sub is not None:
+                sub.mute_changes(False)
+                sub.ignore_portid = own if self._ignore_echoes else 0
             # Again: a dump that started during the block missed what came after it.
             self._stale = True
 
@@ -193,22 +212,36 @@ class Mirror:
         With ``nursery.start``, returns to the starter once the first dump has been
         reconciled: from then on :attr:`cache` is a full copy of the table.
         """
-        subscription = self._kernel.subscribe()
-        # The cache stores records: NEW events (most of a burst) need no Entry.
-        subscription.records = True
-        if self._ignore_echoes:
-            subscription.ignore_portid = self._kernel.injector_portid
-        self._subscription = subscription
+        self._subscription = await self._subscribe()
         try:
             async with trio.open_nursery() as nursery:
                 self._nursery = nursery
                 self._request_resync(nursery)
-                nursery.start_soon(self._pump, subscription, nursery)
+                nursery.start_soon(self._pump, nursery)
                 await self.wait_synced()
                 task_status.started()
         finally:
+            if self._subscription is not None:
+                with trio.CancelScope(shield=True):
+                    await self._subscription.aclose()
+
+    async def _subscribe(self) -> Subscription:
+        """A new subscription, set up for this mirror's state."""
+        subscription = self._kernel.subscribe()
+        try:
+            # The cache stores records: NEW events (most of a burst) need no Entry.
+            subscription.records = True
+            own = self._kernel.injector_portid
+            if self._muted:
+                subscription.ignore_portid = own
+                subscription.mute_changes(True)
+            elif self._ignore_echoes:
+                subscription.ignore_portid = own
+        except BaseException:
             with trio.CancelScope(shield=True):
                 await subscription.aclose()
+            raise
+        return subscription
 
     async def resync(self) -> None:
         """Dump the table now, reconcile, and return when the cache is complete again.
@@ -223,17 +256,58 @@ class Mirror:
         self._request_resync(self._nursery)
         await self.wait_synced()
 
-    async def _pump(self, subscription: Subscription, nursery: trio.Nursery) -> None:
-        async for batch in subscription:
-            if isinstance(batch, Overrun):
-                self._stats.overruns += batch.enobufs
-                if batch.undecodable:
-                    self._undecodable(batch)
+    async def _pump(self, nursery: trio.Nursery) -> None:
+        failures = 0
+        while True:
+            subscription = self._subscription
+            assert subscription is not None
+            try:
+                async for batch in subscription:
+                    if isinstance(batch, Overrun):
+                        self._stats.overruns += batch.enobufs
+                        if batch.undecodable:
+                            self._undecodable(batch)
+                        self._request_resync(nursery)
+                    else:
+                        self._apply(batch)
+                    failures = 0
+                break
+            except KernelError as exc:
+                failures += 1
+                await self._replace_subscription(exc, failures)
                 self._request_resync(nursery)
-            else:
-                self._apply(batch)
         # The subscription ended: the port is closed, stop the resync too.
         nursery.cancel_scope.cancel()
+
+    async def _replace_subscription(self, error: Exception, failures: int) -> None:
+        """Close the failed event socket and subscribe again (see the module doc, 4);
+        the caller then re-reads the table. Retries, backing off, until it works."""
+        old = self._subscription
+        assert old is not None
+        ignored = old.ignored
+        # Events are missed from now until the dump that follows the new subscription.
+        self._stale = True
+        # None until the new one works: a commit meanwhile writes without muting.
+        self._subscription = None
+        self._stats.echoes_ignored = ignored
+        await old.aclose()
+        while True:
+            self._stats.subscription_failures += 1
+            # Immediate the first time: the events missed meanwhile come with the dump,
+            # but the changes of the gap wait for it.
+            delay = 0.0 if failures == 1 else KERNEL_RETRY.capped(failures - 2)
+            log.warning("conntrack event socket failed; subscribing again and "
+                        "re-reading the table", extra=fields(error=str(error), retry_in=delay))
+            await trio.sleep(delay)
+            try:
+                new = await self._subscribe()
+            except (KernelError, OSError) as exc:
+                error, failures = exc, failures + 1
+                continue
+            # The count goes on from the old socket's.
+            new.ignored += ignored
+            self._subscription = new
+            return
 
     def _apply(self, batch: list[AnyEvent]) -> None:
         changes, echoes = self.cache.apply_batch(

@@ -33,6 +33,7 @@ def test_every_metric_is_exported_under_its_documented_name() -> None:
     metrics.resyncs.labels(kind="peer").inc()
     metrics.enobufs.inc(2)
     metrics.undecodable_events.inc(4)
+    metrics.event_socket_failures.inc(5)
     metrics.injection_errors.labels(errno="ENOMEM").inc(3)
     metrics.commit_duration.observe(0.3)
     metrics.auth_failures.labels(reason="fingerprint").inc()
@@ -48,6 +49,7 @@ def test_every_metric_is_exported_under_its_documented_name() -> None:
     assert got[("replicator_resyncs_total", (("kind", "peer"),))] == 1
     assert got[("replicator_enobufs_total", ())] == 2
     assert got[("replicator_undecodable_events_total", ())] == 4
+    assert got[("replicator_event_socket_failures_total", ())] == 5
     assert got[("replicator_injection_errors_total", (("errno", "ENOMEM"),))] == 3
     assert got[("replicator_commit_duration_seconds_count", ())] == 1
     assert got[("replicator_commit_duration_seconds_bucket", (("le", "0.5"),))] == 1
