@@ -158,6 +158,16 @@ def _ip_address(value: object) -> IPAddress:
         raise _Invalid(f"{text!r} is not an IPv4 or IPv6 address") from None
 
 
+def _host_address(value: object) -> IPAddress:
+    """An address, optionally with its prefix length as keepalived's
+    ``virtual_ipaddress`` writes it (``192.0.2.1/24``): the prefix is not kept."""
+    text = _string(value)
+    try:
+        return ipaddress.ip_interface(text).ip
+    except ValueError:
+        raise _Invalid(f"{text!r} is not an IPv4 or IPv6 address") from None
+
+
 def _absolute_path(value: object) -> Path:
     text = _string(value)
     if not text.startswith("/"):
@@ -415,6 +425,9 @@ class KeepalivedConfig:
         default="", metadata=_leaf(_pattern(rf"|{_NAME}", "a group or instance name"))
     )
     shorten_timeout: int = field(default=15, metadata=_leaf(_integer(1, 3600), reload=True))
+    virtual_addresses: tuple[IPAddress, ...] = field(
+        default=(), metadata=_leaf(_array(_host_address))
+    )
 
 
 @dataclasses.dataclass(frozen=True)

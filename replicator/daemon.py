@@ -86,7 +86,7 @@ from .metrics import Metrics, MetricsServer, serve_metrics
 from .mirror import Mirror
 from .model import Entry, TcpFlag
 from .notifyfifo import read_notify_fifo
-from .role import Action, Role, RoleMachine, VrrpEvent
+from .role import Action, Role, RoleMachine, VrrpEvent, VrrpKind
 from .roletask import RoleRunner
 from .sdnotify import Notifier, watchdog_interval
 from .sync import (
@@ -103,6 +103,7 @@ from .sync import (
 )
 from .tlsctx import peer_credentials
 from .transport import FramedConnection, LinkSettings, PeerLink
+from .viprole import IPAddress, held_addresses, role_from_addresses
 
 log = logging.getLogger(__name__)
 
@@ -357,8 +358,11 @@ class Daemon:
         *,
         config_path: Path | None = None,
         environ: dict[str, str] | None = None,
+        addresses: Callable[[str | None], set[IPAddress]] = held_addresses,
     ) -> None:
         self.config = config
+        #: Reads the addresses of the node's interfaces (see :mod:`replicator.viprole`).
+        self._addresses = addresses
         self.config_path = config_path
         self.kernel = kernel
         self.hot = config.sync.mode == "hot"
@@ -1025,6 +1029,8 @@ class Daemon:
                     self._metrics_server = serve_metrics(self.metrics, cfg.metrics.address)
                 nursery.start_soon(self._signals)
                 nursery.start_soon(self._watch, 1.0)
+                if cfg.keepalived.virtual_addresses:
+                    await self._role_from_addresses()
                 log.info("ready", extra=fields(node=cfg.node.name, mode=cfg.sync.mode,
                                                epoch=self.epoch,
                                                entries=len(self.mirror.cache)))
@@ -1034,6 +1040,30 @@ class Daemon:
             self.notifier.stopping()
             if self._metrics_server is not None:
                 self._metrics_server.close()
+
+    async def _role_from_addresses(self) -> None:
+        """Take the role the virtual addresses show, unless keepalived said one
+        already (see :mod:`replicator.viprole`)."""
+        k = self.config.keepalived
+        try:
+            held = await trio.to_thread.run_sync(self._addresses, self.config.kernel.netns)
+        except OSError as exc:
+            log.warning("could not read this node's addresses; the role waits for "
+                        "keepalived's next transition", extra=fields(error=str(exc)))
+            return
+        state = role_from_addresses(k.virtual_addresses, held)
+        if self.machine.role is not Role.INIT:
+            return  # keepalived spoke meanwhile: its word stands
+        if state is None:
+            log.warning(
+                "some virtual addresses held, not all; the role waits for keepalived's "
+                "next transition",
+                extra=fields(held=" ".join(str(a) for a in k.virtual_addresses if a in held),
+                             missing=" ".join(str(a) for a in k.virtual_addresses
+                                              if a not in held)))
+            return
+        log.info("role taken from the virtual addresses", extra=fields(state=state))
+        self.runner.feed(VrrpEvent(VrrpKind.GROUP, k.vrrp_name or "addresses", state, 0))
 
     async def _serve_control(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
                              ) -> None:

@@ -82,6 +82,8 @@ def test_the_example_file_loads() -> None:
     config = load_config(EXAMPLE, check=False)
     assert config.node.name == "fw-a"
     assert config.keepalived.vrrp_name == "VG_FW"
+    assert config.keepalived.virtual_addresses == (
+        ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("10.0.0.1"))
     assert config.metrics.address == Endpoint(ipaddress.ip_address("127.0.0.1"), 9478)
     assert ipaddress.ip_network("127.0.0.0/8") in config.filters.ignore_addresses
 
@@ -109,8 +111,13 @@ def test_values_are_normalised() -> None:
             "[sync.timers]",
             "ack_timeout = 1",
             "anti_entropy_interval = 0",
+            "[keepalived]",
+            'virtual_addresses = ["198.51.100.1/24", "2001:db8::1/64", "10.0.0.1"]',
         ).replace(FP, "SHA256:" + "AB:" * 31 + "AB")
     )
+    # keepalived's virtual_ipaddress form: the prefix length is dropped.
+    assert config.keepalived.virtual_addresses == tuple(
+        ipaddress.ip_address(a) for a in ("198.51.100.1", "2001:db8::1", "10.0.0.1"))
     assert config.filters.ignore_protocols == (6, 17, 47)
     assert config.filters.tcp_states == ("ESTABLISHED", "TIME_WAIT")
     assert config.filters.ignore_addresses[1] == ipaddress.ip_network("2001:db8::/32")
@@ -206,6 +213,10 @@ def test_unknown_key_in_a_dotted_assignment() -> None:
         (["[keepalived]", 'notify_fifo = "fifo"'], "keepalived.notify_fifo: 'fifo' must be an abs"),
         (["[keepalived]", "shorten_timeout = 0"], "keepalived.shorten_timeout: must be between 1"),
         (["[keepalived]", 'vrrp_name = "a b"'], "keepalived.vrrp_name: 'a b' is not a group or"),
+        (["[keepalived]", 'virtual_addresses = ["10.0.0.1", "vip"]'],
+         "keepalived.virtual_addresses: [1] 'vip' is not an IPv4 or IPv6 address"),
+        (["[keepalived]", 'virtual_addresses = "10.0.0.1"'],
+         "keepalived.virtual_addresses: must be an array, not string"),
     ],
 )
 def test_bad_values_are_refused_naming_the_key(extra: list[str], message: str) -> None:

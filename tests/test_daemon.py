@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime
 import errno
+import ipaddress
 import logging
 import socket
 import urllib.request
@@ -46,9 +47,20 @@ from replicator.model import (
     TcpInfo,
     invert,
 )
+from replicator.role import Role, VrrpEvent, VrrpKind, VrrpState
 from replicator.sync import PeerHello, ProtocolViolation
+from replicator.viprole import IPAddress, held_addresses
 
 WAN = bytes([198, 51, 100, 1])
+#: The virtual address of the tests that configure one (keepalived's VIP).
+VIP = ipaddress.ip_address("198.51.100.254")
+
+
+def addresses_of(held: set[IPAddress]) -> Callable[[str | None], set[IPAddress]]:
+    """What a daemon reads as its interfaces' addresses: ``held``."""
+    def read(netns: str | None) -> set[IPAddress]:
+        return set(held)
+    return read
 
 
 def free_port() -> int:
@@ -130,20 +142,28 @@ def pair_factory(tmp_path: Path) -> Pair:
                        tmp_path / f"{name}.crt")
 
     @asynccontextmanager
-    async def pair(mode: str, *, b_holds: Iterable[Entry] = ()
+    async def pair(mode: str, *, b_holds: Iterable[Entry] = (),
+                   held: dict[str, set[IPAddress]] | None = None,
                    ) -> AsyncIterator[tuple[Node, Node]]:
-        """Two daemons; ``b_holds``: entries in B's kernel before its daemon starts."""
+        """Two daemons; ``b_holds``: entries in B's kernel before its daemon starts;
+        ``held``: the addresses each node's interfaces hold, by node name (both then
+        have ``keepalived.virtual_addresses = [VIP]``)."""
         ports = {"fw-a": free_port(), "fw-b": free_port()}
         nodes = []
         for name, peer in (("fw-a", "fw-b"), ("fw-b", "fw-a")):
             mport = free_port()
-            cfg = parse_config(make_config(tmp_path, name, peer, port=ports[name],
-                                           peer_port=ports[peer], mode=mode,
-                                           metrics_port=mport))
+            text = make_config(tmp_path, name, peer, port=ports[name],
+                               peer_port=ports[peer], mode=mode, metrics_port=mport)
+            addresses: Callable[[str | None], set[IPAddress]] = held_addresses
+            if held is not None:
+                text += f'virtual_addresses = ["{VIP}"]\n'
+                addresses = addresses_of(held[name])
+            cfg = parse_config(text)
             kernel = FakeKernel()
             if name == "fw-b":
                 kernel.add_many(b_holds)
-            nodes.append(Node(name, cfg, kernel, Daemon(cfg, kernel, environ={}), mport))
+            daemon = Daemon(cfg, kernel, environ={}, addresses=addresses)
+            nodes.append(Node(name, cfg, kernel, daemon, mport))
         async with trio.open_nursery() as nursery:
             for node in nodes:
                 await nursery.start(node.daemon.run)
@@ -633,3 +653,74 @@ async def test_a_hot_batch_whose_deletes_fail_retries_only_the_deletes(
     assert set(kernel.table) == {flow(i).key for i in range(1, 4)}
     keys = [record.key(flow(i)) for i in range(1, 4)]
     assert told == [(keys, []), ([], [record.key(flow(9))])]
+
+
+async def test_restarted_nodes_take_their_roles_from_the_virtual_addresses(
+        pair_factory: Pair, caplog: pytest.LogCaptureFixture) -> None:
+    """keepalived says nothing to a restarted daemon until its next transition: the
+    virtual addresses say which node is the master, and a hot standby that knows it is
+    one writes the peer's changes into its kernel (in INIT it would not)."""
+    stale = flow(7)._replace(tcp=TcpInfo(state=3))  # an old copy in B's kernel
+    with caplog.at_level(logging.INFO, logger="replicator.daemon"):
+        async with pair_factory("hot", held={"fw-a": {VIP}, "fw-b": set()},
+                                b_holds=[stale]) as (a, b):
+            await eventually(lambda: a.daemon.machine.settled and b.daemon.machine.settled)
+            assert (a.daemon.role, b.daemon.role) == (Role.MASTER, Role.BACKUP)
+            a.kernel.add_many(flow(i) for i in range(20))
+            await eventually(lambda: kernel_view(b.kernel) == kernel_view(a.kernel))
+            # A later line from keepalived takes over as usual.
+            await b.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+            assert b.daemon.role is Role.MASTER
+    said = [r.fields["state"] for r in caplog.records  # type: ignore[attr-defined]
+            if r.getMessage() == "role taken from the virtual addresses"]
+    assert sorted(said) == ["BACKUP", "MASTER"]
+
+
+@pytest.mark.parametrize("addresses", ["some", "unreadable"])
+async def test_the_role_waits_for_keepalived_when_the_addresses_do_not_tell(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, addresses: str) -> None:
+    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
+                       mode="cache", metrics_port=free_port())
+    lone_config(tmp_path)  # the keys
+    other = ipaddress.ip_address("10.0.0.1")
+    cfg = parse_config(text + f'virtual_addresses = ["{VIP}", "{other}"]\n')
+
+    def read(netns: str | None) -> set[IPAddress]:
+        if addresses == "unreadable":
+            raise OSError(errno.EPERM, "Operation not permitted")
+        return {VIP}
+
+    daemon = Daemon(cfg, FakeKernel(), environ={}, addresses=read)
+    with caplog.at_level(logging.WARNING, logger="replicator.daemon"):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            assert daemon.role is Role.INIT
+            nursery.cancel_scope.cancel()
+    [warning] = [r for r in caplog.records if "waits for keepalived" in r.getMessage()]
+    if addresses == "some":
+        assert (warning.fields["held"], warning.fields["missing"]) == (  # type: ignore[attr-defined]
+            str(VIP), str(other))
+    else:
+        assert "not permitted" in warning.fields["error"]  # type: ignore[attr-defined]
+
+
+async def test_a_line_from_keepalived_during_the_look_wins(tmp_path: Path) -> None:
+    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
+                       mode="cache", metrics_port=free_port())
+    lone_config(tmp_path)
+    cfg = parse_config(text + f'virtual_addresses = ["{VIP}"]\n')
+    daemon: Daemon | None = None
+
+    def read(netns: str | None) -> set[IPAddress]:
+        # keepalived's line arrives while the addresses are read (they say BACKUP).
+        assert daemon is not None
+        trio.from_thread.run_sync(daemon.runner.feed, VrrpEvent(
+            VrrpKind.INSTANCE, "VI_1", VrrpState.MASTER, 150))
+        return set()
+
+    daemon = Daemon(cfg, FakeKernel(), environ={}, addresses=read)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(daemon.run)
+        assert daemon.role is Role.MASTER and daemon.machine.transitions == 1
+        await eventually(lambda: daemon is not None and daemon.machine.settled)
+        nursery.cancel_scope.cancel()

@@ -1,0 +1,36 @@
+"""The role read from the virtual addresses (pure part; the daemon's use is in
+test_daemon.py, the kernel's addresses in integration/netns/test_viprole.py)."""
+
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from replicator.role import VrrpState
+from replicator.viprole import role_from_addresses
+
+V1, V2 = ipaddress.ip_address("198.51.100.1"), ipaddress.ip_address("2001:db8::1")
+OTHER = ipaddress.ip_address("192.0.2.2")
+
+
+@pytest.mark.parametrize(
+    ("held", "state"),
+    [
+        ({V1, V2, OTHER}, VrrpState.MASTER),
+        ({OTHER}, VrrpState.BACKUP),
+        (set(), VrrpState.BACKUP),
+        # Some but not all: a transition under way, or keepalived configured otherwise.
+        ({V1, OTHER}, None),
+        ({V2}, None),
+    ],
+)
+def test_all_held_is_master_none_backup_some_undecided(
+        held: set[ipaddress.IPv4Address | ipaddress.IPv6Address], state: VrrpState | None
+) -> None:
+    assert role_from_addresses((V1, V2), held) is state
+
+
+def test_nothing_to_look_for_is_a_caller_error() -> None:
+    with pytest.raises(ValueError, match="no virtual addresses"):
+        role_from_addresses((), {V1})
