@@ -39,6 +39,17 @@ were started):
   ``n<N>_committed`` the standby kernel's entry count afterwards. The commit starts
   once both daemons are idle (each used less than 20 ms of CPU in 0.5 s), as at a
   failover; ``n<N>_commit_idle_wait_s`` is how long that took after the sync.
+* ``kernel_n<N>_create_s`` (with ``cache``): the kernel's own time for the creates of a
+  commit, in the same run, on the same standby namespace: the same *N* entries, their
+  requests built beforehand (not timed), sent from one socket in 256 KiB datagrams,
+  errors only plus one ACK per datagram (what replicator's commit sends), with no
+  daemon running and one socket listening to the DESTROY group only (the state a
+  replicator commit leaves its event socket in: see
+  ``EventSubscription.mute_changes``). ``kernel_n<N>_create_all_groups_s``: the same
+  with that socket in every conntrack group, as conntrackd's event socket is during
+  its commit (the kernel then builds a NEW event per create). Neither can be beaten by
+  a commit on this host at that moment: they bound the commit figures from below.
+  ``_created`` is the kernel's count afterwards.
 * ``n<N>_wire_bytes_per_entry``: bytes through the sync interface in both directions
   (``ip -s link`` counters of the active's ``sync0``: frames including Ethernet, IP,
   TCP/UDP and, for replicator, TLS headers) per entry, from daemon start to the end of
@@ -68,6 +79,7 @@ import argparse
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -89,9 +101,12 @@ from integration.netns.halab.topology import SYNC_IF, Firewall
 from integration.netns.lab import Lab, Netns, lab
 from integration.netns.nodes import DaemonNode, NodeSpec
 from integration.netns.pair import synthetic
+from replicator import ctnetlink
+from replicator import inject as injection
 from replicator.control import ControlClient
 from replicator.kernel_linux import LinuxKernel
 from replicator.model import Entry
+from replicator.netlink import NETLINK_NETFILTER
 from replicator.netns import entered
 
 SYNC_A, SYNC_B = "10.99.3.1", "10.99.3.2"
@@ -522,6 +537,42 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
         raise AssertionError(f"replicator: {n - final[0]} of {n} entries missing (lag run)")
 
 
+#: ``nfnetlink_compat.h``'s conntrack multicast groups (NEW, UPDATE, DESTROY).
+CONNTRACK_GROUPS = (1, 2, 3)
+SOL_NETLINK = 270
+NETLINK_ADD_MEMBERSHIP = 1
+
+
+def kernel_floor(b: Netns, n: int) -> None:
+    """The kernel's own time for a commit's creates (see the module doc)."""
+    entries = synthetic(0, n, timeout=600)
+    batches = list(injection.plan_batches(
+        injection.Op.CREATE, entries, ctnetlink.encode_create, 1))
+    parse = ctnetlink.parse_acks
+    buf = bytearray(1 << 16)
+    for name, groups in (("create", CONNTRACK_GROUPS[2:]), ("create_all_groups",
+                                                           CONNTRACK_GROUPS)):
+        flush(b)
+        with entered(b.name):
+            listener = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+            sock = injection.open_socket()
+        with listener, sock:
+            listener.bind((0, 0))
+            for group in groups:
+                listener.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+            sock.setblocking(True)
+            t0 = time.perf_counter()
+            for batch in batches:
+                sock.send(batch.datagram)
+                # No error expected: the only reply is the datagram's final ACK.
+                got = sock.recv_into(buf)
+                if parse(memoryview(buf)[:got]) != [(batch.last_seq, 0)]:
+                    raise RuntimeError(f"kernel floor: a create failed in {name}")
+            emit(f"kernel_n{n}_{name}_s", time.perf_counter() - t0)
+        emit(f"kernel_n{n}_{name}_created", kernel_count(b))
+    flush(b)
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every measurement for both systems in each mode (see the module doc)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -550,15 +601,19 @@ def main(argv: Sequence[str] | None = None) -> None:
         systems: list[System] = [
             kind(the_lab, a, b, workdir, hot=mode == "hot")
             for mode in modes for kind in (Replicator, Conntrackd)]
-        runs: list[Callable[[System], None]] = [
-            *(partial(bench_size, a=a, b=b, n=n, patience=args.patience) for n in sizes),
-            *(partial(bench_lag, a=a, rate=r, seconds=args.seconds, patience=args.patience)
-              for r in rates)]
-        for run in runs:
+        runs: list[tuple[Callable[[System], None], int | None]] = [
+            *((partial(bench_size, a=a, b=b, n=n, patience=args.patience), n)
+              for n in sizes),
+            *((partial(bench_lag, a=a, rate=r, seconds=args.seconds,
+                       patience=args.patience), None) for r in rates)]
+        for run, size in runs:
             for system in systems:
                 flush(a)
                 flush(b)
                 run(system)
+            if size is not None and "cache" in modes:
+                # After both systems' commits of this size, on the same namespace.
+                kernel_floor(b, size)
 
 
 if __name__ == "__main__":
