@@ -1047,7 +1047,7 @@ class Daemon:
         k = self.config.keepalived
         try:
             held = await trio.to_thread.run_sync(self._addresses, self.config.kernel.netns)
-        except OSError as exc:
+        except (OSError, ReplicatorError) as exc:
             log.warning("could not read this node's addresses; the role waits for "
                         "keepalived's next transition", extra=fields(error=str(exc)))
             return

@@ -258,24 +258,26 @@ class Mirror:
 
     async def _pump(self, nursery: trio.Nursery) -> None:
         failures = 0
-        while True:
-            subscription = self._subscription
-            assert subscription is not None
+        subscription = self._subscription
+        while subscription is not None:
             try:
-                async for batch in subscription:
-                    if isinstance(batch, Overrun):
-                        self._stats.overruns += batch.enobufs
-                        if batch.undecodable:
-                            self._undecodable(batch)
-                        self._request_resync(nursery)
-                    else:
-                        self._apply(batch)
-                    failures = 0
+                batch = await subscription.__anext__()
+            except StopAsyncIteration:
                 break
-            except KernelError as exc:
+            except KernelError as exc:  # the socket's error, not the batch's handling
                 failures += 1
                 await self._replace_subscription(exc, failures)
                 self._request_resync(nursery)
+                subscription = self._subscription
+                continue
+            failures = 0
+            if isinstance(batch, Overrun):
+                self._stats.overruns += batch.enobufs
+                if batch.undecodable:
+                    self._undecodable(batch)
+                self._request_resync(nursery)
+            else:
+                self._apply(batch)
         # The subscription ended: the port is closed, stop the resync too.
         nursery.cancel_scope.cancel()
 

@@ -20,7 +20,9 @@ import ipaddress
 from collections.abc import Collection
 
 from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
 
+from .errors import KernelError
 from .netns import entered
 from .role import VrrpState
 
@@ -45,13 +47,19 @@ def held_addresses(netns: str | None) -> set[IPAddress]:
     """Every address configured on an interface of ``netns`` (None: this namespace).
 
     Blocking (an rtnetlink dump through pyroute2): call it from a worker thread.
-    Raises OSError (pyroute2's NetlinkError is one) if the kernel refuses.
+    Raises :class:`~replicator.errors.KernelError` if the kernel refuses, OSError if no
+    socket can be made, :class:`~replicator.errors.ReplicatorError` if the namespace
+    cannot be entered.
     """
     with entered(netns):
         ipr = IPRoute()
     held: set[IPAddress] = set()
     with ipr:
-        for message in ipr.get_addr():
+        try:
+            messages = list(ipr.get_addr())
+        except NetlinkError as exc:
+            raise KernelError(f"reading the addresses: {exc}", exc.code) from exc
+        for message in messages:
             # IPv4: IFA_LOCAL is the interface's own address (IFA_ADDRESS the peer's on
             # a point-to-point link); IPv6 has IFA_ADDRESS only.
             value = message.get_attr("IFA_LOCAL") or message.get_attr("IFA_ADDRESS")

@@ -33,6 +33,7 @@ from replicator.daemon import (
     KernelWriter,
     copy_tcp_flags,
 )
+from replicator.errors import KernelError
 from replicator.kernel import InjectResult
 from replicator.kernel_fake import FakeKernel
 from replicator.keys import generate_identity, write_identity
@@ -676,7 +677,7 @@ async def test_restarted_nodes_take_their_roles_from_the_virtual_addresses(
     assert sorted(said) == ["BACKUP", "MASTER"]
 
 
-@pytest.mark.parametrize("addresses", ["some", "unreadable"])
+@pytest.mark.parametrize("addresses", ["some", "unreadable", "refused"])
 async def test_the_role_waits_for_keepalived_when_the_addresses_do_not_tell(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, addresses: str) -> None:
     text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
@@ -688,6 +689,9 @@ async def test_the_role_waits_for_keepalived_when_the_addresses_do_not_tell(
     def read(netns: str | None) -> set[IPAddress]:
         if addresses == "unreadable":
             raise OSError(errno.EPERM, "Operation not permitted")
+        if addresses == "refused":
+            raise KernelError("reading the addresses: (1, 'Operation not permitted')",
+                              errno.EPERM)
         return {VIP}
 
     daemon = Daemon(cfg, FakeKernel(), environ={}, addresses=read)

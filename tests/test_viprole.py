@@ -3,10 +3,14 @@ test_daemon.py, the kernel's addresses in integration/netns/test_viprole.py)."""
 
 from __future__ import annotations
 
+import errno
 import ipaddress
 
 import pytest
+from pyroute2.netlink.exceptions import NetlinkError
 
+from replicator import viprole
+from replicator.errors import KernelError
 from replicator.role import VrrpState
 from replicator.viprole import role_from_addresses
 
@@ -34,3 +38,21 @@ def test_all_held_is_master_none_backup_some_undecided(
 def test_nothing_to_look_for_is_a_caller_error() -> None:
     with pytest.raises(ValueError, match="no virtual addresses"):
         role_from_addresses((), {V1})
+
+
+def test_a_refused_address_dump_is_the_projects_kernel_error(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    class Refusing:
+        def __enter__(self) -> Refusing:
+            return self
+
+        def __exit__(self, *exc: object) -> None:
+            pass
+
+        def get_addr(self) -> list[object]:
+            raise NetlinkError(errno.EPERM, "Operation not permitted")
+
+    monkeypatch.setattr(viprole, "IPRoute", Refusing)
+    with pytest.raises(KernelError, match="reading the addresses") as raised:
+        viprole.held_addresses(None)
+    assert raised.value.errno == errno.EPERM
