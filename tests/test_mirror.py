@@ -165,14 +165,22 @@ async def test_a_mirror_reading_echoes_ignores_what_the_writer_says() -> None:
         nursery.cancel_scope.cancel()
 
 
-async def test_a_commit_block_receives_no_creations_and_leaves_the_mirror_stale() -> None:
-    kernel = FakeKernel()
+async def running_with(kernel: FakeKernel, nursery: trio.Nursery, *entries: Entry
+                       ) -> tuple[Mirror, Consumer]:
+    """A mirror of ``kernel`` publishing to a consumer, started in ``nursery``, once it
+    holds ``entries`` (added to the kernel after the start)."""
     consumer = Consumer()
     mirror = Mirror(kernel, consumer)
+    await nursery.start(mirror.run)
+    kernel.add_many(entries)
+    await settle(mirror)
+    return mirror, consumer
+
+
+async def test_a_commit_block_receives_no_creations_and_leaves_the_mirror_stale() -> None:
+    kernel = FakeKernel()
     async with trio.open_nursery() as nursery:
-        await nursery.start(mirror.run)
-        kernel.add_many([entry(7), entry(8)])
-        await settle(mirror)
+        mirror, consumer = await running_with(kernel, nursery, entry(7), entry(8))
         with mirror.echoes_ignored():
             await kernel.upsert([entry(p) for p in range(5)])
             kernel.add(entry(99))  # traffic during the commit: missed too
@@ -347,12 +355,8 @@ async def test_a_failed_re_read_is_retried_and_the_first_one_stops_the_start(
 async def test_a_failed_event_socket_is_replaced_and_what_it_missed_re_read(
         caplog: pytest.LogCaptureFixture, autojump_clock: trio.testing.MockClock) -> None:
     kernel = FakeKernel()
-    consumer = Consumer()
-    mirror = Mirror(kernel, consumer)
     async with trio.open_nursery() as nursery:
-        await nursery.start(mirror.run)
-        kernel.add_many([entry(1), entry(2)])
-        await settle(mirror)
+        mirror, consumer = await running_with(kernel, nursery, entry(1), entry(2))
         dumps = kernel.dumps
         with caplog.at_level(logging.WARNING, logger="replicator.mirror"):
             kernel.fail_event_sockets()
