@@ -728,3 +728,22 @@ async def test_a_line_from_keepalived_during_the_look_wins(tmp_path: Path) -> No
         assert daemon.role is Role.MASTER and daemon.machine.transitions == 1
         await eventually(lambda: daemon is not None and daemon.machine.settled)
         nursery.cancel_scope.cancel()
+
+
+async def test_a_restarted_master_passes_its_check_with_the_peer_unreachable(
+        tmp_path: Path) -> None:
+    """In INIT a restarted master fails ``check`` until its peer is back and in sync,
+    so keepalived's track_script would demote it for nothing; holding the virtual
+    addresses, it is MASTER at once and passes."""
+    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
+                       mode="cache", metrics_port=free_port())
+    lone_config(tmp_path)  # the keys; fw-b never answers
+    for held, expected in (({VIP}, {"ok": True, "reason": ""}),
+                           (set(), {"ok": False, "reason": "peer not connected"})):
+        cfg = parse_config(text + f'virtual_addresses = ["{VIP}"]\n')
+        daemon = Daemon(cfg, FakeKernel(), environ={}, addresses=addresses_of(held))
+        async with trio.open_nursery() as nursery:
+            await nursery.start(daemon.run)
+            await eventually(lambda d=daemon: d.machine.settled)  # type: ignore[misc]
+            assert await daemon.check() == expected
+            nursery.cancel_scope.cancel()
