@@ -104,7 +104,14 @@ from integration.netns.pair import synthetic
 from replicator import ctnetlink
 from replicator import inject as injection
 from replicator.control import ControlClient
-from replicator.kernel_linux import LinuxKernel
+from replicator.kernel_linux import (
+    NETLINK_ADD_MEMBERSHIP,
+    NFNLGRP_CONNTRACK_DESTROY,
+    NFNLGRP_CONNTRACK_NEW,
+    NFNLGRP_CONNTRACK_UPDATE,
+    SOL_NETLINK,
+    LinuxKernel,
+)
 from replicator.model import Entry
 from replicator.netlink import NETLINK_NETFILTER
 from replicator.netns import entered
@@ -537,12 +544,6 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
         raise AssertionError(f"replicator: {n - final[0]} of {n} entries missing (lag run)")
 
 
-#: ``nfnetlink_compat.h``'s conntrack multicast groups (NEW, UPDATE, DESTROY).
-CONNTRACK_GROUPS = (1, 2, 3)
-SOL_NETLINK = 270
-NETLINK_ADD_MEMBERSHIP = 1
-
-
 def kernel_floor(b: Netns, n: int) -> None:
     """The kernel's own time for a commit's creates (see the module doc)."""
     entries = synthetic(0, n, timeout=600)
@@ -550,8 +551,8 @@ def kernel_floor(b: Netns, n: int) -> None:
         injection.Op.CREATE, entries, ctnetlink.encode_create, 1))
     parse = ctnetlink.parse_acks
     buf = bytearray(1 << 16)
-    for name, groups in (("create", CONNTRACK_GROUPS[2:]), ("create_all_groups",
-                                                           CONNTRACK_GROUPS)):
+    every = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY)
+    for name, groups in (("create", every[2:]), ("create_all_groups", every)):
         flush(b)
         with entered(b.name):
             listener = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
