@@ -15,7 +15,7 @@ import socket
 import urllib.request
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,11 @@ from replicator.viprole import IPAddress, held_addresses
 WAN = bytes([198, 51, 100, 1])
 #: The virtual address of the tests that configure one (keepalived's VIP).
 VIP = ipaddress.ip_address("198.51.100.254")
+
+
+def with_vips(cfg: Config, *vips: IPAddress) -> Config:
+    """``cfg`` with these ``keepalived.virtual_addresses``."""
+    return replace(cfg, keepalived=replace(cfg.keepalived, virtual_addresses=vips))
 
 
 def addresses_of(held: set[IPAddress]) -> Callable[[str | None], set[IPAddress]]:
@@ -680,11 +685,8 @@ async def test_restarted_nodes_take_their_roles_from_the_virtual_addresses(
 @pytest.mark.parametrize("addresses", ["some", "unreadable", "refused"])
 async def test_the_role_waits_for_keepalived_when_the_addresses_do_not_tell(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, addresses: str) -> None:
-    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
-                       mode="cache", metrics_port=free_port())
-    lone_config(tmp_path)  # the keys
     other = ipaddress.ip_address("10.0.0.1")
-    cfg = parse_config(text + f'virtual_addresses = ["{VIP}", "{other}"]\n')
+    cfg = with_vips(lone_config(tmp_path), VIP, other)
 
     def read(netns: str | None) -> set[IPAddress]:
         if addresses == "unreadable":
@@ -709,10 +711,7 @@ async def test_the_role_waits_for_keepalived_when_the_addresses_do_not_tell(
 
 
 async def test_a_line_from_keepalived_during_the_look_wins(tmp_path: Path) -> None:
-    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
-                       mode="cache", metrics_port=free_port())
-    lone_config(tmp_path)
-    cfg = parse_config(text + f'virtual_addresses = ["{VIP}"]\n')
+    cfg = with_vips(lone_config(tmp_path), VIP)
     daemon: Daemon | None = None
 
     def read(netns: str | None) -> set[IPAddress]:
@@ -735,12 +734,9 @@ async def test_a_restarted_master_passes_its_check_with_the_peer_unreachable(
     """In INIT a restarted master fails ``check`` until its peer is back and in sync,
     so keepalived's track_script would demote it for nothing; holding the virtual
     addresses, it is MASTER at once and passes."""
-    text = make_config(tmp_path, "fw-a", "fw-b", port=free_port(), peer_port=free_port(),
-                       mode="cache", metrics_port=free_port())
-    lone_config(tmp_path)  # the keys; fw-b never answers
+    cfg = with_vips(lone_config(tmp_path), VIP)  # fw-b never answers
     for held, expected in (({VIP}, {"ok": True, "reason": ""}),
                            (set(), {"ok": False, "reason": "peer not connected"})):
-        cfg = parse_config(text + f'virtual_addresses = ["{VIP}"]\n')
         daemon = Daemon(cfg, FakeKernel(), environ={}, addresses=addresses_of(held))
         async with trio.open_nursery() as nursery:
             await nursery.start(daemon.run)
