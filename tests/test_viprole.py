@@ -5,7 +5,10 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import subprocess
+import sys
 
+import pyroute2
 import pytest
 from pyroute2.netlink.exceptions import NetlinkError
 
@@ -52,7 +55,14 @@ def test_a_refused_address_dump_is_the_projects_kernel_error(
         def get_addr(self) -> list[object]:
             raise NetlinkError(errno.EPERM, "Operation not permitted")
 
-    monkeypatch.setattr(viprole, "IPRoute", Refusing)
+    monkeypatch.setattr(pyroute2, "IPRoute", Refusing)
     with pytest.raises(KernelError, match="reading the addresses") as raised:
         viprole.held_addresses(None)
     assert raised.value.errno == errno.EPERM
+
+
+def test_the_daemon_does_not_import_pyroute2_unless_it_reads_addresses() -> None:
+    # ≈ 9 MB of RSS and 0.2 s of start-up for every daemon otherwise.
+    code = ("import sys, replicator.daemon; "
+            "sys.exit(1 if 'pyroute2' in sys.modules else 0)")
+    assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0
