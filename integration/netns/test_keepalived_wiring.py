@@ -1,23 +1,29 @@
 """The shipped keepalived example against the real keepalived, and its FIFO lines driving
 the role machine (a single node: it must still take over although `replicator check`
-fails, because the example uses a negative weight, not FAULT)."""
+fails, because the example uses a negative weight, not FAULT); the shipped
+``etc/replicator.toml``'s ``keepalived.virtual_addresses`` read from the kernel tell
+the state keepalived is in."""
 
 from __future__ import annotations
 
 import functools
 import signal
 import sys
+import time
 from pathlib import Path
 
 import trio
 
 from integration.netns.lab import Lab, Netns
+from replicator.config import load_config
 from replicator.notifyfifo import read_notify_fifo
 from replicator.role import Action, Role, RoleMachine, Verdict, VrrpEvent
 from replicator.roletask import RoleRunner
+from replicator.viprole import held_addresses, role_from_addresses
 
 REPO = Path(__file__).resolve().parents[2]
 EXAMPLE = REPO / "etc" / "keepalived" / "keepalived.conf.example"
+CONFIG_EXAMPLE = REPO / "etc" / "replicator.toml"
 REPLICATOR = Path(sys.executable).parent / "replicator"
 
 
@@ -82,22 +88,7 @@ def test_fifo_lines_drive_the_role_machine(netlab: Lab, tmp_path: Path) -> None:
         async with trio.open_nursery() as nursery:
             await nursery.start(functools.partial(read_notify_fifo, fifo, feed))
             await nursery.start(runner.run)
-            keepalived = netlab.spawn(
-                ns,
-                [
-                    "keepalived",
-                    "--vrrp",
-                    "--dont-fork",
-                    "--log-console",
-                    "--no-syslog",
-                    "--use-file",
-                    str(config),
-                    "--pid",
-                    str(tmp_path / "k.pid"),
-                    "--vrrp_pid",
-                    str(tmp_path / "v.pid"),
-                ],
-            )
+            keepalived = netlab.spawn(ns, keepalived_argv(config, tmp_path))
             # Alone on the link, the node takes over after the master-down interval.
             await wait_for(Role.MASTER)
             keepalived.send_signal(signal.SIGTERM)
@@ -123,3 +114,37 @@ def test_fifo_lines_drive_the_role_machine(netlab: Lab, tmp_path: Path) -> None:
         Action.BECOME_RECEIVER,
         Action.SHORTEN_TIMERS,
     ]
+
+
+def keepalived_argv(config: Path, tmp_path: Path) -> list[str]:
+    return ["keepalived", "--vrrp", "--dont-fork", "--log-console", "--no-syslog",
+            "--use-file", str(config), "--pid", str(tmp_path / "k.pid"),
+            "--vrrp_pid", str(tmp_path / "v.pid")]
+
+
+def test_the_example_virtual_addresses_tell_keepalived_state(
+        netlab: Lab, tmp_path: Path) -> None:
+    """What a restarted daemon reads (:mod:`replicator.viprole`): keepalived adds the
+    example's VIPs when it becomes master and removes them when it stops, and the
+    shipped daemon configuration lists exactly those."""
+    ns = firewall(netlab)
+    config = tmp_path / "keepalived.conf"
+    # Without the FIFO: nothing reads it here.
+    config.write_text("".join(line for line in example().splitlines(keepends=True)
+                              if not line.strip().startswith("vrrp_notify_fifo")))
+    virtual = load_config(CONFIG_EXAMPLE, check=False).keepalived.virtual_addresses
+    assert len(virtual) == 2
+
+    def wait_for(state: str) -> None:
+        deadline = time.monotonic() + 40
+        while str(role_from_addresses(virtual, held_addresses(ns.name))) != state:
+            assert time.monotonic() < deadline, f"the addresses never said {state}"
+            time.sleep(0.1)
+
+    wait_for("BACKUP")  # before keepalived: no VIP
+    keepalived = netlab.spawn(ns, keepalived_argv(config, tmp_path))
+    # Alone on the link, the node takes over after the master-down interval.
+    wait_for("MASTER")
+    keepalived.send_signal(signal.SIGTERM)
+    keepalived.wait(timeout=30)
+    wait_for("BACKUP")
