@@ -198,6 +198,11 @@ class ResyncRecord:
 Wrote = Callable[[list[tuple[bytes, bytes]], list[bytes]], None]
 
 
+def _refused_keys(result: InjectResult) -> set[bytes]:
+    """The packed keys of the entries a write's kernel refused."""
+    return {R.key(failure.entry) for failure in result.errors}
+
+
 class KernelWriter:
     """Hot mode: the peer's changes waiting to be written to this node's kernel.
 
@@ -318,7 +323,7 @@ class KernelWriter:
                 tcp_flags=self._tcp_flags, existing=existing)
             self.record(result, "upsert")
             if self._wrote is not None:
-                refused = {R.key(failure.entry) for failure in result.errors}
+                refused = _refused_keys(result)
                 self._wrote([(k, r) for k, r in upserts if k not in refused], [])
             # Done (written, or refused and counted): should the deletes fail as a
             # whole, only they are queued again.
@@ -328,7 +333,7 @@ class KernelWriter:
             result = await self._kernel.delete(deletes)
             self.record(result, "delete")
             if self._wrote is not None:
-                refused = {R.key(failure.entry) for failure in result.errors}
+                refused = _refused_keys(result)
                 self._wrote([], [k for k in deleted if k not in refused])
 
     def record(self, result: InjectResult, what: str) -> None:

@@ -125,6 +125,8 @@ class Mirror:
         self._subscription: Subscription | None = None
         #: Inside :meth:`echoes_ignored` (a new subscription is set up the same way).
         self._muted = False
+        #: Echoes dropped on reading by event sockets since replaced.
+        self._ignored_before = 0
         self._stale = False
         # Undecodable events: when a line is due, and how many since the last one.
         self._undecodable_log = RefusalLog(interval=UNDECODABLE_LOG_INTERVAL)
@@ -133,8 +135,8 @@ class Mirror:
     @property
     def stats(self) -> MirrorStats:
         """The counters (``echoes_ignored`` read from the subscription now)."""
-        if self._subscription is not None:
-            self._stats.echoes_ignored = self._subscription.ignored
+        sub = self._subscription
+        self._stats.echoes_ignored = self._ignored_before + (0 if sub is None else sub.ignored)
         return self._stats
 
     @property
@@ -286,12 +288,11 @@ class Mirror:
         the caller then re-reads the table. Retries, backing off, until it works."""
         old = self._subscription
         assert old is not None
-        ignored = old.ignored
+        self._ignored_before += old.ignored
         # Events are missed from now until the dump that follows the new subscription.
         self._stale = True
         # None until the new one works: a commit meanwhile writes without muting.
         self._subscription = None
-        self._stats.echoes_ignored = ignored
         await old.aclose()
         while True:
             self._stats.subscription_failures += 1
@@ -306,8 +307,6 @@ class Mirror:
             except (KernelError, OSError) as exc:
                 error, failures = exc, failures + 1
                 continue
-            # The count goes on from the old socket's.
-            new.ignored += ignored
             self._subscription = new
             return
 

@@ -402,6 +402,7 @@ async def test_a_socket_replaced_during_a_commit_block_is_muted_like_the_old_one
     mirror = Mirror(kernel, ignore_echoes=True)
     async with trio.open_nursery() as nursery:
         await nursery.start(mirror.run)
+        await kernel.upsert([entry(0)])  # an echo the first socket drops
         with mirror.echoes_ignored():
             kernel.fail_event_sockets()
             await settle(mirror)
@@ -417,4 +418,7 @@ async def test_a_socket_replaced_during_a_commit_block_is_muted_like_the_old_one
         await trio.testing.wait_all_tasks_blocked()
         assert mirror.stats.events == 1 and record.key(entry(4)) in mirror.cache
         assert record.key(entry(3)) not in mirror.cache
+        # Dropped echoes are counted across sockets: entry 0's by the first, entry 3's
+        # by the new one (entry 2's was never sent: the block had left the group).
+        assert mirror.stats.echoes_ignored == 2
         nursery.cancel_scope.cancel()
