@@ -30,10 +30,12 @@ so :func:`replicator.inject.run` drives it, and :func:`replicator.inject.run_ove
 
 from __future__ import annotations
 
+import collections
+import functools
 import math
 from collections.abc import Callable, Sequence
 
-from . import ctnetlink
+from . import colpack, ctnetlink
 from . import record as R
 from .batchjob import BatchJob
 from .model import IPPROTO_TCP, Status
@@ -44,11 +46,25 @@ _FIXED_TIMEOUT = int(Status.FIXED_TIMEOUT)
 #: Builds the request of a record with a sequence number, asking for an ACK or not;
 #: ``None`` if the record is not of the kind this pass writes.
 RecordEncoder = Callable[[bytes, int, bool], "bytes | None"]
+#: Builds the requests of records from a first sequence number (the last asks for the ACK).
+_Build = Callable[[Sequence[bytes], int], bytes]
+
+
+#: Plans the writes of some records: runs whose requests are built together
+#: (:func:`replicator.colpack.plan_creates`), and the records left to the per-record
+#: encoder.
+Planner = Callable[[Sequence[bytes]], "tuple[list[colpack.Run], list[bytes]]"]
+
+#: Records planned at a time: the planning of the next ones overlaps the kernel's work
+#: on a batch (:meth:`RecordWrites.prefetch`) instead of delaying the first.
+PLAN_CHUNK = 16384
 
 
 class RecordWrites(BatchJob):
     """One pass of requests (creates or updates, as ``encode`` makes them) over
-    ``records`` (see the module doc).
+    ``records`` (see the module doc); with ``plan``, the records it puts in runs have
+    their requests built together instead (:mod:`replicator.colpack`), the others
+    still by ``encode``.
 
     ``result()`` is ``(applied, handed_back)``: how many records the kernel accepted,
     and the records to write through the full injector.
@@ -57,15 +73,22 @@ class RecordWrites(BatchJob):
     def __init__(self, records: Sequence[bytes], encode: RecordEncoder, *, seq_start: int,
                  batch_bytes: int, reply_budget: int,
                  parse_acks: Callable[[bytes | memoryview], list[tuple[int, int]]]
-                 = ctnetlink.parse_acks) -> None:
+                 = ctnetlink.parse_acks, plan: Planner | None = None) -> None:
         self._records = records
         self._encode = encode
+        self._plan = plan
         self._seq = seq_start & _SEQ_MASK
         self._batch_bytes = batch_bytes
         # Every request of a batch may fail: its error replies must fit the buffer.
         self._max_requests = max(1, reply_budget)
         self._parse_acks = parse_acks
+        #: Records taken from ``records`` into runs so far.
         self._pos = 0
+        #: Runs planned, not written yet, each (build, size, records), with the
+        #: position reached in the first: ``build`` None for the per-record encoder.
+        self._runs: collections.deque[tuple[_Build | None, int, list[bytes]]] = (
+            collections.deque())
+        self._run_pos = 0
         self._applied = 0
         self._back: list[bytes] = []
         #: The batch in flight: its records, first sequence number, refused positions.
@@ -103,11 +126,58 @@ class RecordWrites(BatchJob):
     def _build(self) -> tuple[list[bytes], int, bytes] | None:
         """The next batch's records, first sequence number and datagram (``None``: no
         record left)."""
+        runs = self._runs
+        while True:
+            if not runs and not self._plan_more():
+                return None
+            build, size, records = runs[0]
+            if build is None:
+                built = self._build_each(records)
+            else:
+                built = self._build_run(build, size, records)
+            if self._run_pos >= len(records):
+                runs.popleft()
+                self._run_pos = 0
+            if built is not None:
+                return built
+
+    def _plan_more(self) -> bool:
+        """Plan the next records into runs; False when none is left."""
+        start, records = self._pos, self._records
+        if start >= len(records):
+            return False
+        if self._plan is None:
+            self._pos = len(records)
+            self._runs.append((None, 0, list(records[start:])))
+            return True
+        chunk = records[start:start + PLAN_CHUNK]
+        self._pos = start + len(chunk)
+        runs, rest = self._plan(chunk)
+        self._runs.extend((run.build, run.size, run.records) for run in runs)
+        if rest:
+            self._runs.append((None, 0, rest))
+        return True
+
+    def _build_run(self, build: _Build, size: int, records: list[bytes]
+                   ) -> tuple[list[bytes], int, bytes]:
+        """The next batch of a run whose requests are built together."""
+        pos = self._run_pos
+        count = min(len(records) - pos, self._max_requests,
+                    max(1, self._batch_bytes // size))
+        members = records[pos:pos + count]
+        self._run_pos = pos + count
+        first = self._seq
+        self._seq = (first + count) & _SEQ_MASK
+        return members, first, build(members, first)
+
+    def _build_each(self, records: list[bytes]) -> tuple[list[bytes], int, bytes] | None:
+        """The next batch of a run of records encoded one by one (``None`` if every
+        record left in it was handed back)."""
         # Locals only in this loop: it runs once per entry of a whole table.
-        records, encode, back = self._records, self._encode, self._back
+        encode, back = self._encode, self._back
         members: list[bytes] = []
         parts: list[bytes] = []
-        size, limit, pos, end = 0, self._batch_bytes, self._pos, len(records)
+        size, limit, pos, end = 0, self._batch_bytes, self._run_pos, len(records)
         first = seq = self._seq
         room = self._max_requests
         while pos < end and room:
@@ -125,7 +195,7 @@ class RecordWrites(BatchJob):
             pos += 1
             seq = (seq + 1) & _SEQ_MASK
             room -= 1
-        self._pos = pos
+        self._run_pos = pos
         if not members:
             return None
         # The batch's end is known only now: its last request asks for the ACK.
@@ -156,7 +226,8 @@ class RecordWrites(BatchJob):
 
     def result(self) -> tuple[int, list[bytes]]:
         """``(applied, handed back)``, once :meth:`next_datagram` returned ``None``."""
-        if self._batch is not None or self._ready is not None or self._pos < len(self._records):
+        if (self._batch is not None or self._ready is not None or self._runs
+                or self._pos < len(self._records)):
             raise RuntimeError("the pass is not finished")
         return self._applied, self._back
 
@@ -177,6 +248,17 @@ class RecordWrites(BatchJob):
         for index in refused:
             self._back.append(batch[index])
         self._applied += len(batch) - len(refused)
+
+
+def commit_plan(now: float, *, tcp_flags: int = 0, update: bool = False) -> Planner | None:
+    """The planner of a commit at ``now`` (see :func:`commit_encoder`): creates of the
+    usual records built together (:func:`replicator.colpack.plan_creates`), byte for
+    byte the requests :func:`commit_encoder` builds one by one; ``None`` for updates
+    (still built one by one: a commit meets them only for a node demoted not long
+    ago)."""
+    if update:
+        return None
+    return functools.partial(colpack.plan_creates, now=now, tcp_flags=tcp_flags)
 
 
 def commit_encoder(now: float, *, no_timeout: int | None = None,

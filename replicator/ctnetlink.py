@@ -154,6 +154,10 @@ TRANSIENT_TCP_FLAGS: Final = int(
 _KEPT_TCP_FLAGS: Final = 0xFF & ~TRANSIENT_TCP_FLAGS
 # Plain ints: IntFlag arithmetic costs microseconds on the encode path.
 _CONFIRMED: Final = int(Status.CONFIRMED)
+#: Set in the status of every entry created (see :func:`encode_create`).
+CONFIRMED: Final = _CONFIRMED
+#: The TCP flags a request carries (the others are transient: see :func:`clean_tcp_flags`).
+KEPT_TCP_FLAGS: Final = _KEPT_TCP_FLAGS
 _EXPECTED: Final = int(Status.EXPECTED)
 _FIXED_TIMEOUT: Final = int(Status.FIXED_TIMEOUT)
 
@@ -162,6 +166,8 @@ _nla = _NLA.unpack_from
 _new = tuple.__new__
 _NEW, _UPDATE, _DESTROY = EventKind.NEW, EventKind.UPDATE, EventKind.DESTROY
 _ADDR_SIZE = {AF_INET: 4, AF_INET6: 16}
+#: Address size by family.
+ADDR_SIZE: Final = _ADDR_SIZE
 
 
 def _bad(what: str, off: int) -> NetlinkDecodeError:
@@ -1027,6 +1033,37 @@ class UsualCreatePacker(Protocol):
                  /) -> bytes: ...
 
 
+# What each item of a usual create request's body holds (see usual_create_format), in
+# the order usual_create_packer's pack() passes them; "" is a constant.
+_ITEMS_ORIG = ("", "src", "", "dst", "", "proto", "", "sport", "", "dport")
+_ITEMS_REPLY = ("", "dst", "", "src", "", "proto", "", "dport", "", "sport")
+_ITEMS_NAT = {n: ("", f"{n}_addr", "", f"{n}_addr", "", f"{n}_port", "", f"{n}_port")
+              for n in ("snat", "dnat")}
+_ITEMS_STATE = ("", "status", "", "timeout", "", "mark")
+_ITEMS_TCP = ("", "tcp_state", "", "wscale_orig", "", "wscale_reply", "", "flags_orig", "",
+              "", "flags_reply", "")
+
+
+@functools.cache
+def usual_create_format(family: int, snat: bool, dnat: bool, tcp: bool
+                        ) -> tuple[str, tuple[str, ...]]:
+    """The ``struct`` format (network order) of the body of a usual create request of
+    this shape (see :func:`usual_create_packer`: the body follows the nlmsghdr and
+    nfgenmsg, :data:`~replicator.netlink.NFNL_HDRLEN` bytes) and, item by item (pad
+    bytes excluded), what each holds: the name of one of the packer's parameters
+    (``status``: masked to the settable bits plus CONFIRMED; ``flags_*``: masked to the
+    flags kept), or ``""`` for a constant (attribute headers, the flag masks).
+
+    :mod:`replicator.colpack` builds many requests at once from this."""
+    (_o, _r, _d, _p, _s, _dp, tuple_fmt, _t, _wo, _wr, _fo, _fr,
+     tcp_fmt) = _usual_parts(_ADDR_SIZE[family])  # fmt: skip
+    nat_fmt = f"8s{_ADDR_SIZE[family]}s4s{_ADDR_SIZE[family]}s8sH2x4sH2x"
+    fmt = "!" + tuple_fmt * 2 + nat_fmt * (snat + dnat) + "IIIIII" + (tcp_fmt if tcp else "")
+    items = (_ITEMS_ORIG + _ITEMS_REPLY + (_ITEMS_NAT["snat"] if snat else ())
+             + (_ITEMS_NAT["dnat"] if dnat else ()) + _ITEMS_STATE + (_ITEMS_TCP if tcp else ()))
+    return fmt, items
+
+
 @functools.cache
 def usual_create_packer(family: int, snat: bool, dnat: bool, tcp: bool) -> UsualCreatePacker:
     """The request builder of one shape of usual entry: ``family``, whether it has a
@@ -1042,17 +1079,16 @@ def usual_create_packer(family: int, snat: bool, dnat: bool, tcp: bool) -> Usual
     them without building a tuple.
     """
     size = _ADDR_SIZE[family]
-    (c_orig, c_reply, c_dst, c_proto, c_sport, c_dport, tuple_fmt, c_tcp, c_wso, c_wsr,
-     c_fo, c_fr, tcp_fmt) = _usual_parts(size)  # fmt: skip
+    (c_orig, c_reply, c_dst, c_proto, c_sport, c_dport, _tuple_fmt, c_tcp, c_wso, c_wsr,
+     c_fo, c_fr, _tcp_fmt) = _usual_parts(size)  # fmt: skip
     lo, hi = _NAT_IP[size]
     c_snat = _words(_OUT_NAT_PORTS[CTA_NAT_SRC, size], lo)
     c_dnat = _words(_OUT_NAT_PORTS[CTA_NAT_DST, size], lo)
     c_hi, c_max = _words(hi), _words(_NAT_PROTO[2])
     c_nat_proto = _words(_NAT_PROTO[0], _NAT_PROTO[1])
-    nat_fmt = f"8s{size}s4s{size}s8sH2x4sH2x"
-    fmt = tuple_fmt * 2 + nat_fmt * (snat + dnat) + "IIIIII" + (tcp_fmt if tcp else "")
-    body = struct.Struct("!" + fmt).pack
-    length = NFNL_HDRLEN + struct.calcsize("!" + fmt)
+    fmt, _items = usual_create_format(family, snat, dnat, tcp)
+    body = struct.Struct(fmt).pack
+    length = NFNL_HDRLEN + struct.calcsize(fmt)
     flags_ack, flags_plain = _FLAGS_CREATE | NLM_F_ACK, _FLAGS_CREATE
     settable, confirmed, kept = SETTABLE_STATUS, _CONFIRMED, _KEPT_TCP_FLAGS
     h_status, h_timeout, h_mark = _H_STATUS, _H_TIMEOUT, _H_MARK

@@ -59,7 +59,7 @@ import trio
 
 from . import ctnetlink
 from .batchjob import BatchJob
-from .bulkwrite import RecordEncoder, RecordWrites
+from .bulkwrite import Planner, RecordEncoder, RecordWrites
 from .errors import KernelError
 from .kernel import EntryError, InjectResult
 from .model import Entry, EntryKey
@@ -481,12 +481,13 @@ async def upsert(sock: socket.socket, entries: Sequence[Entry], *, seq_start: in
 
 async def write_records(sock: socket.socket, records: Sequence[bytes],
                         encode: RecordEncoder, *, seq_start: int = 1,
-                        ) -> tuple[int, list[bytes]]:
+                        plan: Planner | None = None) -> tuple[int, list[bytes]]:
     """A first pass of a commit through ``sock``
-    (:class:`~replicator.bulkwrite.RecordWrites`, requests made by ``encode``): how
-    many records were written, and the records to write with :func:`upsert` instead."""
-    job = RecordWrites(records, encode, seq_start=seq_start,
-                        batch_bytes=batch_limit(sock), reply_budget=reply_budget(sock))
+    (:class:`~replicator.bulkwrite.RecordWrites`, requests made by ``encode``, or
+    together as ``plan`` groups them): how many records were written, and the records
+    to write with :func:`upsert` instead."""
+    job = RecordWrites(records, encode, seq_start=seq_start, batch_bytes=batch_limit(sock),
+                       reply_budget=reply_budget(sock), plan=plan)
     return await run_overlapped(sock, job)
 
 

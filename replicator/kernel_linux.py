@@ -47,7 +47,7 @@ from types import TracebackType
 import trio
 
 from . import bpf, ctnetlink, inject
-from .bulkwrite import commit_encoder
+from .bulkwrite import commit_encoder, commit_plan
 from .errors import KernelError, NetlinkDecodeError
 from .external import commit_entry
 from .gcpause import COLLECTOR_PAUSE
@@ -370,9 +370,11 @@ class LinuxKernel:
                 continue
             encode = commit_encoder(now, no_timeout=no_timeout, tcp_flags=tcp_flags,
                                     update=update)
+            plan = commit_plan(now, tcp_flags=tcp_flags, update=update)
             async with self._write_lock:
                 done, refused = await inject.write_records(
-                    self._injector, batch, encode, seq_start=self._next_seqs(len(batch)))
+                    self._injector, batch, encode, seq_start=self._next_seqs(len(batch)),
+                    plan=plan)
             applied += done
             back += refused
         if not back:

@@ -460,6 +460,19 @@ def usual_layout(shape: int) -> UsualLayout | None:
     A takeover's commit builds its requests from this, never building an
     :class:`Entry` (which costs about as much as building the request).
     """
+    found = usual_format(shape)
+    if found is None:
+        return None
+    fmt, reply, mark, tcp = found
+    return UsualLayout(struct.Struct(fmt).unpack_from, reply, mark, tcp)
+
+
+@functools.cache
+def usual_format(shape: int) -> tuple[str, int | None, int, int | None] | None:
+    """The ``struct`` format of every record of ``shape`` (:func:`usual_shape`; big
+    endian, fixed size: header, then the body's fields), with the indexes of
+    :class:`UsualLayout` (reply, mark, TCP info), or ``None`` unless the shape is a
+    usual one (see :func:`usual_layout`)."""
     family, flags = shape >> 8, shape & 0xFF
     fixed = _FIXED.get(family)
     if fixed is None or flags & ~_USUAL_FLAGS or not flags & _MARK:
@@ -474,7 +487,7 @@ def usual_layout(shape: int) -> UsualLayout | None:
     tcp = None
     if flags & _TCP:
         tcp, fmt = n, fmt + _TCP_S.format[1:]
-    return UsualLayout(struct.Struct(fmt).unpack_from, reply, mark, tcp)
+    return fmt, reply, mark, tcp
 
 
 def is_usual(record: bytes) -> bool:

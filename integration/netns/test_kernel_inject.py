@@ -25,7 +25,7 @@ import trio
 
 from integration.netns import firewall
 from integration.netns.lab import Lab, Netns
-from replicator import inject, record
+from replicator import colpack, inject, record
 from replicator.ctformat import parse_conntrack_output, text_projection
 from replicator.ctnetlink import clean_tcp_flags
 from replicator.external import commit_entry
@@ -316,3 +316,59 @@ def test_a_commit_of_records_writes_what_an_upsert_of_their_entries_would(
         if want.tcp is not None:
             tcp = dumped[want.key].tcp
             assert tcp is not None and tcp.flags_orig & tcp.flags_reply & TcpFlag.BE_LIBERAL
+
+
+def usual_kinds(n: int) -> list[Entry]:
+    """``16 * n`` entries of the kinds a commit builds by column
+    (:mod:`replicator.colpack`): IPv4 and IPv6, TCP and UDP, each not NAT'd, with
+    source NAT, destination NAT and both. Original and reply tuples all distinct."""
+    out: list[Entry] = []
+    for i in range(n):
+        for family, client, server, vip, other in (
+                (AF_INET, client4(i), SERVER4, VIP4, OTHER4),
+                (AF_INET6, client6(i), SERVER6, VIP6, ip("fd00:2::20"))):
+            for proto in (IPPROTO_TCP, IPPROTO_UDP):
+                for kind in range(4):
+                    o = CtTuple(client, server, proto, 20000 + i, 1000 + kind)
+                    r = invert(o)
+                    if kind & 1:  # source NAT
+                        r = r._replace(dst=vip, dport=30000 + 4 * i + kind)
+                    if kind & 2:  # destination NAT
+                        r = r._replace(src=other, sport=8000 + kind)
+                    out.append(Entry(family, o, r, status=REPLIED, timeout=600 + i,
+                                     mark=i % 3,
+                                     tcp=ESTABLISHED if proto == IPPROTO_TCP else None))
+    return out
+
+
+def test_a_commit_of_the_usual_kinds_built_by_column_is_listed_exactly(
+        standby: Netns) -> None:
+    """The usual entries of a commit, their requests built many at a time by byte
+    column (:mod:`replicator.colpack`, none left to the per-record encoder), are in the
+    kernel as an upsert of their ``commit_entry`` would have left them."""
+    entries = usual_kinds(40)
+    liberal = int(TcpFlag.BE_LIBERAL)
+
+    async def main() -> tuple[InjectResult, list[Entry]]:
+        async with LinuxKernel(standby.name) as kernel:
+            now = trio.current_time()
+            records = [record.pack(e, now + e.timeout) for e in entries
+                       if e.timeout is not None]
+            runs, rest = colpack.plan_creates(records, now, liberal)
+            assert (len(runs), rest) == (16, [])
+            expected = [commit_entry(r, now, no_timeout=180, tcp_flags=liberal)
+                        for r in records]
+            result = await kernel.upsert_records(records, now, no_timeout=180,
+                                                 tcp_flags=liberal)
+            return result, expected
+
+    result, expected = trio.run(main)
+    assert result == (len(expected), [])
+    assert_listed_as(standby, expected)
+    dumped = {e.key: e for e in trio.run(dump, standby.name)}
+    for want in expected:
+        got = dumped[want.key]
+        assert got.mark == want.mark and got.reply == want.reply, want
+        if want.tcp is not None:
+            assert got.tcp is not None and got.tcp.state == want.tcp.state
+            assert got.tcp.flags_orig & got.tcp.flags_reply & TcpFlag.BE_LIBERAL
