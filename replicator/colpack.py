@@ -23,14 +23,12 @@ from __future__ import annotations
 
 import functools
 import math
-import re
 import struct
-import sys
 from array import array
 from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
-from . import ctnetlink
+from . import bytecols, ctnetlink
 from . import record as R
 from .model import IPPROTO_TCP, IPPROTO_UDP
 from .netlink import NFNL_HDRLEN, NLM_F_ACK
@@ -38,40 +36,16 @@ from .netlink import NFNL_HDRLEN, NLM_F_ACK
 _SEQ_MASK = 0xFFFFFFFF
 #: A remaining timeout must fit the request's 32 bits.
 _MAX_TIMEOUT = 0xFFFFFFFF
-_LITTLE = sys.byteorder == "little"
 #: Where the nlmsghdr's flags (native u16) and sequence number (native u32) are.
 _FLAGS_AT, _SEQ_AT = 6, 8
 #: Where a record's deadline is (big endian double, the header's first field).
 _DEADLINE_AT = 0
-#: 0 for a zero byte, 1 for any other.
-_NONZERO = bytes([0]) + bytes([1]) * 255
 #: By protocol number: 0 for TCP and UDP (the usual entries), 1 for any other.
 _NOT_TCP_UDP = bytes(0 if x in (IPPROTO_TCP, IPPROTO_UDP) else 1 for x in range(256))
 #: By protocol number: 0 for TCP, 1 for any other.
 _NOT_TCP = bytes(0 if x == IPPROTO_TCP else 1 for x in range(256))
 if array("I").itemsize != 4:  # pragma: no cover - every Linux ABI Python runs on
     raise ImportError("colpack needs a 4-byte array('I')")
-
-
-def _items(fmt: str) -> list[tuple[int, int]]:
-    """``(offset, size)`` of each item of the ``struct`` format ``fmt`` (a byte order
-    character first, so no alignment), pad bytes excluded."""
-    out: list[tuple[int, int]] = []
-    off = 0
-    for count, code in re.findall(r"(\d*)([xBHIds])", fmt[1:]):
-        n = int(count) if count else 1
-        if code == "x":
-            off += n
-        elif code == "s":
-            out.append((off, n))
-            off += n
-        else:
-            size = struct.calcsize(">" + code)
-            out.extend((off + i * size, size) for i in range(n))
-            off += n * size
-    if off != struct.calcsize(fmt):
-        raise ValueError(f"unsupported struct format {fmt!r}")
-    return out
 
 
 class _Shape(NamedTuple):
@@ -92,7 +66,9 @@ def _shape(shape: int) -> _Shape | None:
     if found is None:
         return None
     fmt, reply, mark, tcp = found
-    return _Shape(shape >> 8, struct.calcsize(fmt), tuple(_items(fmt)), reply, mark, tcp)
+    return _Shape(shape >> 8, struct.calcsize(fmt),
+                  tuple((off, size) for off, size, _code in bytecols.struct_items(fmt)),
+                  reply, mark, tcp)
 
 
 class CreateColumns:
@@ -127,7 +103,7 @@ class CreateColumns:
         copies: list[tuple[int, int]] = []
         masked: list[tuple[int, int, bytes]] = []
         timeout_at = -1
-        for name, (body_off, size) in zip(items, _items(fmt), strict=True):
+        for name, (body_off, size, _code) in zip(items, bytecols.struct_items(fmt), strict=True):
             off = NFNL_HDRLEN + body_off
             if not name:
                 continue
@@ -173,19 +149,15 @@ class CreateColumns:
             out[dst::size] = joined[src::rsize].translate(table)
         seqs = array("I", range(seq, seq + k) if seq + k <= _SEQ_MASK + 1
                      else [(seq + i) & _SEQ_MASK for i in range(k)]).tobytes()
-        for i in range(4):
-            out[_SEQ_AT + i::size] = seqs[i::4]
+        bytecols.scatter(out, size, _SEQ_AT, 4, seqs)
         # max(1, ceil(deadline - now)) of each, in C loops (d + -now is d - now exactly).
         left = list(map(math.ceil, map((-now).__add__, deadlines(joined, k, rsize))))
         if min(left) < 1:
             left = [max(1, t) for t in left]
         timeouts = array("I", left)
-        if _LITTLE:
+        if bytecols.LITTLE:
             timeouts.byteswap()  # big endian, as the attribute
-        raw = timeouts.tobytes()
-        at = self._timeout_at
-        for i in range(4):
-            out[at + i::size] = raw[i::4]
+        bytecols.scatter(out, size, self._timeout_at, 4, timeouts.tobytes())
         last = (k - 1) * size + _FLAGS_AT
         out[last:last + 2] = self._ack_flags
         return bytes(out)
@@ -193,22 +165,9 @@ class CreateColumns:
 
 def deadlines(joined: bytes, k: int, rsize: int) -> array[float]:
     """The deadlines of ``k`` records of ``rsize`` bytes each, concatenated."""
-    raw = bytearray(8 * k)
-    for i in range(8):
-        # Big endian in the record; the array reads the host's order.
-        raw[(7 - i if _LITTLE else i)::8] = joined[_DEADLINE_AT + i::rsize]
     out = array("d")
-    out.frombytes(raw)
+    out.frombytes(bytecols.gather(joined, rsize, k, _DEADLINE_AT, 8, reverse=bytecols.LITTLE))
     return out
-
-
-def _differ(joined: bytes, rsize: int, k: int, pairs: Sequence[tuple[int, int]]) -> int:
-    """One byte per record (as a big integer, first record first): 1 where the record's
-    bytes at any of ``pairs`` of offsets differ, else 0."""
-    diff = 0
-    for a, b in pairs:
-        diff |= int.from_bytes(joined[a::rsize]) ^ int.from_bytes(joined[b::rsize])
-    return int.from_bytes(diff.to_bytes(k).translate(_NONZERO))
 
 
 def _field_pairs(shape: _Shape, a: int, b: int) -> list[tuple[int, int]]:
@@ -299,7 +258,7 @@ def _runs(shape: _Shape, group: list[bytes], now: float, tcp_flags: int,
     protocols = joined[shape.fields[R.U_PROTO][0]::rsize]
     bad = (int.from_bytes(joined[zone_at::rsize]) | int.from_bytes(joined[zone_at + 1::rsize])
            | int.from_bytes(protocols.translate(_NOT_TCP_UDP)))
-    bad = int.from_bytes(bad.to_bytes(k).translate(_NONZERO))
+    bad = int.from_bytes(bad.to_bytes(k).translate(bytecols.NONZERO))
     limit = now + (_MAX_TIMEOUT - 1)  # a margin for the subtraction's rounding
     ds = deadlines(joined, k, rsize)
     total = sum(ds)
@@ -311,9 +270,9 @@ def _runs(shape: _Shape, group: list[bytes], now: float, tcp_flags: int,
         kinds = bytes(k)
     else:
         rp = shape.reply
-        snat = _differ(joined, rsize, k, _field_pairs(shape, rp + 1, R.U_SRC)
+        snat = bytecols.differ(joined, rsize, k, _field_pairs(shape, rp + 1, R.U_SRC)
                        + _field_pairs(shape, rp + 4, R.U_SPORT))
-        dnat = _differ(joined, rsize, k, _field_pairs(shape, rp, R.U_DST)
+        dnat = bytecols.differ(joined, rsize, k, _field_pairs(shape, rp, R.U_DST)
                        + _field_pairs(shape, rp + 3, R.U_DPORT))
         kinds = (2 * snat + dnat).to_bytes(k)
     # 4 marks a record left to the per-record encoder; 8 one whose TCP info the request

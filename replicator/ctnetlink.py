@@ -25,13 +25,17 @@ Every decoder raises only :class:`~replicator.errors.NetlinkDecodeError` (or
 
 from __future__ import annotations
 
+import collections
 import functools
+import itertools
 import math
 import operator
 import struct
-from collections.abc import Callable
+from array import array
+from collections.abc import Callable, Sequence
 from typing import Any, Final, NamedTuple, Protocol, cast
 
+from . import bytecols
 from . import record as R
 from .errors import KernelError, NetlinkDecodeError
 from .model import (
@@ -242,6 +246,9 @@ class _Layout(NamedTuple):
     #: read at a time ``now`` (see :func:`decode_events_records`); None where the
     #: layout's entries take the general path (ICMP).
     record: Callable[[bytes, int, float], bytes] | None
+    #: How to build those records many at a time (:func:`decode_new_records`); None
+    #: without ``record``.
+    columns: _EventColumns | None
 
 
 _LAYOUTS: dict[int, list[_Layout]] = {}
@@ -504,17 +511,21 @@ def _compile(w: _Walk, buf: bytes, end: int, *, family: int, helper: str | None,
     get_orig, get_reply, get_full, get_partial = map(getter, (orig, reply, full, partial))
     get_master, get_tcp, get_sctp = (None if g is None else getter(g) for g in (master, tcp, sctp))
     data = _struct("!", [(f.off, f.code) for f in fields]).unpack_from
-    record = _record_builder(getter, data, consts, family=family, helper=helper,
-                             orig=orig, reply=reply, master=master, tcp=tcp, sctp=sctp,
-                             full=full)
+    built = _record_builder(getter, data, consts, family=family, helper=helper,
+                            orig=orig, reply=reply, master=master, tcp=tcp, sctp=sctp,
+                            full=full)
+    record, columns = (None, None) if built is None else built
     mask = bytearray(end - w.start)
     for off, size in w.checks:
         mask[off : off + size] = b"\xff" * size
     imask = int.from_bytes(mask, "little")
+    if columns is not None:
+        columns = columns._replace(fixed=tuple(sorted(
+            {NLMSG_HDRLEN + off + i for off, size in w.checks for i in range(size)})))
     return _Layout(
         imask, int.from_bytes(buf[w.start : end], "little") & imask, data, tuple(consts),
         get_orig, get_reply, get_master, get_tcp, get_sctp, get_full, get_partial, family,
-        helper, record)
+        helper, record, columns)
 
 
 def takes_record_path(proto: int) -> bool:
@@ -529,11 +540,11 @@ def _record_builder(
     consts: list[object], *, family: int, helper: str | None,
     orig: list[_Slot], reply: list[_Slot], master: list[_Slot] | None,
     tcp: list[_Slot] | None, sctp: list[_Slot] | None, full: list[_Slot],
-) -> Callable[[bytes, int, float], bytes] | None:
+) -> tuple[Callable[[bytes, int, float], bytes], _EventColumns | None] | None:
     """How to pack the record (:func:`replicator.record.new_event_record`) of a full
     message of this layout straight from the values ``data`` reads (``consts``, once
-    the getters made here have added theirs, appended), or None unless
-    :func:`takes_record_path`.
+    the getters made here have added theirs, appended), and how to build many of them
+    at once (:func:`_event_columns`), or None unless :func:`takes_record_path`.
 
     Everything but one flag is fixed by the layout: which fields are present, their
     widths (those of the record's), the protocol and the helper. The exception is
@@ -590,7 +601,91 @@ def _record_builder(
             return pack_inverse(deadline, deadline, *inverse(v))
         return pack_explicit(deadline, deadline, *explicit(v))
 
-    return build
+    columns = _event_columns(
+        [*head, _Const(flags | R.F_REPLY), status, *tail],
+        [*head, _Const(flags), status, *reply, *tail],
+        inverse_st=R.record_struct(family, flags | R.F_REPLY, hlen),
+        explicit_st=R.record_struct(family, flags, hlen),
+        timeout=timeout if isinstance(timeout, _Field) else None,
+        swapped=list(zip([orig[1], orig[0], orig[4], orig[3]],
+                         [reply[0], reply[1], reply[3], reply[4]], strict=True)))
+    return build, columns
+
+
+class _RecordColumns(NamedTuple):
+    """How to build the records of NEW event datagrams of one layout, all at once."""
+
+    #: A record with every value read from the message zero (the deadline infinite
+    #: without a timeout), the layout's constants in place.
+    template: bytes
+    #: (datagram offset, record offsets its byte is copied to), byte by byte.
+    copies: tuple[tuple[int, tuple[int, ...]], ...]
+
+
+class _EventColumns(NamedTuple):
+    """:func:`decode_new_records` for one layout (see :func:`_event_columns`)."""
+
+    #: The record of a message whose reply tuple is the plain inverse (not held).
+    inverse: _RecordColumns
+    #: The record of one whose reply is not (held).
+    explicit: _RecordColumns
+    #: Datagram offsets of the timeout (big endian u32), -1 without one.
+    timeout_at: int
+    #: Byte pairs (datagram offsets) equal in every message whose reply tuple is the
+    #: plain inverse: the original's addresses and ports against the reply's, swapped.
+    swapped: tuple[tuple[int, int], ...]
+    #: Datagram offsets of every byte the layout depends on (see :class:`_Walk`).
+    fixed: tuple[int, ...]
+
+
+def _record_columns(slots: list[_Slot], st: struct.Struct, timed: bool
+                    ) -> _RecordColumns | None:
+    """:class:`_RecordColumns` of records packed by ``st`` (deadline, told, then one item
+    per slot), or None if a value's size in the message is not its size in the record."""
+    items = bytecols.struct_items(st.format)
+    if len(items) != 2 + len(slots):
+        return None
+    values: list[object] = []
+    copies: dict[int, list[int]] = {}
+    for slot, (off, size, code) in zip(slots, items[2:], strict=True):
+        if isinstance(slot, _Const):
+            values.append(slot.value)
+            continue
+        if struct.calcsize("!" + slot.code) != size:
+            return None
+        values.append(bytes(size) if code.endswith("s") else 0)
+        for i in range(size):
+            copies.setdefault(NLMSG_HDRLEN + slot.off + i, []).append(off + i)
+    deadline = 0.0 if timed else math.inf
+    return _RecordColumns(st.pack(deadline, deadline, *values),
+                          tuple((src, tuple(dsts)) for src, dsts in copies.items()))
+
+
+def _event_columns(inverse: list[_Slot], explicit: list[_Slot], *, inverse_st: struct.Struct,
+                   explicit_st: struct.Struct, timeout: _Field | None,
+                   swapped: list[tuple[_Slot, _Slot]]) -> _EventColumns | None:
+    """:class:`_EventColumns` of a layout (its ``fixed`` bytes left empty: the caller's
+    walk adds them), or None where its values cannot be copied byte for byte."""
+    pairs: list[tuple[int, int]] = []
+    for a, b in swapped:
+        if isinstance(a, _Const) and isinstance(b, _Const):
+            if a.value != b.value:
+                return None  # never the plain inverse: not a layout worth columns
+            continue
+        if not (isinstance(a, _Field) and isinstance(b, _Field)):
+            return None
+        size = struct.calcsize("!" + a.code)
+        if size != struct.calcsize("!" + b.code):
+            return None
+        pairs += [(NLMSG_HDRLEN + a.off + i, NLMSG_HDRLEN + b.off + i) for i in range(size)]
+    if timeout is not None and timeout.code != "I":
+        return None
+    inv = _record_columns(inverse, inverse_st, timeout is not None)
+    exp = _record_columns(explicit, explicit_st, timeout is not None)
+    if inv is None or exp is None:
+        return None
+    return _EventColumns(inv, exp, -1 if timeout is None else NLMSG_HDRLEN + timeout.off,
+                         tuple(pairs), ())
 
 
 def _learn_layout(buf: bytes, start: int, end: int) -> _Layout:
@@ -624,7 +719,7 @@ def _decode_entry(buf: bytes, start: int, end: int, full: bool) -> Entry:
 
 def _entry_of(layout: _Layout, buf: bytes, start: int, full: bool) -> Entry:
     (_mask, _expected, data, consts, orig, reply, master, tcp, sctp, full_scalars,
-     partial_scalars, family, helper, _record) = layout
+     partial_scalars, family, helper, _record, _columns) = layout
     v = data(buf, start) + consts
     zone, status, timeout, mark, labels, conn_id = (
         full_scalars(v) if full else partial_scalars(v))
@@ -659,6 +754,112 @@ def decode_events_records(buf: bytes | bytearray | memoryview, now: float
     makes of the entry :func:`decode_events` would return, without building the entry:
     :func:`replicator.record.new_event_record` of it, read at ``now``."""
     return _decode_events(buf, now)
+
+
+#: NewRecord((record, portid)) without a Python-level call.
+_NEW_RECORD: Final = functools.partial(tuple.__new__, NewRecord)
+#: Fewer datagrams of one size than this are decoded one by one (as fast, for a few).
+_MIN_COLUMNS: Final = 16
+#: The nlmsghdr's length, type and flags: the same in every datagram read by column.
+_HEADER_FIXED: Final = range(8)
+_PID_AT: Final = 12
+
+
+def decode_new_records(datagrams: Sequence[bytes], now: float) -> list[NewRecord | None]:
+    """For each of ``datagrams`` (read from an event socket): the one
+    :class:`~replicator.model.NewRecord` :func:`decode_events_records` returns for it
+    at ``now``, if it holds exactly one NEW event of a layout whose records can be built
+    by byte column, else None (the caller decodes it with :func:`decode_events_records`).
+
+    A burst of new connections is thousands of datagrams of a few sizes, each one NEW
+    event whose layout (see the comment at the top) is the same as the others' of its
+    size. Per datagram, the general path costs ≈ 3 µs; here, the datagrams of one size
+    are joined and checked against their layout's fixed bytes, and their records built
+    from it (:mod:`replicator.bytecols`), one C loop per byte column: the same records,
+    a fraction of the time. A datagram whose fixed bytes differ from the first of its
+    size's (another layout, another kind of message) is left to the general path.
+    """
+    n = len(datagrams)
+    out: list[NewRecord | None] = [None] * n
+    if n < _MIN_COLUMNS:
+        return out
+    sizes = list(map(len, datagrams))
+    counts = collections.Counter(sizes)
+    for size, count in counts.items():
+        if count < _MIN_COLUMNS:
+            continue
+        members = (range(n) if count == n
+                   else list(itertools.compress(range(n), map(size.__eq__, sizes))))
+        _new_records_of_size(datagrams, members, size, now, out)
+    return out
+
+
+def _new_records_of_size(datagrams: Sequence[bytes], members: Sequence[int], size: int,
+                         now: float, out: list[NewRecord | None]) -> None:
+    """:func:`decode_new_records` for the datagrams at ``members``, all ``size`` bytes."""
+    first = datagrams[members[0]]
+    if size < NLMSG_HDRLEN:
+        return
+    length, mtype, flags, _seq, _pid = NLMSG_HDR.unpack_from(first)
+    if length != size or mtype != CT_NEW or not flags & NLM_F_CREATE:
+        return
+    try:
+        layout = _layout_of(first, NLMSG_HDRLEN, size)
+    except NetlinkDecodeError:
+        return  # the general path reports it
+    cols = layout.columns
+    if cols is None:
+        return
+    group = list(datagrams) if len(members) == len(datagrams) else [datagrams[i] for i in members]
+    k = len(group)
+    joined = b"".join(group)
+    bad = bytecols.unlike(joined, size, k, [(p, first[p]) for p in (*_HEADER_FIXED, *cols.fixed)])
+    explicit = bytecols.differ(joined, size, k, cols.swapped)
+    # Per datagram: 0 the reply is the plain inverse, 1 not, 2 or 3 another layout.
+    kinds = (explicit | 2 * bad).to_bytes(k)
+    for kind, recipe in ((0, cols.inverse), (1, cols.explicit)):
+        n = kinds.count(kind)
+        if not n:
+            continue
+        if n == k:
+            picked, at = joined, members
+        else:
+            picks = list(itertools.compress(range(k), map(kind.__eq__, kinds)))
+            picked, at = b"".join([group[j] for j in picks]), [members[j] for j in picks]
+        records = _records_by_column(recipe, picked, size, n, timeout_at=cols.timeout_at,
+                                     now=now)
+        pids = array("I")
+        pids.frombytes(bytecols.gather(picked, size, n, _PID_AT, 4))  # host order
+        made = list(map(_NEW_RECORD, zip(records, pids, strict=True)))
+        if len(made) == len(out):
+            out[:] = made
+        else:
+            for i, rec in zip(at, made, strict=True):
+                out[i] = rec
+
+
+def _records_by_column(recipe: _RecordColumns, joined: bytes, size: int, k: int, *,
+                       timeout_at: int, now: float) -> list[bytes]:
+    """The records of ``k`` datagrams of ``size`` bytes joined (see :class:`_RecordColumns`)."""
+    rsize = len(recipe.template)
+    out = bytearray(recipe.template * k)
+    for src, dsts in recipe.copies:
+        column = joined[src::size]
+        for dst in dsts:
+            out[dst::rsize] = column
+    if timeout_at >= 0:
+        # Deadline and told: now + timeout, as the general path (new_event_record).
+        seconds = array("I")
+        seconds.frombytes(bytecols.gather(joined, size, k, timeout_at, 4,
+                                          reverse=bytecols.LITTLE))
+        deadlines = array("d", map(now.__add__, seconds))
+        if bytecols.LITTLE:
+            deadlines.byteswap()  # big endian, as the record
+        raw = deadlines.tobytes()
+        bytecols.scatter(out, rsize, 0, 8, raw)
+        bytecols.scatter(out, rsize, 8, 8, raw)
+    data = bytes(out)
+    return [data[i:i + rsize] for i in range(0, len(data), rsize)]
 
 
 def _decode_events(buf: bytes | bytearray | memoryview, now: float | None

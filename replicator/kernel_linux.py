@@ -205,7 +205,10 @@ class EventSubscription:
             return lost
         events: list[AnyEvent] = []
         records, decode = self.records, ctnetlink.decode_events
-        decode_records = ctnetlink.decode_events_records
+        # Records mode: the datagrams are decoded after the reads, many at a time
+        # (decode_new_records), in the order read.
+        raw: list[bytes] = []
+        keep = raw.append
         # Deadlines count from when the events are read.
         now = trio.current_time()
         ignore = self._ignore_portid
@@ -216,7 +219,7 @@ class EventSubscription:
         try:
             # Bounded by datagrams read, not events kept: skipped echoes count too, so
             # a long commit still lets other tasks run between drains.
-            while len(events) < MAX_BATCH and reads < MAX_BATCH:
+            while len(events) + len(raw) < MAX_BATCH and reads < MAX_BATCH:
                 # With MSG_TRUNC the kernel returns a longer datagram's real length,
                 # and the bytes come back that long (beyond ``size`` unread): refused.
                 data = recv(size, trunc)
@@ -225,40 +228,70 @@ class EventSubscription:
                     undecodable += 1
                     reason = f"netlink datagram of {len(data)} bytes truncated to {size}"
                     continue
+                if ignore and len(data) >= NLMSG_HDRLEN:
+                    # The kernel sends one event per datagram: an echo is recognised
+                    # by the header's port id alone, without decoding it.
+                    length, _t, _f, _s, pid = NLMSG_HDR.unpack_from(data)
+                    if pid == ignore and length == len(data):
+                        self.ignored += 1
+                        continue
+                if records:
+                    keep(data)
+                    continue
                 try:
-                    if ignore:
-                        # The kernel sends one event per datagram: an echo is recognised
-                        # by the header's port id alone, without decoding it.
-                        if len(data) >= NLMSG_HDRLEN:
-                            length, _t, _f, _s, pid = NLMSG_HDR.unpack_from(data)
-                            if pid == ignore and length == len(data):
-                                self.ignored += 1
-                                continue
-                        got = decode_records(data, now) if records else decode(data)
-                        kept = [e for e in got if e.portid != ignore]
-                        self.ignored += len(got) - len(kept)
-                        events += kept
-                    elif records:
-                        events += decode_records(data, now)
-                    else:
-                        events += decode(data)
+                    got = decode(data)
                 except NetlinkDecodeError as exc:
                     # The whole datagram is skipped: the dump that follows the loss
                     # marker brings what it held (the mirror resyncs).
                     undecodable += 1
                     reason = str(exc)
+                    continue
+                events += self._kept(got) if ignore else got
         except BlockingIOError:
             pass
         except OSError as exc:
             if exc.errno != errno.ENOBUFS:
                 raise KernelError(f"event socket: {exc.strerror}", exc.errno or 0) from exc
             enobufs = 1
+        if raw:
+            skipped, why = self._decode_records(raw, now, events)
+            if skipped:
+                undecodable += skipped
+                reason = why
         if enobufs or undecodable:
             lost = Overrun(enobufs, undecodable, reason)
             if not events:
                 return lost
             self._lost = lost  # reported right after the events read before it
         return events or None
+
+    def _kept(self, got: Sequence[AnyEvent]) -> list[AnyEvent]:
+        """``got`` without our own writes' echoes (counted)."""
+        ignore = self._ignore_portid
+        kept = [e for e in got if e.portid != ignore]
+        self.ignored += len(got) - len(kept)
+        return kept
+
+    def _decode_records(self, raw: list[bytes], now: float, events: list[AnyEvent]
+                        ) -> tuple[int, str]:
+        """Decode the datagrams ``raw`` (records mode) onto ``events``, in order: how many
+        were skipped as undecodable, and why (the last reason)."""
+        decode_records = ctnetlink.decode_events_records
+        skipped, reason = 0, ""
+        for data, made in zip(raw, ctnetlink.decode_new_records(raw, now), strict=True):
+            if made is not None:
+                events.append(made)
+                continue
+            try:
+                got = decode_records(data, now)
+            except NetlinkDecodeError as exc:
+                # The whole datagram is skipped: the dump that follows the loss
+                # marker brings what it held (the mirror resyncs).
+                skipped += 1
+                reason = str(exc)
+                continue
+            events += self._kept(got) if self._ignore_portid else got
+        return skipped, reason
 
     @property
     def closed(self) -> bool:

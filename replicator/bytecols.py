@@ -1,0 +1,82 @@
+"""Many byte strings of one layout, read and written one byte column at a time (pure).
+
+The hot paths that handle a whole burst of entries (a takeover's create requests,
+:mod:`replicator.colpack`; a burst of NEW events, :func:`replicator.ctnetlink.decode_new_records`)
+handle strings that all have one size and one layout: the same bytes at the same
+offsets, only the values differ. Joined into one ``bytes``, the *k* strings' byte at
+offset *p* is the extended slice ``joined[p::size]``: one C loop, whatever *k*. These
+helpers read layouts and compare or gather such columns; values are compared as big
+integers (one byte per string), so that no Python code runs per string.
+"""
+
+from __future__ import annotations
+
+import re
+import struct
+import sys
+from collections.abc import Iterable, Sequence
+
+#: 0 for a zero byte, 1 for any other (``bytes.translate`` table).
+NONZERO = bytes([0]) + bytes([1]) * 255
+LITTLE = sys.byteorder == "little"
+
+
+def struct_items(fmt: str) -> list[tuple[int, int, str]]:
+    """``(offset, size, code)`` of each item of the ``struct`` format ``fmt`` (a byte
+    order character first, so no alignment; codes ``x B H I d s``), pads excluded."""
+    out: list[tuple[int, int, str]] = []
+    off = 0
+    for count, code in re.findall(r"(\d*)([xBHIds])", fmt[1:]):
+        n = int(count) if count else 1
+        if code == "x":
+            off += n
+        elif code == "s":
+            out.append((off, n, f"{n}s"))
+            off += n
+        else:
+            size = struct.calcsize(">" + code)
+            out.extend((off + i * size, size, code) for i in range(n))
+            off += n * size
+    if off != struct.calcsize(fmt):
+        raise ValueError(f"unsupported struct format {fmt!r}")
+    return out
+
+
+def differ(joined: bytes, size: int, k: int, pairs: Iterable[tuple[int, int]]) -> int:
+    """Of ``k`` strings of ``size`` bytes joined, one byte per string as a big integer
+    (first string first): 1 where its bytes at any of ``pairs`` of offsets differ, else 0."""
+    diff = 0
+    for a, b in pairs:
+        diff |= int.from_bytes(joined[a::size]) ^ int.from_bytes(joined[b::size])
+    return int.from_bytes(diff.to_bytes(k).translate(NONZERO))
+
+
+def unlike(joined: bytes, size: int, k: int, expected: Sequence[tuple[int, int]]) -> int:
+    """As :func:`differ`: 1 where a string's byte at any offset of ``expected``
+    (``(offset, value)`` pairs) is not that value."""
+    # Nearly always every string matches: one comparison of all the columns says so.
+    if (b"".join([joined[at::size] for at, _value in expected])
+            == b"".join([bytes([value]) * k for _at, value in expected])):
+        return 0
+    diff = 0
+    for at, value in expected:
+        diff |= int.from_bytes(joined[at::size]) ^ int.from_bytes(bytes([value]) * k)
+    return int.from_bytes(diff.to_bytes(k).translate(NONZERO))
+
+
+def gather(joined: bytes, size: int, k: int, at: int, width: int, *,
+           reverse: bool = False) -> bytearray:
+    """The ``width`` bytes at ``at`` of each of ``k`` strings of ``size`` bytes joined,
+    one after the other; with ``reverse``, each value's bytes in reverse order (big
+    endian to the host's little endian, for an ``array``)."""
+    out = bytearray(width * k)
+    for i in range(width):
+        out[(width - 1 - i if reverse else i)::width] = joined[at + i::size]
+    return out
+
+
+def scatter(out: bytearray, size: int, at: int, width: int, values: bytes) -> None:
+    """Write the ``width``-byte values of ``values`` (one after the other) at ``at`` of
+    each string of ``size`` bytes in ``out`` (as many strings as values)."""
+    for i in range(width):
+        out[at + i::size] = values[i::width]
