@@ -9,8 +9,12 @@ into a fresh namespace with an event subscription whose NEW and UPDATE groups ar
 during the write (also as the daemon does: the DESTROY group must stay, see
 :meth:`~replicator.kernel_linux.EventSubscription.mute_changes`):
 
-* ``encode_us_per_entry``: building the create requests alone
-  (:func:`replicator.bulkwrite.commit_encoder`), µs per entry, best of ``--runs``;
+* ``encode_us_per_entry``: building the create requests alone one by one
+  (:func:`replicator.bulkwrite.commit_encoder`, what the commit does for the records
+  :mod:`replicator.colpack` leaves to it), µs per entry, best of ``--runs``;
+  ``columns_us_per_entry``: the same requests planned and built a batch at a time by
+  byte column (:func:`replicator.colpack.plan_creates`, what the commit does for the
+  usual entries);
 * ``commit_new_s``: the commit into an empty table (every entry created);
 * ``commit_kernel_s``: of that, the seconds spent inside ``sendto`` by the worker thread
   (the kernel's work plus the wait for the GIL after it) and ``commit_build_s`` the
@@ -41,13 +45,15 @@ import trio
 from bench.kernel import emit
 from integration.netns.lab import lab
 from integration.netns.pair import synthetic
-from replicator import inject
+from replicator import colpack, inject
 from replicator import record as R
 from replicator.bulkwrite import RecordWrites, commit_encoder
 from replicator.kernel_linux import LinuxKernel
 
 #: The records' deadline and the commit's "now": every entry has 600 s left.
 NOW = 1000.0
+#: Requests per batch for ``columns_us_per_entry``: what fits a commit's datagram.
+BATCH = inject.BATCH_BYTES // 236
 
 
 class SplitTimer:
@@ -120,6 +126,17 @@ def main(argv: Sequence[str] | None = None) -> None:
             encode(rec, seq, False)
         best = min(best, time.perf_counter() - t0)
     emit("encode_us_per_entry", best / len(records) * 1e6)
+    # What a commit does now for these records: plan them, then build each batch of
+    # a run by byte column (replicator.colpack), batches of the size a commit sends.
+    best = float("inf")
+    for _ in range(args.runs):
+        t0 = time.perf_counter()
+        runs, _rest = colpack.plan_creates(records, NOW, 0)
+        for planned in runs:
+            for start in range(0, len(planned.records), BATCH):
+                planned.build(planned.records[start:start + BATCH], start)
+        best = min(best, time.perf_counter() - t0)
+    emit("columns_us_per_entry", best / len(records) * 1e6)
     with lab("bc") as the_lab:
         for run in range(args.runs):
             ns = the_lab.netns(f"c{run}").name

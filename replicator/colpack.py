@@ -187,9 +187,11 @@ class Run(NamedTuple):
 
 def plan_creates(records: Sequence[bytes], now: float, tcp_flags: int
                  ) -> tuple[list[Run], list[bytes]]:
-    """Split ``records`` into runs of one shape and one kind of NAT each (in order of
-    first appearance), and the records left to the per-record encoder (any other
-    shape, protocol or zone, a deadline that is not finite or too far), in order."""
+    """Split ``records`` into runs of one shape and one kind of NAT each (each run's
+    records in their order), and the records left to the per-record encoder (any other
+    shape, protocol or zone, a deadline that is not finite or too far). The order of
+    the requests is not the records': a commit's creates do not depend on each other
+    (those that do, of related entries, are not of a usual shape)."""
     h, flags_at = R.HEADER_SIZE, R.FLAGS_AT
     by_shape: dict[int, list[bytes]] = {}
     rest: list[bytes] = []
