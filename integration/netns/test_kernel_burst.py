@@ -10,12 +10,13 @@ kernel's table in every field, both after the creates and after the deletes.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Sequence
 
 import pytest
 import trio
 
 from integration.netns.lab import Lab
-from replicator import kernel_linux
+from replicator import ctnetlink, kernel_linux, record
 from replicator.kernel import Overrun
 from replicator.kernel_linux import LinuxKernel
 from replicator.mirror import Mirror
@@ -25,6 +26,7 @@ from replicator.model import (
     CtTuple,
     Entry,
     EntryKey,
+    NewRecord,
     Status,
     TcpInfo,
     TcpState,
@@ -155,3 +157,52 @@ async def test_events_longer_than_a_read_are_skipped_counted_and_repaired(
             assert mirror.stats.undecodable > 0 and mirror.stats.overruns == 0
             assert mirror.stats.events == 0  # nothing was decoded from a cut datagram
             nursery.cancel_scope.cancel()
+
+
+def nat_mix(count: int) -> list[Entry]:
+    """``count`` entries, alternately plain and source-NAT'd (a reply tuple of its own
+    towards 198.18.0.0/15), so that a burst's NEW events come in both record kinds."""
+    out = []
+    base = int(ipaddress.IPv4Address("198.18.0.0"))
+    for i, plain in enumerate(synthetic(count)):
+        nat = (base + i // 1000).to_bytes(4, "big")
+        out.append(plain._replace(reply=plain.reply._replace(dst=nat, dport=1024 + i % 1000))
+                   if i % 2 else plain)
+    return out
+
+
+async def test_a_bursts_new_events_are_read_by_column_as_the_kernel_holds_them(
+        netlab: Lab, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The event reader in records mode (the mirror's) decodes a burst's NEW events
+    many at a time (ctnetlink.decode_new_records): every record read is the entry the
+    kernel then dumps (timeouts within the slack), and nearly all of them were built
+    by column."""
+    ns = netlab.netns("fw")
+    by_column = [0]
+    decode_many = ctnetlink.decode_new_records
+
+    def counted(datagrams: Sequence[bytes], now: float) -> list[NewRecord | None]:
+        got = decode_many(datagrams, now)
+        by_column[0] += sum(r is not None for r in got)
+        return got
+
+    monkeypatch.setattr(ctnetlink, "decode_new_records", counted)
+    entries = nat_mix(4000)
+    async with LinuxKernel(ns.name, event_rcvbuf=64 << 20) as port, \
+            LinuxKernel(ns.name) as traffic:
+        subscription = port.subscribe()
+        subscription.records = True
+        assert (await traffic.upsert(entries)) == (len(entries), [])
+        read: dict[EntryKey, Entry] = {}
+        with trio.fail_after(30):
+            while len(read) < len(entries):
+                batch = await subscription.__anext__()
+                assert not isinstance(batch, Overrun)
+                for event in batch:
+                    assert isinstance(event, NewRecord)
+                    entry = record.unpack(event.record)
+                    read[entry.key] = entry._replace(id=None)
+        dumped = {e.key: e._replace(id=None) for e in await port.dump()}
+        await subscription.aclose()
+    assert differences(read, list(dumped.values())) == []
+    assert by_column[0] >= len(entries) * 0.9
