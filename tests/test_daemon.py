@@ -151,9 +151,9 @@ def pair_factory(tmp_path: Path) -> Pair:
     async def pair(mode: str, *, b_holds: Iterable[Entry] = (),
                    held: dict[str, set[IPAddress]] | None = None,
                    ) -> AsyncIterator[tuple[Node, Node]]:
-        """Two daemons; ``b_holds``: entries in B's kernel before its daemon starts;
-        ``held``: the addresses each node's interfaces hold, by node name (both then
-        have ``keepalived.virtual_addresses = [VIP]``)."""
+        """Two daemons, A's started first; ``b_holds``: entries in B's kernel before
+        its daemon starts; ``held``: the addresses the interfaces of the nodes it
+        names hold (those then have ``keepalived.virtual_addresses = [VIP]``)."""
         ports = {"fw-a": free_port(), "fw-b": free_port()}
         nodes = []
         for name, peer in (("fw-a", "fw-b"), ("fw-b", "fw-a")):
@@ -161,7 +161,7 @@ def pair_factory(tmp_path: Path) -> Pair:
             text = make_config(tmp_path, name, peer, port=ports[name],
                                peer_port=ports[peer], mode=mode, metrics_port=mport)
             addresses: Callable[[str | None], set[IPAddress]] = held_addresses
-            if held is not None:
+            if held is not None and name in held:
                 text += f'virtual_addresses = ["{VIP}"]\n'
                 addresses = addresses_of(held[name])
             cfg = parse_config(text)
@@ -378,9 +378,14 @@ async def test_a_restarted_hot_standby_shortens_what_the_peer_no_longer_holds(
     (90-99), get a short timeout when keepalived says BACKUP (its plan shortens the
     timers of what the peer does not hold, then the peer's full resync restores the
     timeouts of the live ones); they would otherwise live out their timeouts (days, for
-    established TCP) and be announced as the standby's own meanwhile."""
-    async with pair_factory("hot", b_holds=[flow(i) for i in range(100)]) as (a, b):
-        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+    established TCP) and be announced as the standby's own meanwhile.
+
+    A is master before B's daemon starts, as when B alone restarts (its role from the
+    address it holds: told MASTER only after B's table had reached it, it would have
+    committed B's stale copies into its own kernel, as a takeover does)."""
+    async with pair_factory("hot", b_holds=[flow(i) for i in range(100)],
+                            held={"fw-a": {VIP}}) as (a, b):
+        await eventually(lambda: a.daemon.role is Role.MASTER)
         await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
         a.kernel.add_many(flow(i) for i in range(90))
         limit = b.config.keepalived.shorten_timeout
