@@ -11,8 +11,10 @@ shortened. A pass handles exactly one of these cases and nothing else:
 
 * each record's request, a create or an update (:func:`commit_encoder`), is built from
   its bytes (:func:`replicator.record.usual_layout`,
-  :func:`replicator.ctnetlink.usual_create_packer`); a record of another kind (labels,
-  a helper, a master, SCTP, ICMP, a zone) is not sent but handed back;
+  :func:`replicator.ctnetlink.usual_create_packer`), and the creates of most records a
+  batch at a time, one byte column at a time (:func:`commit_plan`,
+  :mod:`replicator.colpack`: the same bytes); a record of another kind (labels, a
+  helper, a master, SCTP, ICMP, a zone) is not sent but handed back;
 * batches as in :mod:`replicator.inject` (many requests per datagram, only the last asks
   for an ACK, the kernel answers the failures in order before it);
 * a request the kernel refused, for whatever reason (``EEXIST``: the entry is there
