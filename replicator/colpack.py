@@ -195,7 +195,7 @@ def plan_creates(records: Sequence[bytes], now: float, tcp_flags: int
     h, flags_at = R.HEADER_SIZE, R.FLAGS_AT
     by_shape: dict[int, list[bytes]] = {}
     rest: list[bytes] = []
-    one = _one_shape(records)
+    one = R.one_shape(records)
     if one is not None:
         by_shape[one[0]] = list(records)
     for rec in () if one is not None else records:
@@ -220,25 +220,6 @@ def plan_creates(records: Sequence[bytes], now: float, tcp_flags: int
         for columns, members in _runs(found, group, now, tcp_flags, rest, joined=joined):
             runs.append(Run(functools.partial(columns.build, now=now), columns.size, members))
     return runs, rest
-
-
-def _one_shape(records: Sequence[bytes]) -> tuple[int, bytes] | None:
-    """The shape of every record, if they are all of one (a table of one kind of
-    connection: read by columns, without a loop over the records), with the records
-    joined."""
-    if not records:
-        return None
-    first, h = records[0], R.HEADER_SIZE
-    size, k = len(first), len(records)
-    if size <= h or first[h] not in R.FLAGS_AT or set(map(len, records)) != {size}:
-        return None
-    family, at = first[h], R.FLAGS_AT[first[h]]
-    if at >= size:
-        return None
-    joined = b"".join(records)
-    if joined[h::size].count(family) != k or joined[at::size].count(first[at]) != k:
-        return None
-    return family << 8 | first[at], joined
 
 
 def _runs(shape: _Shape, group: list[bytes], now: float, tcp_flags: int,

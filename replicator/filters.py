@@ -25,9 +25,11 @@ from __future__ import annotations
 
 import ipaddress
 import struct
-from collections.abc import Callable, Iterable
+from array import array
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
+from . import bytecols
 from . import record as R
 from .model import AF_INET, AF_INET6, IPPROTO_TCP, Entry, TcpState
 
@@ -58,6 +60,9 @@ class EntryFilter:
     # The record form's verdict by record shape (:meth:`accepts_record`), made on demand.
     _verdicts: dict[int, Callable[[bytes], bool]] = field(
         init=False, repr=False, compare=False)
+    # The verdicts on many records of one shape, by shape (:meth:`verdicts`).
+    _judges: dict[int, Callable[[bytes, int, int], int]] = field(
+        init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         nets: dict[int, list[tuple[int, int]]] = {AF_INET: [], AF_INET6: []}
@@ -66,6 +71,7 @@ class EntryFilter:
             nets[family].append((int(net.network_address), int(net.netmask)))
         object.__setattr__(self, "_nets", {f: tuple(v) for f, v in nets.items()})
         object.__setattr__(self, "_verdicts", {})
+        object.__setattr__(self, "_judges", {})
 
     def __call__(self, entry: Entry) -> bool:
         orig, tcp = entry.orig, entry.tcp
@@ -116,6 +122,76 @@ class EntryFilter:
 
         return verdict
 
+    def verdicts(self, records: Sequence[bytes]) -> bytes:
+        """``accepts_record`` of each of ``records``, one byte each (1: accepted).
+
+        The NEW records of a burst come in batches of one shape (one size, one
+        layout): those are judged by byte column (:mod:`replicator.bytecols`), every
+        criterion a translation table over one column, without Python code per
+        record; any other batch one record at a time."""
+        one = R.one_shape(records) if len(records) >= _MIN_COLUMNS else None
+        if one is None:
+            return bytes(map(self.accepts_record, records))
+        shape, joined = one
+        judge = self._judges.get(shape)
+        if judge is None:
+            judge = self._judges[shape] = self._column_judge(shape)
+        k = len(records)
+        return judge(joined, len(records[0]), k).to_bytes(k)
+
+    def _column_judge(self, shape: int) -> Callable[[bytes, int, int], int]:
+        """The verdicts on records of ``shape`` joined (``size`` bytes each, ``k`` of
+        them), one byte per record (1: accepted) as a big integer (see :meth:`verdicts`)."""
+        alen, proto_at, src_at, rsrc_at, mark_at, tcp_at = R.shape_filter_offsets(shape)
+        # Each criterion: (offset, table) pairs whose translated columns are ORed into
+        # one flag per record; the record is rejected when any criterion's flag is set.
+        rejects: list[list[tuple[int, bytes]]] = []
+        if self.ignore_protocols:
+            rejects.append([(proto_at, _table(self.ignore_protocols.__contains__))])
+        # An address inside a prefix: no byte the mask covers differs. ``inside`` holds,
+        # per prefix and address, the (offset, "this byte differs") columns.
+        inside: list[list[tuple[int, bytes]]] = []
+        for net, mask in self._nets.get(shape >> 8, ()):
+            nb, mb = net.to_bytes(alen, "big"), mask.to_bytes(alen, "big")
+            for base in (src_at, rsrc_at):
+                inside.append([(base + i, _differs(m, n))
+                               for i, (m, n) in enumerate(zip(mb, nb, strict=True)) if m])
+        states = self.tcp_states if tcp_at is not None else None
+        mark_mask, mark_value = self.mark_mask, self.mark_value
+        if mark_mask and mark_at is not None:
+            mb, vb = mark_mask.to_bytes(4, "big"), mark_value.to_bytes(4, "big")
+            rejects.append([(mark_at + i, _differs(m, v))
+                            for i, (m, v) in enumerate(zip(mb, vb, strict=True)) if m])
+        no_mark_rejects = bool(mark_mask) and mark_at is None and mark_value != 0
+        zones = self.zones
+        not_tcp_state = None if states is None else _table(lambda x: x not in states)
+        is_tcp = _table(IPPROTO_TCP.__eq__)
+
+        def judge(joined: bytes, size: int, k: int) -> int:
+            ones = int.from_bytes(b"\1" * k)
+            if no_mark_rejects:
+                return 0
+            reject = 0
+            for columns in rejects:
+                for at, table in columns:
+                    reject |= int.from_bytes(joined[at::size].translate(table))
+            for columns in inside:
+                differs = 0
+                for at, table in columns:
+                    differs |= int.from_bytes(joined[at::size].translate(table))
+                reject |= ones ^ differs
+            if not_tcp_state is not None:
+                reject |= (int.from_bytes(joined[tcp_at::size].translate(not_tcp_state))
+                           & int.from_bytes(joined[proto_at::size].translate(is_tcp)))
+            if zones is not None:
+                found = array("H")
+                found.frombytes(bytecols.gather(joined, size, k, R.ZONE_AT, 2,
+                                                reverse=bytecols.LITTLE))
+                reject |= int.from_bytes(bytes(z not in zones for z in found))
+            return ones ^ reject
+
+        return judge
+
     def _accepts(self, family: int, proto: int, src: int, reply_src: int, *,
                  tcp_state: int | None, zone: int, mark: int) -> bool:
         """The verdict on what both forms of an entry hold (addresses as integers;
@@ -149,6 +225,20 @@ class EntryFilter:
             or self.zones is not None
             or self.mark_mask
         )
+
+
+#: Fewer records than this are judged one by one (as fast, for a few).
+_MIN_COLUMNS = 16
+
+
+def _table(flag: Callable[[int], bool]) -> bytes:
+    """A ``bytes.translate`` table: 1 for the byte values ``flag`` holds for, else 0."""
+    return bytes(1 if flag(x) else 0 for x in range(256))
+
+
+def _differs(mask: int, value: int) -> bytes:
+    """:func:`_table` of the bytes whose bits under ``mask`` are not ``value``'s."""
+    return bytes(1 if x & mask != value else 0 for x in range(256))
 
 
 def _tcp_state(state: int | str) -> int:

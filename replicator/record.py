@@ -49,7 +49,7 @@ from __future__ import annotations
 import functools
 import math
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from typing import Any, NamedTuple
 
@@ -488,6 +488,25 @@ def usual_format(shape: int) -> tuple[str, int | None, int, int | None] | None:
     if flags & _TCP:
         tcp, fmt = n, fmt + _TCP_S.format[1:]
     return fmt, reply, mark, tcp
+
+
+def one_shape(records: Sequence[bytes]) -> tuple[int, bytes] | None:
+    """The shape (:func:`usual_shape`) of every one of ``records`` and the records
+    joined, if they all have one size and one shape (a burst of one kind of
+    connection, read by byte column: :mod:`replicator.bytecols`), else None."""
+    if not records:
+        return None
+    first, h = records[0], HEADER_SIZE
+    size, k = len(first), len(records)
+    if size <= h or first[h] not in FLAGS_AT or set(map(len, records)) != {size}:
+        return None
+    family, at = first[h], FLAGS_AT[first[h]]
+    if at >= size:
+        return None
+    joined = b"".join(records)
+    if joined[h::size].count(family) != k or joined[at::size].count(first[at]) != k:
+        return None
+    return family << 8 | first[at], joined
 
 
 def is_usual(record: bytes) -> bool:

@@ -529,6 +529,13 @@ def _record_filter(accept: Callable[[Entry], bool] | None
     return lambda record: accept(R.unpack(record))
 
 
+def _records_filter(accept: Callable[[Entry], bool] | None
+                    ) -> Callable[[list[bytes]], bytes] | None:
+    """``accept``'s verdicts on many records at once (one byte each, 1: accepted), if
+    the filter offers them (:meth:`~replicator.filters.EntryFilter.verdicts`)."""
+    return None if accept is None else getattr(accept, "verdicts", None)
+
+
 class SyncSession:
     """The sync protocol with one peer (see the module docstring)."""
 
@@ -549,6 +556,7 @@ class SyncSession:
         self.params = params if params is not None else SyncParams()
         self._accept = accept
         self._accept_record = _record_filter(accept)
+        self._accept_records = _records_filter(accept)
         self._restamped = restamped
         self._snapshot: _LocalSnapshot | None = None
         self._buckets = self.params.buckets
@@ -690,12 +698,20 @@ class SyncSession:
         accept_record, add, mark = self._accept_record, self._table.add, self._mark
         # While a snapshot is given in parts, local_record also notes the keys touched.
         snapshot = self._snapshot
+        accept_many, verdict = self._accept_records, None
+        if accept_record is not None and accept_many is not None and snapshot is None:
+            # The filter's verdicts on the records judged below, all at once (a burst's
+            # records by byte column), taken in the same order.
+            changes = list(changes)
+            verdict = iter(accept_many(
+                [c[1] for c in changes if c[1] is not None and c[2] is None])).__next__
         for key, record, entry in changes:
             if record is None:
                 self.local_delete(key, now)
             elif entry is not None or snapshot is not None:
                 self.local_record(key, record, entry, now)
-            elif accept_record is not None and not accept_record(record):
+            elif accept_record is not None and not (
+                    verdict() if verdict is not None else accept_record(record)):
                 self.local_delete(key, now)
             elif add(key, record):
                 mark(key, now)
@@ -940,6 +956,7 @@ class SyncSession:
         are sent."""
         self._accept = accept
         self._accept_record = _record_filter(accept)
+        self._accept_records = _records_filter(accept)
         self.local_snapshot_records(records, now, refilter=True)
 
     # --- connection -----------------------------------------------------------------

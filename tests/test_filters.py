@@ -126,3 +126,47 @@ def filters(draw: st.DrawFn) -> EntryFilter:
 def test_a_filter_reads_a_record_as_it_reads_its_entry(f: EntryFilter, e: Entry,
                                                        now: float) -> None:
     assert f.accepts_record(R.pack(e, now)) == f(e)
+
+
+@st.composite
+def one_shape_batches(draw: st.DrawFn) -> list[Entry]:
+    """16-40 entries of one record shape (so mostly judged by column): a base entry
+    and variants of its addresses, protocol, TCP state, zone and mark, in the ranges
+    the filters above look at."""
+    base = draw(entries())
+    size = len(base.orig.src)
+    prefixes = ([bytes([10, 0, 0, 0]), bytes([192, 0, 2, 1]), bytes([200, 0, 0, 1])]
+                if size == 4 else [bytes.fromhex("20010db8") + bytes(12), bytes(15) + b"\1",
+                                   b"\xfe" + bytes(15)])
+    out = []
+    for _ in range(draw(st.integers(16, 40))):
+        src, rsrc = draw(st.sampled_from(prefixes)), draw(st.sampled_from(prefixes))
+        orig = base.orig._replace(src=src, proto=draw(st.sampled_from([IPPROTO_TCP,
+                                                                       IPPROTO_UDP, 1, 47])))
+        reply = (invert(orig) if base.reply == invert(base.orig)
+                 else base.reply._replace(src=rsrc, proto=orig.proto))
+        tcp = (None if base.tcp is None
+               else base.tcp._replace(state=draw(st.sampled_from(list(TcpState)))))
+        out.append(base._replace(orig=orig, reply=reply, tcp=tcp,
+                                 zone=draw(st.integers(0, 3)),
+                                 mark=None if base.mark is None else draw(st.integers(0, 3))))
+    return out
+
+
+@settings(max_examples=300)
+@given(filters(), one_shape_batches(), st.floats(0, 1e6))
+def test_the_verdicts_on_a_batch_are_those_on_each_record(
+        f: EntryFilter, batch: list[Entry], now: float) -> None:
+    records = [R.pack(e, now) for e in batch]
+    assert f.verdicts(records) == bytes(f.accepts_record(r) for r in records)
+
+
+def test_a_batch_of_one_shape_is_judged_by_column() -> None:
+    f = build_filter(ignore_prefixes=["10.0.0.0/29"], tcp_states=["ESTABLISHED"],
+                     mark=(1, 1))
+    batch = [make_entry(i)._replace(mark=i % 2) for i in range(40)]
+    records = [R.pack(e, 5.0) for e in batch]
+    got = f.verdicts(records)
+    assert got == bytes(f(e) for e in batch)
+    assert f._judges  # the column judge was made and used
+    assert 0 < sum(got) < len(batch)

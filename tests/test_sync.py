@@ -786,7 +786,7 @@ def test_snapshot_parts_need_a_beginning() -> None:
 
 
 _CHANGES = st.lists(st.tuples(st.sampled_from(["record", "entry", "delete"]),
-                              st.integers(0, 7), st.integers(0, 3)), max_size=40)
+                              st.integers(0, 7), st.integers(0, 3)), max_size=60)
 
 
 @given(_CHANGES, st.booleans(), st.booleans())
