@@ -760,6 +760,8 @@ def decode_events_records(buf: bytes | bytearray | memoryview, now: float
 _NEW_RECORD: Final = functools.partial(tuple.__new__, NewRecord)
 #: Fewer datagrams of one size than this are decoded one by one (as fast, for a few).
 _MIN_COLUMNS: Final = 16
+#: Layouts tried per datagram size (see _new_records_of_size).
+_LAYOUTS_PER_SIZE: Final = 4
 #: The nlmsghdr's length, type and flags: the same in every datagram read by column.
 _HEADER_FIXED: Final = range(8)
 _PID_AT: Final = 12
@@ -796,20 +798,32 @@ def decode_new_records(datagrams: Sequence[bytes], now: float) -> list[NewRecord
 
 def _new_records_of_size(datagrams: Sequence[bytes], members: Sequence[int], size: int,
                          now: float, out: list[NewRecord | None]) -> None:
-    """:func:`decode_new_records` for the datagrams at ``members``, all ``size`` bytes."""
+    """:func:`decode_new_records` for the datagrams at ``members``, all ``size`` bytes:
+    those of the first one's layout, then those of the first left's, and so on (one
+    size rarely has more than one layout; a few are tried, the rest is left)."""
+    for _ in range(_LAYOUTS_PER_SIZE):
+        if len(members) < _MIN_COLUMNS:
+            return
+        members = _new_records_of_layout(datagrams, members, size, now, out)
+
+
+def _new_records_of_layout(datagrams: Sequence[bytes], members: Sequence[int], size: int,
+                           now: float, out: list[NewRecord | None]) -> Sequence[int]:
+    """:func:`decode_new_records` for the datagrams at ``members`` (all ``size`` bytes)
+    of the first one's layout; the members left (another layout, another message)."""
     first = datagrams[members[0]]
     if size < NLMSG_HDRLEN:
-        return
+        return ()
     length, mtype, flags, _seq, _pid = NLMSG_HDR.unpack_from(first)
     if length != size or mtype != CT_NEW or not flags & NLM_F_CREATE:
-        return
+        return members[1:]
     try:
         layout = _layout_of(first, NLMSG_HDRLEN, size)
     except NetlinkDecodeError:
-        return  # the general path reports it
+        return members[1:]  # the general path reports it
     cols = layout.columns
     if cols is None:
-        return
+        return members[1:]
     group = list(datagrams) if len(members) == len(datagrams) else [datagrams[i] for i in members]
     k = len(group)
     joined = b"".join(group)
@@ -817,6 +831,8 @@ def _new_records_of_size(datagrams: Sequence[bytes], members: Sequence[int], siz
     explicit = bytecols.differ(joined, size, k, cols.swapped)
     # Per datagram: 0 the reply is the plain inverse, 1 not, 2 or 3 another layout.
     kinds = (explicit | 2 * bad).to_bytes(k)
+    left: Sequence[int] = (
+        list(itertools.compress(members, map(bool, (bad.to_bytes(k))))) if bad else ())
     for kind, recipe in ((0, cols.inverse), (1, cols.explicit)):
         n = kinds.count(kind)
         if not n:
@@ -836,6 +852,7 @@ def _new_records_of_size(datagrams: Sequence[bytes], members: Sequence[int], siz
         else:
             for i, rec in zip(at, made, strict=True):
                 out[i] = rec
+    return left
 
 
 def _records_by_column(recipe: _RecordColumns, joined: bytes, size: int, k: int, *,
