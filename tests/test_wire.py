@@ -82,7 +82,10 @@ def messages() -> st.SearchStrategy[wire.Message]:
         st.builds(wire.Hello, st.just(wire.PROTOCOL_VERSION),
                   st.text(min_size=1, max_size=wire.MAX_NODE_ID),
                   u64, st.sampled_from([1, 2, 1024, wire.MAX_BUCKETS]), u64),
-        st.builds(wire.Close, st.text(max_size=wire.MAX_REASON)),
+        # At most MAX_REASON bytes of UTF-8, as the session cuts its reasons (a longer
+        # one is refused: msgpack's max_str_len counts bytes).
+        st.builds(wire.Close, st.text(max_size=wire.MAX_REASON).map(
+            lambda t: t.encode()[:wire.MAX_REASON].decode(errors="ignore"))),
         st.builds(wire.Ack, u64, u64, st.booleans(), u64),
         st.builds(wire.Changes, u64, u64, few_entries,
                   st.lists(keys().map(R.pack_key), max_size=4).map(tuple), u64),
