@@ -168,9 +168,9 @@ class EntryFilter:
         is_tcp = _table(IPPROTO_TCP.__eq__)
 
         def judge(joined: bytes, size: int, k: int) -> int:
-            ones = int.from_bytes(b"\1" * k)
-            if no_mark_rejects:
+            if no_mark_rejects:  # no mark counts as 0, which the criterion refuses
                 return 0
+            ones = int.from_bytes(b"\1" * k)
             reject = 0
             for columns in rejects:
                 for at, table in columns:
