@@ -576,6 +576,9 @@ async def test_overlapping_rereads_of_the_kernel_take_turns(pair_factory: Pair) 
         await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
         a.kernel.add_many(flow(i) for i in range(3 * SNAPSHOT_STEP))
         await eventually(lambda: len(b.daemon.session.external) == 3 * SNAPSHOT_STEP)
+        # The MASTER plan re-reads the kernel too (become-sender): under load it could
+        # still be running when the three below end, its snapshot not finished.
+        await eventually(lambda: a.daemon.machine.settled)
         async with trio.open_nursery() as nursery:
             for _ in range(3):
                 nursery.start_soon(a.daemon.resync, ResyncSource.KERNEL)
