@@ -14,11 +14,39 @@ from __future__ import annotations
 import re
 import struct
 import sys
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 #: 0 for a zero byte, 1 for any other (``bytes.translate`` table).
 NONZERO = bytes([0]) + bytes([1]) * 255
 LITTLE = sys.byteorder == "little"
+#: Byte copies grouped by source: (source offset, destination offsets), see :func:`fill`.
+Copies = tuple[tuple[int, tuple[int, ...]], ...]
+
+
+def table(flag: Callable[[int], bool]) -> bytes:
+    """A ``bytes.translate`` table: 1 for the byte values ``flag`` holds for, else 0."""
+    return bytes(1 if flag(x) else 0 for x in range(256))
+
+
+def copies(pairs: Iterable[tuple[int, int]]) -> Copies:
+    """``(destination, source)`` byte offset pairs grouped by source (each source
+    column is then extracted once, however many destination bytes it feeds)."""
+    by_source: dict[int, list[int]] = {}
+    for dst, src in pairs:
+        by_source.setdefault(src, []).append(dst)
+    return tuple((src, tuple(dsts)) for src, dsts in by_source.items())
+
+
+def fill(template: bytes, k: int, joined: bytes, size: int, plan: Copies) -> bytearray:
+    """``k`` copies of ``template`` one after the other, each with the bytes of ``plan``
+    copied in from its own string of ``joined`` (``k`` strings of ``size`` bytes)."""
+    width = len(template)
+    out = bytearray(template * k)
+    for src, dsts in plan:
+        column = joined[src::size]
+        for dst in dsts:
+            out[dst::width] = column
+    return out
 
 
 def struct_items(fmt: str) -> list[tuple[int, int, str]]:

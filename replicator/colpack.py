@@ -41,9 +41,9 @@ _FLAGS_AT, _SEQ_AT = 6, 8
 #: Where a record's deadline is (big endian double, the header's first field).
 _DEADLINE_AT = 0
 #: By protocol number: 0 for TCP and UDP (the usual entries), 1 for any other.
-_NOT_TCP_UDP = bytes(0 if x in (IPPROTO_TCP, IPPROTO_UDP) else 1 for x in range(256))
+_NOT_TCP_UDP = bytecols.table(lambda x: x not in (IPPROTO_TCP, IPPROTO_UDP))
 #: By protocol number: 0 for TCP, 1 for any other.
-_NOT_TCP = bytes(0 if x == IPPROTO_TCP else 1 for x in range(256))
+_NOT_TCP = bytecols.table(IPPROTO_TCP.__ne__)
 if array("I").itemsize != 4:  # pragma: no cover - every Linux ABI Python runs on
     raise ImportError("colpack needs a 4-byte array('I')")
 
@@ -124,11 +124,7 @@ class CreateColumns:
                     copies.append((off + i, rec_off + i))
         if timeout_at < 0:
             raise ValueError("a create request without a timeout")
-        # One extraction per record column, however many request bytes it feeds.
-        by_column: dict[int, list[int]] = {}
-        for dst_off, src_off in copies:
-            by_column.setdefault(src_off, []).append(dst_off)
-        self._copies = tuple((src, tuple(dsts)) for src, dsts in by_column.items())
+        self._copies = bytecols.copies(copies)
         self._masked = tuple(masked)
         self._timeout_at = timeout_at
 
@@ -140,11 +136,7 @@ class CreateColumns:
         joined = b"".join(records)
         if len(joined) != k * rsize:
             raise ValueError("records of another size than their shape's")
-        out = bytearray(self.template * k)
-        for src, dsts in self._copies:
-            column = joined[src::rsize]
-            for dst in dsts:
-                out[dst::size] = column
+        out = bytecols.fill(self.template, k, joined, rsize, self._copies)
         for dst, src, table in self._masked:
             out[dst::size] = joined[src::rsize].translate(table)
         seqs = array("I", range(seq, seq + k) if seq + k <= _SEQ_MASK + 1

@@ -619,7 +619,7 @@ class _RecordColumns(NamedTuple):
     #: without a timeout), the layout's constants in place.
     template: bytes
     #: (datagram offset, record offsets its byte is copied to), byte by byte.
-    copies: tuple[tuple[int, tuple[int, ...]], ...]
+    copies: bytecols.Copies
 
 
 class _EventColumns(NamedTuple):
@@ -646,7 +646,7 @@ def _record_columns(slots: list[_Slot], st: struct.Struct, timed: bool
     if len(items) != 2 + len(slots):
         return None
     values: list[object] = []
-    copies: dict[int, list[int]] = {}
+    pairs: list[tuple[int, int]] = []
     for slot, (off, size, code) in zip(slots, items[2:], strict=True):
         if isinstance(slot, _Const):
             values.append(slot.value)
@@ -654,11 +654,9 @@ def _record_columns(slots: list[_Slot], st: struct.Struct, timed: bool
         if struct.calcsize("!" + slot.code) != size:
             return None
         values.append(bytes(size) if code.endswith("s") else 0)
-        for i in range(size):
-            copies.setdefault(NLMSG_HDRLEN + slot.off + i, []).append(off + i)
+        pairs += [(off + i, NLMSG_HDRLEN + slot.off + i) for i in range(size)]
     deadline = 0.0 if timed else math.inf
-    return _RecordColumns(st.pack(deadline, deadline, *values),
-                          tuple((src, tuple(dsts)) for src, dsts in copies.items()))
+    return _RecordColumns(st.pack(deadline, deadline, *values), bytecols.copies(pairs))
 
 
 def _event_columns(inverse: list[_Slot], explicit: list[_Slot], *, inverse_st: struct.Struct,
@@ -859,11 +857,7 @@ def _records_by_column(recipe: _RecordColumns, joined: bytes, size: int, k: int,
                        timeout_at: int, now: float) -> list[bytes]:
     """The records of ``k`` datagrams of ``size`` bytes joined (see :class:`_RecordColumns`)."""
     rsize = len(recipe.template)
-    out = bytearray(recipe.template * k)
-    for src, dsts in recipe.copies:
-        column = joined[src::size]
-        for dst in dsts:
-            out[dst::rsize] = column
+    out = bytecols.fill(recipe.template, k, joined, size, recipe.copies)
     if timeout_at >= 0:
         # Deadline and told: now + timeout, as the general path (new_event_record).
         seconds = array("I")

@@ -147,7 +147,7 @@ class EntryFilter:
         # one flag per record; the record is rejected when any criterion's flag is set.
         rejects: list[list[tuple[int, bytes]]] = []
         if self.ignore_protocols:
-            rejects.append([(proto_at, _table(self.ignore_protocols.__contains__))])
+            rejects.append([(proto_at, bytecols.table(self.ignore_protocols.__contains__))])
         # An address inside a prefix: no byte the mask covers differs. ``inside`` holds,
         # per prefix and address, the (offset, "this byte differs") columns.
         inside: list[list[tuple[int, bytes]]] = []
@@ -164,8 +164,8 @@ class EntryFilter:
                             for i, (m, v) in enumerate(zip(mb, vb, strict=True)) if m])
         no_mark_rejects = bool(mark_mask) and mark_at is None and mark_value != 0
         zones = self.zones
-        not_tcp_state = None if states is None else _table(lambda x: x not in states)
-        is_tcp = _table(IPPROTO_TCP.__eq__)
+        not_tcp_state = None if states is None else bytecols.table(lambda x: x not in states)
+        is_tcp = bytecols.table(IPPROTO_TCP.__eq__)
 
         def judge(joined: bytes, size: int, k: int) -> int:
             if no_mark_rejects:  # no mark counts as 0, which the criterion refuses
@@ -231,14 +231,10 @@ class EntryFilter:
 _MIN_COLUMNS = 16
 
 
-def _table(flag: Callable[[int], bool]) -> bytes:
-    """A ``bytes.translate`` table: 1 for the byte values ``flag`` holds for, else 0."""
-    return bytes(1 if flag(x) else 0 for x in range(256))
-
-
 def _differs(mask: int, value: int) -> bytes:
-    """:func:`_table` of the bytes whose bits under ``mask`` are not ``value``'s."""
-    return bytes(1 if x & mask != value else 0 for x in range(256))
+    """The translation table of the bytes whose bits under ``mask`` are not ``value``'s
+    (1; 0 for the others)."""
+    return bytecols.table(lambda x: x & mask != value)
 
 
 def _tcp_state(state: int | str) -> int:
