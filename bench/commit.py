@@ -74,10 +74,10 @@ class SplitTimer:
             finally:
                 self.kernel += time.perf_counter() - t0
 
-        def timed_prefetch(job: RecordWrites) -> None:
+        def timed_prefetch(job: RecordWrites) -> bytes | None:
             t0 = time.perf_counter()
             try:
-                prefetch(job)
+                return prefetch(job)
             finally:
                 self.build += time.perf_counter() - t0
 

@@ -18,9 +18,9 @@ from replicator import record as R
 from replicator.bulkwrite import RecordEncoder, RecordWrites, commit_encoder
 from replicator.errors import KernelError
 from replicator.external import commit_entry
-from replicator.inject import Op, run, run_overlapped
+from replicator.inject import Op, _ends_acked, run, run_overlapped
 from replicator.model import Entry, TcpFlag
-from replicator.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_HDR
+from replicator.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_HDR
 
 _CREATE = 0x7F00  # test_inject's stub type for creates
 
@@ -230,3 +230,65 @@ async def test_a_failing_encoder_stops_an_overlapped_write_after_the_batch_in_fl
     assert kernel.datagrams
     with pytest.raises(BlockingIOError):
         sock.recv_into(bytearray(100))
+
+
+def test_a_refused_last_request_mid_write_holds_the_sender_and_loses_nothing(
+        runner: Runner) -> None:
+    """A batch whose last request is refused ends without an ACK: the overlapped
+    writer's sender waits for the batch to be settled before the one queued after it."""
+    records, encode = stub_records(120)
+    kernel = FakeKernel([entry(i) for i in range(120)])
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    # Learn the batches' ends from a dry run, then refuse the end of the second.
+    dry = FakeKernel([entry(i) for i in range(120)])
+    drive(RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000),
+          dry, runner)
+    ends = [d[-1][3] for d in dry.datagrams]
+    assert len(ends) > 3
+    kernel.refuse[entry(ends[1]).key] = errno.ENOMEM
+    kernel.refuse[entry(ends[1] - 1).key] = errno.ENOMEM
+    applied, back = drive(job, kernel, runner)
+    assert sorted(back) == sorted([records[ends[1]], records[ends[1] - 1]])
+    assert applied == 118
+    assert [d[-1][3] for d in kernel.datagrams] == ends
+
+
+async def test_an_overlapped_write_sends_nothing_after_a_failed_send() -> None:
+    records, encode = stub_records(300)
+    kernel = FakeKernel([entry(i) for i in range(300)])
+
+    class FailsSecond(FakeSocket):
+        sends = 0
+
+        def send(self, data: bytes, /) -> int:
+            self.sends += 1
+            if self.sends == 2:
+                raise OSError(errno.ENOMEM, "Cannot allocate memory")
+            return super().send(data)
+
+    sock = FailsSecond(kernel)
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    try:
+        with pytest.raises(KernelError, match="Cannot allocate memory"):
+            await run_overlapped(sock, job)
+    finally:
+        sock.close()
+    # The third datagram was built and queued while the second was in flight: not sent.
+    assert sock.sends == 2
+    assert len(kernel.datagrams) == 1
+
+
+def _reply(error: int, seq: int = 5) -> bytes:
+    return NLMSG_HDR.pack(36, NLMSG_ERROR, 0, seq, 0) + (-error).to_bytes(
+        4, "little", signed=True) + bytes(16)
+
+
+def test_only_an_ack_read_last_settles_a_batch_for_the_sender() -> None:
+    assert _ends_acked([_reply(errno.EEXIST), _reply(0)])
+    assert not _ends_acked([])
+    assert not _ends_acked([_reply(0), None])  # ENOBUFS after it: replies lost
+    assert not _ends_acked([_reply(0), _reply(errno.EEXIST)])  # the last one refused
+    assert not _ends_acked([_reply(0)[:18]])  # truncated
+    assert not _ends_acked([_reply(0) + _reply(0)])  # not alone in its datagram
+    other = NLMSG_HDR.pack(36, 0x100, 0, 5, 0) + bytes(20)
+    assert not _ends_acked([other])
