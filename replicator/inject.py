@@ -662,7 +662,8 @@ class _Sender:
         self._go = threading.Event()
         #: Set by :meth:`stop`: send nothing more.
         self._stopping = False
-        #: Set (in the trio thread) whenever replies were queued, for :meth:`replies`.
+        #: While :meth:`replies` waits through the event loop: set (in the trio
+        #: thread) when replies were queued.
         self._arrived: trio.Event | None = None
         self._stopped = trio.Event()
 
@@ -675,7 +676,11 @@ class _Sender:
             self._sending.set()
             result = outcome.capture(_send_and_read, self._sock, datagram, self._buf)
             self._outbox.put(result)
-            self._token.run_sync_soon(self._wake)
+            if self._arrived is not None:
+                # Only when replies() waits through the event loop (it looks at the
+                # outbox again after setting this): a wake-up costs the event loop a
+                # turn, and usually the trio thread is blocked on the outbox anyway.
+                self._token.run_sync_soon(self._wake)
             if not (isinstance(result, outcome.Value) and _ends_acked(result.value)):
                 self._go.wait()
                 self._go.clear()
@@ -713,12 +718,15 @@ class _Sender:
             return self._outbox.get(timeout=REPLY_BLOCK_S)
         except queue.Empty:
             pass
-        while True:
-            self._arrived = trio.Event()
-            try:
-                return self._outbox.get_nowait()
-            except queue.Empty:
-                await self._arrived.wait()
+        try:
+            while True:
+                self._arrived = trio.Event()
+                try:
+                    return self._outbox.get_nowait()
+                except queue.Empty:
+                    await self._arrived.wait()
+        finally:
+            self._arrived = None
 
     async def stop(self) -> None:
         """Let the thread end once it is done with the datagram in hand, and wait."""

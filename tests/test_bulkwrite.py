@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import math
+import time
 from collections.abc import Awaitable, Callable, Sequence
 
 import pytest
@@ -18,7 +19,7 @@ from replicator import record as R
 from replicator.bulkwrite import RecordEncoder, RecordWrites, commit_encoder
 from replicator.errors import KernelError
 from replicator.external import commit_entry
-from replicator.inject import Op, _ends_acked, run, run_overlapped
+from replicator.inject import REPLY_BLOCK_S, Op, _ends_acked, run, run_overlapped
 from replicator.model import Entry, TcpFlag
 from replicator.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, NLMSG_HDR
 
@@ -292,3 +293,36 @@ def test_only_an_ack_read_last_settles_a_batch_for_the_sender() -> None:
     assert not _ends_acked([_reply(0) + _reply(0)])  # not alone in its datagram
     other = NLMSG_HDR.pack(36, 0x100, 0, 5, 0) + bytes(20)
     assert not _ends_acked([other])
+
+
+async def test_the_event_loop_runs_while_the_kernel_is_slow_with_a_datagram() -> None:
+    """The trio thread blocks only briefly for a datagram's replies, then waits for
+    them through the event loop: other tasks run meanwhile, and nothing is lost."""
+    records, encode = stub_records(60)
+    kernel = FakeKernel([entry(i) for i in range(60)])
+
+    class Slow(FakeSocket):
+        def send(self, data: bytes, /) -> int:
+            time.sleep(4 * REPLY_BLOCK_S)  # in the sending thread
+            return super().send(data)
+
+    sock = Slow(kernel)
+    job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
+    ticks = 0
+    results: list[tuple[int, list[bytes]]] = []
+
+    async def write() -> None:
+        results.append(await run_overlapped(sock, job))
+
+    try:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write)
+            while not results:
+                await trio.sleep(REPLY_BLOCK_S / 2)
+                ticks += 1
+    finally:
+        sock.close()
+    assert results == [(60, [])]
+    assert len(kernel.datagrams) > 2
+    # Blocked for each whole send, this task would run about once per datagram.
+    assert ticks > 2 * len(kernel.datagrams)
