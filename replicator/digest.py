@@ -31,7 +31,7 @@ asks for it.
 from __future__ import annotations
 
 import struct
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from itertools import chain
 from zlib import crc32
 
@@ -85,6 +85,20 @@ class BucketTable:
     def __len__(self) -> int:
         return self._size
 
+    def add_new(self, keys: Sequence[bytes], records: Sequence[bytes]) -> bool:
+        """:meth:`add` of each ``(key, record)`` (distinct keys) if no key is present
+        (whether they were stored: nothing is if one is)."""
+        mask, buckets = self._mask, self._buckets
+        at = [h & mask for h in map(crc32, keys)]
+        if any(map(dict.__contains__, map(buckets.__getitem__, at), keys)):
+            return False
+        digests = self._digests
+        for key, record, b in zip(keys, records, at, strict=True):
+            buckets[b][key] = record
+            digests[b] = None
+        self._size += len(keys)
+        return True
+
     def bucket_of(self, key: bytes) -> int:
         """The bucket a packed key belongs to."""
         return crc32(key) & self._mask
@@ -97,6 +111,11 @@ class BucketTable:
     def get(self, key: bytes) -> bytes | None:
         """The record stored under ``key``, or None."""
         return self._buckets[crc32(key) & self._mask].get(key)
+
+    def get_many(self, keys: Sequence[bytes]) -> list[bytes | None]:
+        """:meth:`get` of each key."""
+        mask, buckets = self._mask, self._buckets
+        return [buckets[h & mask].get(k) for k, h in zip(keys, map(crc32, keys), strict=True)]
 
     def put(self, bucket: int, key: bytes, record: bytes) -> bytes | None:
         """Store ``record`` under ``key`` (in ``bucket``, its bucket); returns the old one.

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import functools
 import math
+import operator
 import struct
 from collections.abc import Callable, Sequence
 from hashlib import blake2b
@@ -549,6 +550,18 @@ def key_of(record: bytes) -> bytes:
     """The packed key of the entry in ``record``."""
     start = HEADER_SIZE
     return record[start : start + 3 + _TUPLE[record[start]].size]
+
+
+def keys_of(records: Sequence[bytes]) -> list[bytes]:
+    """:func:`key_of` of each record (one slice each when they are of one family, as
+    a burst's are)."""
+    families = set(map(operator.itemgetter(HEADER_SIZE), records))
+    if len(families) != 1:
+        return list(map(key_of, records))
+    start = HEADER_SIZE
+    (family,) = families
+    return list(map(operator.itemgetter(slice(start, start + 3 + _TUPLE[family].size)),
+                    records))
 
 
 def body(record: bytes) -> bytes:

@@ -192,6 +192,8 @@ from .peerclock import PeerClock
 from .wheel import TimerWheel
 
 _INF = math.inf
+#: Below this many changes, local_changes takes them one by one (as fast).
+_MIN_BATCH = 16
 #: Seconds by which the deadline the peer was told may exceed the entry's before it is
 #: corrected (whole-second rounding and the jitter between two reads of a timeout).
 #: Measured against ``told``, which may be up to :data:`TOLD_SLACK` below what the peer
@@ -699,12 +701,18 @@ class SyncSession:
         # While a snapshot is given in parts, local_record also notes the keys touched.
         snapshot = self._snapshot
         accept_many, verdict = self._accept_records, None
-        if accept_record is not None and accept_many is not None and snapshot is None:
-            # The filter's verdicts on the records judged below, all at once (a burst's
-            # records by byte column), taken in the same order.
+        if snapshot is None and (accept_record is None or accept_many is not None):
             changes = list(changes)
-            verdict = iter(accept_many(
-                [c[1] for c in changes if c[1] is not None and c[2] is None])).__next__
+            verdicts = None
+            if accept_record is not None and accept_many is not None:
+                # The filter's verdicts on the records judged below, all at once (a
+                # burst's records by byte column), taken in the same order.
+                verdicts = accept_many(
+                    [c[1] for c in changes if c[1] is not None and c[2] is None])
+                verdict = iter(verdicts).__next__
+            if ((verdicts is None or verdicts.count(1) == len(verdicts))
+                    and self._new_records(changes, now)):
+                return
         for key, record, entry in changes:
             if record is None:
                 self.local_delete(key, now)
@@ -717,6 +725,30 @@ class SyncSession:
                 mark(key, now)
             else:
                 self._local(key, record, None, now)
+
+    def _new_records(self, changes: list[tuple[bytes, bytes | None, Entry | None]],
+                     now: float) -> bool:
+        """:meth:`local_changes` for a batch of only new records of keys not held, no
+        key twice, all accepted by the filter (the caller checked that), which a
+        burst of new connections is: a step at a time for the whole batch instead of
+        a change at a time (0.3 µs per change instead of 0.9), with the same outcome
+        (the pending keys in the same order). False, doing nothing, for any other
+        batch, or one that would make the pending keys fold (see :meth:`_mark`)."""
+        n = len(changes)
+        pending = self._pending
+        if n < _MIN_BATCH or len(pending) + n > self.params.max_pending:
+            return False
+        keys, records, entries = zip(*changes, strict=True)
+        if (entries.count(None) != n or None in records or len(set(keys)) != n
+                or not self._table.add_new(keys, records)):
+            return False
+        if pending.keys().isdisjoint(keys):
+            pending.update(dict.fromkeys(keys, now))
+        else:
+            # A key pending still (deleted, then new again) keeps its place and time.
+            for key in keys:
+                pending.setdefault(key, now)
+        return True
 
     def local_record(self, key: bytes, record: bytes, entry: Entry | None, now: float
                      ) -> None:
@@ -1489,6 +1521,9 @@ class SyncSession:
     def _send_changes(self, c: _Conn, now: float, out: list[bytes]) -> None:
         pending, table, dirty = self._pending, self._table, self._dirty
         sb = c.sending_bucket
+        if not dirty and sb is None:
+            self._send_pending(c, now, out)
+            return
         # Keys of the bucket being sent in parts that its next parts will carry.
         coming = frozenset(sb[1][sb[2] :]) if sb is not None else frozenset()
         keys = []
@@ -1518,6 +1553,41 @@ class SyncSession:
             self._pending = {}
         if not keys:
             return
+        data = wire.encode_changes_records(c.stream, c.next_seq, ups, dels, sent=_clock(now))
+        self.stats.entries_sent += len(ups)
+        self.stats.deletes_sent += len(dels)
+        self._sent(c, out, data, now, weight=len(keys), first_change=first, keys=tuple(keys))
+
+    def _send_pending(self, c: _Conn, now: float, out: list[bytes]) -> None:
+        """:meth:`_send_changes` when no bucket waits to be sent whole (the usual case,
+        a burst included): each step for the whole message at once, and
+        :meth:`_remaining` inline for the records whose ``told`` stands (0.5 µs per
+        entry less)."""
+        pending, table = self._pending, self._table
+        keys = list(islice(pending, self.params.batch))
+        if not keys:
+            return
+        first = min(map(pending.pop, keys))
+        if not pending:
+            # As in _send_changes: an emptied dict keeps its largest capacity.
+            self._pending = {}
+        ups: list[wire.TimedRecord] = []
+        dels: list[bytes] = []
+        timing, ceil, slow = R.timing, math.ceil, self._remaining
+        for key, rec in zip(keys, table.get_many(keys), strict=True):
+            if rec is None:
+                dels.append(key)
+                continue
+            deadline, told = timing(rec)
+            if deadline == _INF:
+                remaining: int | None = None
+                new_told = _INF
+            else:
+                remaining = max(1, ceil(deadline - now))
+                new_told = now + remaining
+            if not told <= new_told < told + TOLD_SLACK and new_told != told:
+                remaining = slow(table.lookup(key)[1], key, rec, now)
+            ups.append((rec, remaining))
         data = wire.encode_changes_records(c.stream, c.next_seq, ups, dels, sent=_clock(now))
         self.stats.entries_sent += len(ups)
         self.stats.deletes_sent += len(dels)

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from replicator import record
 from replicator.cache import Change, InternalCache
 from replicator.model import (
     AF_INET,
+    AF_INET6,
     IPPROTO_TCP,
     CtEvent,
     CtTuple,
@@ -290,3 +291,58 @@ def test_writes_noted_during_a_dump_count_as_events() -> None:
     assert {record.unpack_key(c.key) for c in changes} <= {entry(3).key}
     cache.note_written([], [pk(entry(9))])  # an unknown key: nothing to drop
     assert len(cache) == 2
+
+
+def entry6(port: int, **fields: Any) -> Entry:
+    """An IPv6 entry keyed by ``port``."""
+    orig = CtTuple(b"\x20\x01" + bytes(13) + b"\x01", b"\x20\x01" + bytes(13) + b"\x02",
+                   IPPROTO_TCP, port, 443)
+    return Entry(AF_INET6, orig, invert(orig), status=14, timeout=300, mark=0,
+                 tcp=TcpInfo(3))._replace(**fields)
+
+
+_BURST = 40
+
+
+@settings(max_examples=300)
+@given(ports=st.one_of(st.lists(st.integers(1, 300), unique=True, max_size=60),
+                       st.lists(st.integers(1, 300), max_size=60)),
+       cached=st.sets(st.integers(1, 300), max_size=4),
+       echoes_at=st.sets(st.integers(0, 59), max_size=3),
+       flags=st.tuples(st.booleans(), st.booleans(), st.booleans()))
+# The cases that decide between the batch path and the one at a time: the batch path,
+# during a resync, with two families, a key cached already, a key twice, an echo among
+# them, another event among them.
+@example(ports=list(range(1, _BURST)), cached=set(), echoes_at=set(), flags=(0, 0, 0))
+@example(ports=list(range(1, _BURST)), cached=set(), echoes_at=set(), flags=(1, 0, 0))
+@example(ports=list(range(1, _BURST)), cached=set(), echoes_at=set(), flags=(0, 1, 0))
+@example(ports=list(range(1, _BURST)), cached={7}, echoes_at=set(), flags=(0, 0, 0))
+@example(ports=[*range(1, _BURST), 5], cached=set(), echoes_at=set(), flags=(0, 0, 0))
+@example(ports=list(range(1, _BURST)), cached=set(), echoes_at={5}, flags=(0, 0, 0))
+@example(ports=list(range(1, _BURST)), cached=set(), echoes_at=set(), flags=(0, 0, 1))
+def test_a_burst_of_new_records_is_applied_as_one_by_one(
+        *, ports: list[int], cached: set[int], echoes_at: set[int],
+        flags: tuple[bool, bool, bool]) -> None:
+    """apply_batch takes a burst of NEW records together (InternalCache._new_records):
+    the changes, the cache and the keys noted during a resync are apply's, event by
+    event, whatever the burst holds (keys cached or twice, echoes, IPv6, other events)."""
+    resyncing, mixed_families, an_event = flags
+    events: list[CtEvent | NewRecord] = []
+    for i, port in enumerate(ports):
+        e = entry6(port) if mixed_families and port % 2 else entry(port)
+        events.append(NewRecord(record.new_event_record(e, 5.0), 9 if i in echoes_at else 0))
+    if an_event and events:
+        events.insert(len(events) // 2, update(entry(1000, mark=3)))
+    one, batched = InternalCache(), InternalCache()
+    for cache in (one, batched):
+        for port in sorted(cached):
+            cache.apply(new(entry(port, mark=1)), 1.0)
+        if resyncing:
+            cache.begin_resync()
+    want = [(one.apply(e, 5.0), e.portid) for e in events]
+    got, echoes = batched.apply_batch(events, 5.0, own=9)
+    assert got == [c for c, portid in want if portid != 9]
+    assert all(type(c) is Change for c in got)
+    assert echoes == sum(portid == 9 for _, portid in want)
+    assert list(batched.items()) == list(one.items())
+    assert batched._touched == one._touched

@@ -7,7 +7,7 @@ from typing import TypeVar
 
 import msgpack
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from synclink import (
     Node,
@@ -844,3 +844,75 @@ def test_the_first_send_of_a_new_event_leaves_its_record_alone() -> None:
     # the recorded one, never below it.
     assert b.session.external.deadline(pk(fresh)) == 110.4
     assert record.timing(fresh_rec)[1] == 110.0
+
+
+@settings(max_examples=300)
+@given(st.one_of(st.lists(st.integers(0, 300), unique=True, max_size=80),
+                 st.lists(st.integers(0, 300), max_size=80)),
+       st.sets(st.integers(0, 300), max_size=8), st.sets(st.integers(0, 300), max_size=8),
+       st.booleans(), st.integers(4, 200))
+# The cases that decide between the batch path and the one at a time:
+@example(list(range(40)), set(), {3, 7}, False, 200)  # keys pending after a delete
+@example(list(range(40)), set(), set(), False, 30)  # the batch would make them fold
+@example(list(range(40)), set(), set(), True, 200)  # the filter refuses some
+@example(list(range(40)), {5}, set(), False, 200)  # a key held already
+def test_a_burst_of_new_records_ends_as_one_change_at_a_time(
+        burst: list[int], held: set[int], deleted: set[int], filtered: bool,
+        max_pending: int) -> None:
+    """local_changes takes a batch of only new records together (_new_records): the
+    table, the pending keys (in order, with their times) and the stats end as with one
+    call per change, whatever the batch holds (keys already held, keys twice, keys
+    pending after a delete, records the filter refuses, a fold due)."""
+    params = dataclasses.replace(P, max_pending=max_pending)
+    accept = build_filter(mark=(0, 1)) if filtered else None  # odd variants are not sent
+    one, batched = (SyncSession(n, 1, params=params, accept=accept) for n in "ab")
+    for s in (one, batched):
+        for i in sorted(held | deleted):
+            s.local_update(make_entry(i), 1.0)
+        for i in sorted(deleted):
+            s.local_delete(pk(make_entry(i)), 2.0)
+    changes: list[tuple[bytes, bytes | None, Entry | None]] = []
+    for i in burst:
+        e = make_entry(i, variant=i % 3 if filtered else 0)
+        changes.append((pk(e), record.new_event_record(e, 5.0), None))
+    for key, rec, _ in changes:
+        assert rec is not None
+        one.local_record(key, rec, None, 5.0)
+    batched.local_changes(changes, 5.0)
+    assert list(batched._table.items()) == list(one._table.items())
+    assert list(batched._pending.items()) == list(one._pending.items())
+    assert batched._dirty == one._dirty
+    assert batched.stats == one.stats
+
+
+def test_a_burst_of_new_records_is_stored_together() -> None:
+    """The batch path is the one taken for a burst (not only an equivalent)."""
+    s = SyncSession("a", 1, params=P, accept=build_filter(mark=(0, 1)))
+    batch = s._new_records
+    taken: list[bool] = []
+
+    def spy(changes: list[tuple[bytes, bytes | None, Entry | None]], now: float) -> bool:
+        taken.append(batch(changes, now))
+        return taken[-1]
+
+    s._new_records = spy  # type: ignore[method-assign]
+    entries = [make_entry(i) for i in range(40)]
+    s.local_changes([(pk(e), record.new_event_record(e, 5.0), None) for e in entries], 5.0)
+    assert taken == [True]
+    assert list(s._pending) == [pk(e) for e in entries]
+    assert {pk(e) for e in s.local_entries()} == {pk(e) for e in entries}
+
+
+def test_new_records_are_sent_with_the_time_left_when_sent() -> None:
+    """A NEW event's record is sent as it is (its told stands, see
+    test_the_first_send_of_a_new_event_leaves_its_record_alone), with the whole
+    seconds left at the moment of sending."""
+    a, b = synced()
+    entries = [make_entry(i, timeout=100) for i in range(40)]
+    a.session.local_changes(
+        [(pk(e), record.new_event_record(e, 10.0), None) for e in entries], 10.0)
+    transfer(a, b, 12.5)  # sent 2.5 s after the events were read: 97.5 s left
+    for e in entries:
+        got = b.session.external.get(pk(e))
+        assert got is not None and got.timeout == 98
+        assert b.session.external.deadline(pk(e)) == 110.5
