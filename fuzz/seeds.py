@@ -111,6 +111,12 @@ def wire_seeds() -> list[bytes]:
             3, 5 + start, [(start % 16, True, False, _timed(batch[:3])),
                            (start % 16 + 1, False, True, _timed(batch[3:]))],
             sent=start))  # fmt: skip
+    # A burst: 40 entries of one shape, whose bodies the decoder checks by byte column
+    # (record.check_bodies), and the same mixed with the captured ones.
+    burst = [e._replace(orig=e.orig._replace(sport=(e.orig.sport + i) % 65536))
+             for i, e in enumerate([entries[0]] * 40)]
+    seeds.append(wire.encode_changes(3, 100, _timed(tuple(burst)), [], sent=0))
+    seeds.append(wire.encode_changes(3, 101, _timed(tuple(burst) + entries), [], sent=0))
     return seeds
 
 

@@ -54,6 +54,7 @@ from collections.abc import Callable, Sequence
 from hashlib import blake2b
 from typing import Any, NamedTuple
 
+from . import bytecols
 from .model import (
     AF_INET,
     AF_INET6,
@@ -284,6 +285,8 @@ class _BodyLayout(NamedTuple):
     #: Index of the helper's length byte (None: no helper), and the length it must be.
     helper: int | None
     hlen: int
+    #: ``(offset, size)`` of each value ``read`` returns, in the body.
+    items: tuple[tuple[int, int], ...]
 
 
 #: Valid body layouts by (family, flags, size): at most 2 * 128 * (MAX_HELPER + 1).
@@ -310,7 +313,76 @@ def _body_layout(family: int, flags: int, size: int) -> _BodyLayout:
     reply = None if flags & _REPLY else _B_REST
     if flags & _HELPER:
         helper = n - 2 - (8 if flags & _MASTER else 0)
-    return _BodyLayout(struct.Struct(fmt).unpack, reply, helper, hlen)
+    items = tuple((off, width) for off, width, _code in bytecols.struct_items(fmt))
+    return _BodyLayout(struct.Struct(fmt).unpack, reply, helper, hlen, items)
+
+
+#: Fewest bodies of one shape that check_bodies checks by column.
+_MIN_COLUMNS = 16
+_ICMP_BYTES = bytecols.table(ICMP_PROTOCOLS.__contains__)
+
+
+def check_bodies(bodies: Sequence[bytes]) -> None:
+    """:func:`check_body` of each body in order: ValueError for the first that is not
+    valid.
+
+    A standby checks every body it receives, 0.8 µs each one by one. The bodies of one
+    shape (family, flags, size), as most of a burst's are, are checked together here,
+    a byte column at a time (0.1-0.2 µs per body); what a column check cannot tell
+    (a few bodies of a shape, helpers, ICMP, any doubt) is checked body by body.
+    """
+    if len(bodies) < _MIN_COLUMNS:
+        for body in bodies:
+            check_body(body)
+        return
+    groups: dict[tuple[int, int, int] | None, list[int]] = {}
+    flags_at = _BODY_FLAGS_AT
+    for i, body in enumerate(bodies):
+        size = len(body)
+        at = flags_at.get(body[0]) if size else None
+        shape = (body[0], body[at], size) if at is not None and size > at else None
+        group = groups.get(shape)
+        if group is None:
+            groups[shape] = [i]
+        else:
+            group.append(i)
+    one_by_one: list[int] = []
+    for shape, members in groups.items():
+        if (shape is None or len(members) < _MIN_COLUMNS
+                or not _valid_by_column(shape, [bodies[i] for i in members])):
+            one_by_one += members
+    for i in sorted(one_by_one):
+        check_body(bodies[i])
+
+
+def _valid_by_column(shape: tuple[int, int, int], bodies: list[bytes]) -> bool:
+    """Whether every body of ``shape`` (as :func:`check_bodies` found them) is valid,
+    as far as the columns tell (False: check them one by one)."""
+    layout = _BODY_LAYOUTS.get(shape)
+    if layout is None:
+        try:
+            layout = _BODY_LAYOUTS[shape] = _body_layout(*shape)
+        except ValueError:
+            return False
+    if layout.helper is not None:
+        return False
+    r = layout.reply
+    if r is None:
+        # Every field is read with its width: a body of the layout's size is valid.
+        return True
+    joined, size, k = b"".join(bodies), shape[2], len(bodies)
+    items = layout.items
+    proto, reply_proto = items[_B_PROTO][0], items[r + 2][0]
+    column = joined[proto::size]
+    if column != joined[reply_proto::size] or column.translate(_ICMP_BYTES).count(1):
+        return False
+    # Not the plain inverse: something differs in each body (see check_body).
+    pairs = [(items[r + a][0] + i, items[o][0] + i)
+             for a, o in ((0, 3), (1, 2), (3, _B_DPORT), (4, _B_SPORT))
+             for i in range(items[o][1])]
+    zeros = [(items[r + z][0] + i, 0) for z in (5, 6, 7) for i in range(items[r + z][1])]
+    differs = bytecols.differ(joined, size, k, pairs) | bytecols.unlike(joined, size, k, zeros)
+    return differs == int.from_bytes(b"\x01" * k)
 
 
 def check_body(body: bytes) -> None:

@@ -6,7 +6,7 @@ import math
 import sys
 
 import pytest
-from hypothesis import given
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from synclink import make_entry
 from test_wire import U32, entries
@@ -15,6 +15,7 @@ from replicator import record as R
 from replicator.model import (
     AF_INET,
     AF_INET6,
+    IPPROTO_ICMP,
     IPPROTO_ICMPV6,
     IPPROTO_SCTP,
     CtTuple,
@@ -104,3 +105,122 @@ def test_fingerprint_is_fixed_across_hosts() -> None:
     # body layout cannot pass unnoticed (it needs a new wire.PROTOCOL_VERSION).
     assert R.key(make_entry(1)).hex() == "0200000a000001c0000201060401005000000000"
     assert R.fingerprint(R.pack(make_entry(1), 0.0)) == 14010507908334541488
+
+
+def _first_error(bodies: list[bytes]) -> str | None:
+    """check_body of each body in turn: the first error's message, or None."""
+    for body in bodies:
+        try:
+            R.check_body(body)
+        except ValueError as exc:
+            return str(exc)
+    return None
+
+
+def _errors_of_check_bodies(bodies: list[bytes]) -> str | None:
+    try:
+        R.check_bodies(bodies)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
+def _plain_inverse(body: bytes) -> bytes:
+    """``body`` with its reply tuple (if it holds one) made the plain inverse of its
+    original: invalid (the flags say the body holds a reply that is not)."""
+    try:
+        family = body[0]
+        layout = R._body_layout(family, body[R._BODY_FLAGS_AT[family]], len(body))
+    except (IndexError, KeyError, ValueError):
+        return body  # not a body of any layout already
+    r = layout.reply
+    if r is None:
+        return body
+    out = bytearray(body)
+    items = layout.items
+
+    def copy(dst: int, src: int) -> None:
+        (d, n), (s, _) = items[dst], items[src]
+        out[d:d + n] = body[s:s + n]
+
+    for dst, src in ((r, 3), (r + 1, 2), (r + 2, 4), (r + 3, 6), (r + 4, 5)):
+        copy(dst, src)
+    for z in (5, 6, 7):
+        d, n = items[r + z]
+        out[d:d + n] = bytes(n)
+    return bytes(out)
+
+
+def _icmp_inverse(body: bytes) -> bytes:
+    """``body`` with its reply tuple (if it holds one) made :func:`invert` of its
+    original, as ICMP inverts (invalid for a body that holds a reply)."""
+    try:
+        family = body[0]
+        layout = R._body_layout(family, body[R._BODY_FLAGS_AT[family]], len(body))
+    except (IndexError, KeyError, ValueError):
+        return body  # not a body of any layout already
+    r = layout.reply
+    if r is None:
+        return body
+    orig = CtTuple(*layout.read(body)[2:10])
+    at = layout.items[r][0]
+    packed = R._TUPLE[family].pack(*invert(orig))
+    return body[:at] + packed + body[at + len(packed):]
+
+
+_PING = CtTuple(bytes([10, 0, 0, 1]), bytes([192, 0, 2, 7]), IPPROTO_ICMP, 0, 0, 8, 0, 7)
+_PINGED = make_entry(1)._replace(
+    orig=_PING, reply=invert(_PING)._replace(src=bytes([198, 18, 0, 1])), tcp=None)
+_NATTED = make_entry(1)._replace(reply=make_entry(1).reply._replace(src=bytes([198, 18, 0, 1])))
+_MUTATIONS = st.lists(st.tuples(st.integers(0, 70), st.sampled_from(
+    ["byte", "last byte", "inverse", "icmp inverse", "truncate", "longer"]),
+    st.integers(0, 1 << 16)),
+    max_size=3)
+
+
+@settings(max_examples=300)
+@given(base=entries(), n=st.integers(0, 70), others=st.lists(entries(), max_size=4),
+       mutations=_MUTATIONS)
+# A burst of NAT'd entries: all valid, one the plain inverse, one with the reply's
+# protocol (body byte 33) not the original's, one with its ICMP id not zero.
+@example(base=_NATTED, n=40, others=[], mutations=[])
+@example(base=_NATTED, n=40, others=[], mutations=[(30, "inverse", 0)])
+@example(base=_NATTED, n=40, others=[], mutations=[(30, "byte", 33 * 256 + 17)])
+@example(base=_NATTED, n=40, others=[], mutations=[(30, "inverse", 0), (30, "byte", 43 * 256 + 1)])
+# Pings, NAT'd: one made the inverse ICMP's way (the column check leaves ICMP alone).
+@example(base=_PINGED, n=40, others=[], mutations=[(30, "icmp inverse", 0)])
+# A helper's name (the body's last bytes) not ASCII.
+@example(base=_NATTED._replace(helper="ftp"), n=40, others=[], mutations=[(30, "last byte", 255)])
+def test_bodies_are_checked_together_as_one_by_one(
+        *, base: Entry, n: int, others: list[Entry],
+        mutations: list[tuple[int, str, int]]) -> None:
+    """check_bodies (a standby's check of a message's bodies, by column for the bodies
+    of one shape) raises the error check_body raises first, body by body, or none."""
+    bodies = []
+    for i in range(n):
+        # One shape, many values: the ports of both tuples vary.
+        o, r = base.orig, base.reply
+        bodies.append(R.body(R.pack(base._replace(
+            orig=o._replace(sport=(o.sport + i) % 65536),
+            reply=r._replace(dport=(r.dport + i) % 65536) if r != invert(o) else
+            invert(o._replace(sport=(o.sport + i) % 65536))), 0.0)))
+    bodies += [R.body(R.pack(e, 0.0)) for e in others]
+    for at, kind, value in mutations:
+        if not bodies:
+            break
+        i = at % len(bodies)
+        body = bodies[i]
+        if kind == "byte" and body:
+            pos = (value >> 8) % len(body)
+            bodies[i] = body[:pos] + bytes([value & 0xFF]) + body[pos + 1:]
+        elif kind == "last byte" and body:
+            bodies[i] = body[:-1] + bytes([value & 0xFF])
+        elif kind == "inverse":
+            bodies[i] = _plain_inverse(body)
+        elif kind == "icmp inverse":
+            bodies[i] = _icmp_inverse(body)
+        elif kind == "truncate":
+            bodies[i] = body[:-1]
+        else:
+            bodies[i] = body + b"\0"
+    assert _errors_of_check_bodies(bodies) == _first_error(bodies)

@@ -381,3 +381,32 @@ def test_fuzz_well_formed_msgpack_of_any_shape(kind: int, fields: list[object]) 
     _only_wire_errors(msgpack.packb([kind, *fields]))
     _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, fields, [], 0]))
     _only_wire_errors(msgpack.packb([wire.CHANGES, 0, 0, [[*GOOD[:3], *fields]], [], 0]))
+
+
+def _burst(n: int) -> list[Any]:
+    """``n`` valid NAT'd entries of one shape, as raw msgpack values."""
+    base = nat_entry()
+    return [[R.body(R.pack(base._replace(orig=base.orig._replace(sport=1000 + i)), 0.0)),
+             300] for i in range(n)]
+
+
+@pytest.mark.parametrize(("bad_body_at", "bad_type_at", "said"), [
+    (3, 10, "entry body"),  # the bad body comes first
+    (10, 3, "is not an array of a binary body"),  # the ill-typed entry comes first
+    (None, 3, "is not an array of a binary body"),
+    (3, None, "entry body"),
+])
+def test_the_first_bad_entry_of_a_burst_is_the_one_reported(
+        bad_body_at: int | None, bad_type_at: int | None, said: str) -> None:
+    """The bodies of a message are checked together (those of one shape by column),
+    after every entry's types: the error is still the first bad entry's."""
+    upserts = _burst(40)
+    assert len(wire.decode(msgpack.packb([wire.CHANGES, 0, 0, upserts, [], 0]))
+               .upserts) == 40  # type: ignore[union-attr]
+    if bad_body_at is not None:
+        body = upserts[bad_body_at][0]
+        upserts[bad_body_at][0] = _changed(body, _REPLY_AT + 8, 17)  # reply protocol
+    if bad_type_at is not None:
+        upserts[bad_type_at] = [upserts[bad_type_at][0], "398"]
+    with pytest.raises(WireDecodeError, match=said):
+        wire.decode(msgpack.packb([wire.CHANGES, 0, 0, upserts, [], 0]))
