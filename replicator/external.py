@@ -22,7 +22,7 @@ entry costs two ``bytes`` objects, a dict slot and a list slot.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from . import record as R
 from .digest import BucketTable
@@ -92,6 +92,28 @@ class ExternalCache:
             if wheel.items > 2 * len(self._table) + _WHEEL_SLACK:
                 self._rebuild_wheel()
         return old
+
+    def add_new(self, keys: Sequence[bytes], records: Sequence[bytes],
+                deadlines: Sequence[float]) -> bool:
+        """:meth:`upsert` of each ``(key, record)`` (distinct keys; ``deadlines`` the
+        records' own) if no key is held yet, as a burst's are: whether they were
+        stored (nothing is if a key is held)."""
+        if not self._table.add_new(keys, records):
+            return False
+        wheel = self._wheel
+        by_deadline: dict[float, list[bytes]] = {}
+        for key, deadline in zip(keys, deadlines, strict=True):
+            group = by_deadline.get(deadline)
+            if group is None:
+                by_deadline[deadline] = [key]
+            else:
+                group.append(key)
+        by_deadline.pop(_INF, None)
+        for deadline, group in by_deadline.items():
+            wheel.add_all(group, deadline)
+        if wheel.items > 2 * len(self._table) + _WHEEL_SLACK:
+            self._rebuild_wheel()
+        return True
 
     def delete(self, bucket: int, key: bytes) -> bytes | None:
         """Remove ``key`` (in ``bucket``); returns the removed record or None."""

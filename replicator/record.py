@@ -432,6 +432,22 @@ def from_body(body: bytes, timeout: int | None, since: float) -> bytes:
     return _HEADER_PACK(since + timeout, -_INF, timeout, 0, _HAS_TIMEOUT) + body
 
 
+def from_bodies(entries: Sequence[tuple[bytes, int | None]], since: float) -> list[bytes]:
+    """:func:`from_body` of each ``(body, timeout)`` (one header packed per distinct
+    timeout: a burst's entries share a few)."""
+    headers: dict[int | None, bytes] = {}
+    out: list[bytes] = []
+    keep = out.append
+    for body, timeout in entries:
+        header = headers.get(timeout)
+        if header is None:
+            header = headers[timeout] = (
+                _HEADER_PACK(_INF, -_INF, 0, 0, 0) if timeout is None
+                else _HEADER_PACK(since + timeout, -_INF, timeout, 0, _HAS_TIMEOUT))
+        keep(header + body)
+    return out
+
+
 #: :func:`unpack`'s default ``timeout``: the one in the record's header.
 HEADER_TIMEOUT = -1
 

@@ -44,6 +44,17 @@ class TimerWheel:
             slot.append(key)
         self.items += 1
 
+    def add_all(self, keys: list[bytes], when: float) -> None:
+        """:meth:`add` of each key, all at ``when`` (finite)."""
+        second = math.floor(when)
+        slot = self._slots.get(second)
+        if slot is None:
+            self._slots[second] = list(keys)
+            heapq.heappush(self._seconds, second)
+        else:
+            slot.extend(keys)
+        self.items += len(keys)
+
     def next_time(self) -> float | None:
         """The start of the earliest second holding a key (None: empty).
 

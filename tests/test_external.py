@@ -162,3 +162,36 @@ def test_an_entry_whose_deadline_moved_and_came_back_expires_once() -> None:
     for timeout in (60, 61, 60):
         put(cache, make_entry(0, timeout=timeout), 100.0)
     assert [pk(e) for e in cache.expire(200.0)] == [pk(make_entry(0))]
+
+
+@settings(max_examples=200)
+@given(timeouts=st.lists(st.one_of(st.none(), st.integers(0, 7)), min_size=1, max_size=40),
+       held=st.sets(st.integers(0, 39), max_size=2), since=st.floats(0, 100))
+def test_a_burst_stored_together_expires_as_one_by_one(
+        *, timeouts: list[int | None], held: set[int], since: float) -> None:
+    """ExternalCache.add_new (a standby's burst, SyncSession._apply_changes) ends as
+    upsert of each entry: same records, same expiry, second by second; and does
+    nothing when a key is held already."""
+    entries = [make_entry(i, timeout=t) for i, t in enumerate(timeouts)]
+    bodies = [(record.body(record.pack(e, 0.0)), e.timeout) for e in entries]
+    made = record.from_bodies(bodies, since)
+    assert made == [record.from_body(b, t, since) for b, t in bodies]
+    keys = record.keys_of(made)
+    assert keys == [pk(e) for e in entries]
+    one, burst = ExternalCache(16), ExternalCache(16)
+    for cache in (one, burst):
+        for i in sorted(held & set(range(len(entries)))):
+            put(cache, entries[i]._replace(mark=9), 0.0)
+    before = list(burst.table.items())
+    deadlines = [math.inf if t is None else since + t for t in timeouts]
+    stored = burst.add_new(keys, made, deadlines)
+    assert stored == (not held & set(range(len(entries))))
+    if not stored:
+        assert list(burst.table.items()) == before
+        return
+    for key, rec in zip(keys, made, strict=True):
+        one.upsert(one.table.bucket_of(key), key, rec)
+    assert sorted(burst.table.items()) == sorted(one.table.items())
+    for now in range(int(since), int(since) + 10):
+        assert sorted(burst.expire(float(now))) == sorted(one.expire(float(now)))
+    assert sorted(burst.table.items()) == sorted(one.table.items())

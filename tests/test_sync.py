@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import TypeVar
 
 import msgpack
@@ -916,3 +917,71 @@ def test_new_records_are_sent_with_the_time_left_when_sent() -> None:
         got = b.session.external.get(pk(e))
         assert got is not None and got.timeout == 98
         assert b.session.external.deadline(pk(e)) == 110.5
+
+
+@pytest.mark.parametrize("held", [0, 5])
+def test_a_burst_arrives_whole_with_its_deadlines(held: int) -> None:
+    """A CHANGES message of a burst is stored together on the receiver (when it holds
+    none of its keys yet) or entry by entry (when it does): the same copies either
+    way, each with the deadline its timeout gives, all in one PeerUpserts."""
+    a, b = synced()
+    olds = [make_entry(i, variant=7, timeout=50) for i in range(held)]
+    if olds:
+        a.session.local_changes([(pk(e), record.new_event_record(e, 1.0), None) for e in olds],
+                                1.0)
+        transfer(a, b, 1.0)
+    burst = [make_entry(i, timeout=None if i % 9 == 4 else 100 + i % 3) for i in range(40)]
+    a.session.local_changes([(pk(e), record.pack(e, record.deadline_of(e.timeout, 10.0),
+                                                 record.deadline_of(e.timeout, 10.0)), None)
+                             for e in burst], 10.0)
+    b.events.clear()
+    transfer(a, b, 10.0)
+    ext = b.session.external
+    assert {strip(e) for e in ext.entries()} == {strip(e) for e in burst}
+    for e in burst:
+        assert ext.deadline(pk(e)) == (math.inf if e.timeout is None else 10.0 + e.timeout)
+    upserts = of_type(b.events, PeerUpserts)
+    assert sorted(r for u in upserts for r in u.records) == sorted(
+        ext.table.get(pk(e)) or b"" for e in burst)
+    # And they run out when their deadlines say.
+    assert {e.key for e in ext.expire(10.0 + 101.0)} == {
+        e.key for e in burst if e.timeout is not None and e.timeout <= 101}
+
+
+def test_a_burst_during_a_bucket_replacement_confirms_its_keys() -> None:
+    """A key deleted and sent again while its bucket is being replaced in parts is
+    confirmed by the CHANGES that brings it back, burst or not: the bucket's last part
+    must not delete it (so a burst is stored together only when no bucket is being
+    replaced)."""
+    _, b = synced()
+    s = b.session
+    c = s._conn
+    assert c is not None
+    kept = make_entry(7)
+    ext_put(s.external, kept, 0.0)
+    key = pk(kept)
+    bucket = s.external.table.bucket_of(key)
+
+    def body(e: Entry) -> tuple[bytes, int | None]:
+        return record.body(record.pack(e, 0.0)), e.timeout
+
+    s._apply_buckets(c, wire.Buckets(0, 0, (wire.BucketRecord(bucket, True, False, ()),)), 0.0)
+    s._apply_changes(c, wire.Changes(0, 0, (), (key,)), 0.0)
+    burst = [kept] + [make_entry(1000 + i) for i in range(30)]
+    s._apply_changes(c, wire.Changes(0, 0, tuple(map(body, burst)), ()), 0.0)
+    s._apply_buckets(c, wire.Buckets(0, 0, (wire.BucketRecord(bucket, False, True, ()),)), 0.0)
+    assert {strip(e) for e in s.external.entries()} == {strip(e) for e in burst}
+
+
+def test_a_burst_naming_a_key_twice_is_stored_as_one_by_one() -> None:
+    """A peer's message naming a key twice (ours never does) is stored as one entry
+    by one: the later state wins and the table counts the key once."""
+    _, b = synced()
+    s = b.session
+    c = s._conn
+    assert c is not None
+    burst = [make_entry(i) for i in range(30)] + [make_entry(3, variant=5)]
+    s._apply_changes(c, wire.Changes(0, 0, tuple(
+        (record.body(record.pack(e, 0.0)), e.timeout) for e in burst), ()), 0.0)
+    assert len(s.external) == 30
+    assert s.external.get(pk(make_entry(3))) == make_entry(3, variant=5)
