@@ -869,8 +869,7 @@ def _records_by_column(recipe: _RecordColumns, joined: bytes, size: int, k: int,
         raw = deadlines.tobytes()
         bytecols.scatter(out, rsize, 0, 8, raw)
         bytecols.scatter(out, rsize, 8, 8, raw)
-    data = bytes(out)
-    return [data[i:i + rsize] for i in range(0, len(data), rsize)]
+    return bytecols.split(out, rsize)
 
 
 def _decode_events(buf: bytes | bytearray | memoryview, now: float | None
