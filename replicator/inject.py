@@ -45,6 +45,7 @@ and :func:`delete` are what the kernel port calls.
 
 from __future__ import annotations
 
+import contextlib
 import enum
 import errno
 import queue
@@ -663,6 +664,8 @@ class _Sender:
         #: queued.
         self._arrived: trio.Event | None = None
         self._stopped = trio.Event()
+        #: Datagrams handed over, and outcomes collected by replies().
+        self._handed = self._collected = 0
 
     def start(self) -> None:
         """Start the thread."""
@@ -682,7 +685,8 @@ class _Sender:
                 self._go.clear()
 
     def _exited(self, result: outcome.Outcome[None]) -> None:
-        self._token.run_sync_soon(self._stopped.set)
+        with contextlib.suppress(trio.RunFinishedError):  # nobody waits for it then
+            self._token.run_sync_soon(self._stopped.set)
 
     def _wake(self) -> None:
         if self._arrived is not None:
@@ -696,11 +700,13 @@ class _Sender:
         releases it); otherwise the two would take turns instead of overlapping.
         """
         self._sending.clear()
+        self._handed += 1
         self._inbox.put(datagram)
         self._sending.wait()
 
     def queue(self, datagram: bytes) -> None:
         """Have the thread send ``datagram`` after the one it is busy with."""
+        self._handed += 1
         self._inbox.put(datagram)
 
     def proceed(self) -> None:
@@ -714,17 +720,28 @@ class _Sender:
             while True:
                 self._arrived = trio.Event()
                 try:
-                    return self._outbox.get_nowait()
+                    got = self._outbox.get_nowait()
                 except queue.Empty:
                     await self._arrived.wait()
+                    continue
+                self._collected += 1
+                return got
         finally:
             self._arrived = None
 
-    async def stop(self) -> None:
-        """Let the thread end once it is done with the datagram in hand, and wait."""
+    def stop(self) -> bool:
+        """Let the thread end once it is done with the datagram in hand; whether the
+        caller must wait for that (:meth:`stopped`): only if a datagram handed over
+        has not had its replies collected, for the thread may still be sending it.
+        Otherwise it sends and reads nothing more (a trio turn saved per write, 1 ms
+        of a 10 k-entry commit)."""
         self._stopping = True
         self._inbox.put(None)
         self._go.set()
+        return self._handed > self._collected
+
+    async def stopped(self) -> None:
+        """Return once the thread has ended."""
         await self._stopped.wait()
 
 
@@ -780,8 +797,9 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
             # The one built ahead (queued already), or None.
             await trio.lowlevel.checkpoint()
     finally:
-        with trio.CancelScope(shield=True):
-            await sender.stop()
+        if sender.stop():
+            with trio.CancelScope(shield=True):
+                await sender.stopped()
     return job.result()
 
 
