@@ -646,7 +646,7 @@ class _Sender:
     The trio thread waits for replies through the event loop: blocking for them instead
     saved nothing measurable once the next datagram was queued ahead, and kept a hot
     standby from reading its peer's next messages while the kernel wrote (its 100 k
-    sync took 1.18-1.36 s instead of 1.11-1.15).
+    sync took 1.18-1.36 s instead of 1.03-1.15).
     """
 
     def __init__(self, sock: ReplySocket, buf: bytearray) -> None:

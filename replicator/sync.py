@@ -192,7 +192,8 @@ from .peerclock import PeerClock
 from .wheel import TimerWheel
 
 _INF = math.inf
-#: Below this many changes, local_changes takes them one by one (as fast).
+#: Below this many changes (local_changes) or entries (a CHANGES message received),
+#: they are taken one by one, not as a batch (as fast).
 _MIN_BATCH = 16
 #: Seconds by which the deadline the peer was told may exceed the entry's before it is
 #: corrected (whole-second rounding and the jitter between two reads of a timeout).
@@ -1534,7 +1535,7 @@ class SyncSession:
             return
         # Keys of the bucket being sent in parts that its next parts will carry.
         coming = frozenset(sb[1][sb[2] :]) if sb is not None else frozenset()
-        keys = []
+        keys: list[bytes] = []
         ups: list[wire.TimedRecord] = []
         dels: list[bytes] = []
         first = _INF
@@ -1555,7 +1556,13 @@ class SyncSession:
                 ups.append((rec, remaining_of(bucket, key, rec, now)))
             keys.append(key)
             first = min(first, t)
-        if not pending:
+        self._changes_sent(c, now, out, keys=keys, ups=ups, dels=dels, first=first)
+
+    def _changes_sent(self, c: _Conn, now: float, out: list[bytes], *, keys: list[bytes],
+                      ups: list[wire.TimedRecord], dels: list[bytes], first: float) -> None:
+        """Send the CHANGES of ``keys`` (popped from the pending ones, ``first`` the
+        earliest time they were marked): ``ups`` and ``dels``."""
+        if not self._pending:
             # A dict keeps the capacity of its largest size when emptied by pops: after
             # a burst of N keys that would be some 40 bytes per key for good.
             self._pending = {}
@@ -1576,9 +1583,6 @@ class SyncSession:
         if not keys:
             return
         first = min(map(pending.pop, keys))
-        if not pending:
-            # As in _send_changes: an emptied dict keeps its largest capacity.
-            self._pending = {}
         ups: list[wire.TimedRecord] = []
         dels: list[bytes] = []
         timing, ceil, slow = R.timing, math.ceil, self._remaining
@@ -1586,6 +1590,8 @@ class SyncSession:
             if rec is None:
                 dels.append(key)
                 continue
+            # _remaining's computation, without the call: the record is only remade
+            # (by _remaining) when its told moves.
             deadline, told = timing(rec)
             if deadline == _INF:
                 remaining: int | None = None
@@ -1596,10 +1602,7 @@ class SyncSession:
             if not told <= new_told < told + TOLD_SLACK and new_told != told:
                 remaining = slow(table.lookup(key)[1], key, rec, now)
             ups.append((rec, remaining))
-        data = wire.encode_changes_records(c.stream, c.next_seq, ups, dels, sent=_clock(now))
-        self.stats.entries_sent += len(ups)
-        self.stats.deletes_sent += len(dels)
-        self._sent(c, out, data, now, weight=len(keys), first_change=first, keys=tuple(keys))
+        self._changes_sent(c, now, out, keys=keys, ups=ups, dels=dels, first=first)
 
     def _send_buckets(self, c: _Conn, now: float, out: list[bytes]) -> None:
         budget = self.params.batch
