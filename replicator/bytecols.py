@@ -14,7 +14,8 @@ from __future__ import annotations
 import re
 import struct
 import sys
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Hashable, Iterable, Sequence
+from typing import TypeVar
 
 #: 0 for a zero byte, 1 for any other (``bytes.translate`` table).
 NONZERO = bytes([0]) + bytes([1]) * 255
@@ -121,3 +122,21 @@ def split(data: bytes | bytearray, size: int) -> list[bytes]:
         raise ValueError(f"{len(data)} bytes are not strings of {size}")
     k = len(data) // size
     return list(struct.unpack(f"{size}s" * k, data))
+
+
+_K = TypeVar("_K", bound=Hashable)
+_V = TypeVar("_V")
+
+
+def groups(keys: Iterable[_K], values: Iterable[_V]) -> dict[_K, list[_V]]:
+    """``values`` grouped by their ``keys`` (one each, in the same order): each
+    group's values in their order, the groups in the order of their first value (the
+    strings of one layout, before their columns are handled together)."""
+    out: dict[_K, list[_V]] = {}
+    for key, value in zip(keys, values, strict=True):
+        group = out.get(key)
+        if group is None:
+            out[key] = [value]
+        else:
+            group.append(value)
+    return out

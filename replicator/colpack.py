@@ -257,7 +257,7 @@ def _runs(shape: _Shape, group: list[bytes], now: float, tcp_flags: int,
     kinds = (int.from_bytes(kinds) | 4 * bad | 8 * no_tcp).to_bytes(k)
     first = kinds[0]
     split: dict[int, list[bytes]]
-    split = {first: group} if kinds.count(first) == k else _split(group, kinds)
+    split = {first: group} if kinds.count(first) == k else bytecols.groups(kinds, group)
     runs = []
     for kind, members in split.items():
         if kind & 4:
@@ -267,16 +267,6 @@ def _runs(shape: _Shape, group: list[bytes], now: float, tcp_flags: int,
                                   tcp_flags), members))
     return runs
 
-
-def _split(group: list[bytes], kinds: bytes) -> dict[int, list[bytes]]:
-    out: dict[int, list[bytes]] = {}
-    for rec, kind in zip(group, kinds, strict=True):
-        members = out.get(kind)
-        if members is None:
-            out[kind] = [rec]
-        else:
-            members.append(rec)
-    return out
 
 
 _COLUMNS: dict[tuple[_Shape, bool, bool, bool, int], CreateColumns] = {}

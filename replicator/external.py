@@ -24,6 +24,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator, Sequence
 
+from . import bytecols
 from . import record as R
 from .digest import BucketTable
 from .model import Entry
@@ -101,13 +102,7 @@ class ExternalCache:
         if not self._table.add_new(keys, records):
             return False
         wheel = self._wheel
-        by_deadline: dict[float, list[bytes]] = {}
-        for key, deadline in zip(keys, deadlines, strict=True):
-            group = by_deadline.get(deadline)
-            if group is None:
-                by_deadline[deadline] = [key]
-            else:
-                group.append(key)
+        by_deadline = bytecols.groups(deadlines, keys)
         by_deadline.pop(_INF, None)
         for deadline, group in by_deadline.items():
             wheel.add_all(group, deadline)

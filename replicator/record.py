@@ -335,6 +335,8 @@ def check_bodies(bodies: Sequence[bytes]) -> None:
         for body in bodies:
             check_body(body)
         return
+    # Grouped in the loop that reads each shape (bytecols.groups after a function call
+    # per body costs 0.1 µs per body more).
     groups: dict[tuple[int, int, int] | None, list[int]] = {}
     flags_at = _BODY_FLAGS_AT
     for i, body in enumerate(bodies):

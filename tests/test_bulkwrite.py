@@ -155,26 +155,34 @@ def test_usual_records_are_recognised(e: Entry) -> None:
     assert not R.is_usual(R.pack(e._replace(zone=1), 5.0))
 
 
+async def write_while(sock: FakeSocket, job: RecordWrites, every: float,
+                      meanwhile: Callable[[], None]) -> tuple[int, list[bytes]]:
+    """``run_overlapped(sock, job)`` in a task of its own, calling ``meanwhile`` every
+    ``every`` seconds in another until it is done; its result."""
+    results: list[tuple[int, list[bytes]]] = []
+
+    async def write() -> None:
+        results.append(await run_overlapped(sock, job))
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(write)
+        while not results:
+            await trio.sleep(every)
+            meanwhile()
+    return results[0]
+
+
 async def test_an_overlapped_write_waits_for_replies_that_arrive_later() -> None:
     records, encode = stub_records(60)
     kernel = FakeKernel([entry(i) for i in range(60)])
     kernel.refuse[entry(33).key] = errno.ENOMEM
     sock = FakeSocket(kernel, delay=True)
     job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
-    results: list[tuple[int, list[bytes]]] = []
-
-    async def write() -> None:
-        results.append(await run_overlapped(sock, job))
-
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
-            while not results:
-                await trio.sleep(0.01)
-                sock.release()
+        result = await write_while(sock, job, 0.01, sock.release)
     finally:
         sock.close()
-    assert results == [(59, [records[33]])]
+    assert result == (59, [records[33]])
     assert len(kernel.datagrams) > 2
 
 
@@ -310,20 +318,16 @@ async def test_the_event_loop_runs_while_the_kernel_is_slow_with_a_datagram() ->
     sock = Slow(kernel)
     job = RecordWrites(records, encode, seq_start=1, batch_bytes=400, reply_budget=10_000)
     ticks = 0
-    results: list[tuple[int, list[bytes]]] = []
 
-    async def write() -> None:
-        results.append(await run_overlapped(sock, job))
+    def tick() -> None:
+        nonlocal ticks
+        ticks += 1
 
     try:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(write)
-            while not results:
-                await trio.sleep(0.005)
-                ticks += 1
+        result = await write_while(sock, job, 0.005, tick)
     finally:
         sock.close()
-    assert results == [(60, [])]
+    assert result == (60, [])
     assert len(kernel.datagrams) > 2
     # Blocked for each whole send, this task would run about once per datagram.
     assert ticks > 2 * len(kernel.datagrams)

@@ -20,3 +20,12 @@ def test_split_cuts_into_strings_of_one_size(size: int, k: int, fill: bytes) -> 
 def test_split_refuses_a_length_that_is_no_multiple(length: int, size: int) -> None:
     with pytest.raises(ValueError, match="not strings of"):
         bytecols.split(bytes(length), size)
+
+
+@given(st.lists(st.tuples(st.integers(0, 5), st.integers())))
+def test_groups_keep_the_order_of_values_and_of_first_appearance(
+        pairs: list[tuple[int, int]]) -> None:
+    got = bytecols.groups((k for k, _ in pairs), (v for _, v in pairs))
+    assert list(got) == list(dict.fromkeys(k for k, _ in pairs))
+    for key, values in got.items():
+        assert values == [v for k, v in pairs if k == key]

@@ -125,17 +125,24 @@ def _errors_of_check_bodies(bodies: list[bytes]) -> str | None:
     return None
 
 
-def _plain_inverse(body: bytes) -> bytes:
-    """``body`` with its reply tuple (if it holds one) made the plain inverse of its
-    original: invalid (the flags say the body holds a reply that is not)."""
+def _with_reply(body: bytes) -> tuple[R._BodyLayout, int] | None:
+    """The layout of ``body`` and where its reply tuple's values are (None: no layout
+    has this body, or it holds no reply tuple)."""
     try:
         family = body[0]
         layout = R._body_layout(family, body[R._BODY_FLAGS_AT[family]], len(body))
     except (IndexError, KeyError, ValueError):
-        return body  # not a body of any layout already
-    r = layout.reply
-    if r is None:
+        return None
+    return None if layout.reply is None else (layout, layout.reply)
+
+
+def _plain_inverse(body: bytes) -> bytes:
+    """``body`` with its reply tuple (if it holds one) made the plain inverse of its
+    original: invalid (the flags say the body holds a reply that is not)."""
+    found = _with_reply(body)
+    if found is None:
         return body
+    layout, r = found
     out = bytearray(body)
     items = layout.items
 
@@ -154,17 +161,13 @@ def _plain_inverse(body: bytes) -> bytes:
 def _icmp_inverse(body: bytes) -> bytes:
     """``body`` with its reply tuple (if it holds one) made :func:`invert` of its
     original, as ICMP inverts (invalid for a body that holds a reply)."""
-    try:
-        family = body[0]
-        layout = R._body_layout(family, body[R._BODY_FLAGS_AT[family]], len(body))
-    except (IndexError, KeyError, ValueError):
-        return body  # not a body of any layout already
-    r = layout.reply
-    if r is None:
+    found = _with_reply(body)
+    if found is None:
         return body
+    layout, r = found
     orig = CtTuple(*layout.read(body)[2:10])
     at = layout.items[r][0]
-    packed = R._TUPLE[family].pack(*invert(orig))
+    packed = R._TUPLE[body[0]].pack(*invert(orig))
     return body[:at] + packed + body[at + len(packed):]
 
 
