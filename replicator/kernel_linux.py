@@ -212,29 +212,18 @@ class EventSubscription:
         # Deadlines count from when the events are read.
         now = trio.current_time()
         ignore = self._ignore_portid
-        reads = enobufs = undecodable = 0
+        enobufs = undecodable = 0
         reason = ""
-        # Once per event (the kernel sends one per datagram).
+        # Once per event (the kernel sends one per datagram): a burst comes through this
+        # loop once per event, so it does nothing more than it must for one.
         recv, size, trunc = self._sock.recv, EVENT_RECV_BYTES, socket.MSG_TRUNC
         try:
-            if records and not ignore:
-                # The usual case (an active node's reader), in a loop of its own: a
-                # burst comes through here once per event.
-                for _ in range(MAX_BATCH):
-                    data = recv(size, trunc)
-                    if len(data) > size:
-                        undecodable += 1
-                        reason = f"netlink datagram of {len(data)} bytes truncated to {size}"
-                        continue
-                    keep(data)
-                reads = MAX_BATCH  # the loop below has nothing left to do
             # Bounded by datagrams read, not events kept: skipped echoes count too, so
             # a long commit still lets other tasks run between drains.
-            while len(events) + len(raw) < MAX_BATCH and reads < MAX_BATCH:
+            for _ in range(MAX_BATCH):
                 # With MSG_TRUNC the kernel returns a longer datagram's real length,
                 # and the bytes come back that long (beyond ``size`` unread): refused.
                 data = recv(size, trunc)
-                reads += 1
                 if len(data) > size:
                     undecodable += 1
                     reason = f"netlink datagram of {len(data)} bytes truncated to {size}"
@@ -258,6 +247,8 @@ class EventSubscription:
                     reason = str(exc)
                     continue
                 events += self._kept(got) if ignore else got
+                if len(events) >= MAX_BATCH:
+                    break
         except BlockingIOError:
             pass
         except OSError as exc:

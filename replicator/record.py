@@ -429,9 +429,14 @@ def from_body(body: bytes, timeout: int | None, since: float) -> bytes:
     """The record of a received (checked) ``body``: ``timeout`` as received, the time
     left at ``since`` on this node's clock (the deadline is ``since + timeout``); no
     id, never told."""
+    return _received_header(timeout, since) + body
+
+
+def _received_header(timeout: int | None, since: float) -> bytes:
+    """The header :func:`from_body` gives a body received with ``timeout`` at ``since``."""
     if timeout is None:
-        return _HEADER_PACK(_INF, -_INF, 0, 0, 0) + body
-    return _HEADER_PACK(since + timeout, -_INF, timeout, 0, _HAS_TIMEOUT) + body
+        return _HEADER_PACK(_INF, -_INF, 0, 0, 0)
+    return _HEADER_PACK(since + timeout, -_INF, timeout, 0, _HAS_TIMEOUT)
 
 
 def from_bodies(entries: Sequence[tuple[bytes, int | None]], since: float) -> list[bytes]:
@@ -443,9 +448,7 @@ def from_bodies(entries: Sequence[tuple[bytes, int | None]], since: float) -> li
     for body, timeout in entries:
         header = headers.get(timeout)
         if header is None:
-            header = headers[timeout] = (
-                _HEADER_PACK(_INF, -_INF, 0, 0, 0) if timeout is None
-                else _HEADER_PACK(since + timeout, -_INF, timeout, 0, _HAS_TIMEOUT))
+            header = headers[timeout] = _received_header(timeout, since)
         keep(header + body)
     return out
 

@@ -179,7 +179,8 @@ import math
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, repeat
+from operator import itemgetter
 from typing import Literal, NamedTuple
 
 from . import record as R
@@ -1224,7 +1225,7 @@ class SyncSession:
             # A burst's entries, none held yet: stored together (0.5 µs per entry less).
             made = R.from_bodies(upserts, since)
             keys = R.keys_of(made)
-            deadlines = [_INF if t is None else since + t for _, t in upserts]
+            deadlines = list(map(R.deadline_of, map(itemgetter(1), upserts), repeat(since)))
             if len(set(keys)) == len(keys) and ext.add_new(keys, made, deadlines):
                 records, upserts = made, ()
         for body, timeout in upserts:
