@@ -535,8 +535,7 @@ class Daemon:
         frames = session.frames_to_send(now)
         if conn is not None:
             try:
-                for payload in frames:
-                    await conn.send_frame(payload)
+                await conn.send_frames(frames)
             except ReplicatorError as exc:
                 # The connection broke mid-send: the handler's receive side sees it too
                 # and calls connection_lost; the session resends what was lost.

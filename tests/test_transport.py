@@ -207,6 +207,33 @@ async def test_oversized_frames_are_refused_on_both_ends(ids: Identities) -> Non
     assert listener_side.frames == []
 
 
+async def test_frames_sent_together_arrive_as_separate_frames_in_order(
+    ids: Identities,
+) -> None:
+    listener_side = echo_recorder()
+    outcome: list[Exception] = []
+
+    async def send_batches(conn: FramedConnection) -> None:
+        await conn.send_frames([b"one", b"", b"z" * 700, b"four"])
+        await conn.send_frames([])
+        try:  # one payload over the bound: none of the batch is sent
+            await conn.send_frames([b"lost", b"y" * 2048])
+        except FrameTooLargeError as exc:
+            outcome.append(exc)
+        await conn.send_frames([b"last"])
+        await trio.sleep_forever()
+
+    a = PeerLink(settings(max_frame_size=1024), creds(ids, "a", "b"), listener_side)
+    async with running(a) as (address,):
+        b_settings = settings(listen=None, dial=address, max_frame_size=1024)
+        async with running(PeerLink(b_settings, creds(ids, "b", "a"), Recorder(send_batches))):
+            await wait_until(lambda: len(listener_side.frames) == 5)
+    assert listener_side.frames == [b"one", b"", b"z" * 700, b"four", b"last"]
+    assert isinstance(outcome[0], FrameTooLargeError)
+    # The listener refused nothing (an oversized frame sent would be a decode error).
+    assert not any(isinstance(e, WireDecodeError) for e in listener_side.errors)
+
+
 async def test_dialer_reconnects_after_the_connection_is_closed(ids: Identities) -> None:
     async def answer_once(conn: FramedConnection) -> None:
         await conn.send_frame(await conn.receive_frame())
