@@ -25,6 +25,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterable, Iterator
 from itertools import repeat
+from operator import itemgetter
 from typing import NamedTuple
 
 from . import record as R
@@ -197,10 +198,12 @@ class InternalCache:
         echoes. Each counts as an event for a resync running (the dump's view of the
         key may be older)."""
         records, touched = self._records, self._touched
-        for key, rec in written:
-            records[key] = rec
-            if touched is not None:
-                touched.add(key)
+        # A hot standby notes every entry it writes: one update per write, not a
+        # statement per entry (a sixth of its main thread in a burst, measured).
+        written = written if isinstance(written, list) else list(written)
+        records.update(written)
+        if touched is not None:
+            touched.update(map(itemgetter(0), written))
         for key in deleted:
             records.pop(key, None)
             if touched is not None:

@@ -242,9 +242,9 @@ class KernelWriter:
 
     def put(self, records: Iterable[bytes]) -> None:
         """Queue upserts of external-cache ``records``."""
-        pending, key_of = self._pending, R.key_of
-        for rec in records:
-            pending[key_of(rec)] = rec
+        records = records if isinstance(records, list) else list(records)
+        # Later records of a key win, as one assignment each would.
+        self._pending.update(zip(R.keys_of(records), records, strict=True))
         self._woken()
 
     def put_deletes(self, entries: Iterable[Entry]) -> None:
@@ -304,19 +304,15 @@ class KernelWriter:
         """Write one batch of queued changes (upserts, then deletes); the upserts are
         taken out of ``batch`` once done, so it holds what is left if a part fails."""
         known = self._known
-        new: list[bytes] = []
-        existing: list[bytes] = []
-        upserts: list[tuple[bytes, bytes]] = []
-        deletes: list[Entry] = []
-        deleted: list[bytes] = []
-        for key, rec in batch.items():
-            if rec is None:
-                k = R.unpack_key(key)
-                deletes.append(Entry(k[0], k[2], k[2], zone=k[1]))
-                deleted.append(key)
-            else:
-                (existing if key in known else new).append(rec)
-                upserts.append((key, rec))
+        # A step at a time over the whole batch (a burst's is thousands of upserts),
+        # each list in the batch's order.
+        upserts = [(key, rec) for key, rec in batch.items() if rec is not None]
+        deleted = ([key for key, rec in batch.items() if rec is None]
+                   if len(upserts) != len(batch) else [])
+        deletes = [Entry(k[0], k[2], k[2], zone=k[1]) for k in map(R.unpack_key, deleted)]
+        new = [rec for key, rec in upserts if key not in known]
+        existing = ([rec for key, rec in upserts if key in known]
+                    if len(new) != len(upserts) else [])
         if upserts:
             result = await self._kernel.upsert_records(
                 new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
@@ -324,11 +320,15 @@ class KernelWriter:
             self.record(result, "upsert")
             if self._wrote is not None:
                 refused = _refused_keys(result)
-                self._wrote([(k, r) for k, r in upserts if k not in refused], [])
+                self._wrote([(k, r) for k, r in upserts if k not in refused]
+                            if refused else upserts, [])
             # Done (written, or refused and counted): should the deletes fail as a
             # whole, only they are queued again.
-            for key, _ in upserts:
-                del batch[key]
+            if deleted:
+                for key, _ in upserts:
+                    del batch[key]
+            else:
+                batch.clear()
         if deletes:
             result = await self._kernel.delete(deletes)
             self.record(result, "delete")

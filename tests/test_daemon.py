@@ -669,6 +669,46 @@ async def test_a_hot_batch_whose_deletes_fail_retries_only_the_deletes(
     assert told == [(keys, []), ([], [record.key(flow(9))])]
 
 
+async def test_a_hot_batch_is_split_by_what_the_mirror_knows_in_the_queued_order(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """Creates for the keys the mirror does not hold, updates for those it does, each
+    in the order queued (a key queued again keeps its place, its newest record wins);
+    the mirror is told what was written but not what the kernel refused."""
+    kernel = FakeKernel(max_entries=5)
+    kernel.add(flow(9))
+    kernel.add(flow(5))
+    told: list[tuple[list[tuple[bytes, bytes]], list[bytes]]] = []
+    known = {record.key(flow(5)), record.key(flow(9))}
+    writer = KernelWriter(kernel, Metrics(), known=known,
+                          wrote=lambda w, d: told.append((list(w), list(d))))
+    calls: list[tuple[list[bytes], list[bytes]]] = []
+    upserts = kernel.upsert_records
+
+    async def recording(records: Sequence[bytes], now: float, **kwargs: Any) -> Any:
+        calls.append((list(records), list(kwargs["existing"])))
+        return await upserts(records, now, **kwargs)
+
+    kernel.upsert_records = recording  # type: ignore[method-assign]
+    now = trio.current_time()
+    recs = {i: record.pack(flow(i), now + 100) for i in range(1, 7)}
+    writer.put(iter(recs.values()))  # any iterable
+    recs[2] = record.pack(flow(2)._replace(mark=7), now + 100)
+    writer.put([recs[2]])
+    writer.put_deletes([flow(9)])
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(writer.run)
+        await writer.wait_idle()
+        nursery.cancel_scope.cancel()
+    assert calls == [([recs[i] for i in (1, 2, 3, 4, 6)], [recs[5]])]
+    # Room for three creates (5 entries at most): 4 and 6 were refused.
+    assert writer.errors == {errno.ENOMEM: 2}
+    assert kernel.table[flow(2).key].mark == 7
+    assert told == [([(record.key(flow(i)), recs[i]) for i in (1, 2, 3, 5)], []),
+                    ([], [record.key(flow(9))])]
+    assert flow(9).key not in kernel.table
+
+
 async def test_restarted_nodes_take_their_roles_from_the_virtual_addresses(
         pair_factory: Pair, caplog: pytest.LogCaptureFixture) -> None:
     """keepalived says nothing to a restarted daemon until its next transition: the
