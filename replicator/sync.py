@@ -1611,10 +1611,12 @@ class SyncSession:
         parts: list[tuple[int, bool, bool, list[wire.TimedRecord]]] = []
         first_change = _INF
         n_entries = 0
+        popped = 0
         while budget >= 2 and (dirty or c.sending_bucket is not None):
             if c.sending_bucket is None:
                 b = next(iter(dirty))
                 t = dirty.pop(b)
+                popped += 1
                 keys, done, first = list(self._table.bucket(b)), 0, True
             else:
                 b, keys, done, t = c.sending_bucket
@@ -1638,6 +1640,11 @@ class SyncSession:
             first_change = min(first_change, t)
             if last:
                 self.stats.buckets_sent += 1
+        if popped and dirty:
+            # Taken from the front, the dict keeps a hole per bucket taken, and
+            # next(iter()) walks them all each time: a full resync's buckets cost
+            # O(buckets²) without this (4096: 7 ms; 65536: 1.5 s). A copy has none.
+            self._dirty = dict(dirty)
         r = c.send_resync
         if r is not None:
             r.entries += n_entries
