@@ -124,6 +124,10 @@ DRIVER_BEAT = 1.0
 GC_THRESHOLD = 20000
 
 
+#: The session's events that only carry the peer's entries (see Daemon._flush).
+_ENTRY_EVENTS = (PeerUpserts, PeerDeletes)
+
+
 def build_entry_filter(config: Config) -> EntryFilter:
     """The ``[filters]`` table as a predicate (applied before anything is sent)."""
     f = config.filters
@@ -533,6 +537,15 @@ class Daemon:
         session = self.session
         conn = self._conn
         frames = session.frames_to_send(now)
+        events = list(session.events())
+        if all(type(e) in _ENTRY_EVENTS for e in events):
+            # Only the peer's entries: hand them to the writer before the send below
+            # lets the other tasks run, so a hot standby starts writing them a turn of
+            # the event loop sooner. Any other event waits for the frames, as it may
+            # end the connection (a CLOSE queued for the peer goes first).
+            for event in events:
+                self._on_event(event)
+            events = []
         if conn is not None:
             try:
                 await conn.send_frames(frames)
@@ -540,7 +553,9 @@ class Daemon:
                 # The connection broke mid-send: the handler's receive side sees it too
                 # and calls connection_lost; the session resends what was lost.
                 log.info("peer send failed", extra=fields(error=exc))
-        for event in session.events():
+        for event in events:
+            self._on_event(event)
+        for event in session.events():  # any the session made meanwhile
             self._on_event(event)
 
     def _on_event(self, event: object) -> None:

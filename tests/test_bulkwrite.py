@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import errno
+import functools
 import math
+import socket
 import time
 from collections.abc import Awaitable, Callable, Sequence
 
@@ -14,7 +16,7 @@ from hypothesis import strategies as st
 from test_inject import FakeKernel, FakeSocket, entry
 from test_wire import entries
 
-from replicator import ctnetlink
+from replicator import ctnetlink, inject
 from replicator import record as R
 from replicator.bulkwrite import RecordEncoder, RecordWrites, commit_encoder
 from replicator.errors import KernelError
@@ -317,3 +319,26 @@ async def test_the_event_loop_runs_while_the_kernel_is_slow_with_a_datagram() ->
     assert len(kernel.datagrams) > 2
     # Blocked for each whole send, this task would run about once per datagram.
     assert ticks > 2 * len(kernel.datagrams)
+
+
+@pytest.mark.parametrize("extra, used", [(0, "run"), (1, "run_overlapped")])
+def test_only_a_write_of_more_than_a_few_records_gets_a_sending_thread(
+    monkeypatch: pytest.MonkeyPatch, extra: int, used: str,
+) -> None:
+    """A write of a handful of records is one datagram, nothing to build meanwhile:
+    the calling thread sends it (a hot standby's steady writes)."""
+    called: list[str] = []
+
+    def recording(name: str) -> Callable[..., Awaitable[tuple[int, list[bytes]]]]:
+        async def driver(sock: object, job: RecordWrites) -> tuple[int, list[bytes]]:
+            called.append(name)
+            return 0, []
+        return driver
+
+    monkeypatch.setattr(inject, "run", recording("run"))
+    monkeypatch.setattr(inject, "run_overlapped", recording("run_overlapped"))
+    records, encode = stub_records(inject.DIRECT_WRITE_RECORDS + extra)
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    with a, b:
+        trio.run(functools.partial(inject.write_records, a, records, encode))
+    assert called == [used]
