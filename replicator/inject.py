@@ -58,7 +58,7 @@ from typing import NamedTuple, Protocol, TypeVar
 import outcome
 import trio
 
-from . import ctnetlink
+from . import cpus, ctnetlink
 from .batchjob import BatchJob
 from .bulkwrite import Planner, RecordEncoder, RecordWrites
 from .errors import KernelError
@@ -678,12 +678,19 @@ class _Sender:
         self._stopped = trio.Event()
         #: Datagrams handed over, and outcomes collected by replies().
         self._handed = self._collected = 0
+        #: The event loop's CPU, which the thread stays off (see :mod:`replicator.cpus`).
+        self._loop_cpu: int | None = None
 
     def start(self) -> None:
         """Start the thread."""
+        self._loop_cpu = cpus.current_cpu()
         trio.lowlevel.start_thread_soon(self._run, self._exited)
 
     def _run(self) -> None:
+        with cpus.kept_off(self._loop_cpu):
+            self._send_all()
+
+    def _send_all(self) -> None:
         while (datagram := self._inbox.get()) is not None and not self._stopping:
             self._sending.set()
             result = outcome.capture(_send_and_read, self._sock, datagram, self._buf)
@@ -771,6 +778,11 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
     stops before its next datagram; the ones in flight are awaited first (a system
     call cannot be interrupted).
     """
+    with cpus.kept_on(cpus.current_cpu()):
+        return await _run_overlapped(sock, job)
+
+
+async def _run_overlapped(sock: ReplySocket, job: PrefetchJob[_R]) -> _R:
     buf = bytearray(65536)
     view = memoryview(buf)
     _discard_pending(sock, buf)
