@@ -99,10 +99,12 @@ async def commit(netns: str, records: list[bytes], existing: list[bytes],
         sub.mute_changes(True)
         t0 = time.perf_counter()
         if timer is None:
-            result = await kernel.upsert_records(records, NOW, existing=existing)
+            result = await kernel.upsert_records(records, NOW, existing=existing,
+                                                   takeover=True)
         else:
             with timer:
-                result = await kernel.upsert_records(records, NOW, existing=existing)
+                result = await kernel.upsert_records(records, NOW, existing=existing,
+                                                   takeover=True)
         seconds = time.perf_counter() - t0
     if result != (len(records) + len(existing), []):
         raise RuntimeError(f"commit failed: {result.applied} applied, "

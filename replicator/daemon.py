@@ -379,7 +379,8 @@ class Daemon:
         self.metrics = Metrics()
         # Hot mode: the echoes of the peer's entries written into the kernel are not
         # read; the writer says what it wrote (see the mirror's module doc).
-        self.mirror = Mirror(kernel, publish=self._on_local_changes, ignore_echoes=self.hot)
+        self.mirror = Mirror(kernel, publish=self._on_local_changes, ignore_echoes=self.hot,
+                             after_publish=self._flush_now)
         # The session stores the mirror's records (one object per entry, not two).
         self.session = SyncSession(
             config.node.name, self.epoch, params=sync_params(config),
@@ -403,6 +404,7 @@ class Daemon:
         self._conn: FramedConnection | None = None
         self._conn_scope: trio.CancelScope | None = None
         self._wake = trio.Event()
+        self._flush_lock = trio.Lock()
         self._resync_done = trio.Event()
         self._snapshot_lock = trio.Lock()
         self._metrics_server: MetricsServer | None = None
@@ -524,7 +526,7 @@ class Daemon:
             deadline = session.next_timer()
             if deadline is not None and deadline <= now:
                 session.handle_timer(now)
-            await self._flush(now)
+            await self._flush_now()
             deadline = session.next_timer()
             # Wake at least every DRIVER_BEAT seconds: the beat is what the watchdog
             # checks, so an idle but healthy driver must still show it is alive.
@@ -532,6 +534,22 @@ class Daemon:
             with trio.move_on_at(beat if deadline is None else min(deadline, beat)):
                 await self._wake.wait()
             self._wake = trio.Event()
+
+    async def _flush_now(self) -> None:
+        """:meth:`_flush`, one at a time: the driver flushes, and so does the event
+        reader after each batch it published (see :class:`~replicator.mirror.Mirror`),
+        so that a burst's changes go out at once instead of waiting for the driver's
+        turns between the reader's. One at a time keeps the frames in the order the
+        session made them, and the events too."""
+        lock = self._flush_lock
+        try:
+            lock.acquire_nowait()  # no turn given away when nobody else flushes
+        except trio.WouldBlock:
+            await lock.acquire()
+        try:
+            await self._flush(self.now())
+        finally:
+            lock.release()
 
     async def _flush(self, now: float) -> None:
         session = self.session
@@ -747,7 +765,7 @@ class Daemon:
             result = await self.kernel.upsert_records(
                 records, start, no_timeout=DEFAULT_COMMIT_TIMEOUT,
                 tcp_flags=copy_tcp_flags(self.config.kernel.tcp_window_tracking),
-                existing=existing)
+                existing=existing, takeover=True)
         self.writer.record(result, "commit")
         seconds = self.now() - start
         self.metrics.commit_duration.observe(seconds)

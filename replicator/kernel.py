@@ -119,7 +119,8 @@ class KernelPort(Protocol):
 
     async def upsert_records(self, records: Sequence[bytes], now: float, *,
                              no_timeout: int | None = None, tcp_flags: int = 0,
-                             existing: Sequence[bytes] = ()) -> InjectResult:
+                             existing: Sequence[bytes] = (), takeover: bool = False
+                             ) -> InjectResult:
         """:meth:`upsert` of the entries of external-cache records (a commit) as
         :func:`replicator.external.commit_entry` makes them at ``now``; the usual
         entries are written straight from their records (a takeover's whole table).
@@ -128,7 +129,12 @@ class KernelPort(Protocol):
         already (a node that was master not long ago keeps its entries, timers
         shortened): they are written as updates first, which saves a refused create
         each. The belief only makes it faster: a create that finds its entry is
-        updated, an update that finds none creates it. ``records`` are written first."""
+        updated, an update that finds none creates it. ``records`` are written first.
+
+        ``takeover``: the write has the node to itself (a promotion's commit), so the
+        port may keep its threads on CPUs of their own meanwhile (see
+        :mod:`replicator.cpus`; a hot standby's writes share the CPUs with its
+        receiving and must not)."""
         ...
 
     async def delete(self, entries: Sequence[Entry]) -> InjectResult:

@@ -204,7 +204,8 @@ class FakeKernel:
 
     async def upsert_records(self, records: Sequence[bytes], now: float, *,
                              no_timeout: int | None = None, tcp_flags: int = 0,
-                             existing: Sequence[bytes] = ()) -> InjectResult:
+                             existing: Sequence[bytes] = (), takeover: bool = False
+                             ) -> InjectResult:
         """:meth:`upsert` of the records' entries (see the port's doc)."""
         return await self.upsert([commit_entry(r, now, no_timeout=no_timeout,
                                                tcp_flags=tcp_flags)

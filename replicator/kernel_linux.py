@@ -394,7 +394,8 @@ class LinuxKernel:
 
     async def upsert_records(self, records: Sequence[bytes], now: float, *,
                              no_timeout: int | None = None, tcp_flags: int = 0,
-                             existing: Sequence[bytes] = ()) -> InjectResult:
+                             existing: Sequence[bytes] = (), takeover: bool = False
+                             ) -> InjectResult:
         """A commit: the usual entries created straight from their records, those of
         ``existing`` updated the same way (:mod:`replicator.bulkwrite`), then whatever
         these passes handed back (other kinds, entries that exist or do not after all,
@@ -409,7 +410,7 @@ class LinuxKernel:
             async with self._write_lock:
                 done, refused = await inject.write_records(
                     self._injector, batch, encode, seq_start=self._next_seqs(len(batch)),
-                    plan=plan)
+                    plan=plan, apart=takeover)
             applied += done
             back += refused
         if not back:

@@ -47,7 +47,7 @@ consumer stall the event socket and turn back-pressure into ENOBUFS.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -70,6 +70,8 @@ log = logging.getLogger(__name__)
 
 #: The consumer of cache changes: called with every non-empty batch, in order.
 Publish = Callable[[list[Change]], None]
+#: Awaited by the event reader after each batch it published (see :class:`Mirror`).
+AfterPublish = Callable[[], Awaitable[None]]
 
 
 @dataclass
@@ -105,13 +107,22 @@ class MirrorStats:
 
 
 class Mirror:
-    """Keeps :attr:`cache` equal to one kernel's conntrack table (see the module doc)."""
+    """Keeps :attr:`cache` equal to one kernel's conntrack table (see the module doc).
+
+    ``publish`` gets each batch of changes; ``after_publish``, if given, is awaited by
+    the event reader after each batch of events it applied, before it reads more: the
+    daemon sends what was just published there. trio runs tasks in turns, and in a
+    burst the reader's turn (a read of thousands of events) was what another task's
+    send waited for, several turns per send.
+    """
 
     def __init__(self, kernel: KernelPort, publish: Publish | None = None, *,
                  resync_quiet: float = RESYNC_QUIET, resync_max_delay: float = RESYNC_MAX_DELAY,
-                 ignore_echoes: bool = False) -> None:
+                 ignore_echoes: bool = False, after_publish: AfterPublish | None = None
+                 ) -> None:
         self._kernel = kernel
         self._publish = publish
+        self._after_publish = after_publish
         self._ignore_echoes = ignore_echoes
         self._resync_quiet = resync_quiet
         self._resync_max_delay = resync_max_delay
@@ -280,6 +291,8 @@ class Mirror:
                 self._request_resync(nursery)
             else:
                 self._apply(batch)
+                if self._after_publish is not None:
+                    await self._after_publish()
         # The subscription ended: the port is closed, stop the resync too.
         nursery.cancel_scope.cancel()
 

@@ -330,7 +330,8 @@ def test_only_a_write_of_more_than_a_few_records_gets_a_sending_thread(
     called: list[str] = []
 
     def recording(name: str) -> Callable[..., Awaitable[tuple[int, list[bytes]]]]:
-        async def driver(sock: object, job: RecordWrites) -> tuple[int, list[bytes]]:
+        async def driver(sock: object, job: RecordWrites, **_: object
+                         ) -> tuple[int, list[bytes]]:
             called.append(name)
             return 0, []
         return driver

@@ -72,6 +72,39 @@ async def test_start_reconciles_entries_that_predate_the_subscription() -> None:
         nursery.cancel_scope.cancel()
 
 
+async def test_the_reader_awaits_after_publish_after_each_batch_before_reading_on(
+) -> None:
+    """The daemon sends what was published there: each call sees its batch published,
+    and the next batch is not read until the call returns."""
+    kernel = FakeKernel()
+    consumer = Consumer()
+    seen: list[tuple[int, int]] = []
+    hold = trio.Event()
+
+    async def after_publish() -> None:
+        seen.append((consumer.batches, len(consumer.table)))
+        if len(seen) == 2:
+            await hold.wait()
+
+    mirror = Mirror(kernel, consumer, after_publish=after_publish)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(mirror.run)
+        start = consumer.batches
+        kernel.add(entry(1))
+        await settle(mirror)
+        kernel.add(entry(2))
+        await trio.testing.wait_all_tasks_blocked()
+        kernel.add(entry(3))  # read only once the second call returned
+        await trio.testing.wait_all_tasks_blocked()
+        assert seen[-2:] == [(start + 1, 1), (start + 2, 2)]
+        assert len(consumer.table) == 2
+        hold.set()
+        await settle(mirror)
+        assert seen[-1] == (start + 3, 3)
+        assert mirror.cache.snapshot() == kernel.table == consumer.table
+        nursery.cancel_scope.cancel()
+
+
 async def test_changes_between_subscribe_and_dump_are_not_lost() -> None:
     kernel = FakeKernel()
     kernel.add(entry(1))
