@@ -1,4 +1,4 @@
-"""Keeping a helper thread off the CPU the event loop runs on.
+"""Keeping two threads on different CPUs: the event loop's, and a helper's.
 
 Why: a commit's sending thread (:func:`replicator.inject.run_overlapped`) spends its
 time inside ``sendto`` while the event loop's thread builds the next datagram; the
@@ -36,29 +36,40 @@ def current_cpu() -> int | None:
     return cpu if cpu >= 0 else None
 
 
+def affinity() -> set[int]:
+    """The CPUs the calling thread may run on (empty if unknown)."""
+    try:
+        return os.sched_getaffinity(0)  # 0: the calling thread
+    except OSError:
+        return set()
+
+
 @contextlib.contextmanager
 def kept_on(cpu: int | None) -> Iterator[None]:
     """Within the block, keep the calling thread on ``cpu``, then restore its affinity.
     Does nothing if ``cpu`` is ``None``, not one the thread may use, or the only one."""
-    with _affinity(cpu, lambda allowed: allowed & {cpu}):
+    with _affinity(cpu, affinity(), lambda allowed: allowed & {cpu}):
         yield
 
 
 @contextlib.contextmanager
-def kept_off(cpu: int | None) -> Iterator[None]:
-    """Within the block, keep the calling thread off ``cpu`` (its affinity minus that
-    CPU), then restore its affinity. Does nothing if ``cpu`` is ``None``, not one the
-    thread may use, or the only one."""
-    with _affinity(cpu, lambda allowed: allowed - {cpu}):
+def kept_off(cpu: int | None, allowed: set[int] | None = None) -> Iterator[None]:
+    """Within the block, keep the calling thread on the CPUs of ``allowed`` (default:
+    its affinity) but ``cpu``; afterwards it may use all of ``allowed``. Does nothing if
+    ``cpu`` is ``None``, not in ``allowed``, or the only one.
+
+    Pass the other thread's affinity from before it was kept on ``cpu``: a thread it
+    starts meanwhile inherits ``{cpu}`` alone."""
+    with _affinity(cpu, affinity() if allowed is None else allowed,
+                   lambda allowed: allowed - {cpu}):
         yield
 
 
 @contextlib.contextmanager
-def _affinity(cpu: int | None, mask: Callable[[set[int]], set[int]]) -> Iterator[None]:
-    try:
-        allowed = os.sched_getaffinity(0)  # 0: the calling thread
-    except OSError:
-        allowed = set()
+def _affinity(cpu: int | None, allowed: set[int], mask: Callable[[set[int]], set[int]]
+              ) -> Iterator[None]:
+    """Set the calling thread's affinity to ``mask(allowed)`` within the block, then to
+    ``allowed``."""
     if cpu is None or cpu not in allowed or len(allowed) < 2:
         yield
         return

@@ -48,9 +48,11 @@ def stub_records(n: int, unusual: Sequence[int] = ()) -> tuple[list[bytes], Reco
 Runner = Callable[[FakeSocket, RecordWrites], Awaitable[tuple[int, list[bytes]]]]
 
 
-@pytest.fixture(params=[run, run_overlapped], ids=["run", "run_overlapped"])
+@pytest.fixture(params=[run, run_overlapped, functools.partial(run_overlapped, apart=True)],
+                ids=["run", "run_overlapped", "run_overlapped_apart"])
 def runner(request: pytest.FixtureRequest) -> Runner:
-    """Both drivers: the plain one and the one a commit uses (kernel work in a thread)."""
+    """The drivers: the plain one and the one a commit uses (kernel work in a thread),
+    also with its two threads kept on different CPUs (a takeover's commit)."""
     return request.param  # type: ignore[no-any-return]
 
 

@@ -76,3 +76,23 @@ def test_the_affinity_is_restored_when_the_block_raises() -> None:
 
     allowed, after = in_thread(probe)
     assert after == allowed
+
+
+def test_a_thread_started_while_the_loop_was_kept_on_its_cpu_is_freed_by_kept_off() -> None:
+    """A thread started meanwhile inherits the one CPU; given the loop's affinity from
+    before, kept_off moves it to the others, and leaves it free to use them all."""
+    full = os.sched_getaffinity(0)
+    cpu = min(full)
+
+    def probe() -> tuple[set[int], set[int]]:
+        os.sched_setaffinity(0, {cpu})  # as inherited
+        with cpus.kept_off(cpu, full):
+            inside = os.sched_getaffinity(0)
+        return inside, os.sched_getaffinity(0)
+
+    inside, after = in_thread(probe)
+    if len(full) < 2:
+        assert inside == after == {cpu}
+    else:
+        assert inside == full - {cpu}
+        assert after == full
