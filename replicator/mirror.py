@@ -111,9 +111,9 @@ class Mirror:
 
     ``publish`` gets each batch of changes; ``after_publish``, if given, is awaited by
     the event reader after each batch of events it applied, before it reads more: the
-    daemon sends what was just published there. trio runs tasks in turns, and in a
-    burst the reader's turn (a read of thousands of events) was what another task's
-    send waited for, several turns per send.
+    daemon leaves its driver a few turns there to send what was just published. trio
+    runs tasks in turns, and in a burst the reader's turn (a read of thousands of
+    events) was what the driver's send waited for, several turns per send.
     """
 
     def __init__(self, kernel: KernelPort, publish: Publish | None = None, *,

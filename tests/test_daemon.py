@@ -312,6 +312,39 @@ async def test_a_commit_updates_the_entries_the_kernel_still_holds(
         assert kernel_view(b.kernel) == kernel_view(a.kernel)
 
 
+async def test_a_send_stuck_on_the_peer_does_not_stop_the_event_reader(
+    pair_factory: Pair,
+) -> None:
+    """The event reader leaves the driver turns to send but never waits for a send: a
+    peer that stops reading (a full socket buffer) must not keep the active from
+    reading its kernel's events (the kernel drops what the event socket cannot hold)."""
+    async with pair_factory("cache") as (a, b):
+        await a.call(Command.NOTIFY, 'INSTANCE "VI_1" MASTER 150')
+        await b.call(Command.NOTIFY, 'INSTANCE "VI_1" BACKUP 100')
+        a.kernel.add_many(flow(i) for i in range(10))
+        await eventually(lambda: len(b.daemon.session.external) == 10)
+        conn = a.daemon._conn
+        assert conn is not None
+        stuck = trio.Event()
+
+        async def never_done(payloads: Sequence[bytes]) -> None:
+            stuck.set()
+            await trio.sleep_forever()
+
+        conn.send_frames = never_done  # type: ignore[method-assign]
+        a.kernel.add(flow(10))
+        await stuck.wait()  # the driver is stuck in a send
+        read = a.daemon.mirror.stats.events
+        for start in range(11, 400, 50):  # a read each
+            a.kernel.add_many(flow(i) for i in range(start, min(start + 50, 400)))
+            await trio.testing.wait_all_tasks_blocked()
+        # Read as events (a re-read of the table would fill the cache too).
+        await eventually(lambda: a.daemon.mirror.stats.events == read + 389)
+        assert len(a.daemon.mirror.cache) == 400
+        assert a.daemon.session.local_count == 400
+        assert len(b.daemon.session.external) < 400
+
+
 async def test_hot_mode_standby_kernel_follows_the_active(
     pair_factory: Pair,
 ) -> None:
