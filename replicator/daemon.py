@@ -250,7 +250,7 @@ class KernelWriter:
 
     def put(self, records: Iterable[bytes]) -> None:
         """Queue upserts of external-cache ``records``."""
-        records = records if isinstance(records, list) else list(records)
+        records = records if isinstance(records, (list, tuple)) else list(records)
         # Later records of a key win, as one assignment each would.
         self._pending.update(zip(R.keys_of(records), records, strict=True))
         self._woken()
