@@ -556,15 +556,7 @@ class Daemon:
         session = self.session
         conn = self._conn
         frames = session.frames_to_send(now)
-        events = list(session.events())
-        if all(type(e) in _ENTRY_EVENTS for e in events):
-            # Only the peer's entries: hand them to the writer before the send below
-            # lets the other tasks run, so a hot standby starts writing them a turn of
-            # the event loop sooner. Any other event waits for the frames, as it may
-            # end the connection (a CLOSE queued for the peer goes first).
-            for event in events:
-                self._on_event(event)
-            events = []
+        self._dispatch_entries()
         if conn is not None:
             try:
                 await conn.send_frames(frames)
@@ -572,9 +564,16 @@ class Daemon:
                 # The connection broke mid-send: the handler's receive side sees it too
                 # and calls connection_lost; the session resends what was lost.
                 log.info("peer send failed", extra=fields(error=exc))
-        for event in events:
+        for event in session.events():
             self._on_event(event)
-        for event in session.events():  # any the session made meanwhile
+
+    def _dispatch_entries(self) -> None:
+        """Handle the session's events now if they only carry the peer's entries: a
+        hot standby's writer gets them without waiting for a send or a turn of the
+        driver. Any other event waits for the driver's frames to be sent, as it may end
+        the connection (a CLOSE queued for the peer goes first), and the entries queued
+        with it wait too, so that events are handled in order."""
+        for event in self.session.events_if_only(_ENTRY_EVENTS):
             self._on_event(event)
 
     def _on_event(self, event: object) -> None:
@@ -636,6 +635,7 @@ class Daemon:
                 while True:
                     payload = await conn.receive_frame()
                     session.receive(payload, self.now())
+                    self._dispatch_entries()
                     self.wake()
             except ReplicatorError as exc:
                 log.info("peer connection lost", extra=fields(error=exc))

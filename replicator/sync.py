@@ -680,6 +680,16 @@ class SyncSession:
         while self._events:
             yield self._events.popleft()
 
+    def events_if_only(self, kinds: tuple[type, ...]) -> list[Event]:
+        """Drain the events if every one is of one of ``kinds``; else drain none (and
+        return none), so that they stay in order for :meth:`events`."""
+        queued = self._events
+        if not all(type(event) in kinds for event in queued):
+            return []
+        out = list(queued)
+        queued.clear()
+        return out
+
     # --- local table ----------------------------------------------------------------
 
     def local_update(self, entry: Entry, now: float) -> None:

@@ -101,6 +101,27 @@ def test_changes_stream_and_deletes_propagate() -> None:
     assert dels == PeerDeletes((make_entry(2),), expired=False)
 
 
+def test_entry_events_are_drained_alone_or_not_at_all() -> None:
+    """What a hot standby's writer may take at once (the daemon's _dispatch_entries):
+    the queued events if all carry the peer's entries, else none, order kept."""
+    a, b = synced(5)
+    kinds = (PeerUpserts, PeerDeletes)
+    list(b.session.events())
+    a.put(make_entry(1, variant=9), 1.0)
+    a.remove(make_entry(2).key, 1.0)
+    for frame in a.session.frames_to_send(1.0):
+        b.session.receive(frame, 1.0)
+    got = b.session.events_if_only(kinds)
+    assert [type(e) for e in got] == [PeerUpserts, PeerDeletes]
+    assert list(b.session.events()) == []
+    a.put(make_entry(3, variant=9), 2.0)
+    for frame in a.session.frames_to_send(2.0):
+        b.session.receive(frame, 2.0)
+    b.session.connection_lost(2.0)  # another kind of event, after the entries
+    assert b.session.events_if_only(kinds) == []
+    assert [type(e) for e in b.session.events()] == [PeerUpserts, InSync]
+
+
 def test_a_burst_is_coalesced_to_one_state_per_entry() -> None:
     # The peer does not acknowledge: everything beyond the window waits, coalesced.
     a, b = synced()
