@@ -31,6 +31,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from bench.sync_core import pump
 from integration.netns.lab import lab
 from integration.netns.pair import synthetic
 from replicator import ctnetlink
@@ -93,7 +94,7 @@ def run(datagrams: Sequence[bytes], batch: int) -> dict[str, float]:
     standby = SyncSession("b", 2, params=params)
     active.connection_made(NOW)
     standby.connection_made(NOW)
-    exchange(active, standby)
+    pump(active, standby, NOW)
     spent = dict.fromkeys(("decode", "cache", "table", "send", "receive"), 0.0)
     clock = time.perf_counter
     for start in range(0, len(datagrams), batch):
@@ -124,24 +125,10 @@ def run(datagrams: Sequence[bytes], batch: int) -> dict[str, float]:
             frames = active.frames_to_send(NOW)
             spent["receive"] += t1 - t0
             spent["send"] += clock() - t1
-    exchange(active, standby)
+    pump(active, standby, NOW)
     if len(standby.external) != len(datagrams):
         raise RuntimeError(f"the standby holds {len(standby.external)} of {len(datagrams)}")
     return spent
-
-
-def exchange(a: SyncSession, b: SyncSession) -> None:
-    """Carry frames both ways until both sessions are quiet."""
-    while True:
-        moved = 0
-        for src, dst in ((a, b), (b, a)):
-            for payload in src.frames_to_send(NOW):
-                dst.receive(payload, NOW)
-                moved += 1
-        list(a.events())
-        list(b.events())
-        if not moved:
-            return
 
 
 def main() -> None:

@@ -38,7 +38,9 @@ def _entry(i: int, mark: int = 0) -> Entry:
                  tcp=TcpInfo(3, 7, 7, 0x23, 0x23))  # fmt: skip
 
 
-def _pump(a: SyncSession, b: SyncSession, now: float) -> None:
+def pump(a: SyncSession, b: SyncSession, now: float) -> None:
+    """Carry frames both ways at ``now`` until both sessions are quiet (their events
+    drained and dropped)."""
     while True:
         moved = 0
         for src, dst in ((a, b), (b, a)):
@@ -80,7 +82,7 @@ def _stream(
                 a.receive(payload, now)
             frames = a.frames_to_send(now)
             t_send += clock() - t0
-    _pump(a, b, now)
+    pump(a, b, now)
     return t_send, t_recv
 
 
@@ -115,7 +117,7 @@ def main(argv: list[str]) -> None:
     b = SyncSession("b", 2, params=params)
     a.connection_made(0.0)
     b.connection_made(0.0)
-    _pump(a, b, 0.0)
+    pump(a, b, 0.0)
     _report("new", n, *_stream(a, b, entries, 0.0))
     assert len(b.external) == n and a.send_idle
 
@@ -125,7 +127,7 @@ def main(argv: list[str]) -> None:
 
     start = time.perf_counter()
     a.bulk_send(0.0)
-    _pump(a, b, 0.0)
+    pump(a, b, 0.0)
     elapsed = time.perf_counter() - start
     assert a.send_idle and len(b.external) == n
     print(f"resync_entries_per_s={n / elapsed:.0f}")

@@ -128,7 +128,8 @@ GC_THRESHOLD = 20000
 #: published (see Daemon._turns_for_the_driver): the driver's send needs three.
 DRIVER_TURNS = 4
 
-#: The session's events that only carry the peer's entries (see Daemon._flush).
+#: The session's events that only carry the peer's entries (see
+#: Daemon._dispatch_entries).
 _ENTRY_EVENTS = (PeerUpserts, PeerDeletes)
 
 

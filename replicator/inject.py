@@ -683,7 +683,7 @@ class _Sender:
         #: A CPU the thread stays off (the event loop's, see run_overlapped), or None,
         #: and the CPUs it may use otherwise (the event loop's thread's before it was
         #: kept on its own: a thread started meanwhile inherits that one alone).
-        self._loop_cpu, self._allowed = loop_cpu, allowed or None
+        self._loop_cpu, self._allowed = loop_cpu, allowed
 
     def start(self) -> None:
         """Start the thread."""
@@ -789,14 +789,14 @@ async def run_overlapped(sock: ReplySocket, job: PrefetchJob[_R], *, apart: bool
     took 15 µs per entry instead of 5).
     """
     if not apart:
-        return await _run_overlapped(sock, job, None, set())
+        return await _run_overlapped(sock, job, None, None)
     allowed, cpu = cpus.affinity(), cpus.current_cpu()
     with cpus.kept_on(cpu):
         return await _run_overlapped(sock, job, cpu, allowed)
 
 
 async def _run_overlapped(sock: ReplySocket, job: PrefetchJob[_R], loop_cpu: int | None,
-                          allowed: set[int]) -> _R:
+                          allowed: set[int] | None) -> _R:
     buf = bytearray(65536)
     view = memoryview(buf)
     _discard_pending(sock, buf)
