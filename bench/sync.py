@@ -571,32 +571,43 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
 
 def kernel_floor(b: Netns, n: int) -> None:
     """The kernel's own time for a commit's creates (see the module doc)."""
-    entries = synthetic(0, n, timeout=600)
-    batches = list(injection.plan_batches(
-        injection.Op.CREATE, entries, ctnetlink.encode_create, 1))
-    parse = ctnetlink.parse_acks
-    buf = bytearray(1 << 16)
+    batches = create_batches(n)
     every = (NFNLGRP_CONNTRACK_NEW, NFNLGRP_CONNTRACK_UPDATE, NFNLGRP_CONNTRACK_DESTROY)
     for name, groups in (("create", every[2:]), ("create_all_groups", every)):
-        flush(b)
-        with entered(b.name):
-            listener = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-            sock = injection.open_socket()
-        with listener, sock:
-            listener.bind((0, 0))
-            for group in groups:
-                listener.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
-            sock.setblocking(True)
-            t0 = time.perf_counter()
-            for batch in batches:
-                sock.send(batch.datagram)
-                # No error expected: the only reply is the datagram's final ACK.
-                got = sock.recv_into(buf)
-                if parse(memoryview(buf)[:got]) != [(batch.last_seq, 0)]:
-                    raise RuntimeError(f"kernel floor: a create failed in {name}")
-            emit(f"kernel_n{n}_{name}_s", time.perf_counter() - t0)
+        emit(f"kernel_n{n}_{name}_s", timed_creates(b, batches, groups))
         emit(f"kernel_n{n}_{name}_created", kernel_count(b))
     flush(b)
+
+
+def create_batches(n: int) -> list[injection.Batch]:
+    """Datagrams of creates of ``n`` synthetic entries, errors only and one ACK each
+    (what replicator's commit sends), built beforehand."""
+    return list(injection.plan_batches(
+        injection.Op.CREATE, synthetic(0, n, timeout=600), ctnetlink.encode_create, 1))
+
+
+def timed_creates(ns: Netns, batches: Sequence[injection.Batch],
+                  groups: Sequence[int]) -> float:
+    """Seconds the kernel takes for ``batches`` into the (flushed) table of ``ns``, sent
+    from one socket while another listens to the conntrack ``groups``."""
+    flush(ns)
+    buf = bytearray(1 << 16)
+    with entered(ns.name):
+        listener = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
+        sock = injection.open_socket()
+    with listener, sock:
+        listener.bind((0, 0))
+        for group in groups:
+            listener.setsockopt(SOL_NETLINK, NETLINK_ADD_MEMBERSHIP, group)
+        sock.setblocking(True)
+        t0 = time.perf_counter()
+        for batch in batches:
+            sock.send(batch.datagram)
+            # No error expected: the only reply is the datagram's final ACK.
+            got = sock.recv_into(buf)
+            if ctnetlink.parse_acks(memoryview(buf)[:got]) != [(batch.last_seq, 0)]:
+                raise RuntimeError(f"kernel floor: a create failed in {ns.name}")
+        return time.perf_counter() - t0
 
 
 def main(argv: Sequence[str] | None = None) -> None:
