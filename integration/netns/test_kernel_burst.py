@@ -14,9 +14,10 @@ from collections.abc import Sequence
 
 import pytest
 import trio
+import trio.testing
 
 from integration.netns.lab import Lab
-from replicator import ctnetlink, kernel_linux, record
+from replicator import bpf, ctnetlink, kernel_linux, record
 from replicator.kernel import Overrun
 from replicator.kernel_linux import LinuxKernel
 from replicator.mirror import Mirror
@@ -206,3 +207,54 @@ async def test_a_bursts_new_events_are_read_by_column_as_the_kernel_holds_them(
         await subscription.aclose()
     assert differences(read, list(dumped.values())) == []
     assert by_column[0] >= len(entries) * 0.9
+
+
+@pytest.mark.parametrize("records", [False, True], ids=["entries", "records"])
+async def test_the_first_read_after_a_wait_is_small_and_the_rest_follows_at_once(
+        netlab: Lab, records: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Events that find the reader waiting come first in a batch of at most FIRST_READ
+    (they go through the daemon ahead of the rest); the next read takes the rest
+    whole, and so does a read that found events already queued (no wait)."""
+    ns = netlab.netns("fw")
+    entries = synthetic(600)
+    cap = kernel_linux.FIRST_READ
+
+    def refused(*_: object) -> None:
+        raise PermissionError(1, "refused")
+
+    monkeypatch.setattr(bpf, "attach", refused)
+    assert 1 < cap < 200 < kernel_linux.MAX_BATCH
+    async with LinuxKernel(ns.name) as port, LinuxKernel(ns.name) as traffic:
+        subscription = port.subscribe()
+        subscription.records = records
+        sizes: list[int] = []
+
+        async def read(count: int) -> None:
+            while sum(sizes) < count:
+                batch = await subscription.__anext__()
+                assert not isinstance(batch, Overrun)
+                sizes.append(len(batch))
+
+        with trio.fail_after(30):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(read, 200)
+                await trio.testing.wait_all_tasks_blocked()  # the reader waits
+                # 200 events queued in one go before the reader runs again.
+                assert (await traffic.upsert(entries[:200])).applied == 200
+            assert sizes == [cap, 200 - cap]
+
+            # Queued while nobody read: the first read takes them all.
+            sizes.clear()
+            assert (await traffic.upsert(entries[200:400])).applied == 200
+            await read(200)
+            assert sizes == [200]
+
+            # Our own writes' echoes do not count against a read's cap. (Here they get
+            # past the socket filter, as when the kernel refuses it: see below.)
+            subscription.ignore_portid = port.injector_portid
+            assert (await port.upsert(entries[400:500])).applied == 100
+            assert (await traffic.upsert(entries[500:600])).applied == 100
+            first = subscription._drain(cap)
+            assert isinstance(first, list) and len(first) == cap
+            assert subscription.ignored == 100
+        await subscription.aclose()
