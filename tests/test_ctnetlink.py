@@ -724,6 +724,9 @@ def test_records_of_mutated_messages_are_those_of_their_entries(
 # decode_events_records gives for it; those of a record-path layout that come at least
 # _MIN_COLUMNS to a size must all be decoded (the others are left to the caller).
 
+#: Variants made of each layout: enough to be decoded by column.
+PER_LAYOUT = ct._MIN_COLUMNS + 4
+
 
 def _variants(message: bytes, count: int, rnd: Any) -> list[bytes]:
     """``count`` messages of ``message``'s layout: every byte the layout does not fix
@@ -762,14 +765,14 @@ def _record_path(e: Entry) -> bool:
 def test_new_events_decoded_by_column_are_those_of_the_general_path(
     es: list[Entry], seed: int, flips: list[tuple[int, int]], now: float,
 ) -> None:
-    """Kernel-style NEW events of a few layouts, twenty of each with other values,
+    """Kernel-style NEW events of a few layouts, PER_LAYOUT of each with other values,
     shuffled with an UPDATE, a DESTROY and a NEW event with a fixed byte changed."""
     rnd = random.Random(seed)  # noqa: S311 - test data (a seed: hypothesis replays it)
     datagrams: list[bytes] = []
     origin: dict[bytes, int] = {}  # which entry's message each variant is (-1: others)
     for i, e in enumerate(es):
         message = pyroute2_build(e, ct.CT_NEW, NLM_F_CREATE | NLM_F_EXCL, i)
-        batch = _variants(message, 20, rnd)
+        batch = _variants(message, PER_LAYOUT, rnd)
         datagrams += batch
         origin.update(dict.fromkeys(batch, i if _record_path(e) else -1))
     others = [pyroute2_build(es[0], ct.CT_NEW, 0, 1), pyroute2_build(es[0], ct.CT_DELETE, 0, 1),
@@ -796,7 +799,7 @@ def test_layouts_of_one_size_are_each_decoded_by_column() -> None:
                                ct.CT_NEW, NLM_F_CREATE, 0) for name in ("h001", "h002")]
     assert len(messages[0]) == len(messages[1])
     rnd = random.Random(3)  # noqa: S311 - test data
-    datagrams = _variants(messages[0], 20, rnd) + _variants(messages[1], 20, rnd)
+    datagrams = _variants(messages[0], PER_LAYOUT, rnd) + _variants(messages[1], PER_LAYOUT, rnd)
     rnd.shuffle(datagrams)
     assert None not in _by_column_checked(datagrams, 9.5)
 
@@ -809,7 +812,7 @@ def test_captured_new_events_decode_by_column() -> None:
         if mtype != ct.CT_NEW or not flags & NLM_F_CREATE or length != len(message):
             continue
         (event,) = ct.decode_events(message)
-        batch = _variants(message, 30, rnd)
+        batch = _variants(message, PER_LAYOUT + 10, rnd)
         got = _by_column_checked(batch, 77.25)
         if _record_path(event.entry):
             assert all(r is not None for r in got)
