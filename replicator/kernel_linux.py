@@ -47,7 +47,7 @@ from types import TracebackType
 
 import trio
 
-from . import bpf, ctnetlink, inject
+from . import bpf, ctnetlink, inject, locks
 from .bulkwrite import commit_encoder, commit_plan
 from .errors import KernelError, NetlinkDecodeError
 from .external import commit_entry
@@ -406,7 +406,7 @@ class LinuxKernel:
 
     async def upsert(self, entries: Sequence[Entry]) -> InjectResult:
         """Create (with NAT) or update each entry: :func:`replicator.inject.upsert`."""
-        async with self._write_lock:
+        async with locks.held(self._write_lock):
             return await inject.upsert(self._injector, entries,
                                        seq_start=self._next_seqs(len(entries)))
 
@@ -425,7 +425,7 @@ class LinuxKernel:
             encode = commit_encoder(now, no_timeout=no_timeout, tcp_flags=tcp_flags,
                                     update=update)
             plan = commit_plan(now, tcp_flags=tcp_flags, update=update)
-            async with self._write_lock:
+            async with locks.held(self._write_lock):
                 done, refused = await inject.write_records(
                     self._injector, batch, encode, seq_start=self._next_seqs(len(batch)),
                     plan=plan, apart=takeover)
@@ -439,7 +439,7 @@ class LinuxKernel:
 
     async def delete(self, entries: Sequence[Entry]) -> InjectResult:
         """Delete each entry: :func:`replicator.inject.delete`."""
-        async with self._write_lock:
+        async with locks.held(self._write_lock):
             return await inject.delete(self._injector, entries,
                                        seq_start=self._next_seqs(len(entries)))
 

@@ -53,6 +53,7 @@ from typing import Any
 
 import trio
 
+from . import locks
 from .errors import (
     AuthenticationError,
     ChannelError,
@@ -176,12 +177,9 @@ class FramedConnection:
         bound = self._max_frame_size
         data = b"".join([encode_frame(p, bound) for p in payloads])
         lock = self._send_lock
-        try:
-            # Uncontended, take it without giving the turn away (trio's acquire does):
-            # each turn given away in a burst is a read of thousands of events.
-            lock.acquire_nowait()
-        except trio.WouldBlock:
-            await lock.acquire()
+        # Uncontended, taken without giving the turn away: each turn given away in a
+        # burst is a read of thousands of events.
+        await locks.acquire(lock)
         try:
             await self._stream.send_all(data)
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:

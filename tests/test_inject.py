@@ -511,6 +511,45 @@ async def test_waits_for_replies_that_arrive_later() -> None:
     assert len(kernel.datagrams) > 1
 
 
+async def test_the_first_datagram_goes_out_without_giving_the_turn_away() -> None:
+    # A hot standby's write of what it just received must not wait while another task
+    # (the peer's next frame being read and decoded) takes its turn. trio runs the
+    # tasks ready at a turn in either order, so one write that did give its turn away
+    # would let the other task run first only half of the time: twenty are made.
+    entries = [entry(i) for i in range(100)]
+    kernel = FakeKernel(entries)
+    sock = FakeSocket(kernel)
+    codec = stub_codec(entries)
+    ran: list[int] = []
+
+    async def other() -> None:
+        ran.append(len(kernel.datagrams))
+
+    try:
+        for i in range(20):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(other)  # ready to run at the next turn
+                job = Injection.upsert(entries[5 * i:5 * i + 5], codec=codec)
+                assert await run(sock, job) == (5, [])
+                assert len(ran) == i  # the other task has not run yet
+    finally:
+        sock.close()
+    assert ran == list(range(1, 21))  # each ran after its write's one datagram
+
+
+async def test_a_cancelled_write_sends_nothing() -> None:
+    entries = [entry(i) for i in range(5)]
+    kernel = FakeKernel(entries)
+    sock = FakeSocket(kernel)
+    try:
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            await run(sock, Injection.upsert(entries, codec=stub_codec(entries)))
+    finally:
+        sock.close()
+    assert scope.cancelled_caught and kernel.datagrams == []
+
+
 async def test_replies_left_over_from_an_abandoned_write_are_discarded() -> None:
     entries = [entry(i) for i in range(5)]
     kernel = FakeKernel(entries)
