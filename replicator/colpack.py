@@ -177,13 +177,23 @@ class Run(NamedTuple):
     records: list[bytes]
 
 
+#: Fewer records than this are all left to the per-record encoder: planning and
+#: building runs costs about 40 µs whatever their size (measured, a hot standby's write
+#: into a namespace, to the ``sendto``: 1 record 78 µs by run, 41 one by one; 16
+#: records 88 and 86 µs; 64: 107 and 220 µs).
+MIN_PLANNED = 16
+
+
 def plan_creates(records: Sequence[bytes], now: float, tcp_flags: int
                  ) -> tuple[list[Run], list[bytes]]:
     """Split ``records`` into runs of one shape and one kind of NAT each (each run's
     records in their order), and the records left to the per-record encoder (any other
-    shape, protocol or zone, a deadline that is not finite or too far). The order of
-    the requests is not the records': a commit's creates do not depend on each other
-    (those that do, of related entries, are not of a usual shape)."""
+    shape, protocol or zone, a deadline that is not finite or too far; all of them if
+    they are fewer than :data:`MIN_PLANNED`). The order of the requests is not the
+    records': a commit's creates do not depend on each other (those that do, of related
+    entries, are not of a usual shape)."""
+    if len(records) < MIN_PLANNED:
+        return [], list(records)
     h, flags_at = R.HEADER_SIZE, R.FLAGS_AT
     by_shape: dict[int, list[bytes]] = {}
     rest: list[bytes] = []
