@@ -68,13 +68,14 @@ were started):
   ``n<N>_rss_bytes_per_entry_*``: growth of each daemon's ``VmRSS`` over that span per
   entry.
 * ``lag<R>_*``: new entries are created on the active at *R* per second for
-  ``--seconds`` (a batch every 10 ms); a poller samples the standby's count (external
-  cache or, ``hot``, kernel) every 10 ms. Entries are created and replicated in order,
-  so at a sample (time *t*, count *c*) the *c*-th entry has arrived and its lag is at
-  most *t* minus the start of the write of its batch: each sample gives one upper
-  bound, and ``p50_s`` / ``p99_s`` / ``max_s`` are taken over the samples (resolution:
-  the 10 ms sampling and batching interval plus one control-socket or ``conntrackd -s``
-  round trip, a few ms, or in ``hot`` mode one read of the kernel counter).
+  ``--seconds`` (a batch every 10 ms, ``--interval``); a poller samples the standby's
+  count (external cache or, ``hot``, kernel) every 10 ms. Entries are created and
+  replicated in order, so at a sample (time *t*, count *c*) the *c*-th entry has
+  arrived and its lag is at most *t* minus the start of the write of its batch: each
+  sample gives one upper bound, and ``p50_s`` / ``p99_s`` / ``max_s`` are taken over
+  the samples (resolution: the 10 ms sampling and batching interval plus one
+  control-socket or ``conntrackd -s`` round trip, a few ms, or in ``hot`` mode one
+  read of the kernel counter).
   ``achieved_rate`` is the creation rate actually reached, and ``missing`` how many
   never arrived.
 
@@ -532,11 +533,13 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * len(ordered)) - 1))]
 
 
-def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: float) -> None:
-    """Replication lag under a steady creation rate (see the module doc)."""
+def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: float, *,
+              interval: float = BATCH_INTERVAL) -> None:
+    """Replication lag under a steady creation rate, a batch every ``interval`` s (see
+    the module doc)."""
     p = f"{system.name}_lag{rate}{system.suffix}"
-    per_batch = max(1, round(rate * BATCH_INTERVAL))
-    n = per_batch * round(seconds / BATCH_INTERVAL)
+    per_batch = max(1, round(rate * interval))
+    n = per_batch * round(seconds / interval)
     entries = synthetic(0, n, timeout=600)
     start(system, p)
     before = Sample.take(system, a)
@@ -550,11 +553,11 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
 
     poller = threading.Thread(target=poll)
     poller.start()
-    starts = paced(a, entries, per_batch, BATCH_INTERVAL)
+    starts = paced(a, entries, per_batch, interval)
     poller.join()
     after = Sample.take(system, a)
     lags = [t - starts[(c - 1) // per_batch] for t, c in samples if c > 0]
-    emit(f"{p}_achieved_rate", n / (starts[-1] - starts[0] + BATCH_INTERVAL))
+    emit(f"{p}_achieved_rate", n / (starts[-1] - starts[0] + interval))
     emit(f"{p}_p50_s", percentile(lags, 0.5))
     emit(f"{p}_p99_s", percentile(lags, 0.99))
     emit(f"{p}_max_s", max(lags))
@@ -617,6 +620,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--rates", default="20000,10000",
                         help="creation rates (entries/s) of the lag runs")
     parser.add_argument("--seconds", type=float, default=5.0)
+    parser.add_argument("--interval", type=float, default=BATCH_INTERVAL,
+                        help="seconds between the lag runs' batches of creates (the "
+                             "default makes batches of 200 at 20 k/s; 0.001: of 20)")
     parser.add_argument("--patience", type=float, default=40.0,
                         help="give up waiting once the standby's count is still this long")
     parser.add_argument("--modes", default="cache,hot",
@@ -642,7 +648,8 @@ def main(argv: Sequence[str] | None = None) -> None:
             *((partial(bench_size, a=a, b=b, n=n, patience=args.patience), n)
               for n in sizes),
             *((partial(bench_lag, a=a, rate=r, seconds=args.seconds,
-                       patience=args.patience), None) for r in rates)]
+                       patience=args.patience, interval=args.interval), None)
+              for r in rates)]
         for run, size in runs:
             for system in systems:
                 flush(a)
