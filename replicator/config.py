@@ -300,6 +300,8 @@ class TimersConfig:
     """[sync.timers]: the sync protocol's timers (:class:`replicator.sync.SyncParams`)."""
 
     ack_timeout: float = field(default=4.0, metadata=_leaf(_seconds(0.01, 600.0)))
+    #: See SyncParams.ack_delay (0: every message acknowledged at once).
+    ack_delay: float = field(default=0.01, metadata=_leaf(_seconds(0.0, 1.0)))
     keepalive_interval: float = field(default=1.0, metadata=_leaf(_seconds(0.01, 600.0)))
     dead_interval: float = field(default=10.0, metadata=_leaf(_seconds(0.02, 3600.0)))
     #: None: never (written as 0 in the file).
@@ -614,6 +616,11 @@ def _contradiction(config: Config) -> tuple[str, str] | None:
         return "sync.timers.dead_interval", (
             f"{timers.dead_interval} s must be longer than sync.timers.keepalive_interval "
             f"{timers.keepalive_interval} s, or a quiet link would be declared dead"
+        )
+    if timers.ack_delay >= timers.ack_timeout:
+        return "sync.timers.ack_delay", (
+            f"{timers.ack_delay} s must be shorter than sync.timers.ack_timeout "
+            f"{timers.ack_timeout} s, or every put-off acknowledgement would be late"
         )
     if sync.peer_name is not None and sync.peer_name == config.node.name:
         return "sync.peer_name", f"{sync.peer_name!r} is this node's own name (node.name)"

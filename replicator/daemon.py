@@ -154,6 +154,7 @@ def sync_params(config: Config) -> SyncParams:
         window=s.window,
         max_pending=s.max_pending,
         ack_timeout=t.ack_timeout,
+        ack_delay=t.ack_delay,
         keepalive_interval=t.keepalive_interval,
         dead_interval=t.dead_interval,
         anti_entropy_interval=t.anti_entropy_interval,

@@ -240,6 +240,15 @@ class SyncParams:
     max_pending: int = 262144
     #: Seconds without acknowledgement progress before going back and resending.
     ack_timeout: float = 4.0
+    #: Seconds the ACK of in-order CHANGES/BUCKETS/control messages may wait, so that
+    #: one covers several (0: sent with the next frames, as every other ACK). It goes
+    #: at once with any other frame this node sends, and once the entries it would
+    #: cover reach a quarter of ``window`` (a sender in a burst is never held back by
+    #: it for long). Why: at a steady rate each message got its own ACK, and sending,
+    #: receiving and handling them was a fifth of each daemon's CPU (measured at 10 k
+    #: new entries/s arriving 10 per ms). A NACK, the ACK of a duplicate or repeated
+    #: HELLO and a keepalive are never delayed.
+    ack_delay: float = 0.0
     #: Send an ACK (keepalive) when nothing was sent for this long.
     keepalive_interval: float = 1.0
     #: Close the connection when nothing was received for this long.
@@ -272,6 +281,8 @@ class SyncParams:
             raise ValueError("need 0 < keepalive_interval < dead_interval")
         if self.ack_timeout <= 0:
             raise ValueError("ack_timeout must be positive")
+        if not 0 <= self.ack_delay < self.ack_timeout:
+            raise ValueError("need 0 <= ack_delay < ack_timeout")
         if self.expiry_hold < 0:
             raise ValueError("expiry_hold must not be negative")
         if self.anti_entropy_interval is not None and self.anti_entropy_interval <= 0:
@@ -496,6 +507,10 @@ class _Conn:
         self.rnext = 0
         self.ack_owed = False
         self.nack_owed = False
+        #: An ACK put off (SyncParams.ack_delay): when it is due at the latest, and the
+        #: weight of the messages it covers so far.
+        self.ack_due: float | None = None
+        self.unacked_weight = 0
         self.nacked: tuple[int, int] | None = None
         self.recv_resync: _RecvResync | None = None
         #: Buckets being replaced: keys not confirmed since the first part.
@@ -1187,9 +1202,9 @@ class SyncSession:
         if c.peer is None:
             st.out_of_order += 1  # before HELLO (a lossy link): resent later
             return
-        c.ack_owed = True
         if msg.stream < c.rstream:
             st.duplicates += 1
+            c.ack_owed = True
             return
         if msg.stream > c.rstream:
             c.rstream = msg.stream  # the sender went back: the old stream is dead
@@ -1202,8 +1217,10 @@ class SyncSession:
                 if c.nacked != (c.rstream, c.rnext):
                     c.nacked = (c.rstream, c.rnext)
                     c.nack_owed = True
+            c.ack_owed = True
             return
         c.rnext += 1
+        self._owe_ack(c, msg, now)
         if isinstance(msg, (wire.Changes, wire.Buckets)):
             # Remaining timeouts count from when the peer built the message.
             lag = c.clock.lag(msg.sent, now)
@@ -1401,6 +1418,8 @@ class SyncSession:
                 times.append(c.last_sent + p.keepalive_interval)
             if c.ack_deadline is not None:
                 times.append(c.ack_deadline)
+            if c.ack_due is not None:
+                times.append(c.ack_due)
             if c.next_anti_entropy is not None:
                 times.append(c.next_anti_entropy)
         return min(times, default=None)
@@ -1444,6 +1463,22 @@ class SyncSession:
             if c.send_resync is None:
                 self._start_resync(c, now, full=False)
 
+    def _owe_ack(self, c: _Conn, msg: wire.Sequenced, now: float) -> None:
+        """Owe the peer the ACK of the in-order ``msg``: at once, or within
+        ``ack_delay`` (see :class:`SyncParams`)."""
+        delay = self.params.ack_delay
+        if delay <= 0:
+            c.ack_owed = True
+            return
+        weight = (len(msg.upserts) + len(msg.deletes) if isinstance(msg, wire.Changes)
+                  else sum(len(r.entries) for r in msg.records)
+                  if isinstance(msg, wire.Buckets) else 1)
+        c.unacked_weight += max(1, weight)
+        if c.unacked_weight * 4 >= self.params.window:
+            c.ack_owed = True
+        elif c.ack_due is None:
+            c.ack_due = now + delay
+
     # --- sending ------------------------------------------------------------------------
 
     def frames_to_send(self, now: float) -> list[bytes]:
@@ -1460,10 +1495,14 @@ class SyncSession:
                     c.stream_base)))  # fmt: skip
             if c.peer is not None:
                 self._fill(c, now, out)
+                # A put-off ACK goes with any other frame, or when due.
+                if c.ack_due is not None and (out or now >= c.ack_due):
+                    c.ack_owed = True
                 if c.ack_owed:
                     out.append(wire.encode(wire.Ack(c.rstream, c.rnext, c.nack_owed,
                                                     _clock(now))))
                     c.ack_owed = c.nack_owed = False
+                    c.ack_due, c.unacked_weight = None, 0
         if out:
             c.last_sent = now
             st = self.stats

@@ -180,6 +180,7 @@ def test_unknown_key_in_a_dotted_assignment() -> None:
         (["[sync.timers]", "keepalive_interval = nan"], "sync.timers.keepalive_interval: must be"),
         (["[sync.timers]", "dead_interval = false"], "must be a number of seconds, not boolean"),
         (["[sync.timers]", "anti_entropy_interval = 0.5"], "must be between 1.0 and 86400.0"),
+        (["[sync.timers]", "ack_delay = 2"], "sync.timers.ack_delay: must be between 0.0 and 1.0"),
         (["[sync.timers]", "anti_entropy_interval = false"], "not boolean"),
         (["[kernel]", "rcvbuf_bytes = 1024"], "kernel.rcvbuf_bytes: must be between 65536"),
         (["[kernel]", 'netns = "bad name"'], "kernel.netns: 'bad name' is not a network namespace"),
@@ -394,6 +395,10 @@ def test_dual_stack_wildcard_accepts_either_family() -> None:
         (
             ["[metrics]", 'address = "192.0.2.1:3790"'],
             "metrics.address: 192.0.2.1:3790 collides with the sync listener",
+        ),
+        (
+            ["[sync.timers]", "ack_timeout = 0.5", "ack_delay = 0.5"],
+            "sync.timers.ack_delay: 0.5 s must be shorter than sync.timers.ack_timeout",
         ),
     ],
 )

@@ -343,6 +343,81 @@ def test_on_an_ordered_link_a_late_ack_resends_nothing() -> None:
     assert a.session.inflight == 0 and a.session.stats.retransmits == 0
 
 
+def _acks(payloads: list[bytes]) -> list[wire.Ack]:
+    return [m for m in map(wire.decode, payloads) if isinstance(m, wire.Ack)]
+
+
+def test_an_ack_put_off_covers_several_messages_and_goes_when_due() -> None:
+    params = dataclasses.replace(P, ordered_link=True, ack_delay=0.05)
+    a, b = synced(10, params=params)
+    transfer(a, b, 0.5)  # the sync's own put-off ACKs, due by now
+    assert a.session.send_idle and b.session.send_idle
+    now = 1.0
+    sent = 0
+    for k in range(3):  # three messages of 2 entries each, 10 ms apart
+        for i in range(2):
+            a.put(make_entry(2 * k + i, variant=3), now)
+        for payload in a.session.frames_to_send(now):
+            b.session.receive(payload, now)
+            sent += 1
+        assert _acks(b.session.frames_to_send(now)) == []  # not yet
+        now += 0.01
+    assert sent == 3 and a.session.inflight == 6  # two entries each
+    due = b.session.next_timer()
+    assert due is not None and due == pytest.approx(1.05)
+    assert _acks(b.session.frames_to_send(1.049)) == []
+    (ack,) = _acks(b.session.frames_to_send(1.05))  # one ACK for the three
+    a.session.receive(wire.encode(ack), 1.05)
+    assert a.session.inflight == 0 and a.session.send_idle
+    assert b.external() == a.table()
+
+
+def test_a_put_off_ack_goes_with_any_other_frame() -> None:
+    params = dataclasses.replace(P, ordered_link=True, ack_delay=0.05)
+    a, b = synced(10, params=params)
+    transfer(a, b, 0.5)  # the sync's own put-off ACKs, due by now
+    assert a.session.send_idle and b.session.send_idle
+    a.put(make_entry(1, variant=3), 1.0)
+    for payload in a.session.frames_to_send(1.0):
+        b.session.receive(payload, 1.0)
+    b.put(make_entry(500_000), 1.0)  # b has a change of its own to send
+    out = [wire.decode(f) for f in b.session.frames_to_send(1.0)]
+    assert any(isinstance(m, wire.Changes) for m in out)
+    assert len([m for m in out if isinstance(m, wire.Ack)]) == 1
+
+
+def test_a_put_off_ack_goes_at_once_when_it_covers_a_quarter_of_the_window() -> None:
+    params = dataclasses.replace(P, ordered_link=True, ack_delay=0.5)  # window 128
+    a, b = synced(10, params=params)
+    transfer(a, b, 0.75)  # the sync's own put-off ACKs, due by now
+    assert a.session.send_idle and b.session.send_idle
+    for i in range(31):
+        a.put(make_entry(i, variant=3), 1.0)
+    for payload in a.session.frames_to_send(1.0):
+        b.session.receive(payload, 1.0)
+    assert _acks(b.session.frames_to_send(1.0)) == []  # 31 entries: under a quarter
+    a.put(make_entry(31, variant=3), 1.0)
+    for payload in a.session.frames_to_send(1.0):
+        b.session.receive(payload, 1.0)
+    (ack,) = _acks(b.session.frames_to_send(1.0))
+    a.session.receive(wire.encode(ack), 1.0)
+    assert a.session.inflight == 0
+
+
+def test_a_nack_is_never_put_off() -> None:
+    params = dataclasses.replace(P, ack_delay=0.5)
+    a, b = synced(10, params=params)
+    transfer(a, b, 0.75)  # the sync's own put-off ACKs, due by now
+    for k in range(2):
+        a.put(make_entry(k, variant=3), 1.0)
+        frames = a.session.frames_to_send(1.0)
+        if k == 1:  # the first message is lost: the second comes out of order
+            for payload in frames:
+                b.session.receive(payload, 1.0)
+    (ack,) = _acks(b.session.frames_to_send(1.0))
+    assert ack.nack
+
+
 def test_a_deadline_overstated_to_the_peer_is_corrected() -> None:
     a, b = synced()
     # An event read 5 s late dated the entry's 100 s from the read: the peer was told
@@ -504,7 +579,8 @@ def test_a_changed_hello_is_a_violation_and_a_repeated_one_is_not() -> None:
 @pytest.mark.parametrize(
     "kwargs",
     [{"buckets": 100}, {"batch": 1}, {"window": 0}, {"keepalive_interval": 20.0},
-     {"ack_timeout": 0.0}, {"anti_entropy_interval": -1.0}, {"peer_node_id": ""}],
+     {"ack_timeout": 0.0}, {"anti_entropy_interval": -1.0}, {"peer_node_id": ""},
+     {"ack_delay": -0.1}, {"ack_delay": 4.0}],
 )  # fmt: skip
 def test_params_are_validated(kwargs: dict[str, object]) -> None:
     with pytest.raises(ValueError, match=r"\w"):

@@ -263,9 +263,11 @@ class BreakingLink(LossyLink):
 
 class OrderedLink(BreakingLink):
     """The daemon's settings over what TLS/TCP gives: in order, lost only on a reset;
-    a late ACK resends nothing, and connected standbys hold entries past deadlines."""
+    a late ACK resends nothing, ACKs are put off to cover several messages, and
+    connected standbys hold entries past deadlines."""
 
-    params = dataclasses.replace(BreakingLink.params, ordered_link=True, expiry_hold=5.0)
+    params = dataclasses.replace(BreakingLink.params, ordered_link=True, expiry_hold=5.0,
+                                 ack_delay=0.1)
     ordered = True
 
 
