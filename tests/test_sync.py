@@ -352,24 +352,39 @@ def test_an_ack_put_off_covers_several_messages_and_goes_when_due() -> None:
     a, b = synced(10, params=params)
     transfer(a, b, 0.5)  # the sync's own put-off ACKs, due by now
     assert a.session.send_idle and b.session.send_idle
-    now = 1.0
     sent = 0
-    for k in range(3):  # three messages of 2 entries each, 10 ms apart
+    # Five messages of 2 entries, 10 ms apart: never a pause of a quarter of the
+    # delay, so the ACK is due the delay after the first.
+    for k in range(5):
+        now = 1.0 + k / 100
         for i in range(2):
             a.put(make_entry(2 * k + i, variant=3), now)
         for payload in a.session.frames_to_send(now):
             b.session.receive(payload, now)
             sent += 1
         assert _acks(b.session.frames_to_send(now)) == []  # not yet
-        now += 0.01
-    assert sent == 3 and a.session.inflight == 6  # two entries each
-    due = b.session.next_timer()
-    assert due is not None and due == pytest.approx(1.05)
+    assert sent == 5 and a.session.inflight == 10  # two entries each
+    assert b.session.next_timer() == pytest.approx(1.05)
     assert _acks(b.session.frames_to_send(1.049)) == []
-    (ack,) = _acks(b.session.frames_to_send(1.05))  # one ACK for the three
+    (ack,) = _acks(b.session.frames_to_send(1.05))  # one ACK for the five
     a.session.receive(wire.encode(ack), 1.05)
     assert a.session.inflight == 0 and a.session.send_idle
     assert b.external() == a.table()
+
+
+def test_a_put_off_ack_goes_once_the_peer_pauses() -> None:
+    params = dataclasses.replace(P, ordered_link=True, ack_delay=0.05)
+    a, b = synced(10, params=params)
+    transfer(a, b, 0.5)
+    for k, now in enumerate((1.0, 1.001)):  # a burst in two messages, then nothing
+        a.put(make_entry(k, variant=3), now)
+        for payload in a.session.frames_to_send(now):
+            b.session.receive(payload, now)
+    assert b.session.next_timer() == pytest.approx(1.001 + 0.05 / 4)
+    assert _acks(b.session.frames_to_send(1.0134)) == []
+    (ack,) = _acks(b.session.frames_to_send(1.0136))
+    a.session.receive(wire.encode(ack), 1.0136)
+    assert a.session.inflight == 0
 
 
 def test_a_put_off_ack_goes_with_any_other_frame() -> None:
