@@ -77,7 +77,15 @@ were started):
   control-socket or ``conntrackd -s`` round trip, a few ms, or in ``hot`` mode one
   read of the kernel counter).
   ``achieved_rate`` is the creation rate actually reached, and ``missing`` how many
-  never arrived.
+  never arrived. Since a sample at a given point of a batch counts the batch as
+  arrived as soon as its first entries have, these bounds mostly say when the first
+  entries of each batch arrive.
+* ``lag<R>_hot_entry_*`` (``hot`` only): the exact lag of every entry, from its
+  creation in the active's kernel to its creation in the standby's, both read from
+  the kernels' own creation stamps after the run (:mod:`bench.ctstamps`:
+  ``nf_conntrack_timestamp`` is on in both namespaces for the lag runs only):
+  ``p50_s``, ``p99_s``, ``max_s`` over ``stamped`` entries (all of them when none is
+  missing).
 
 The machine is small and shared: wall times move with the neighbours' load, CPU
 seconds less so. Run it more than once and compare ranges.
@@ -106,6 +114,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 import trio
 
+from bench import ctstamps
 from integration.netns.halab import conntrackd as ctd
 from integration.netns.halab.topology import SYNC_IF, Firewall
 from integration.netns.lab import Lab, Netns, lab
@@ -551,11 +560,25 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
         final[0] = wait_count(system.standby_count, n, patience,
                               lambda t, c: samples.append((t, c)))
 
+    if system.hot:
+        # Exact per-entry lag from the kernels' own creation stamps (bench/ctstamps.py).
+        for ns in (a, system.standby):
+            ctstamps.set_timestamps(ns.name, True)
     poller = threading.Thread(target=poll)
     poller.start()
     starts = paced(a, entries, per_batch, interval)
     poller.join()
     after = Sample.take(system, a)
+    if system.hot:
+        entry_lags = ctstamps.lags(ctstamps.creation_times(a.name),
+                                   ctstamps.creation_times(system.standby.name))
+        for ns in (a, system.standby):
+            ctstamps.set_timestamps(ns.name, False)
+        emit(f"{p}_entry_stamped", len(entry_lags))
+        if entry_lags:
+            emit(f"{p}_entry_p50_s", percentile(entry_lags, 0.5))
+            emit(f"{p}_entry_p99_s", percentile(entry_lags, 0.99))
+            emit(f"{p}_entry_max_s", max(entry_lags))
     lags = [t - starts[(c - 1) // per_batch] for t, c in samples if c > 0]
     emit(f"{p}_achieved_rate", n / (starts[-1] - starts[0] + interval))
     emit(f"{p}_p50_s", percentile(lags, 0.5))
