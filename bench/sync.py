@@ -36,7 +36,8 @@ were started):
   resends.
 * ``n<N>_commit_s`` (``cache`` only): seconds to write the external cache into the
   standby's kernel (``replicator commit`` vs ``conntrackd -c``, both blocking until
-  done), ``n<N>_commit_cpu_s_standby`` the standby daemon's CPU seconds meanwhile, and
+  done, each asked on its daemon's control socket without starting a client process),
+  ``n<N>_commit_cpu_s_standby`` the standby daemon's CPU seconds meanwhile, and
   ``n<N>_committed`` the standby kernel's entry count afterwards. As at a failover,
   the active daemon is killed first and the commit starts once the standby is idle
   (less than 20 ms of CPU in 0.5 s); ``n<N>_commit_idle_wait_s`` is how long that
@@ -152,8 +153,9 @@ CT_COUNT = "/proc/sys/net/netfilter/nf_conntrack_count"
 #: The [sync.timers] lines the test harness writes (bench/sync.py runs the defaults).
 TEST_TIMERS = ("ack_timeout =", "keepalive_interval =", "dead_interval =")
 POLL = 0.01
-#: ``conntrackd -s``'s request on its control socket (``STATS``, a native int).
-CTD_STATS_REQUEST = struct.pack("=i", 21)
+#: The requests the ``conntrackd`` client sends on the daemon's control socket for
+#: ``-s`` and ``-c`` (a native int each, read with ``strace`` from conntrack-tools 1.4.7).
+CTD_STATS, CTD_COMMIT = 21, 46
 BATCH_INTERVAL = 0.01
 
 
@@ -376,9 +378,6 @@ class Conntrackd(System):
             self.fws.append(fw)
         self.procs: list[subprocess.Popen[bytes]] = []
 
-    def _ctl(self, fw: Firewall, *args: str) -> str:
-        return fw.ns.run([ctd.BINARY, "-C", str(fw.workdir / "conntrackd.conf"), *args]).stdout
-
     def start(self) -> None:
         for fw in self.fws:
             (fw.workdir / "conntrackd.lock").unlink(missing_ok=True)
@@ -398,27 +397,28 @@ class Conntrackd(System):
         return self.procs[0].pid, self.procs[1].pid
 
     def external_count(self) -> int:
-        return external_active(self._stats(self.fws[1]))
+        return external_active(self._request(self.fws[1], CTD_STATS))
 
-    def _stats(self, fw: Firewall) -> str:
-        """What ``conntrackd -s`` prints, asked on the daemon's control socket directly.
+    def _request(self, fw: Firewall, request: int) -> str:
+        """Ask the daemon on its control socket what the ``conntrackd`` client would
+        (``-s``: :data:`CTD_STATS`, ``-c``: :data:`CTD_COMMIT`) and return its answer,
+        read until it closes the connection, as the client does.
 
-        Spawning ``conntrackd -s`` (through ``ip netns exec``) took 6.5 ms (median)
-        against 0.9 for replicator's control query, and a sample is dated when its
-        answer is back: conntrackd's counts were dated several ms late. The request is
-        the one the client sends (a native int, 21: seen with ``strace``); the daemon
-        answers with the text and closes. The socket is a path, reachable from any
-        network namespace."""
+        Not through the client: starting it (through ``ip netns exec``) took 6.5 ms
+        (median), where replicator's control query took 0.9, so conntrackd's counts
+        were dated several ms late and its commits carried a process start that
+        replicator's, asked on its control socket, do not. The socket is a path,
+        reachable from any network namespace."""
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
             sock.connect(str(fw.workdir / "conntrackd.ctl"))
-            sock.sendall(CTD_STATS_REQUEST)
+            sock.sendall(struct.pack("=i", request))
             parts = []
             while chunk := sock.recv(65536):
                 parts.append(chunk)
         return b"".join(parts).decode()
 
     def commit(self) -> None:
-        self._ctl(self.fws[1], "-c")
+        self._request(self.fws[1], CTD_COMMIT)
 
     def kill_active(self) -> None:
         self.procs[0].kill()
@@ -431,7 +431,7 @@ class Conntrackd(System):
         self.procs.clear()
 
     def diagnostics(self) -> dict[str, float]:
-        stats = self._ctl(self.fws[1], "-s")
+        stats = self._request(self.fws[1], CTD_STATS)
         for line in stats.splitlines():
             if "Lost msgs" in line:
                 return {"lost_msgs": float(line.split()[-3])}
