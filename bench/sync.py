@@ -611,20 +611,23 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
     def poll() -> None:
         final[0] = wait_count(count, n, patience, lambda t, c: samples.append((t, c)))
 
-    if system.hot:
-        # Exact per-entry lag from the kernels' own creation stamps (bench/ctstamps.py).
-        for ns in (a, system.standby):
+    # Hot mode: the exact lag of every entry, from the kernels' own creation stamps
+    # (bench/ctstamps.py), on for this run only.
+    stamped = (a, system.standby) if system.hot else ()
+    try:
+        for ns in stamped:
             ctstamps.set_timestamps(ns.name, True)
-    poller = threading.Thread(target=poll)
-    poller.start()
-    starts = paced(a, entries, per_batch, interval)
-    poller.join()
+        poller = threading.Thread(target=poll)
+        poller.start()
+        starts = paced(a, entries, per_batch, interval)
+        poller.join()
+    finally:
+        for ns in stamped:
+            ctstamps.set_timestamps(ns.name, False)
     after = Sample.take(system, a)
     if system.hot:
         entry_lags = ctstamps.lags(ctstamps.creation_times(a.name),
                                    ctstamps.creation_times(system.standby.name))
-        for ns in (a, system.standby):
-            ctstamps.set_timestamps(ns.name, False)
         emit(f"{p}_entry_stamped", len(entry_lags))
         if entry_lags:
             emit(f"{p}_entry_p50_s", percentile(entry_lags, 0.5))
