@@ -38,13 +38,9 @@ CTA_TIMESTAMP = 20
 CTA_TIMESTAMP_START = 1
 #: The ``nfgenmsg`` header at the start of every ctnetlink message.
 NFGENMSG_LEN = 4
-SYSCTL = "/proc/sys/net/netfilter/nf_conntrack_timestamp"
-
-
-def set_timestamps(netns: str, on: bool) -> None:
-    """Turn creation stamps on or off in namespace ``netns`` (entries created from now)."""
-    with entered(netns), open(SYSCTL, "w") as f:
-        f.write("1\n" if on else "0\n")
+#: The per-namespace switch (``Netns.sysctl`` sets it); entries created while it is 1
+#: are stamped.
+SYSCTL = "net.netfilter.nf_conntrack_timestamp"
 
 
 def creation_times(netns: str) -> dict[bytes, int]:

@@ -624,14 +624,14 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
     stamped = (a, system.standby) if system.hot else ()
     try:
         for ns in stamped:
-            ctstamps.set_timestamps(ns.name, True)
+            ns.sysctl(ctstamps.SYSCTL, 1)
         poller = threading.Thread(target=poll)
         poller.start()
         starts = paced(a, entries, per_batch, interval)
         poller.join()
     finally:
         for ns in stamped:
-            ctstamps.set_timestamps(ns.name, False)
+            ns.sysctl(ctstamps.SYSCTL, 0)
     after = Sample.take(system, a)
     if system.hot:
         entry_lags = ctstamps.lags(ctstamps.creation_times(a.name),

@@ -30,24 +30,26 @@ def _create(netns: str, entries: list[Entry]) -> tuple[int, int]:
 
 
 def test_stamps_are_the_kernels_creation_times(netlab: Lab) -> None:
-    a = netlab.netns("a").name
+    ns = netlab.netns("a")
+    a = ns.name
     entries = synthetic(0, 5, timeout=600)
-    ctstamps.set_timestamps(a, True)
+    ns.sysctl(ctstamps.SYSCTL, 1)
     before, after = _create(a, entries[:3])
     stamps = ctstamps.creation_times(a)
     assert len(stamps) == 3
     assert all(before <= s <= after for s in stamps.values())
     # Stamping off: entries created now carry none and are left out.
-    ctstamps.set_timestamps(a, False)
+    ns.sysctl(ctstamps.SYSCTL, 0)
     _create(a, entries[3:])
     assert ctstamps.creation_times(a) == stamps
 
 
 def test_lags_pair_the_same_entries_across_namespaces(netlab: Lab) -> None:
-    a, b = netlab.netns("a").name, netlab.netns("b").name
+    na, nb = netlab.netns("a"), netlab.netns("b")
+    a, b = na.name, nb.name
     entries = synthetic(0, 4, timeout=600)
-    for ns in (a, b):
-        ctstamps.set_timestamps(ns, True)
+    for ns in (na, nb):
+        ns.sysctl(ctstamps.SYSCTL, 1)
     _create(a, entries)
     time.sleep(0.05)
     # The copy holds three of the four, and one entry of its own.
