@@ -9,10 +9,10 @@ so the process itself can stay where it is):
   ``event_rcvbuf`` bytes (``SO_RCVBUFFORCE``; ``SO_RCVBUF`` is capped by ``rmem_max``).
   trio waits until it is readable, then it is drained with non-blocking ``recv_into``
   into one preallocated buffer until ``BlockingIOError`` (measured: 133 k events/s,
-  against 73 k/s for one ``await recv`` per datagram), except that the first batch
-  after a wait is kept small (:data:`FIRST_READ`: the first events go on ahead). An
-  overflow shows up as one ``ENOBUFS`` from ``recv``; the socket stays usable, so the
-  subscription yields an :class:`~replicator.kernel.Overrun` and carries on;
+  against 73 k/s for one ``await recv`` per datagram), at most :data:`MAX_BATCH`
+  events a read, the first after a wait included. An overflow shows up as one
+  ``ENOBUFS`` from ``recv``; the socket stays usable, so the subscription yields an
+  :class:`~replicator.kernel.Overrun` and carries on;
 * a fresh **dump** socket per :meth:`LinuxKernel.dump`, so a dump never mixes with events;
 * the **injector** socket, made by :func:`replicator.inject.open_socket` when the port
   is constructed: its netlink port id marks the events our own writes cause.
@@ -84,16 +84,6 @@ RECV_BYTES = 256 * 1024
 EVENT_RECV_BYTES = 64 * 1024
 #: Most events returned in one batch, so that a flood still lets other tasks run.
 MAX_BATCH = 8192
-#: Most events returned by the first read after the reader waited for the socket.
-#: Why: a batch goes through every stage as a whole (decoded, cached, sent, received
-#: and written by the standby), so the first event of a batch of 200 reached a hot
-#: standby's kernel only once all 200 had been through each stage; conntrackd handles
-#: each event on its own. A small first batch, followed at once by the rest, takes the
-#: first events through before the others (measured, ``bench/sync.py`` hot lag at
-#: 20 k/s, whose entries are created 200 at a time: p50 8.0-8.2 -> 7.0-7.5 ms, p99
-#: 14.7-15.5 -> 12.4-13.5 ms). It costs one more pass per wake-up, nothing in a burst
-#: (the reader then stays busy and never waits).
-FIRST_READ = 16
 
 
 def _netlink_socket(netns: str | None) -> socket.socket:
@@ -197,11 +187,10 @@ class EventSubscription:
         return self
 
     async def __anext__(self) -> EventBatch:
-        limit = MAX_BATCH
         while True:
             if self.closed:
                 raise StopAsyncIteration
-            batch = self._drain(limit)
+            batch = self._drain()
             if batch is not None:
                 await trio.lowlevel.checkpoint()
                 return batch
@@ -209,9 +198,15 @@ class EventSubscription:
                 await trio.lowlevel.wait_readable(self._sock)
             except trio.ClosedResourceError:
                 raise StopAsyncIteration from None
-            # The socket was empty: what it holds now starts something new, and the
-            # first of it goes out on its own (see FIRST_READ).
-            limit = FIRST_READ
+            # The read after a wait takes whatever the socket holds, as any other does.
+            # From 57e0bd9 it returned at most 16 events, so that the first events of a
+            # batch of creates went through every stage ahead of the rest: the polled lag
+            # of bench/sync.py improved, but the kernel-stamped lag of every entry
+            # (bench/ctstamps.py) shows the extra pass (a second frame, a second write
+            # into a hot standby's kernel) cost the rest of the batch more than the
+            # first 16 gained. Hot lag at 20 k/s, batches of 200, three alternating runs
+            # each: p50 3.6-3.8 -> 3.1-3.6 ms; CPU-s active 1.11-1.21 -> 0.97-1.13,
+            # standby 1.34-1.47 -> 1.11-1.28.
 
     def _drain(self, limit: int = MAX_BATCH) -> EventBatch | None:
         """Whatever the socket holds now, at most ``limit`` events (our own writes'
