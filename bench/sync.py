@@ -95,7 +95,14 @@ were started):
   the kernels' own creation stamps after the run (:mod:`bench.ctstamps`:
   ``nf_conntrack_timestamp`` is on in both namespaces for the lag runs only):
   ``p50_s``, ``p99_s``, ``max_s`` over ``stamped`` entries (all of them when none is
-  missing).
+  missing). The bench collects no garbage of its own while it generates (a
+  collection held the generator up to 20 ms, and it then wrote several batches at
+  once).
+
+``--floor`` adds a third system to the ``hot`` lag runs, ``floor``
+(:mod:`bench.lag_floor`): the project's kernel port, wire framing and TLS joined by
+nothing else (no sync session, no caches, no daemon). Its figures, next to the two
+daemons', say what the daemon's layers cost and how close the stack can come.
 
 ``--realtime``: the bench runs at ``SCHED_RR`` 99, and with it the traffic generator
 and every daemon it starts (children inherit the policy; conntrackd asks for it
@@ -112,6 +119,7 @@ seconds less so. Run it more than once and compare ranges.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import shutil
@@ -622,6 +630,13 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
     # Hot mode: the exact lag of every entry, from the kernels' own creation stamps
     # (bench/ctstamps.py), on for this run only.
     stamped = (a, system.standby) if system.hot else ()
+    # No garbage collection in this process while it generates: a collection of the
+    # bench's own objects (the entries of every run) held the generator up to 20 ms
+    # and it then wrote several batches at once (seen: a thousand entries in one
+    # 10 ms step), always in the same run of an invocation, as collections come
+    # after a fixed number of allocations.
+    gc.collect()
+    gc.disable()
     try:
         for ns in stamped:
             ns.sysctl(ctstamps.SYSCTL, 1)
@@ -630,6 +645,7 @@ def bench_lag(system: System, a: Netns, rate: int, seconds: float, patience: flo
         starts = paced(a, entries, per_batch, interval)
         poller.join()
     finally:
+        gc.enable()
         for ns in stamped:
             ns.sysctl(ctstamps.SYSCTL, 0)
     after = Sample.take(system, a)
@@ -717,6 +733,8 @@ def main(argv: Sequence[str] | None = None) -> None:
                         help="give up waiting once the standby's count is still this long")
     parser.add_argument("--modes", default="cache,hot",
                         help="cache: standby external caches; hot: standby kernels")
+    parser.add_argument("--floor", action="store_true",
+                        help="add the lag floor (bench/lag_floor.py) to the hot lag runs")
     parser.add_argument("--realtime", action="store_true",
                         help="run the bench, so its generator and every daemon it starts, "
                              "at SCHED_RR 99 (see the module doc)")
@@ -740,6 +758,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         systems: list[System] = [
             kind(the_lab, a, b, workdir, hot=mode == "hot")
             for mode in modes for kind in (Replicator, Conntrackd)]
+        floor: list[System] = []
+        if args.floor and "hot" in modes:
+            from bench.lag_floor import Floor  # imports this module
+            floor.append(Floor(the_lab, a, b, workdir))
         runs: list[tuple[Callable[[System], None], int | None]] = [
             *((partial(bench_size, a=a, b=b, n=n, patience=args.patience), n)
               for n in sizes),
@@ -747,7 +769,7 @@ def main(argv: Sequence[str] | None = None) -> None:
                        patience=args.patience, interval=args.interval), None)
               for r in rates)]
         for run, size in runs:
-            for system in systems:
+            for system in systems + (floor if size is None else []):
                 flush(a)
                 flush(b)
                 run(system)
