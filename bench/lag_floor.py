@@ -76,6 +76,8 @@ async def _active(workdir: Path, peer: str) -> None:
                 break
             except OSError:
                 await trio.sleep(0.05)
+        else:
+            raise SystemExit(f"lag floor: the standby at {peer} cannot be reached")
         stream = trio.SSLStream(tcp, client)
         await stream.do_handshake()
         print("ready", flush=True)
