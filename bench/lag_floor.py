@@ -125,24 +125,26 @@ class Floor(System):
         for name in ("a", "b"):
             write_identity(generate_identity(name, now), self.workdir / f"{name}.key",
                            self.workdir / f"{name}.crt")
-        self.procs: list[subprocess.Popen[bytes]] = []
+        #: (active, standby) while running.
+        self.procs: tuple[subprocess.Popen[bytes], subprocess.Popen[bytes]] | None = None
 
     def _spawn(self, ns: Netns, role: str) -> subprocess.Popen[bytes]:
-        proc = self.lab.spawn(ns, [sys.executable, str(Path(__file__).resolve()),
+        return self.lab.spawn(ns, [sys.executable, str(Path(__file__).resolve()),
                                    "--role", role, "--dir", str(self.workdir),
                                    "--peer", SYNC_B], stdout=subprocess.PIPE)
-        self.procs.append(proc)
-        return proc
 
     def start(self) -> None:
-        self._spawn(self.standby, "standby")
+        standby = self._spawn(self.standby, "standby")  # listening before the dial
         active = self._spawn(self.active, "active")
+        self.procs = (active, standby)
         assert active.stdout is not None
         if active.stdout.readline().strip() != b"ready":
             raise RuntimeError("lag floor: the active side did not connect")
 
     def pids(self) -> tuple[int, int]:
-        return self.procs[1].pid, self.procs[0].pid
+        assert self.procs is not None
+        active, standby = self.procs
+        return active.pid, standby.pid
 
     def external_count(self) -> int:
         raise NotImplementedError("the floor has no external cache (hot mode only)")
@@ -151,15 +153,16 @@ class Floor(System):
         raise NotImplementedError("the floor has no external cache (hot mode only)")
 
     def kill_active(self) -> None:
-        self.procs[1].kill()
+        if self.procs is not None:
+            self.procs[0].kill()
 
     def stop(self) -> None:
-        for proc in self.procs:
+        for proc in self.procs or ():
             proc.kill()
             proc.wait()
             if proc.stdout is not None:
                 proc.stdout.close()
-        self.procs.clear()
+        self.procs = None
 
     def diagnostics(self) -> dict[str, float]:
         return {}
