@@ -23,7 +23,7 @@ An overrun *during* a dump makes the result doubtful, so the caller runs another
 from __future__ import annotations
 
 import functools
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, KeysView
 from itertools import repeat
 from operator import itemgetter
 from typing import NamedTuple
@@ -74,6 +74,11 @@ class InternalCache:
 
     def __contains__(self, key: object) -> bool:
         return key in self._records
+
+    def keys(self) -> KeysView[bytes]:
+        """The packed keys cached, as a live view (a set: ``isdisjoint`` of a batch of
+        keys runs in C)."""
+        return self._records.keys()
 
     def __iter__(self) -> Iterator[Entry]:
         return map(R.unpack, self._records.values())

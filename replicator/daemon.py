@@ -51,7 +51,8 @@ import logging
 import os
 import secrets
 import signal
-from collections.abc import Callable, Container, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -229,7 +230,7 @@ class KernelWriter:
     """
 
     def __init__(self, kernel: KernelPort, metrics: Metrics, *,
-                 window_tracking: bool = False, known: Container[bytes] = (),
+                 window_tracking: bool = False, known: AbstractSet[bytes] = frozenset(),
                  wrote: Wrote | None = None) -> None:
         self._kernel = kernel
         self._metrics = metrics
@@ -250,11 +251,14 @@ class KernelWriter:
     def __len__(self) -> int:
         return len(self._pending)
 
-    def put(self, records: Iterable[bytes]) -> None:
-        """Queue upserts of external-cache ``records``."""
+    def put(self, records: Iterable[bytes], keys: Sequence[bytes] | None = None) -> None:
+        """Queue upserts of external-cache ``records`` (``keys``: their packed keys, in
+        the same order, if the caller has them)."""
         records = records if isinstance(records, (list, tuple)) else list(records)
+        if keys is None:
+            keys = R.keys_of(records)
         # Later records of a key win, as one assignment each would.
-        self._pending.update(zip(R.keys_of(records), records, strict=True))
+        self._pending.update(zip(keys, records, strict=True))
         self._woken()
 
     def put_deletes(self, entries: Iterable[Entry]) -> None:
@@ -320,9 +324,14 @@ class KernelWriter:
         deleted = ([key for key, rec in batch.items() if rec is None]
                    if len(upserts) != len(batch) else [])
         deletes = [Entry(k[0], k[2], k[2], zone=k[1]) for k in map(R.unpack_key, deleted)]
-        new = [rec for key, rec in upserts if key not in known]
-        existing = ([rec for key, rec in upserts if key in known]
-                    if len(new) != len(upserts) else [])
+        if known.isdisjoint(batch):
+            # The usual case, new entries only: one test in C for the whole batch (a
+            # test per key went through InternalCache.__contains__, 0.1 ms a batch of
+            # 200 on a hot standby).
+            new, existing = [rec for _, rec in upserts], []
+        else:
+            new = [rec for key, rec in upserts if key not in known]
+            existing = [rec for key, rec in upserts if key in known]
         if upserts:
             result = await self._kernel.upsert_records(
                 new, trio.current_time(), no_timeout=DEFAULT_COMMIT_TIMEOUT,
@@ -394,7 +403,8 @@ class Daemon:
         )
         self.writer = KernelWriter(kernel, self.metrics,
                                    window_tracking=config.kernel.tcp_window_tracking,
-                                   known=self.mirror.cache, wrote=self.mirror.note_written)
+                                   known=self.mirror.cache.keys(),
+                                   wrote=self.mirror.note_written)
         self.machine = RoleMachine(hot=False, follow=config.keepalived.vrrp_name)
         self.runner = RoleRunner(self.machine, self.perform)
         self._environ: dict[str, str] = dict(os.environ if environ is None else environ)
@@ -582,7 +592,7 @@ class Daemon:
         m = self.metrics
         if isinstance(event, PeerUpserts):
             if self.applies_peer_to_kernel:
-                self.writer.put(event.records)
+                self.writer.put(event.records, event.keys)
         elif isinstance(event, PeerDeletes):
             if self.applies_peer_to_kernel:
                 self.writer.put_deletes(event.entries)

@@ -321,6 +321,9 @@ class PeerUpserts(NamedTuple):
     #: then, as far as this node can tell (:mod:`replicator.peerclock`); a message read
     #: late does not make copies outlive the originals.
     since: float
+    #: The records' packed keys in the same order, when the session had them at hand
+    #: (a hot standby's writer then need not read them again); None otherwise.
+    keys: tuple[bytes, ...] | None = None
 
 
 class PeerDeletes(NamedTuple):
@@ -1249,14 +1252,16 @@ class SyncSession:
         from_body, key_of = R.from_body, R.key_of
         replacing = c.replacing
         records: list[bytes] = []
+        keys: list[bytes] = []
         upserts = msg.upserts
         if len(upserts) >= _MIN_BATCH and not replacing:
             # A burst's entries, none held yet: stored together (0.5 µs per entry less).
             made = R.from_bodies(upserts, since)
-            keys = R.keys_of(made)
+            made_keys = R.keys_of(made)
             deadlines = list(map(R.deadline_of, map(itemgetter(1), upserts), repeat(since)))
-            if len(set(keys)) == len(keys) and ext.add_new(keys, made, deadlines):
-                records, upserts = made, ()
+            if (len(set(made_keys)) == len(made_keys)
+                    and ext.add_new(made_keys, made, deadlines)):
+                records, keys, upserts = made, made_keys, ()
         for body, timeout in upserts:
             # The body was checked by the decoder: it is stored as it came.
             rec = from_body(body, timeout, since)
@@ -1264,6 +1269,7 @@ class SyncSession:
             b = bucket_of(key)
             upsert(b, key, rec)
             records.append(rec)
+            keys.append(key)
             if replacing:
                 unconfirmed = replacing.get(b)
                 if unconfirmed is not None:
@@ -1271,7 +1277,7 @@ class SyncSession:
         st = self.stats
         if records:
             st.entries_received += len(records)
-            self._events.append(PeerUpserts(tuple(records), since))
+            self._events.append(PeerUpserts(tuple(records), since, tuple(keys)))
         if msg.deletes:
             st.deletes_received += len(msg.deletes)
             deleted = []

@@ -97,6 +97,8 @@ def test_changes_stream_and_deletes_propagate() -> None:
     # The records are the external cache's.
     assert ups[0].records == tuple(b.session.external.table.get(pk(e))
                                    for e in (make_entry(1, variant=9), make_entry(777)))
+    # With their keys, for a hot standby's writer.
+    assert ups[0].keys == tuple(map(record.key_of, ups[0].records))
     (dels,) = of_type(b.events[seen:], PeerDeletes)
     assert dels == PeerDeletes((make_entry(2),), expired=False)
 
@@ -1055,6 +1057,8 @@ def test_a_burst_arrives_whole_with_its_deadlines(held: int) -> None:
     upserts = of_type(b.events, PeerUpserts)
     assert sorted(r for u in upserts for r in u.records) == sorted(
         ext.table.get(pk(e)) or b"" for e in burst)
+    # Stored together or one by one, the event carries each record's key.
+    assert all(u.keys == tuple(map(record.key_of, u.records)) for u in upserts)
     # And they run out when their deadlines say.
     assert {e.key for e in ext.expire(10.0 + 101.0)} == {
         e.key for e in burst if e.timeout is not None and e.timeout <= 101}
