@@ -719,6 +719,14 @@ def timed_creates(ns: Netns, batches: Sequence[injection.Batch],
         return time.perf_counter() - t0
 
 
+def sync_link(the_lab: Lab, a: Netns, b: Netns) -> None:
+    """Join the active ``a`` and the standby ``b`` by the sync link, ``SYNC_IF`` with
+    ``SYNC_A`` and ``SYNC_B``."""
+    the_lab.veth(a, SYNC_IF, b, SYNC_IF)
+    a.run(["ip", "addr", "add", f"{SYNC_A}/30", "dev", SYNC_IF])
+    b.run(["ip", "addr", "add", f"{SYNC_B}/30", "dev", SYNC_IF])
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     """Run every measurement for both systems in each mode (see the module doc)."""
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -751,9 +759,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit(f"{ctd.BINARY} not found (Debian package conntrackd)")
     with lab("bs") as the_lab, tempfile.TemporaryDirectory(prefix="rp-bench-sync-") as tmp:
         a, b = the_lab.netns("a"), the_lab.netns("b")
-        the_lab.veth(a, SYNC_IF, b, SYNC_IF)
-        a.run(["ip", "addr", "add", f"{SYNC_A}/30", "dev", SYNC_IF])
-        b.run(["ip", "addr", "add", f"{SYNC_B}/30", "dev", SYNC_IF])
+        sync_link(the_lab, a, b)
         workdir = Path(tmp)
         systems: list[System] = [
             kind(the_lab, a, b, workdir, hot=mode == "hot")

@@ -198,15 +198,10 @@ class EventSubscription:
                 await trio.lowlevel.wait_readable(self._sock)
             except trio.ClosedResourceError:
                 raise StopAsyncIteration from None
-            # The read after a wait takes whatever the socket holds, as any other does.
-            # From 57e0bd9 it returned at most 16 events, so that the first events of a
-            # batch of creates went through every stage ahead of the rest: the polled lag
-            # of bench/sync.py improved, but the kernel-stamped lag of every entry
-            # (bench/ctstamps.py) shows the extra pass (a second frame, a second write
-            # into a hot standby's kernel) cost the rest of the batch more than the
-            # first 16 gained. Hot lag at 20 k/s, batches of 200, three alternating runs
-            # each: p50 3.6-3.8 -> 3.1-3.6 ms; CPU-s active 1.11-1.21 -> 0.97-1.13,
-            # standby 1.34-1.47 -> 1.11-1.28.
+            # The read after a wait is not cut short: a small first read (16 events,
+            # from 57e0bd9) sent the first entries of a batch ahead, but its extra pass
+            # (a second frame, a second kernel write on the standby) cost the rest of
+            # the batch more, in lag and CPU (docs/performance.md, a0bda8b).
 
     def _drain(self, limit: int = MAX_BATCH) -> EventBatch | None:
         """Whatever the socket holds now, at most ``limit`` events (our own writes'

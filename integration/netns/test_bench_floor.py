@@ -9,8 +9,7 @@ from pathlib import Path
 
 from bench import ctstamps
 from bench.lag_floor import Floor
-from bench.sync import SYNC_A, SYNC_B, paced
-from integration.netns.halab.topology import SYNC_IF
+from bench.sync import paced, sync_link
 from integration.netns.lab import Lab
 from integration.netns.pair import synthetic
 from replicator.model import Entry
@@ -18,9 +17,7 @@ from replicator.model import Entry
 
 def test_the_floor_replicates_every_entry(netlab: Lab, tmp_path: Path) -> None:
     a, b = netlab.netns("a"), netlab.netns("b")
-    netlab.veth(a, SYNC_IF, b, SYNC_IF)
-    a.run(["ip", "addr", "add", f"{SYNC_A}/30", "dev", SYNC_IF])
-    b.run(["ip", "addr", "add", f"{SYNC_B}/30", "dev", SYNC_IF])
+    sync_link(netlab, a, b)
     floor = Floor(netlab, a, b, tmp_path)
     entries: list[Entry] = synthetic(0, 2000, timeout=600)
     for ns in (a, b):
