@@ -10,12 +10,7 @@
   ``frames_to_send``, ``receive`` on node B (decode, validate, apply to the external
   cache, events), B's acknowledgements back to A — all on one core;
 - ``sync_updates_per_s``: the same for N updates of existing entries;
-- ``resync_entries_per_s``: a full resync (``bulk_send``) of N entries;
-- ``records_<stage>_us_per_batch``: the daemons' path for new connections, N entries
-  in batches of 200 (``bench/sync.py``'s lag runs): NEW records into the internal
-  cache (``cache``), the session's intake (``local``), the frame (``frames``), the
-  receiver's intake (``receive``), the receiver's acknowledgements back (``acks``);
-  µs per batch.
+- ``resync_entries_per_s``: a full resync (``bulk_send``) of N entries.
 
 Time is passed in as a constant: nothing here sleeps or waits.
 
@@ -31,9 +26,8 @@ import gc
 import sys
 import time
 
-from replicator import record, wire
-from replicator.cache import InternalCache
-from replicator.model import AF_INET, IPPROTO_TCP, CtTuple, Entry, NewRecord, TcpInfo, invert
+from replicator import wire
+from replicator.model import AF_INET, IPPROTO_TCP, CtTuple, Entry, TcpInfo, invert
 from replicator.sync import SyncParams, SyncSession
 
 
@@ -98,50 +92,6 @@ def _report(name: str, n: int, t_send: float, t_recv: float) -> None:
     print(f"{name}_both_entries_per_s={n / (t_send + t_recv):.0f}")
 
 
-#: Entries per batch of :func:`_records_path` (the lag runs' batches).
-RECORDS_BATCH = 200
-
-
-def _records_path(entries: list[Entry]) -> None:
-    """The daemons' path for new connections, stage by stage (see the module doc)."""
-    params = SyncParams(anti_entropy_interval=None)
-    a = SyncSession("a", 1, params=params)
-    b = SyncSession("b", 2, params=params)
-    a.connection_made(0.0)
-    b.connection_made(0.0)
-    pump(a, b, 0.0)
-    cache = InternalCache()
-    batches = [[NewRecord(record.new_event_record(e, 1.0), 0)
-                for e in entries[i : i + RECORDS_BATCH]]
-               for i in range(0, len(entries), RECORDS_BATCH)]
-    spent = dict.fromkeys(("cache", "local", "frames", "receive", "acks"), 0.0)
-    clock = time.perf_counter
-    now = 1.0
-    for batch in batches:
-        t0 = clock()
-        changes, _ = cache.apply_batch(batch, now)
-        t1 = clock()
-        a.local_changes(changes, now)
-        t2 = clock()
-        frames = a.frames_to_send(now)
-        t3 = clock()
-        for payload in frames:
-            b.receive(payload, now)
-        list(b.events())
-        t4 = clock()
-        for payload in b.frames_to_send(now):
-            a.receive(payload, now)
-        list(a.events())
-        t5 = clock()
-        for stage, seconds in zip(spent, (t1 - t0, t2 - t1, t3 - t2, t4 - t3, t5 - t4),
-                                  strict=True):
-            spent[stage] += seconds
-        now += 0.01
-    assert len(b.external) == len(entries)
-    for stage, seconds in spent.items():
-        print(f"records_{stage}_us_per_batch={seconds / len(batches) * 1e6:.0f}")
-
-
 def main(argv: list[str]) -> None:
     n = int(argv[0]) if argv else 100_000
     if len(argv) > 1:
@@ -181,8 +131,6 @@ def main(argv: list[str]) -> None:
     elapsed = time.perf_counter() - start
     assert a.send_idle and len(b.external) == n
     print(f"resync_entries_per_s={n / elapsed:.0f}")
-
-    _records_path(entries)
 
 
 if __name__ == "__main__":
